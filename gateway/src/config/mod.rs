@@ -1,0 +1,568 @@
+//! The configuration file: the types users write (documented field by field in
+//! `docs/configuration.md`), loading with `${VAR}` substitution, and validation.
+//!
+//! Loading never panics on input: every problem becomes a [`ConfigError`] that names the file,
+//! line, column and field. Validation runs over the whole file before anything is built, so a
+//! reload either applies completely or not at all.
+
+mod types;
+mod validate;
+
+pub use types::{Addr, Dur, Target};
+pub use validate::parse_cidr;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A configuration error with its position in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the error is in.
+    pub file: PathBuf,
+    /// 1-based line, 0 when unknown.
+    pub line: u64,
+    /// 1-based column, 0 when unknown.
+    pub column: u64,
+    /// The field path (`routes[2].upstream`), empty when the error is about the file as a whole.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Worker threads for the proxy. Default: the number of CPUs.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Let idle proxy threads steal work from busy ones (Tokio work stealing). Off by default:
+    /// a proxy's tasks are short and evenly spread, and stealing costs CPU per request.
+    #[serde(default)]
+    pub work_stealing: bool,
+    /// Accept HTTP/2 with prior knowledge (h2c) on plain-text listeners.
+    #[serde(default)]
+    pub h2c: bool,
+    /// Where to accept client traffic, by name.
+    pub listeners: BTreeMap<String, ListenerConfig>,
+    /// The admin listener (`/health`, `/ready`). Off when absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// How upstream host names are resolved.
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Peers (CIDRs) whose `X-Forwarded-*` headers are believed. Others have theirs replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// SIGTERM handling.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// Process files (pid file, upgrade socket).
+    #[serde(default)]
+    pub process: ProcessConfig,
+    /// How the configuration file is watched.
+    #[serde(default)]
+    pub reload: ReloadConfig,
+    /// Named groups of replicas that routes send traffic to.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// The route table, matched by the precedence in `docs/routing.md`.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A client-facing listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `IP:PORT` to bind.
+    pub address: Spanned<Addr>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:PORT` to bind; keep it on loopback or an internal network.
+    pub address: Spanned<Addr>,
+}
+
+/// Resolver settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers (`IP:PORT`, UDP and TCP). Default: the system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<Addr>,
+    /// Time allowed for one lookup. Default 2s.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+/// Graceful shutdown on SIGTERM.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM: stop accepting, let in-flight requests finish for this long. Default 5s.
+    #[serde(default = "default_grace")]
+    pub grace_period: Dur,
+    /// Then wait at most this long for the runtimes to stop. Default 2s.
+    #[serde(default = "default_final_timeout")]
+    pub final_timeout: Dur,
+}
+
+fn default_grace() -> Dur {
+    Dur::secs(5)
+}
+fn default_final_timeout() -> Dur {
+    Dur::secs(2)
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period: default_grace(),
+            final_timeout: default_final_timeout(),
+        }
+    }
+}
+
+/// Files the process writes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Pid file. Default: `gateway-<pid>.pid` in the temp directory.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// Socket used to hand listeners to a new process on upgrade. Default:
+    /// `gateway-<pid>-upgrade.sock` in the temp directory (set it explicitly to use upgrades).
+    #[serde(default)]
+    pub upgrade_socket: Option<PathBuf>,
+}
+
+/// Watching the configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the file's directory for changes. Default true. SIGHUP always reloads.
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// Wait this long after a change for more changes before reloading. Default 200ms.
+    #[serde(default = "default_debounce")]
+    pub debounce: Dur,
+    /// Also compare the file's metadata on this interval, for file systems that send no
+    /// events (some bind mounts). Default 2s.
+    #[serde(default = "default_poll")]
+    pub poll_interval: Dur,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_debounce() -> Dur {
+    Dur::millis(200)
+}
+fn default_poll() -> Dur {
+    Dur::secs(2)
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            debounce: default_debounce(),
+            poll_interval: default_poll(),
+        }
+    }
+}
+
+/// A named upstream: the replicas behind one or more DNS names or addresses.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` targets; every address a host name resolves to is a replica.
+    pub targets: Spanned<Vec<Target>>,
+    /// Re-resolution of host names.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    /// Balancing algorithm.
+    #[serde(default = "default_balance")]
+    pub balance: Spanned<Balance>,
+    /// What `consistent_hash` hashes.
+    #[serde(default)]
+    pub hash_key: Option<HashKey>,
+    /// Active and passive health checking.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Connection timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Extra attempts on another replica after a failure that is safe to retry. Default 2.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_balance() -> Spanned<Balance> {
+    let nowhere = serde_saphyr::Location::UNKNOWN;
+    Spanned::new(Balance::default(), nowhere, nowhere)
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+/// DNS re-resolution.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// How often host names are resolved again. Default 5s.
+    #[serde(default = "default_refresh")]
+    pub refresh: Dur,
+}
+
+fn default_refresh() -> Dur {
+    Dur::secs(5)
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            refresh: default_refresh(),
+        }
+    }
+}
+
+/// Balancing algorithms.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted round robin (smooth, nginx-style).
+    #[default]
+    RoundRobin,
+    /// Least outstanding requests between two random replicas (power of two choices).
+    LeastRequests,
+    /// Consistent hash (ketama) of `hash_key`.
+    ConsistentHash,
+    /// Weighted random.
+    Random,
+}
+
+/// The request property `consistent_hash` hashes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    /// The client IP (after trusted-proxy handling).
+    ClientIp,
+    /// The request path.
+    Path,
+    /// A request header's value.
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+}
+
+/// Health checking.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Periodic HTTP checks. Off when absent.
+    #[serde(default)]
+    pub active: Option<ActiveHealthConfig>,
+    /// Ejection after failed requests. On by default (`max_fails: 1`, `fail_timeout: 10s`,
+    /// as nginx); `passive: null` turns it off.
+    #[serde(default = "default_passive")]
+    pub passive: Option<PassiveHealthConfig>,
+}
+
+fn default_passive() -> Option<PassiveHealthConfig> {
+    Some(PassiveHealthConfig::default())
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            active: None,
+            passive: default_passive(),
+        }
+    }
+}
+
+/// Active HTTP health check.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveHealthConfig {
+    /// Path requested with GET. Default `/health`.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Time between checks of one replica. Default 5s.
+    #[serde(default = "default_refresh")]
+    pub interval: Dur,
+    /// Time allowed for one check (connect + response head). Default 1s.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: Dur,
+    /// Consecutive successes that make an unhealthy replica healthy. Default 2.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that make a healthy replica unhealthy. Default 3.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Statuses that count as healthy. Default: any 2xx or 3xx.
+    #[serde(default)]
+    pub expected_status: Vec<u16>,
+    /// `Host` header sent with checks. Default: the target's host name.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_check_timeout() -> Dur {
+    Dur::secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Passive ejection, like nginx's `max_fails`/`fail_timeout`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthConfig {
+    /// Failed attempts (connect errors, timeouts, broken responses) within `fail_timeout` that
+    /// eject a replica. Default 1.
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    /// The window failures are counted in, and how long an ejected replica rests before one
+    /// probe request may try it again. Default 10s.
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: Dur,
+}
+
+fn default_max_fails() -> u32 {
+    1
+}
+fn default_fail_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        PassiveHealthConfig {
+            max_fails: default_max_fails(),
+            fail_timeout: default_fail_timeout(),
+        }
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP connect. Default 2s.
+    #[serde(default = "default_connect")]
+    pub connect: Dur,
+    /// Longest wait for the next bytes of the upstream's response. Default 30s.
+    #[serde(default = "default_read")]
+    pub read: Dur,
+    /// Longest wait while writing the request to the upstream. Default 30s.
+    #[serde(default = "default_read")]
+    pub write: Dur,
+    /// How long an idle pooled connection is kept. Default 4s: below the 5s keep-alive
+    /// timeout of Node.js servers, so the gateway never reuses a connection the upstream is
+    /// closing.
+    #[serde(default = "default_idle")]
+    pub idle: Dur,
+}
+
+fn default_connect() -> Dur {
+    Dur::secs(2)
+}
+fn default_read() -> Dur {
+    Dur::secs(30)
+}
+fn default_idle() -> Dur {
+    Dur::secs(4)
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: default_connect(),
+            read: default_read(),
+            write: default_read(),
+            idle: default_idle(),
+        }
+    }
+}
+
+/// Per-route overrides of the upstream's timeouts.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    /// TCP connect.
+    #[serde(default)]
+    pub connect: Option<Dur>,
+    /// Wait for response bytes.
+    #[serde(default)]
+    pub read: Option<Dur>,
+    /// Wait while writing the request.
+    #[serde(default)]
+    pub write: Option<Dur>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: Spanned<String>,
+    /// What requests this route takes. Empty: every request.
+    #[serde(rename = "match", default)]
+    pub matcher: MatchConfig,
+    /// The upstream that serves it.
+    pub upstream: Spanned<String>,
+    /// Remove the matched `path_prefix` before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the matched path (prefix, exact path, or regex with `$1` captures).
+    #[serde(default)]
+    pub rewrite: Option<Spanned<String>>,
+    /// Overrides of the upstream's timeouts.
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+    /// Overrides the upstream's `retries`.
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+/// Request matching conditions; all given conditions must hold.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Host names: exact (`api.example.com`) or wildcard (`*.example.com`).
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    /// Exact path.
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// Path prefix, matched on segment boundaries (`/api` takes `/api` and `/api/x`, not `/apix`).
+    #[serde(default)]
+    pub path_prefix: Option<Spanned<String>>,
+    /// Regular expression over the whole path (anchored).
+    #[serde(default)]
+    pub path_regex: Option<Spanned<String>>,
+    /// Methods (`GET`, `POST`, ...). Empty: any.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    /// Header conditions.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+/// One header condition: present, equal to `value`, or matching `regex`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    /// Header name (case-insensitive).
+    pub name: Spanned<String>,
+    /// Exact value.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Regular expression over the value (anchored).
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
+}
+
+/// A configuration file read from disk, with its source text kept for change detection.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// A hash of the file's bytes.
+    pub source_hash: u64,
+    /// The parsed, validated configuration.
+    pub config: Config,
+}
+
+/// Reads, substitutes `${VAR}`, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let config = parse(path, &text, &std::env::vars().collect())?;
+    Ok(LoadedConfig {
+        path: path.to_path_buf(),
+        source_hash: hash_bytes(text.as_bytes()),
+        config,
+    })
+}
+
+/// Parses and validates configuration text. `vars` are the values for `${VAR}` substitution.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    vars: &std::collections::HashMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    options.property_syntax = serde_saphyr::PropertySyntax::DockerCompose;
+    let options = options.with_properties(vars.clone());
+    let config: Config = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        ConfigError {
+            file: path.to_path_buf(),
+            line,
+            column,
+            field: String::new(),
+            message: one_line(&e.to_string()),
+        }
+    })?;
+    validate::validate(path, &config)?;
+    Ok(config)
+}
+
+/// Keeps the first line of a parser message and drops its own " at line X column Y" suffix,
+/// since the position is printed in front.
+fn one_line(msg: &str) -> String {
+    let first = msg.lines().next().unwrap_or(msg).trim();
+    match first.find(" at line ") {
+        Some(i) => first[..i].to_string(),
+        None => first.to_string(),
+    }
+}
+
+/// FNV-1a, for change detection of file contents (not security).
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}

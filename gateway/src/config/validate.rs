@@ -1,0 +1,328 @@
+//! Checks that need the whole file: references between sections, values that parse as a type
+//! but make no sense together. Every error points at the offending field.
+
+use super::{Balance, Config, ConfigError, RouteConfig};
+use ipnet::IpNet;
+use serde_saphyr::{Location, Spanned};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+struct Checker<'a> {
+    file: &'a Path,
+}
+
+impl Checker<'_> {
+    fn err(
+        &self,
+        loc: &Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: loc.line(),
+            column: loc.column(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn err_at<T>(
+        &self,
+        span: &Spanned<T>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        self.err(&span.referenced, field, message)
+    }
+
+    fn err_nowhere(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Validates a parsed configuration as a whole.
+pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
+    let c = Checker { file };
+
+    if config.threads == Some(0) {
+        return Err(c.err_nowhere("threads", "must be at least 1"));
+    }
+    if config.listeners.is_empty() {
+        return Err(c.err_nowhere("listeners", "at least one listener is needed"));
+    }
+    let mut bound: HashMap<std::net::SocketAddr, String> = HashMap::new();
+    for (name, l) in &config.listeners {
+        if let Some(other) = bound.insert(l.address.value.0, name.clone()) {
+            return Err(c.err_at(
+                &l.address,
+                format!("listeners.{name}.address"),
+                format!("address already used by listener `{other}`"),
+            ));
+        }
+    }
+    if let Some(admin) = &config.admin {
+        if let Some(other) = bound.get(&admin.address.value.0) {
+            return Err(c.err_at(
+                &admin.address,
+                "admin.address",
+                format!("address already used by listener `{other}`"),
+            ));
+        }
+    }
+    for (i, cidr) in config.trusted_proxies.iter().enumerate() {
+        parse_cidr(&cidr.value).map_err(|m| c.err_at(cidr, format!("trusted_proxies[{i}]"), m))?;
+    }
+    if config.reload.poll_interval.0.is_zero() {
+        return Err(c.err_nowhere("reload.poll_interval", "must be greater than zero"));
+    }
+
+    for (name, u) in &config.upstreams {
+        let field = |f: &str| format!("upstreams.{name}.{f}");
+        if u.targets.value.is_empty() {
+            return Err(c.err_at(
+                &u.targets,
+                field("targets"),
+                "at least one target is needed",
+            ));
+        }
+        match (u.balance.value, &u.hash_key) {
+            (Balance::ConsistentHash, None) => {
+                return Err(c.err_at(
+                    &u.balance,
+                    field("balance"),
+                    "consistent_hash needs `hash_key` (client_ip, path, {header: NAME} or {cookie: NAME})",
+                ))
+            }
+            (b, Some(_)) if b != Balance::ConsistentHash => {
+                return Err(c.err_at(
+                    &u.balance,
+                    field("hash_key"),
+                    "hash_key is only used with `balance: consistent_hash`",
+                ))
+            }
+            _ => {}
+        }
+        if u.discovery.refresh.0.is_zero() {
+            return Err(c.err_nowhere(field("discovery.refresh"), "must be greater than zero"));
+        }
+        if let Some(a) = &u.health.active {
+            if !a.path.starts_with('/') {
+                return Err(c.err_nowhere(field("health.active.path"), "must start with `/`"));
+            }
+            if a.rise == 0 || a.fall == 0 {
+                return Err(
+                    c.err_nowhere(field("health.active"), "rise and fall must be at least 1")
+                );
+            }
+            if a.interval.0.is_zero() || a.timeout.0.is_zero() {
+                return Err(c.err_nowhere(
+                    field("health.active"),
+                    "interval and timeout must be greater than zero",
+                ));
+            }
+            if let Some(s) = a.expected_status.iter().find(|s| !(100..=599).contains(*s)) {
+                return Err(c.err_nowhere(
+                    field("health.active.expected_status"),
+                    format!("{s} is not an HTTP status"),
+                ));
+            }
+        }
+        if let Some(p) = &u.health.passive {
+            if p.max_fails == 0 || p.fail_timeout.0.is_zero() {
+                return Err(c.err_nowhere(
+                    field("health.passive"),
+                    "max_fails and fail_timeout must be greater than zero (or set `passive: null`)",
+                ));
+            }
+        }
+        let t = &u.timeouts;
+        if t.connect.0.is_zero() || t.read.0.is_zero() || t.write.0.is_zero() || t.idle.0.is_zero()
+        {
+            return Err(c.err_nowhere(field("timeouts"), "timeouts must be greater than zero"));
+        }
+    }
+
+    let mut names = BTreeSet::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        check_route(&c, config, i, r)?;
+        if !names.insert(r.name.value.as_str()) {
+            return Err(c.err_at(
+                &r.name,
+                format!("routes[{i}].name"),
+                format!("route name `{}` is used twice", r.name.value),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Result<(), ConfigError> {
+    let field = |f: &str| format!("routes[{i}].{f}");
+    let name = &r.name.value;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(c.err_at(
+            &r.name,
+            field("name"),
+            "must be non-empty: letters, digits, `-`, `_`, `.`",
+        ));
+    }
+    if !config.upstreams.contains_key(&r.upstream.value) {
+        let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+        return Err(c.err_at(
+            &r.upstream,
+            field("upstream"),
+            format!(
+                "no upstream named `{}` (defined: {})",
+                r.upstream.value,
+                known.join(", ")
+            ),
+        ));
+    }
+    let m = &r.matcher;
+    let paths = [&m.path, &m.path_prefix, &m.path_regex];
+    if paths.iter().filter(|p| p.is_some()).count() > 1 {
+        return Err(c.err_at(
+            &r.name,
+            field("match"),
+            "use only one of `path`, `path_prefix`, `path_regex`",
+        ));
+    }
+    for (key, p) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+        if let Some(p) = p {
+            if !p.value.starts_with('/') {
+                return Err(c.err_at(p, field(&format!("match.{key}")), "must start with `/`"));
+            }
+            if p.value
+                .bytes()
+                .any(|b| b <= b' ' || b == b'?' || b == b'#' || b == 0x7f)
+            {
+                return Err(c.err_at(
+                    p,
+                    field(&format!("match.{key}")),
+                    "must not contain spaces, control characters, `?` or `#`",
+                ));
+            }
+        }
+    }
+    if let Some(re) = &m.path_regex {
+        regex::Regex::new(&re.value)
+            .map_err(|e| c.err_at(re, field("match.path_regex"), one_line(&e.to_string())))?;
+    }
+    for (j, h) in m.hosts.iter().enumerate() {
+        check_host(&h.value)
+            .map_err(|msg| c.err_at(h, field(&format!("match.hosts[{j}]")), msg))?;
+    }
+    for (j, meth) in m.methods.iter().enumerate() {
+        if http::Method::from_bytes(meth.value.as_bytes()).is_err()
+            || meth.value.bytes().any(|b| b.is_ascii_lowercase())
+        {
+            return Err(c.err_at(
+                meth,
+                field(&format!("match.methods[{j}]")),
+                format!(
+                    "`{}` is not an HTTP method (write it in upper case)",
+                    meth.value
+                ),
+            ));
+        }
+    }
+    for (j, h) in m.headers.iter().enumerate() {
+        let f = field(&format!("match.headers[{j}]"));
+        if http::HeaderName::from_bytes(h.name.value.as_bytes()).is_err() {
+            return Err(c.err_at(
+                &h.name,
+                f,
+                format!("`{}` is not a valid header name", h.name.value),
+            ));
+        }
+        if h.value.is_some() && h.regex.is_some() {
+            return Err(c.err_at(&h.name, f, "use `value` or `regex`, not both"));
+        }
+        if let Some(re) = &h.regex {
+            regex::Regex::new(&re.value)
+                .map_err(|e| c.err_at(re, f.clone(), one_line(&e.to_string())))?;
+        }
+    }
+    if r.strip_prefix && m.path_prefix.is_none() {
+        return Err(c.err_at(&r.name, field("strip_prefix"), "needs `match.path_prefix`"));
+    }
+    if let Some(rw) = &r.rewrite {
+        if r.strip_prefix {
+            return Err(c.err_at(
+                rw,
+                field("rewrite"),
+                "use `rewrite` or `strip_prefix`, not both",
+            ));
+        }
+        if m.path_regex.is_none() && !rw.value.starts_with('/') {
+            return Err(c.err_at(rw, field("rewrite"), "must start with `/`"));
+        }
+        if m.path.is_none() && m.path_prefix.is_none() && m.path_regex.is_none() {
+            return Err(c.err_at(
+                rw,
+                field("rewrite"),
+                "needs `match.path`, `match.path_prefix` or `match.path_regex`",
+            ));
+        }
+    }
+    for (key, d) in [
+        ("connect", r.timeouts.connect),
+        ("read", r.timeouts.read),
+        ("write", r.timeouts.write),
+    ] {
+        if d.is_some_and(|d| d.0.is_zero()) {
+            return Err(c.err_at(
+                &r.name,
+                field(&format!("timeouts.{key}")),
+                "must be greater than zero",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Host patterns: a DNS name, or `*.` followed by one.
+fn check_host(h: &str) -> Result<(), String> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !ok {
+        return Err(format!("`{h}` is not a host name or `*.domain` wildcard"));
+    }
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!("`{h}`: write host names in lower case"));
+    }
+    Ok(())
+}
+
+/// Parses `10.0.0.0/8`, `::1/128` or a bare address (as a /32 or /128).
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{s}` is not a CIDR (e.g. 10.0.0.0/8) or IP address"))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

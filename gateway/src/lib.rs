@@ -1,0 +1,15 @@
+//! An API gateway and reverse proxy for Docker Compose microservice stacks, built on Pingora.
+//!
+//! The modules follow the request and its configuration:
+//! [`config`] (the YAML users write) → [`runtime`] (compiled, swapped atomically by [`reload`])
+//! → [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
+//! request phases) → [`server`] (process assembly) and [`admin`].
+
+pub mod admin;
+pub mod config;
+pub mod proxy;
+pub mod reload;
+pub mod routing;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

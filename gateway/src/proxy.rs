@@ -1,0 +1,544 @@
+//! The request path: Pingora's `ProxyHttp` phases, top to bottom.
+//!
+//! 1. `request_filter`: take the current runtime, settle the request id and client IP,
+//!    normalise the path, find the route (404 when none).
+//! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
+//! 3. `upstream_request_filter`: rewrite the path, set the forwarding headers.
+//! 4. `upstream_response_filter` / `response_filter`: note success, return the request id.
+//! 5. `fail_to_connect` / `error_while_proxy`: passive health and the retry decision.
+//! 6. `fail_to_proxy`: the JSON error response (502/503/504) with the request id.
+//! 7. `logging`: release the replica.
+
+use crate::config::HashKey;
+use crate::routing::normalize_path;
+use crate::runtime::Runtime;
+use crate::upstream::{now_ms, Replica};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// How many tried replicas a request remembers (to send retries elsewhere).
+const TRIED_CAP: usize = 4;
+
+/// The proxy. One instance serves every listener; the runtime inside is swapped on reload.
+pub struct Gateway {
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl Gateway {
+    /// A proxy serving whatever runtime `runtime` holds.
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Gateway {
+        Gateway { runtime }
+    }
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    /// The runtime this request started on.
+    rt: Option<Arc<Runtime>>,
+    /// Index of the matched route in `rt.routes`.
+    route: usize,
+    /// Returned to the client and sent upstream.
+    request_id: Option<HeaderValue>,
+    /// The client as the gateway believes it (after trusted-proxy handling).
+    client_ip: Option<IpAddr>,
+    /// The direct peer is a trusted proxy: its forwarding headers are kept.
+    peer_trusted: bool,
+    /// The request came over TLS.
+    tls: bool,
+    /// Path to forward, when it differs from the request's.
+    new_path: Option<String>,
+    /// The replica of the current attempt.
+    replica: Option<Arc<Replica>>,
+    /// The current attempt is the probe of a resting replica.
+    probe: bool,
+    /// The current attempt got a verdict (success or failure) for passive health.
+    verdict: bool,
+    /// Replicas tried so far.
+    tried: [u64; TRIED_CAP],
+    tried_len: usize,
+    /// Attempts made (1 after the first pick).
+    attempts: u32,
+}
+
+impl RequestCtx {
+    fn tried(&self) -> &[u64] {
+        &self.tried[..self.tried_len]
+    }
+
+    fn route(&self) -> Option<&crate::runtime::Route> {
+        self.rt.as_ref().and_then(|rt| rt.routes.get(self.route))
+    }
+
+    /// Ends the current attempt's bookkeeping on its replica.
+    fn release_replica(&mut self) {
+        if let Some(r) = self.replica.take() {
+            r.end_request();
+            if self.probe && !self.verdict {
+                r.release_probe();
+            }
+        }
+        self.probe = false;
+        self.verdict = false;
+    }
+
+    /// Passive health: the current attempt failed on the upstream side.
+    fn report_failure(&mut self) {
+        if let (Some(r), Some(route)) = (&self.replica, self.route()) {
+            if let Some(policy) = route.upstream.passive() {
+                r.report_failure(policy, now_ms());
+            }
+            self.verdict = true;
+        }
+    }
+
+    /// Whether another attempt is allowed and has somewhere to go.
+    fn may_retry(&self) -> bool {
+        match self.route() {
+            Some(route) => {
+                self.attempts <= route.retries
+                    && route.upstream.has_alternative(self.tried(), now_ms())
+            }
+            None => false,
+        }
+    }
+}
+
+/// Request ids are kept when they look like ids: 1-128 of `A-Za-z0-9-_.:`.
+fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+}
+
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize];
+    }
+    // 32 lowercase hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The request's host without port: the URI authority (HTTP/2, absolute-form) or `Host`.
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    if let Some(h) = req.uri.host() {
+        return Some(h);
+    }
+    let raw = req.headers.get(http::header::HOST)?.to_str().ok()?;
+    Some(strip_port(raw))
+}
+
+fn strip_port(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match h.rfind(':') {
+        // One colon: `name:port`. Several without brackets: a bare IPv6 address.
+        Some(i) if h.find(':') == Some(i) && h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            &h[..i]
+        }
+        _ => h,
+    }
+}
+
+/// The client IP: the peer's, or, when the peer is a trusted proxy, the right-most address in
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+fn client_ip(rt: &Runtime, req: &RequestHeader, peer: Option<IpAddr>) -> (Option<IpAddr>, bool) {
+    let Some(peer) = peer else {
+        return (None, false);
+    };
+    if !rt.is_trusted(&peer) {
+        return (Some(peer), false);
+    }
+    let mut ip = peer;
+    for value in req.headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(s) = value.to_str() else { break };
+        for part in s.rsplit(',') {
+            match part.trim().parse::<IpAddr>() {
+                Ok(hop) => {
+                    ip = hop;
+                    if !rt.is_trusted(&hop) {
+                        return (Some(ip), true);
+                    }
+                }
+                Err(_) => return (Some(ip), true),
+            }
+        }
+    }
+    (Some(ip), true)
+}
+
+fn cookie_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+    req.headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .find_map(|v| {
+            v.as_bytes().split(|b| *b == b';').find_map(|pair| {
+                let pair = pair.trim_ascii_start();
+                let (k, val) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+                (k == name.as_bytes()).then(|| &val[1..])
+            })
+        })
+}
+
+/// Writes a small JSON error with the request id, and closes the exchange.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: Option<&HeaderValue>,
+) -> Result<()> {
+    let id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let body = Bytes::from(format!(
+        "{{\"error\":\"{message}\",\"status\":{status},\"request_id\":\"{id}\"}}\n"
+    ));
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    if let Some(id) = request_id {
+        resp.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+fn status_message(status: u16) -> &'static str {
+    match status {
+        400 => "bad request",
+        404 => "no route",
+        502 => "bad gateway",
+        503 => "no healthy upstream",
+        504 => "upstream timeout",
+        _ => "error",
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let rt = self.runtime.load_full();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+
+        let req = session.req_header();
+        ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
+            Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
+            _ => new_request_id(),
+        });
+        (ctx.client_ip, ctx.peer_trusted) = client_ip(&rt, req, peer);
+
+        let path = match normalize_path(req.uri.path()) {
+            Ok(p) => p,
+            Err(_) => {
+                respond_json(session, 400, "invalid path", ctx.request_id.as_ref()).await?;
+                return Ok(true);
+            }
+        };
+        let found = rt
+            .router
+            .find(request_host(req), &path, &req.method, &req.headers);
+        let Some(route) = found else {
+            ctx.rt = Some(rt);
+            respond_json(session, 404, status_message(404), ctx.request_id.as_ref()).await?;
+            return Ok(true);
+        };
+        let route = route as usize;
+        ctx.new_path = match rt.routes[route].rewrite.apply(&path) {
+            Some(p) => Some(p),
+            None => match path {
+                Cow::Owned(p) => Some(p),
+                Cow::Borrowed(_) => None,
+            },
+        };
+        ctx.route = route;
+        ctx.rt = Some(rt);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.release_replica();
+        let Some(route) = ctx.route() else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no route state");
+        };
+        let up = &route.upstream;
+        let req = session.req_header();
+        let mut ip_buf = [0u8; 16];
+        let hash: Option<&[u8]> = match up.hash_key() {
+            None => None,
+            Some(HashKey::Path) => Some(req.uri.path().as_bytes()),
+            Some(HashKey::Header(name)) => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
+            Some(HashKey::Cookie(name)) => cookie_value(req, name),
+            Some(HashKey::ClientIp) => ctx.client_ip.map(|ip| match ip {
+                IpAddr::V4(v4) => {
+                    ip_buf[..4].copy_from_slice(&v4.octets());
+                    &ip_buf[..4]
+                }
+                IpAddr::V6(v6) => {
+                    ip_buf = v6.octets();
+                    &ip_buf[..]
+                }
+            }),
+        };
+        let Some((replica, probe)) = up.pick(hash, ctx.tried(), now_ms()) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy replica");
+        };
+        let mut peer = Box::new(replica.peer.clone());
+        let t = &route.timeouts;
+        if let Some(d) = t.connect {
+            peer.options.connection_timeout = Some(d.0);
+        }
+        if let Some(d) = t.read {
+            peer.options.read_timeout = Some(d.0);
+        }
+        if let Some(d) = t.write {
+            peer.options.write_timeout = Some(d.0);
+        }
+        replica.begin_request();
+        if ctx.tried_len < TRIED_CAP {
+            ctx.tried[ctx.tried_len] = replica.id;
+            ctx.tried_len += 1;
+        }
+        ctx.attempts += 1;
+        ctx.probe = probe;
+        ctx.replica = Some(replica);
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(path) = ctx.new_path.as_deref() {
+            let uri = match up.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            up.set_uri(uri.parse().map_err(|_| {
+                Error::explain(
+                    ErrorType::HTTPStatus(400),
+                    "rewritten path is not a valid URI",
+                )
+            })?);
+        }
+        if let Some(id) = &ctx.request_id {
+            up.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        if let Some(ip) = ctx.client_ip {
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            let forwarded_for = match (ctx.peer_trusted, up.headers.get(&X_FORWARDED_FOR), peer) {
+                (true, Some(prev), Some(peer)) => {
+                    let mut v = Vec::with_capacity(prev.len() + 48);
+                    v.extend_from_slice(prev.as_bytes());
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(peer.to_string().as_bytes());
+                    HeaderValue::from_bytes(&v).ok()
+                }
+                _ => HeaderValue::from_str(&ip.to_string()).ok(),
+            };
+            if let Some(v) = forwarded_for {
+                up.insert_header(X_FORWARDED_FOR.clone(), v)?;
+            }
+            up.insert_header(X_REAL_IP.clone(), ip.to_string())?;
+        }
+        if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_PROTO)) {
+            up.insert_header(
+                X_FORWARDED_PROTO.clone(),
+                if ctx.tls { "https" } else { "http" },
+            )?;
+        }
+        if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_HOST)) {
+            match up.headers.get(http::header::HOST).cloned().or_else(|| {
+                up.uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            }) {
+                Some(host) => up.insert_header(X_FORWARDED_HOST.clone(), host)?,
+                None => {
+                    up.remove_header(&X_FORWARDED_HOST);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(r) = &ctx.replica {
+            r.report_success();
+            ctx.verdict = true;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(id) = &ctx.request_id {
+            resp.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the upstream: always safe to try another replica.
+        ctx.report_failure();
+        e.set_retry(ctx.may_retry());
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let upstream_side = *e.esource() == ErrorSource::Upstream;
+        // A pooled connection the upstream had closed: not the replica's fault.
+        let stale_pooled = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
+        if upstream_side && !stale_pooled {
+            ctx.report_failure();
+        }
+        let body_sent =
+            session.as_ref().body_bytes_read() > 0 || session.as_ref().retry_buffer_truncated();
+        let safe = upstream_side
+            && session.req_header().method.is_idempotent()
+            && !body_sent
+            && session.response_written().is_none();
+        if safe && stale_pooled && ctx.tried_len > 0 {
+            // Retrying the same replica on a fresh connection is fine.
+            ctx.tried_len -= 1;
+        }
+        e.set_retry(safe && ctx.may_retry());
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                match e.esource() {
+                    ErrorSource::Downstream => 408,
+                    _ => 504,
+                }
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let _ =
+                respond_json(session, code, status_message(code), ctx.request_id.as_ref()).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.release_replica();
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Client-side hang-ups are routine; upstream trouble is logged.
+        *e.esource() == ErrorSource::Downstream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123_x.y:z"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(b"<script>"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        let id = new_request_id();
+        assert_eq!(id.len(), 32);
+        assert!(valid_request_id(id.as_bytes()));
+        assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+    }
+
+    #[test]
+    fn cookies() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("cookie", "a=1; session=xyz; b=2")
+            .unwrap();
+        assert_eq!(cookie_value(&req, "session"), Some(&b"xyz"[..]));
+        assert_eq!(cookie_value(&req, "sess"), None);
+    }
+}

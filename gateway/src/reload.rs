@@ -1,0 +1,186 @@
+//! Hot reload: watch the configuration file's directory (rename- and symlink-swap-safe), poll
+//! its metadata as a fallback, reload on SIGHUP. Each reload parses, validates and builds a
+//! whole new runtime, then swaps it in at once; any failure keeps the running one.
+
+use crate::config::{self, ReloadConfig};
+use crate::runtime::{self, Bindings, Runtime};
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new runtime with this generation is serving.
+    Applied(u64),
+    /// The file has not changed.
+    Unchanged,
+    /// The file was rejected; the running runtime keeps serving.
+    Rejected(String),
+}
+
+/// Owns reloading for one configuration file.
+pub struct ControlPlane {
+    path: PathBuf,
+    runtime: Arc<ArcSwap<Runtime>>,
+    startup_bindings: Bindings,
+    serial: tokio::sync::Mutex<()>,
+}
+
+/// File identity and version as seen by `stat` (following symlinks).
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+impl ControlPlane {
+    /// A control plane for `path`, serving through `runtime`, started with `startup_bindings`.
+    pub fn new(
+        path: PathBuf,
+        runtime: Arc<ArcSwap<Runtime>>,
+        startup_bindings: Bindings,
+    ) -> ControlPlane {
+        ControlPlane {
+            path,
+            runtime,
+            startup_bindings,
+            serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Reloads now. Without `force`, an unchanged file is left alone.
+    pub async fn reload(&self, force: bool) -> ReloadOutcome {
+        let _one_at_a_time = self.serial.lock().await;
+        let loaded = match config::load(&self.path) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("configuration rejected, the running configuration stays: {e}");
+                return ReloadOutcome::Rejected(e.to_string());
+            }
+        };
+        let current = self.runtime.load_full();
+        if !force && loaded.source_hash == current.source_hash {
+            return ReloadOutcome::Unchanged;
+        }
+        let generation = current.generation + 1;
+        let next = match runtime::build(&loaded, Some(&current), generation).await {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!(
+                    "configuration rejected, the running configuration stays: {}: {e}",
+                    self.path.display()
+                );
+                return ReloadOutcome::Rejected(e);
+            }
+        };
+        if next.bindings != self.startup_bindings {
+            warn!(
+                "listeners, admin address, h2c or threads changed in {}: restart required for those; everything else is applied",
+                self.path.display()
+            );
+        }
+        runtime::start_upstream_tasks(&next);
+        self.runtime.store(Arc::new(next));
+        info!(generation, "configuration reloaded");
+        ReloadOutcome::Applied(generation)
+    }
+
+    /// Watches for changes until the process ends. Runs on the control-plane runtime.
+    pub async fn watch(self: Arc<Self>, settings: ReloadConfig) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<bool>();
+
+        // Directory events: editors and orchestrators replace files by rename or swap a symlink
+        // to a new directory, so any change in the directory triggers a (hash-checked) reload.
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let _watcher = if settings.watch {
+            let tx = tx.clone();
+            let made = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok_and(|e| !e.kind.is_access()) {
+                    let _ = tx.send(false);
+                }
+            })
+            .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
+            match made {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(
+                        "cannot watch {}: {e}; relying on polling every {}",
+                        dir.display(),
+                        settings.poll_interval
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        // SIGHUP: reload unconditionally.
+        {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                    Ok(mut hup) => {
+                        while hup.recv().await.is_some() {
+                            info!("SIGHUP: reloading configuration");
+                            let _ = tx.send(true);
+                        }
+                    }
+                    Err(e) => warn!("cannot listen for SIGHUP: {e}"),
+                }
+            });
+        }
+
+        // Polling fallback for file systems that send no events.
+        if settings.watch {
+            let tx = tx.clone();
+            let path = self.path.clone();
+            let every = settings.poll_interval.0;
+            tokio::spawn(async move {
+                let mut last = stamp(&path);
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let now = stamp(&path);
+                    if now != last {
+                        last = now;
+                        if tx.send(false).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+
+        while let Some(first) = rx.recv().await {
+            // Debounce: let a burst of writes settle, then reload once.
+            tokio::time::sleep(settings.debounce.0).await;
+            let mut force = first;
+            while let Ok(more) = rx.try_recv() {
+                force |= more;
+            }
+            self.reload(force).await;
+        }
+    }
+}

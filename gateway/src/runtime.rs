@@ -1,0 +1,177 @@
+//! The compiled, immutable runtime a configuration turns into. Requests read it through one
+//! `ArcSwap` load; a reload builds a whole new one and swaps it in. A request keeps the
+//! `Arc<Runtime>` it started with until it ends.
+
+use crate::config::{parse_cidr, Config, DnsConfig, LoadedConfig, RouteTimeouts};
+use crate::routing::{compile_rewrite, PathRewrite, Router};
+use crate::upstream::{make_resolver, Upstream, UpstreamSpec};
+use hickory_resolver::TokioResolver;
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use tracing::warn;
+
+/// A compiled route.
+pub struct Route {
+    /// The route's name.
+    pub name: Arc<str>,
+    /// Where it sends traffic.
+    pub upstream: Arc<Upstream>,
+    /// How it changes the path.
+    pub rewrite: PathRewrite,
+    /// Timeout overrides.
+    pub timeouts: RouteTimeouts,
+    /// Retries allowed after the first attempt.
+    pub retries: u32,
+}
+
+/// What a listener binding looks like, to tell when a reload would need a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bindings {
+    /// Listener name → address.
+    pub listeners: BTreeMap<String, SocketAddr>,
+    /// Admin address.
+    pub admin: Option<SocketAddr>,
+    /// h2c on plain listeners.
+    pub h2c: bool,
+    /// Proxy threads.
+    pub threads: Option<usize>,
+}
+
+impl Bindings {
+    /// The bindings a configuration asks for.
+    pub fn of(config: &Config) -> Bindings {
+        Bindings {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|(k, v)| (k.clone(), v.address.value.0))
+                .collect(),
+            admin: config.admin.as_ref().map(|a| a.address.value.0),
+            h2c: config.h2c,
+            threads: config.threads,
+        }
+    }
+}
+
+/// The compiled configuration.
+pub struct Runtime {
+    /// Increases with every successful load.
+    pub generation: u64,
+    /// Hash of the configuration file's bytes.
+    pub source_hash: u64,
+    /// The route table.
+    pub router: Router,
+    /// Routes by index (as the router returns them).
+    pub routes: Vec<Route>,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Listener bindings this runtime was built for.
+    pub bindings: Bindings,
+    /// The resolver discovery uses, when any upstream needs one.
+    pub resolver: Option<TokioResolver>,
+    /// The resolver settings it was made from.
+    pub dns: DnsConfig,
+}
+
+impl Runtime {
+    /// Whether `ip` is a trusted proxy.
+    #[inline]
+    pub fn is_trusted(&self, ip: &IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// Compiles a loaded configuration. Upstreams whose definition did not change are taken over
+/// from `previous` (with their health state and background tasks); new ones resolve their host
+/// names once before this returns, so the new runtime starts with replicas.
+pub async fn build(
+    loaded: &LoadedConfig,
+    previous: Option<&Runtime>,
+    generation: u64,
+) -> Result<Runtime, String> {
+    let config = &loaded.config;
+    let router = Router::new(&config.routes).map_err(|e| format!("route table: {e}"))?;
+
+    let needs_resolver = config
+        .upstreams
+        .values()
+        .any(|u| u.targets.value.iter().any(|t| t.ip().is_none()));
+    let reusable = previous
+        .filter(|p| p.dns == config.dns)
+        .and_then(|p| p.resolver.clone());
+    let resolver = match reusable {
+        Some(r) => Some(r),
+        None if needs_resolver => {
+            Some(make_resolver(&config.dns).map_err(|e| format!("dns: {e}"))?)
+        }
+        None => None,
+    };
+
+    let mut upstreams = BTreeMap::new();
+    for (name, cfg) in &config.upstreams {
+        let spec = UpstreamSpec::new(cfg, &config.dns);
+        let kept = previous
+            .and_then(|p| p.upstreams.get(name))
+            .filter(|u| u.spec == spec)
+            .cloned();
+        let up = match kept {
+            Some(u) => u,
+            None => {
+                let u = Upstream::new(name, spec);
+                if let (true, Some(r)) = (u.needs_discovery(), &resolver) {
+                    let errors = u.refresh(r).await;
+                    if !errors.is_empty() {
+                        warn!(upstream = %name, errors = ?errors, "could not resolve every target; will retry on the refresh interval");
+                    }
+                }
+                u
+            }
+        };
+        upstreams.insert(name.clone(), up);
+    }
+
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for r in &config.routes {
+        let upstream = upstreams
+            .get(&r.upstream.value)
+            .cloned()
+            .ok_or_else(|| format!("route {}: no upstream `{}`", r.name.value, r.upstream.value))?;
+        routes.push(Route {
+            name: r.name.value.as_str().into(),
+            retries: r.retries.unwrap_or_else(|| upstream.retries()),
+            upstream,
+            rewrite: compile_rewrite(r).map_err(|e| format!("route {}: {e}", r.name.value))?,
+            timeouts: r.timeouts,
+        });
+    }
+
+    let trusted_proxies = config
+        .trusted_proxies
+        .iter()
+        .map(|c| parse_cidr(&c.value))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(Runtime {
+        generation,
+        source_hash: loaded.source_hash,
+        router,
+        routes,
+        upstreams,
+        trusted_proxies,
+        bindings: Bindings::of(config),
+        resolver,
+        dns: config.dns.clone(),
+    })
+}
+
+/// Starts the background tasks of every upstream that does not run them yet. Must be called
+/// on the control-plane Tokio runtime.
+pub fn start_upstream_tasks(rt: &Runtime) {
+    for u in rt.upstreams.values() {
+        u.spawn_tasks(rt.resolver.clone());
+    }
+}

@@ -1,0 +1,128 @@
+//! Process assembly: load the configuration, start the control plane, hand the listeners to
+//! Pingora and run until SIGTERM (graceful, bounded drain) or SIGINT (fast).
+
+use crate::admin::Admin;
+use crate::config::{self, LoadedConfig};
+use crate::proxy::Gateway;
+use crate::reload::ControlPlane;
+use crate::runtime::{self, Bindings};
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::ProxyServiceBuilder;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ExecutionPhase, RunArgs, Server};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tracing::info;
+
+/// Pingora's process settings for a configuration.
+fn server_conf(loaded: &LoadedConfig) -> ServerConf {
+    let c = &loaded.config;
+    let pid = std::process::id();
+    let tmp = std::env::temp_dir();
+    let threads = c
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    ServerConf {
+        threads,
+        work_stealing: c.work_stealing,
+        grace_period_seconds: Some(c.shutdown.grace_period.0.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(c.shutdown.final_timeout.0.as_secs().max(1)),
+        pid_file: c
+            .process
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| tmp.join(format!("gateway-{pid}.pid")))
+            .to_string_lossy()
+            .into_owned(),
+        upgrade_sock: c
+            .process
+            .upgrade_socket
+            .clone()
+            .unwrap_or_else(|| tmp.join(format!("gateway-{pid}-upgrade.sock")))
+            .to_string_lossy()
+            .into_owned(),
+        // Retries are decided per route in the proxy; this is only Pingora's outer fail-safe.
+        max_retries: 16,
+        ..ServerConf::default()
+    }
+}
+
+/// Runs the gateway with the configuration at `path` until shutdown.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bindings = Bindings::of(&loaded.config);
+
+    // The control plane (discovery, health checks, reloads) runs on its own small runtime so
+    // that it neither competes with nor depends on the proxy threads.
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("gateway-control")
+        .enable_all()
+        .build()
+        .context("starting the control-plane runtime")?;
+    let first = control
+        .block_on(runtime::build(&loaded, None, 1))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let shared = Arc::new(ArcSwap::from_pointee(first));
+    {
+        let _in_runtime = control.enter();
+        runtime::start_upstream_tasks(&shared.load());
+    }
+    let plane = Arc::new(ControlPlane::new(
+        path.to_path_buf(),
+        shared.clone(),
+        bindings,
+    ));
+    control.spawn(plane.watch(loaded.config.reload.clone()));
+
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&loaded));
+    let conf = server.configuration.clone();
+
+    let mut server_options = HttpServerOptions::default();
+    server_options.h2c = loaded.config.h2c;
+    let mut proxy = ProxyServiceBuilder::new(&conf, Gateway::new(shared.clone()))
+        .name("gateway")
+        .server_options(server_options)
+        .build();
+    for (name, l) in &loaded.config.listeners {
+        let addr = l.address.value.0.to_string();
+        info!(listener = %name, address = %addr, "listening");
+        proxy.add_tcp(&addr);
+    }
+    server.add_service(proxy);
+
+    let draining = Arc::new(AtomicBool::new(false));
+    if let Some(admin) = &loaded.config.admin {
+        let mut svc = pingora::services::listening::Service::new(
+            "admin".to_string(),
+            Admin::new(shared.clone(), draining.clone()),
+        );
+        svc.threads = Some(1);
+        let addr = admin.address.value.0.to_string();
+        info!(address = %addr, "admin listening");
+        svc.add_tcp(&addr);
+        server.add_service(svc);
+    }
+
+    let mut phases = server.watch_execution_phase();
+    control.spawn(async move {
+        while let Ok(phase) = phases.recv().await {
+            if matches!(
+                phase,
+                ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownStarted
+            ) {
+                info!("shutting down: draining in-flight requests");
+                draining.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+
+    server.bootstrap();
+    server.run(RunArgs::default());
+    control.shutdown_timeout(std::time::Duration::from_millis(200));
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! Upstreams: named groups of replicas found through DNS, balanced, and health-checked.
+//!
+//! An [`Upstream`] outlives configuration reloads when its definition is unchanged, so its
+//! replicas keep their health state and Pingora's connection pool (keyed by address) keeps its
+//! warm connections. Its background tasks (re-resolution, active checks) hold only a weak
+//! reference and stop by themselves once no runtime uses the upstream any more.
+
+mod balance;
+mod discovery;
+mod replica;
+
+pub use balance::ReplicaSet;
+pub use discovery::make_resolver;
+pub use replica::{now_ms, PassivePolicy, Replica};
+
+use crate::config::{ActiveHealthConfig, Balance, DnsConfig, HashKey, Target, UpstreamConfig};
+use arc_swap::ArcSwap;
+use hickory_resolver::TokioResolver;
+use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
+use pingora::lb::Backend;
+use pingora::upstreams::peer::HttpPeer;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// Everything that defines an upstream; two upstreams with equal specs are interchangeable,
+/// so a reload keeps the running one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    targets: Vec<Target>,
+    balance: Balance,
+    hash_key: Option<HashKey>,
+    refresh: Duration,
+    active: Option<ActiveHealthConfig>,
+    passive: Option<PassivePolicy>,
+    timeouts: crate::config::TimeoutsConfig,
+    retries: u32,
+    dns: DnsConfig,
+}
+
+impl UpstreamSpec {
+    /// The spec of a configured upstream.
+    pub fn new(cfg: &UpstreamConfig, dns: &DnsConfig) -> UpstreamSpec {
+        UpstreamSpec {
+            targets: cfg.targets.value.clone(),
+            balance: cfg.balance.value,
+            hash_key: cfg.hash_key.clone(),
+            refresh: cfg.discovery.refresh.0,
+            active: cfg.health.active.clone(),
+            passive: cfg.health.passive.as_ref().map(|p| PassivePolicy {
+                max_fails: p.max_fails,
+                fail_timeout: p.fail_timeout.0,
+            }),
+            timeouts: cfg.timeouts,
+            retries: cfg.retries,
+            dns: dns.clone(),
+        }
+    }
+}
+
+/// A named upstream.
+pub struct Upstream {
+    /// Its name in the configuration.
+    pub name: Arc<str>,
+    /// Its definition.
+    pub spec: UpstreamSpec,
+    peer_template: HttpPeer,
+    set: ArcSwap<ReplicaSet>,
+    /// Which target each replica came from (parallel to the set), for keeping the last good
+    /// addresses of a target whose lookup fails.
+    origins: ArcSwap<Vec<(SocketAddr, usize)>>,
+    tasks_started: AtomicBool,
+}
+
+impl Upstream {
+    /// A new upstream with its literal-IP targets in place; host names are resolved by
+    /// [`Upstream::refresh`].
+    pub fn new(name: &str, spec: UpstreamSpec) -> Arc<Upstream> {
+        let mut peer_template = HttpPeer::new("127.0.0.1:1", false, String::new());
+        let t = &spec.timeouts;
+        peer_template.options.connection_timeout = Some(t.connect.0);
+        peer_template.options.read_timeout = Some(t.read.0);
+        peer_template.options.write_timeout = Some(t.write.0);
+        peer_template.options.idle_timeout = Some(t.idle.0);
+        let up = Arc::new(Upstream {
+            name: name.into(),
+            spec,
+            peer_template,
+            set: ArcSwap::from_pointee(ReplicaSet::empty()),
+            origins: ArcSwap::from_pointee(Vec::new()),
+            tasks_started: AtomicBool::new(false),
+        });
+        let literal: Vec<(SocketAddr, usize)> = up
+            .spec
+            .targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.ip().map(|ip| (SocketAddr::new(ip, t.port), i)))
+            .collect();
+        up.install(literal);
+        up
+    }
+
+    /// Picks a replica for a request (see [`ReplicaSet::pick`]).
+    #[inline]
+    pub fn pick(
+        &self,
+        hash: Option<&[u8]>,
+        exclude: &[u64],
+        now_ms: u64,
+    ) -> Option<(Arc<Replica>, bool)> {
+        self.set
+            .load()
+            .pick(self.spec.balance, hash, exclude, now_ms)
+    }
+
+    /// Whether a retry could go to a replica not tried yet.
+    pub fn has_alternative(&self, exclude: &[u64], now_ms: u64) -> bool {
+        self.set.load().has_alternative(exclude, now_ms)
+    }
+
+    /// The current replica set.
+    pub fn replicas(&self) -> Arc<ReplicaSet> {
+        self.set.load_full()
+    }
+
+    /// The balancing algorithm.
+    pub fn balance(&self) -> Balance {
+        self.spec.balance
+    }
+
+    /// What `consistent_hash` hashes.
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        self.spec.hash_key.as_ref()
+    }
+
+    /// Retries after a failure that is safe to retry.
+    pub fn retries(&self) -> u32 {
+        self.spec.retries
+    }
+
+    /// The passive ejection policy, if on.
+    pub fn passive(&self) -> Option<&PassivePolicy> {
+        self.spec.passive.as_ref()
+    }
+
+    /// Whether any target is a host name (and so needs discovery).
+    pub fn needs_discovery(&self) -> bool {
+        self.spec.targets.iter().any(|t| t.ip().is_none())
+    }
+
+    /// Replaces the replica set with these addresses, keeping the `Replica` (and so the health
+    /// state) of every address that stays.
+    fn install(&self, mut addrs: Vec<(SocketAddr, usize)>) {
+        addrs.sort();
+        addrs.dedup_by_key(|(a, _)| *a);
+        let old = self.set.load();
+        if old.replicas.len() == addrs.len()
+            && old.addrs().zip(&addrs).all(|(a, (b, _))| a == *b)
+            && !old.replicas.is_empty()
+        {
+            self.origins.store(Arc::new(addrs));
+            return;
+        }
+        let replicas: Vec<Arc<Replica>> = addrs
+            .iter()
+            .map(
+                |(addr, target)| match old.replicas.iter().find(|r| r.addr == *addr) {
+                    Some(r) => r.clone(),
+                    None => Arc::new(Replica::new(
+                        *addr,
+                        self.spec.targets[*target].weight,
+                        Some(&self.peer_template),
+                    )),
+                },
+            )
+            .collect();
+        if !old.replicas.is_empty() || !replicas.is_empty() {
+            info!(upstream = %self.name, replicas = ?addrs.iter().map(|(a, _)| a).collect::<Vec<_>>(), "replica set changed");
+        }
+        self.set
+            .store(Arc::new(ReplicaSet::new(replicas, self.spec.balance)));
+        self.origins.store(Arc::new(addrs));
+    }
+
+    /// One discovery round: resolves every host-name target. A target whose lookup fails keeps
+    /// its previous addresses. Returns the failures, if any.
+    pub async fn refresh(&self, resolver: &TokioResolver) -> Vec<String> {
+        let previous = self.origins.load_full();
+        let mut addrs = Vec::new();
+        let mut errors = Vec::new();
+        for (i, target) in self.spec.targets.iter().enumerate() {
+            match discovery::resolve_target(resolver, target).await {
+                Ok(found) => addrs.extend(found.into_iter().map(|a| (a, i))),
+                Err(e) => {
+                    addrs.extend(previous.iter().filter(|(_, t)| *t == i).copied());
+                    errors.push(e);
+                }
+            }
+        }
+        self.install(addrs);
+        errors
+    }
+
+    /// Starts re-resolution and active health checks on the current Tokio runtime (once).
+    /// The tasks end when the upstream is dropped.
+    pub fn spawn_tasks(self: &Arc<Self>, resolver: Option<TokioResolver>) {
+        if self.tasks_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let (true, Some(resolver)) = (self.needs_discovery(), resolver) {
+            let weak = Arc::downgrade(self);
+            let every = self.spec.refresh;
+            tokio::spawn(async move { discovery_loop(weak, resolver, every).await });
+        }
+        if let Some(active) = self.spec.active.clone() {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move { health_loop(weak, active).await });
+        }
+    }
+}
+
+async fn discovery_loop(weak: Weak<Upstream>, resolver: TokioResolver, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(up) = weak.upgrade() else { return };
+        let errors = up.refresh(&resolver).await;
+        if !errors.is_empty() {
+            warn!(upstream = %up.name, errors = ?errors, "DNS refresh failed; keeping the last good addresses");
+        }
+    }
+}
+
+fn build_check(active: &ActiveHealthConfig, host: &str) -> HttpHealthCheck {
+    let mut check = HttpHealthCheck::new(active.host.as_deref().unwrap_or(host), false);
+    check.req.set_uri(
+        active
+            .path
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/")),
+    );
+    check.peer_template.options.connection_timeout = Some(active.timeout.0);
+    check.peer_template.options.read_timeout = Some(active.timeout.0);
+    check.peer_template.options.write_timeout = Some(active.timeout.0);
+    let expected = active.expected_status.clone();
+    check.validator = Some(Box::new(move |resp| {
+        let code = resp.status.as_u16();
+        let ok = if expected.is_empty() {
+            (200..400).contains(&code)
+        } else {
+            expected.contains(&code)
+        };
+        if ok {
+            Ok(())
+        } else {
+            pingora::Error::e_explain(
+                pingora::ErrorType::CustomCode("unexpected status", code),
+                "health check",
+            )
+        }
+    }));
+    check
+}
+
+async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
+    let mut tick = tokio::time::interval(active.interval.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let host = weak
+        .upgrade()
+        .and_then(|u| u.spec.targets.first().map(|t| t.host.clone()))
+        .unwrap_or_default();
+    let check = Arc::new(build_check(&active, &host));
+    loop {
+        tick.tick().await;
+        let Some(up) = weak.upgrade() else { return };
+        let set = up.replicas();
+        let name = up.name.clone();
+        drop(up);
+        let probes = set.replicas.iter().map(|r| {
+            let check = check.clone();
+            let r = r.clone();
+            let timeout = active.timeout.0;
+            let name = name.clone();
+            let (rise, fall) = (active.rise, active.fall);
+            async move {
+                let ok = match Backend::new(&r.addr.to_string()) {
+                    Ok(backend) => matches!(
+                        tokio::time::timeout(timeout + Duration::from_millis(100), check.check(&backend)).await,
+                        Ok(Ok(()))
+                    ),
+                    Err(_) => false,
+                };
+                debug!(upstream = %name, replica = %r.addr, ok, "health check");
+                match r.record_check(ok, rise, fall) {
+                    Some(true) => info!(upstream = %name, replica = %r.addr, "replica healthy again (active check)"),
+                    Some(false) => warn!(upstream = %name, replica = %r.addr, "replica unhealthy (active check)"),
+                    None => {}
+                }
+            }
+        });
+        let handles: Vec<_> = probes.map(tokio::spawn).collect();
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}

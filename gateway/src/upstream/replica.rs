@@ -1,0 +1,265 @@
+//! One replica (an address behind an upstream) and its health state.
+//!
+//! Everything here is lock-free: request handling reads and updates atomics only.
+
+use pingora::upstreams::peer::HttpPeer;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Milliseconds since the process started (monotonic); the time base of health state.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Passive ejection policy (nginx's `max_fails` / `fail_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassivePolicy {
+    /// Failures within the window that eject the replica.
+    pub max_fails: u32,
+    /// Window length, and the rest time after ejection.
+    pub fail_timeout: Duration,
+}
+
+/// One replica of an upstream.
+pub struct Replica {
+    /// Unique for the life of the process; used to exclude already-tried replicas.
+    pub id: u64,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Balancing weight.
+    pub weight: u32,
+    /// Connection settings for this replica (address and upstream timeouts).
+    pub peer: HttpPeer,
+    /// Verdict of active health checks (true until a check says otherwise).
+    active_healthy: AtomicBool,
+    /// Consecutive check results that disagree with `active_healthy`.
+    active_streak: AtomicU32,
+    /// Failures in the current passive window.
+    fails: AtomicU32,
+    window_start_ms: AtomicU64,
+    /// 0 when not ejected; otherwise when the rest ends and one probe may go.
+    ejected_until_ms: AtomicU64,
+    /// A probe request is in flight.
+    probing: AtomicBool,
+    /// Requests in flight.
+    outstanding: AtomicU32,
+}
+
+impl Replica {
+    /// A healthy replica. `template` carries the upstream's connection options.
+    pub fn new(addr: SocketAddr, weight: u32, template: Option<&HttpPeer>) -> Replica {
+        let peer = match template {
+            Some(t) => {
+                let mut p = t.clone();
+                p._address = pingora::protocols::l4::socket::SocketAddr::Inet(addr);
+                p
+            }
+            None => HttpPeer::new(addr, false, String::new()),
+        };
+        Replica {
+            id: next_id(),
+            addr,
+            weight: weight.max(1),
+            peer,
+            active_healthy: AtomicBool::new(true),
+            active_streak: AtomicU32::new(0),
+            fails: AtomicU32::new(0),
+            window_start_ms: AtomicU64::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            outstanding: AtomicU32::new(0),
+        }
+    }
+
+    /// Can take a request now (healthy, or resting with no probe in flight).
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        if !self.active_healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.ejected_until_ms.load(Ordering::Relaxed) {
+            0 => true,
+            until => now_ms >= until && !self.probing.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ejected, rest over: the next request is a probe.
+    pub fn is_resting(&self, now_ms: u64) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms >= until
+    }
+
+    /// Ejected by passive checks and still resting.
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && (now_ms < until || self.probing.load(Ordering::Relaxed))
+    }
+
+    /// Claims the single probe of a resting replica.
+    pub fn try_begin_probe(&self) -> bool {
+        self.probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Gives back a probe that ended with no verdict (the client went away).
+    pub fn release_probe(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+
+    /// The active health verdict.
+    pub fn is_active_healthy(&self) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
+    }
+
+    /// A request got a response from this replica: ends an ejection.
+    pub fn report_success(&self) {
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+
+    /// A request to this replica failed (connect error, timeout, broken response).
+    /// Returns true when this failure ejected the replica.
+    pub fn report_failure(&self, policy: &PassivePolicy, now_ms: u64) -> bool {
+        let rest = policy.fail_timeout.as_millis() as u64;
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            // A failed probe (or a straggler): rest again.
+            self.ejected_until_ms
+                .store(now_ms + rest, Ordering::Relaxed);
+            self.probing.store(false, Ordering::Release);
+            return false;
+        }
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        let fails = if start == 0 || now_ms.saturating_sub(start) > rest {
+            self.window_start_ms.store(now_ms.max(1), Ordering::Relaxed);
+            self.fails.store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.fails.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if fails >= policy.max_fails {
+            self.ejected_until_ms
+                .store((now_ms + rest).max(1), Ordering::Relaxed);
+            self.window_start_ms.store(0, Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Records one active check result with rise/fall thresholds.
+    /// Returns `Some(new_state)` when the verdict flips.
+    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        let healthy = self.active_healthy.load(Ordering::Relaxed);
+        if ok == healthy {
+            self.active_streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = self.active_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak >= if ok { rise } else { fall } {
+            self.active_healthy.store(ok, Ordering::Relaxed);
+            self.active_streak.store(0, Ordering::Relaxed);
+            if ok {
+                // A replica that passes checks again also leaves passive ejection.
+                self.report_success();
+            }
+            return Some(ok);
+        }
+        None
+    }
+
+    /// A request starts on this replica.
+    pub fn begin_request(&self) {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request on this replica ended.
+    pub fn end_request(&self) {
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests in flight.
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Load relative to weight, for least-requests comparison (scaled to stay integral).
+    pub fn load_score(&self) -> u64 {
+        u64::from(self.outstanding()) * 10_000 / u64::from(self.weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: PassivePolicy = PassivePolicy {
+        max_fails: 2,
+        fail_timeout: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn passive_ejection_then_one_probe() {
+        let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
+        assert!(!r.report_failure(&POLICY, 1_000));
+        assert!(r.is_available(1_000));
+        assert!(
+            r.report_failure(&POLICY, 2_000),
+            "second failure in the window ejects"
+        );
+        assert!(!r.is_available(5_000));
+        // After the rest, one probe is allowed.
+        assert!(r.is_available(12_001));
+        assert!(r.try_begin_probe());
+        assert!(!r.is_available(12_002), "only one probe at a time");
+        assert!(!r.try_begin_probe());
+        // Probe fails: rest again.
+        r.report_failure(&POLICY, 12_100);
+        assert!(!r.is_available(15_000));
+        assert!(r.is_available(22_101));
+        assert!(r.try_begin_probe());
+        r.report_success();
+        assert!(r.is_available(22_200));
+        assert!(!r.is_resting(22_200));
+    }
+
+    #[test]
+    fn failures_outside_window_do_not_add_up() {
+        let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
+        assert!(!r.report_failure(&POLICY, 1_000));
+        assert!(
+            !r.report_failure(&POLICY, 20_000),
+            "window expired, count restarts"
+        );
+        assert!(r.is_available(20_000));
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
+        assert_eq!(r.record_check(false, 2, 3), None);
+        assert_eq!(r.record_check(false, 2, 3), None);
+        assert_eq!(
+            r.record_check(true, 2, 3),
+            None,
+            "a success resets the streak"
+        );
+        assert_eq!(r.record_check(false, 2, 3), None);
+        assert_eq!(r.record_check(false, 2, 3), None);
+        assert_eq!(r.record_check(false, 2, 3), Some(false));
+        assert!(!r.is_available(0));
+        assert_eq!(r.record_check(true, 2, 3), None);
+        assert_eq!(r.record_check(true, 2, 3), Some(true));
+        assert!(r.is_available(0));
+    }
+}
