@@ -98,11 +98,15 @@ impl RequestCtx {
         self.verdict = false;
     }
 
-    /// Passive health: the current attempt failed on the upstream side.
+    /// Passive health: the current attempt failed on the upstream side. The last available
+    /// replica of an upstream is never ejected (as nginx never marks a lone server down):
+    /// ejecting it would turn a partial failure into a total one.
     fn report_failure(&mut self) {
         if let (Some(r), Some(route)) = (&self.replica, self.route()) {
             if let Some(policy) = route.upstream.passive() {
-                r.report_failure(policy, now_ms());
+                let now = now_ms();
+                let may_eject = route.upstream.has_alternative(&[r.id], now);
+                r.report_failure(policy, now, may_eject);
             }
             self.verdict = true;
         }
@@ -187,6 +191,34 @@ fn client_ip(rt: &Runtime, req: &RequestHeader, peer: Option<IpAddr>) -> (Option
     (Some(ip), true)
 }
 
+/// A request that carries both `Transfer-Encoding` and `Content-Length`, or two
+/// `Content-Length`s: the shape of request smuggling. Pingora drops the `Content-Length` of
+/// such HTTP/1 requests while parsing (RFC 9112 allows that); the gateway refuses them instead,
+/// so it looks at the raw header, which is only needed when `Transfer-Encoding` is present.
+fn ambiguous_framing(session: &Session) -> bool {
+    let req = session.req_header();
+    if req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return true;
+    }
+    if !req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return false;
+    }
+    if req.headers.contains_key(http::header::CONTENT_LENGTH) {
+        return true;
+    }
+    session.as_downstream().as_http1().is_some_and(|h1| {
+        h1.get_headers_raw_bytes()
+            .split(|b| *b == b'\n')
+            .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+    })
+}
+
 fn cookie_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
     req.headers
         .get_all(http::header::COOKIE)
@@ -249,16 +281,30 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
 
+        let ambiguous_framing = ambiguous_framing(session);
         let req = session.req_header();
         ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
             _ => new_request_id(),
         });
         (ctx.client_ip, ctx.peer_trusted) = client_ip(&rt, req, peer);
+        if ambiguous_framing {
+            // Request smuggling shape: never forward it, never keep the connection.
+            session.set_keepalive(None);
+            respond_json(
+                session,
+                400,
+                "ambiguous message framing",
+                ctx.request_id.as_ref(),
+            )
+            .await?;
+            return Ok(true);
+        }
 
         let path = match normalize_path(req.uri.path()) {
             Ok(p) => p,
             Err(_) => {
+                session.set_keepalive(None);
                 respond_json(session, 400, "invalid path", ctx.request_id.as_ref()).await?;
                 return Ok(true);
             }

@@ -530,7 +530,15 @@ pub fn parse(
     options.with_snippet = false;
     options.property_syntax = serde_saphyr::PropertySyntax::DockerCompose;
     let options = options.with_properties(vars.clone());
-    let config: Config = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+    // serde_path_to_error tracks the field path (`routes[2].upstream`) the parser was in.
+    let mut field = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
+            field = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    let config = parsed.map_err(|e| {
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))
@@ -539,12 +547,28 @@ pub fn parse(
             file: path.to_path_buf(),
             line,
             column,
-            field: String::new(),
+            field: clean_field_path(&field),
             message: one_line(&e.to_string()),
         }
     })?;
     validate::validate(path, &config)?;
     Ok(config)
+}
+
+/// Drops the `.value` segments that `Spanned<T>` wrappers add to a serde path
+/// (`upstreams.u.balance.value` → `upstreams.u.balance`); a real field named `value` after an
+/// index (`headers[0].value`) stays.
+fn clean_field_path(path: &str) -> String {
+    if path == "." {
+        return String::new();
+    }
+    let mut out = path.replace(".value[", "[").replace(".value.", ".");
+    if let Some(stem) = out.strip_suffix(".value") {
+        if !stem.ends_with(']') {
+            out.truncate(stem.len());
+        }
+    }
+    out
 }
 
 /// Keeps the first line of a parser message and drops its own " at line X column Y" suffix,

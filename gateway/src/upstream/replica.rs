@@ -129,8 +129,9 @@ impl Replica {
     }
 
     /// A request to this replica failed (connect error, timeout, broken response).
-    /// Returns true when this failure ejected the replica.
-    pub fn report_failure(&self, policy: &PassivePolicy, now_ms: u64) -> bool {
+    /// `may_eject` is false when no other replica could take over. Returns true when this
+    /// failure ejected the replica.
+    pub fn report_failure(&self, policy: &PassivePolicy, now_ms: u64, may_eject: bool) -> bool {
         let rest = policy.fail_timeout.as_millis() as u64;
         if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
             // A failed probe (or a straggler): rest again.
@@ -147,7 +148,7 @@ impl Replica {
         } else {
             self.fails.fetch_add(1, Ordering::Relaxed) + 1
         };
-        if fails >= policy.max_fails {
+        if fails >= policy.max_fails && may_eject {
             self.ejected_until_ms
                 .store((now_ms + rest).max(1), Ordering::Relaxed);
             self.window_start_ms.store(0, Ordering::Relaxed);
@@ -211,10 +212,10 @@ mod tests {
     #[test]
     fn passive_ejection_then_one_probe() {
         let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
-        assert!(!r.report_failure(&POLICY, 1_000));
+        assert!(!r.report_failure(&POLICY, 1_000, true));
         assert!(r.is_available(1_000));
         assert!(
-            r.report_failure(&POLICY, 2_000),
+            r.report_failure(&POLICY, 2_000, true),
             "second failure in the window ejects"
         );
         assert!(!r.is_available(5_000));
@@ -224,7 +225,7 @@ mod tests {
         assert!(!r.is_available(12_002), "only one probe at a time");
         assert!(!r.try_begin_probe());
         // Probe fails: rest again.
-        r.report_failure(&POLICY, 12_100);
+        r.report_failure(&POLICY, 12_100, true);
         assert!(!r.is_available(15_000));
         assert!(r.is_available(22_101));
         assert!(r.try_begin_probe());
@@ -234,11 +235,19 @@ mod tests {
     }
 
     #[test]
+    fn the_last_replica_is_not_ejected() {
+        let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
+        assert!(!r.report_failure(&POLICY, 1_000, false));
+        assert!(!r.report_failure(&POLICY, 1_001, false));
+        assert!(r.is_available(1_002));
+    }
+
+    #[test]
     fn failures_outside_window_do_not_add_up() {
         let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
-        assert!(!r.report_failure(&POLICY, 1_000));
+        assert!(!r.report_failure(&POLICY, 1_000, true));
         assert!(
-            !r.report_failure(&POLICY, 20_000),
+            !r.report_failure(&POLICY, 20_000, true),
             "window expired, count restarts"
         );
         assert!(r.is_available(20_000));

@@ -1,0 +1,541 @@
+//! Test harness: real HTTP backends, a real DNS server, and the real `gateway` binary, all on
+//! 127.0.0.x with ports chosen by the kernel. Everything stops when its handle is dropped.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinSet;
+
+/// A port that was free a moment ago (for listeners the gateway binds itself).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A reqwest client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+struct BackendState {
+    name: String,
+    hits: AtomicUsize,
+    health: AtomicU16,
+}
+
+/// An HTTP/1.1 + h2c backend that describes each request it gets as JSON:
+/// `{"backend", "method", "path", "query", "headers", "body_len"}`.
+/// `GET /health` answers with the status set by [`Backend::set_health`];
+/// `?sleep=MS` delays the answer; `GET /bytes?n=N` streams N bytes.
+pub struct Backend {
+    pub addr: SocketAddr,
+    state: Arc<BackendState>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Backend {
+    /// Starts a backend on `ip` with a kernel-chosen port.
+    pub async fn start(ip: &str, name: &str) -> Backend {
+        Self::start_on(SocketAddr::new(ip.parse().unwrap(), 0), name).await
+    }
+
+    /// Starts a backend on an exact address (to bring a replica back on its old port).
+    pub async fn start_on(addr: SocketAddr, name: &str) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            hits: AtomicUsize::new(0),
+            health: AtomicU16::new(200),
+        });
+        let mut tasks = JoinSet::new();
+        let st = state.clone();
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let conns2 = conns.clone();
+        tasks.spawn(async move {
+            let _keep = conns2;
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let st = st.clone();
+                let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                _keep.lock().unwrap().spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        // Aborting `tasks` drops the accept loop, which drops (and so aborts) every connection.
+        Backend {
+            addr,
+            state,
+            tasks: Some(tasks),
+        }
+    }
+
+    /// Requests served (health checks excluded).
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// The status `/health` answers with.
+    pub fn set_health(&self, status: u16) {
+        self.state.health.store(status, Ordering::SeqCst);
+    }
+
+    /// Kills the backend: the listener and every open connection close at once.
+    pub fn kill(&mut self) {
+        if let Some(mut t) = self.tasks.take() {
+            t.abort_all();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn handle(
+    st: Arc<BackendState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    if req.uri().path() == "/health" {
+        let code = st.health.load(Ordering::SeqCst);
+        return Ok(Response::builder()
+            .status(code)
+            .body(full("health"))
+            .unwrap());
+    }
+    st.hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(ms) = query.get("sleep").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if req.uri().path() == "/bytes" {
+        let n: usize = query.get("n").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(n, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let take = left.min(chunk.len());
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(chunk.slice(..take))),
+                    left - take,
+                ))
+            }
+        });
+        return Ok(Response::builder()
+            .header("content-length", n.to_string())
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap());
+    }
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let q = req.uri().query().unwrap_or("").to_string();
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        match headers.get_mut(k.as_str()) {
+            Some(serde_json::Value::String(prev)) => {
+                prev.push_str(", ");
+                prev.push_str(&v);
+            }
+            _ => {
+                headers.insert(k.as_str().to_string(), v.into());
+            }
+        }
+    }
+    // Count the body without keeping it.
+    let mut body = req.into_body();
+    let mut body_len = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len()),
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
+    }
+    let out = serde_json::json!({
+        "backend": st.name, "method": method, "path": path, "query": q,
+        "headers": headers, "body_len": body_len,
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(full(out.to_string()))
+        .unwrap())
+}
+
+/// A WebSocket echo server.
+pub async fn ws_echo(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, h)
+}
+
+/// What the test DNS server answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum DnsMode {
+    /// Answer from the table.
+    Normal,
+    /// SERVFAIL for everything.
+    ServFail,
+    /// Bytes that are not DNS.
+    Garbage,
+    /// No answer at all.
+    Silent,
+}
+
+/// A DNS server on 127.0.0.1 that answers A queries from a table the test edits.
+pub struct Dns {
+    pub addr: SocketAddr,
+    records: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
+    mode: Arc<Mutex<DnsMode>>,
+    pub queries: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Dns {
+    pub async fn start() -> Dns {
+        use hickory_proto::op::{Message, MessageType, ResponseCode};
+        use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let records: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>> = Arc::default();
+        let mode = Arc::new(Mutex::new(DnsMode::Normal));
+        let queries = Arc::new(AtomicUsize::new(0));
+        let (r, m, q) = (records.clone(), mode.clone(), queries.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            loop {
+                let Ok((n, src)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                q.fetch_add(1, Ordering::SeqCst);
+                let Ok(req) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mode = *m.lock().unwrap();
+                let reply = match mode {
+                    DnsMode::Silent => continue,
+                    DnsMode::Garbage => vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3],
+                    DnsMode::ServFail | DnsMode::Normal => {
+                        let mut resp = Message::new();
+                        resp.set_id(req.id())
+                            .set_message_type(MessageType::Response)
+                            .set_op_code(req.op_code())
+                            .set_recursion_desired(req.recursion_desired())
+                            .set_recursion_available(true)
+                            .add_queries(req.queries().to_vec());
+                        if mode == DnsMode::ServFail {
+                            resp.set_response_code(ResponseCode::ServFail);
+                        } else {
+                            let table = r.lock().unwrap();
+                            let mut known = false;
+                            for query in req.queries() {
+                                let name =
+                                    query.name().to_ascii().trim_end_matches('.').to_lowercase();
+                                if let Some(ips) = table.get(&name) {
+                                    known = true;
+                                    if query.query_type() == RecordType::A {
+                                        for ip in ips {
+                                            resp.add_answer(Record::from_rdata(
+                                                query.name().clone(),
+                                                600,
+                                                RData::A(A(*ip)),
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
+                            if !known {
+                                resp.set_response_code(ResponseCode::NXDomain);
+                            }
+                        }
+                        match resp.to_vec() {
+                            Ok(v) => v,
+                            Err(_) => continue,
+                        }
+                    }
+                };
+                let _ = sock.send_to(&reply, src).await;
+            }
+        });
+        Dns {
+            addr,
+            records,
+            mode,
+            queries,
+            task,
+        }
+    }
+
+    /// Sets the A records of `name`.
+    pub fn set(&self, name: &str, ips: &[&str]) {
+        self.records.lock().unwrap().insert(
+            name.to_string(),
+            ips.iter().map(|s| s.parse().unwrap()).collect(),
+        );
+    }
+
+    /// Removes `name` (NXDOMAIN from then on).
+    pub fn remove(&self, name: &str) {
+        self.records.lock().unwrap().remove(name);
+    }
+
+    pub fn set_mode(&self, mode: DnsMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running `gateway` process with its own temp directory, listener and admin ports.
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+/// The binary under test.
+pub fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_gateway")
+}
+
+impl Gateway {
+    /// Starts the gateway with `body` appended to a header that sets `threads: 1`, the
+    /// `http` listener, the admin listener, short shutdown times and fast reload polling.
+    pub async fn start(body: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let config_path = dir.path().join("gateway.yaml");
+        let log_path = dir.path().join("gateway.log");
+        let gw = Gateway {
+            child: None,
+            dir,
+            http,
+            admin,
+            config_path,
+            log_path,
+        };
+        gw.write_config(body);
+        let mut gw = gw;
+        gw.spawn();
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// The full configuration text for `body`.
+    pub fn config_text(&self, body: &str) -> String {
+        format!(
+            "threads: 1\nlisteners:\n  http: {{ address: \"{}\" }}\nadmin: {{ address: \"{}\" }}\nshutdown: {{ grace_period: 1s, final_timeout: 1s }}\nreload: {{ debounce: 50ms, poll_interval: 200ms }}\n{}",
+            self.http, self.admin, body
+        )
+    }
+
+    /// Replaces the configuration file atomically (write + rename, as editors do).
+    pub fn write_config(&self, body: &str) {
+        self.write_raw_config(&self.config_text(body));
+    }
+
+    /// Replaces the configuration file with exactly `text`.
+    pub fn write_raw_config(&self, text: &str) {
+        let tmp = self.dir.path().join(".gateway.yaml.tmp");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log_path).unwrap();
+        let child = Command::new(gateway_bin())
+            .arg("-c")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = c.get(format!("http://{}/ready", self.admin)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway not ready; log:\n{}", self.log());
+    }
+
+    /// `http://127.0.0.1:PORT{path}` on the client listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The configuration generation `/ready` reports.
+    pub async fn generation(&self) -> u64 {
+        let v: serde_json::Value = client()
+            .get(format!("http://{}/ready", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["config_generation"].as_u64().unwrap()
+    }
+
+    /// Waits until the generation reaches `n`.
+    pub async fn wait_generation(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.generation().await >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("generation {n} not reached; log:\n{}", self.log());
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The JSON a backend answered with.
+pub async fn echo(resp: reqwest::Response) -> serde_json::Value {
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "status {status}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// Sends raw bytes on a new connection and returns whatever comes back before the peer
+/// closes or `wait` passes.
+pub async fn raw_request(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An IP on loopback other than 127.0.0.1, so that replicas have distinct addresses.
+pub fn loopback(n: u8) -> String {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)).to_string()
+}

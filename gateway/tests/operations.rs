@@ -1,0 +1,386 @@
+//! Running the gateway: `check`, hot reload (under load, with broken files, on SIGHUP),
+//! the admin endpoints and graceful shutdown.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("UPSTREAM_PORT", "3001")
+        .env_remove("UNSET_VAR")
+        .output()
+        .unwrap();
+    let msg =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.success(),
+        msg.replace(&*path.to_string_lossy(), "FILE"),
+    )
+}
+
+const GOOD: &str = r#"listeners:
+  http: { address: "127.0.0.1:8080" }
+upstreams:
+  users:
+    targets: ["user-service:${UPSTREAM_PORT}", "127.0.0.1:${OTHER_PORT:-3002}"]
+routes:
+  - { name: users, match: { path_prefix: /api/users }, upstream: users }
+"#;
+
+#[test]
+fn check_accepts_a_valid_file_and_substitutes_variables() {
+    let (ok, msg) = check(GOOD);
+    assert!(ok, "{msg}");
+    assert!(msg.contains("configuration is valid"), "{msg}");
+}
+
+#[test]
+fn check_names_file_line_column_and_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        // (change, expected position, expected words)
+        (
+            "upstream: userz }",
+            "FILE:7:30: routes[0].upstream",
+            "no upstream named `userz`",
+        ),
+        (
+            "match: { path_prefix: /api/users }, upstream: users, colour: red }",
+            "FILE:7:",
+            "routes[0].colour: unknown field `colour`",
+        ),
+        (
+            "match: { path_prefix: api }, upstream: users }",
+            "FILE:7:42: routes[0].match.path_prefix",
+            "must start with `/`",
+        ),
+        (
+            "match: { path_regex: \"([\" }, upstream: users }",
+            "FILE:7:41: routes[0].match.path_regex",
+            "unclosed character class",
+        ),
+        (
+            "match: { methods: [get] }, upstream: users }",
+            "FILE:7:39: routes[0].match.methods[0]",
+            "HTTP method",
+        ),
+    ];
+    for (change, position, words) in cases {
+        let text = GOOD.replace(
+            "match: { path_prefix: /api/users }, upstream: users }",
+            change,
+        );
+        let (ok, msg) = check(&text);
+        assert!(!ok, "accepted: {text}");
+        assert!(msg.contains(position), "expected `{position}` in: {msg}");
+        assert!(msg.contains(words), "expected `{words}` in: {msg}");
+    }
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "timeouts: { connect: 5 }",
+            "FILE:6:26: upstreams.users.timeouts.connect",
+            "no unit",
+        ),
+        (
+            "timeouts: { connect: 5 parsecs }",
+            "FILE:6:26: upstreams.users.timeouts.connect",
+            "unknown unit",
+        ),
+        (
+            "balance: fastest",
+            "FILE:6:14: upstreams.users.balance:",
+            "unknown variant `fastest`",
+        ),
+        (
+            "balance: consistent_hash",
+            "FILE:6:14: upstreams.users.balance",
+            "hash_key",
+        ),
+        (
+            "targets: [\"no-port\"]",
+            "FILE:5:15: upstreams.users.targets[0]",
+            "HOST:PORT",
+        ),
+    ];
+    for (line, position, words) in cases {
+        let text = GOOD.replace(
+            "    targets: [\"user-service:${UPSTREAM_PORT}\", \"127.0.0.1:${OTHER_PORT:-3002}\"]",
+            &format!("    targets: [\"a:1\"]\n    {line}"),
+        );
+        let text = if line.starts_with("targets") {
+            text.replace("    targets: [\"a:1\"]\n", "")
+        } else {
+            text
+        };
+        let (ok, msg) = check(&text);
+        assert!(!ok, "accepted: {text}");
+        assert!(
+            msg.contains(position),
+            "expected `{position}` in: {msg}\n{text}"
+        );
+        assert!(msg.contains(words), "expected `{words}` in: {msg}");
+    }
+    let (ok, msg) = check("listeners: [\n");
+    assert!(!ok);
+    assert!(msg.contains("FILE:"), "{msg}");
+    let (ok, msg) = check(&GOOD.replace("${UPSTREAM_PORT}", "${UNSET_VAR:?must be set}"));
+    assert!(!ok);
+    assert!(msg.contains("must be set"), "{msg}");
+    let (ok, msg) = check(&GOOD.replace(
+        "/api/users }, upstream: users }",
+        "/api/users }, upstream: users }\n  - { name: users, upstream: users }",
+    ));
+    assert!(!ok);
+    assert!(msg.contains("used twice"), "{msg}");
+    let (ok, msg) = Command::new(gateway_bin())
+        .args(["check", "-c", "/nonexistent/gateway.yaml"])
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert!(!ok);
+    assert!(
+        msg.contains("/nonexistent/gateway.yaml: cannot read"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn help_describes_the_commands() {
+    let out = Command::new(gateway_bin()).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in ["run", "check", "--config"] {
+        assert!(text.contains(word), "{text}");
+    }
+}
+
+fn two_routes(a: &Backend, b: &Backend, second_path: &str) -> String {
+    format!(
+        "upstreams:\n  a: {{ targets: [\"{}\"] }}\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: a, upstream: a }}\n  - {{ name: b, upstream: b, match: {{ path_prefix: {second_path} }} }}\n",
+        a.addr, b.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_changes_and_rejects_broken_files() {
+    let a = Backend::start("127.0.0.1", "a").await;
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&two_routes(&a, &b, "/one")).await;
+    let c = client();
+    let who = |p: &'static str| {
+        let c = c.clone();
+        let url = gw.url(p);
+        async move {
+            echo(c.get(url).send().await.unwrap()).await["backend"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    assert_eq!(who("/one").await, "b");
+    assert_eq!(gw.generation().await, 1);
+
+    // A changed file is picked up by the directory watch.
+    gw.write_config(&two_routes(&a, &b, "/two"));
+    gw.wait_generation(2).await;
+    assert_eq!(who("/two").await, "b");
+    assert_eq!(who("/one").await, "a");
+
+    // A broken file: logged with its position, the old routes keep serving.
+    gw.write_raw_config(
+        &gw.config_text(&two_routes(&a, &b, "/two"))
+            .replace("upstream: b,", "upstream: nope,"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("no upstream named `nope`") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("no upstream named `nope`"))
+        .expect("rejection not logged");
+    assert!(
+        line.contains("gateway.yaml:12:26:") && line.contains("routes[1].upstream"),
+        "{line}"
+    );
+    assert_eq!(gw.generation().await, 2);
+    assert_eq!(who("/two").await, "b");
+
+    // Deleted file: keep serving, say so.
+    std::fs::remove_file(&gw.config_path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("cannot read") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.log().contains("cannot read"), "{}", gw.log());
+    assert_eq!(who("/two").await, "b");
+
+    // SIGHUP reloads even an unchanged file.
+    gw.write_config(&two_routes(&a, &b, "/three"));
+    gw.wait_generation(3).await;
+    gw.signal(libc::SIGHUP);
+    gw.wait_generation(4).await;
+    assert_eq!(who("/three").await, "b");
+
+    // Listener changes need a restart, and the gateway says so.
+    let moved = gw
+        .config_text(&two_routes(&a, &b, "/three"))
+        .replace(&gw.http.to_string(), "127.0.0.1:1");
+    gw.write_raw_config(&moved);
+    gw.wait_generation(5).await;
+    assert!(gw.log().contains("restart required"), "{}", gw.log());
+    assert_eq!(
+        who("/three").await,
+        "b",
+        "still serving on the old listener"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_fail_no_request() {
+    let a = Backend::start("127.0.0.1", "a").await;
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&two_routes(&a, &b, "/r0")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (stop, ok, failures, url) = (
+            stop.clone(),
+            ok.clone(),
+            failures.clone(),
+            gw.url(&format!("/load/{w}")),
+        );
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    let mut generation = 1;
+    for i in 1..=20 {
+        if i % 4 == 0 {
+            // A broken file in the middle of it all.
+            gw.write_raw_config("routes: [ this is not yaml");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        gw.write_config(&two_routes(&a, &b, &format!("/r{i}")));
+        generation += 1;
+        gw.wait_generation(generation).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "load too light to mean anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let mut gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    let c = client();
+    let admin = format!("http://{}/ready", gw.admin);
+    assert_eq!(c.get(&admin).send().await.unwrap().status(), 200);
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        let url = gw.url("/slow?sleep=700");
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Draining: /ready says so, so that orchestrators stop sending traffic.
+    let ready = c.get(&admin).send().await.map(|r| r.status().as_u16());
+    assert!(matches!(ready, Ok(503) | Err(_)), "{ready:?}");
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "in-flight request completed"
+    );
+    // New connections are refused once the listener is closed.
+    assert!(tokio::net::TcpStream::connect(gw.http).await.is_err());
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway did not exit");
+    assert!(status.success() || status.code().is_some(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "drain is bounded: {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_health_and_unknown_paths() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    let c = client();
+    let r = c
+        .get(format!("http://{}/health", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("http://{}/ready", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["config_generation"], 1);
+    assert_eq!(
+        c.get(format!("http://{}/nope", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}

@@ -1,0 +1,433 @@
+//! Proxying through the real gateway: routing, forwarding headers, rewrites, errors, bodies,
+//! HTTP/2 and WebSocket.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_precedence_and_404() {
+    let root = Backend::start("127.0.0.1", "root").await;
+    let api = Backend::start("127.0.0.1", "api").await;
+    let users = Backend::start("127.0.0.1", "users").await;
+    let exact = Backend::start("127.0.0.1", "exact").await;
+    let regex = Backend::start("127.0.0.1", "regex").await;
+    let post = Backend::start("127.0.0.1", "post").await;
+    let host = Backend::start("127.0.0.1", "host").await;
+    let canary = Backend::start("127.0.0.1", "canary").await;
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  root:   {{ targets: ["{}"] }}
+  api:    {{ targets: ["{}"] }}
+  users:  {{ targets: ["{}"] }}
+  exact:  {{ targets: ["{}"] }}
+  regex:  {{ targets: ["{}"] }}
+  post:   {{ targets: ["{}"] }}
+  host:   {{ targets: ["{}"] }}
+  canary: {{ targets: ["{}"] }}
+routes:
+  - {{ name: root,   upstream: root, match: {{ path_prefix: /static }} }}
+  - {{ name: api,    upstream: api, match: {{ path_prefix: /api }} }}
+  - {{ name: users,  upstream: users, match: {{ path_prefix: /api/users }} }}
+  - {{ name: login,  upstream: exact, match: {{ path: /api/users/login }} }}
+  - {{ name: byid,   upstream: regex, match: {{ path_regex: "/api/users/[0-9]+" }} }}
+  - {{ name: create, upstream: post, match: {{ path_prefix: /api/users, methods: [POST] }} }}
+  - {{ name: tenant, upstream: host, match: {{ hosts: ["*.tenant.test"], path_prefix: /api }} }}
+  - {{ name: canary, upstream: canary, match: {{ path_prefix: /api, headers: [ {{ name: x-canary, value: "on" }} ] }} }}
+"#,
+        root.addr, api.addr, users.addr, exact.addr, regex.addr, post.addr, host.addr, canary.addr
+    ))
+    .await;
+    let c = client();
+    let who = |v: serde_json::Value| v["backend"].as_str().unwrap().to_string();
+    let get = |p: &str| c.get(gw.url(p)).send();
+    assert_eq!(
+        who(echo(get("/static/app.js").await.unwrap()).await),
+        "root"
+    );
+    assert_eq!(who(echo(get("/api/orders").await.unwrap()).await), "api");
+    assert_eq!(
+        who(echo(get("/api/users/me").await.unwrap()).await),
+        "users"
+    );
+    assert_eq!(
+        who(echo(get("/api/users/login").await.unwrap()).await),
+        "exact"
+    );
+    assert_eq!(
+        who(echo(get("/api/users/42").await.unwrap()).await),
+        "regex"
+    );
+    assert_eq!(
+        who(echo(c.post(gw.url("/api/users/x")).send().await.unwrap()).await),
+        "post"
+    );
+    assert_eq!(
+        who(echo(c.post(gw.url("/api/users/login")).send().await.unwrap()).await),
+        "exact"
+    );
+    assert_eq!(
+        who(echo(
+            c.get(gw.url("/api/users/1"))
+                .header("host", "a.Tenant.test:8080")
+                .send()
+                .await
+                .unwrap()
+        )
+        .await),
+        "host"
+    );
+    assert_eq!(
+        who(echo(
+            c.get(gw.url("/api/x"))
+                .header("x-canary", "on")
+                .send()
+                .await
+                .unwrap()
+        )
+        .await),
+        "canary"
+    );
+    assert_eq!(
+        who(echo(
+            c.get(gw.url("/api/x"))
+                .header("x-canary", "off")
+                .send()
+                .await
+                .unwrap()
+        )
+        .await),
+        "api"
+    );
+
+    // No route: 404 JSON with the request id, also in the header.
+    let r = get("/apix").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], 404);
+    assert_eq!(body["request_id"], id.as_str());
+    assert_eq!(id.len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_request_id_and_hop_by_hop() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    let c = client();
+    let r = c
+        .get(gw.url("/x?q=1"))
+        .header("x-request-id", "abc-123")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.test")
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "drop me")
+        .header("host", "shop.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-request-id"],
+        "abc-123",
+        "a sane request id is kept and returned"
+    );
+    let v = echo(r).await;
+    let h = &v["headers"];
+    assert_eq!(h["x-request-id"], "abc-123");
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "untrusted peers cannot inject a client chain"
+    );
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.test");
+    assert_eq!(
+        h["host"], "shop.test",
+        "the client's Host is passed upstream"
+    );
+    assert!(
+        h.get("x-secret").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+    assert_eq!(v["query"], "q=1");
+
+    // A request id that is not sane is replaced.
+    let r = c
+        .get(gw.url("/"))
+        .header("x-request-id", "bad id <script>")
+        .send()
+        .await
+        .unwrap();
+    let returned = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(returned, "bad id <script>");
+    assert_eq!(echo(r).await["headers"]["x-request-id"], returned.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_extend_the_forwarded_chain() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "trusted_proxies: [\"127.0.0.0/8\"]\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    let v = echo(
+        client()
+            .get(gw.url("/"))
+            .header("x-forwarded-for", "203.0.113.9, 127.0.0.5")
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let h = &v["headers"];
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.5, 127.0.0.1");
+    assert_eq!(
+        h["x-real-ip"], "203.0.113.9",
+        "the right-most untrusted hop is the client"
+    );
+    assert_eq!(
+        h["x-forwarded-proto"], "https",
+        "a trusted proxy's scheme is kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_prefix_rewrite_and_path_normalisation() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: strip,   upstream: b, match: {{ path_prefix: /svc/ }}, strip_prefix: true }}
+  - {{ name: prefix,  upstream: b, match: {{ path_prefix: /v1 }}, rewrite: /api/v2 }}
+  - {{ name: regex,   upstream: b, match: {{ path_regex: "/u/([0-9]+)" }}, rewrite: "/users/$1" }}
+  - {{ name: public,  upstream: b, match: {{ path_prefix: /public }} }}
+"#,
+        b.addr
+    ))
+    .await;
+    let c = client();
+    let path = |r| async { echo(r).await["path"].as_str().unwrap().to_string() };
+    assert_eq!(
+        path(c.get(gw.url("/svc/users/1?x=1")).send().await.unwrap()).await,
+        "/users/1"
+    );
+    assert_eq!(
+        path(c.get(gw.url("/v1/items")).send().await.unwrap()).await,
+        "/api/v2/items"
+    );
+    assert_eq!(
+        path(c.get(gw.url("/u/42")).send().await.unwrap()).await,
+        "/users/42"
+    );
+
+    // Raw requests, so that no client tidies the path first.
+    let raw = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let out = raw_request(
+        gw.http,
+        raw("/public/a/../b").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.contains("\"path\":\"/public/b\""), "{out}");
+    let out = raw_request(
+        gw.http,
+        raw("/public//%62").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.contains("\"path\":\"/public/b\""), "{out}");
+    let out = raw_request(
+        gw.http,
+        raw("/public/../../etc/passwd").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = raw_request(
+        gw.http,
+        raw("/public/..%2F..%2Fadmin").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // `/public/../svc/x` is the `strip` route after normalisation, and is forwarded as such.
+    let out = raw_request(
+        gw.http,
+        raw("/public/../svc/x").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.contains("\"path\":\"/x\""), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_are_json_502_and_504() {
+    let slow = Backend::start("127.0.0.1", "slow").await;
+    let dead_port = free_port("127.0.0.1");
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  dead: {{ targets: ["127.0.0.1:{dead_port}"], retries: 0 }}
+  slow: {{ targets: ["{}"], timeouts: {{ read: 300ms }} }}
+routes:
+  - {{ name: dead, upstream: dead, match: {{ path_prefix: /dead }} }}
+  - {{ name: slow, upstream: slow, match: {{ path_prefix: /slow }} }}
+"#,
+        slow.addr
+    ))
+    .await;
+    let c = client();
+    // Connection refused: 502 with the request id; a lone replica is never ejected, so the
+    // next request is tried again (and fails the same way).
+    for _ in 0..2 {
+        let r = c.get(gw.url("/dead")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["request_id"], id.as_str());
+        assert_eq!(body["error"], "bad gateway");
+    }
+    // Upstream slower than the read timeout: 504.
+    let r = c.get(gw.url("/slow?sleep=2000")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    // A fast request on the same upstream still works.
+    assert_eq!(c.get(gw.url("/slow")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    const SIZE: usize = 100 * 1024 * 1024;
+    let c = client();
+    // Upload 100 MB as a stream of chunks.
+    let chunk = bytes::Bytes::from(vec![7u8; 1024 * 1024]);
+    let stream =
+        futures_util::stream::iter((0..100).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let r = c
+        .post(gw.url("/upload"))
+        .header("content-length", SIZE.to_string())
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo(r).await["body_len"], SIZE);
+    // Download 100 MB.
+    let mut r = c
+        .get(gw.url(&format!("/bytes?n={SIZE}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut got = 0;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        got += chunk.len();
+    }
+    assert_eq!(got, SIZE);
+    // Neither body was held in memory: the process peaked far below 100 MB.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let hwm_kb: usize = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(hwm_kb < 60 * 1024, "peak RSS {hwm_kb} kB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_and_websocket_upgrade() {
+    use futures_util::{SinkExt, StreamExt};
+    let b = Backend::start("127.0.0.1", "b").await;
+    let (ws, _ws_task) = ws_echo("127.0.0.1").await;
+    let gw = Gateway::start(&format!(
+        "h2c: true\nupstreams:\n  b: {{ targets: [\"{}\"] }}\n  ws: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n  - {{ name: ws, upstream: ws, match: {{ path: /ws }} }}\n",
+        b.addr, ws
+    ))
+    .await;
+    // HTTP/2 with prior knowledge.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(gw.url("/over-h2"))
+        .header("x-request-id", "h2-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.headers()["x-request-id"], "h2-id");
+    let v = echo(r).await;
+    assert_eq!(v["path"], "/over-h2");
+    assert_eq!(
+        v["headers"]["x-forwarded-host"],
+        gw.http.to_string().as_str()
+    );
+
+    // WebSocket through the gateway.
+    let (mut sock, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.http))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert!(resp.headers().contains_key("x-request-id"));
+    for i in 0..5 {
+        sock.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "hello {i}"
+        )))
+        .await
+        .unwrap();
+        let back = sock.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_the_process_survives() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let mut gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    let cases: &[&[u8]] = &[
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"\xff\xfe\xfd\r\n\r\n",
+    ];
+    for case in cases {
+        let out = raw_request(gw.http, case, Duration::from_secs(3)).await;
+        let status: u16 = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        assert!(
+            out.is_empty() || (400..500).contains(&status),
+            "{:?} got {out:?}",
+            String::from_utf8_lossy(case)
+        );
+    }
+    assert_eq!(b.hits(), 0, "nothing malformed reached the backend");
+    assert!(gw.alive());
+    assert_eq!(
+        client().get(gw.url("/ok")).send().await.unwrap().status(),
+        200
+    );
+}

@@ -1,0 +1,314 @@
+//! Replicas behind a DNS name: discovery, balancing, health checks and retries, with a real
+//! DNS server and backends on 127.0.0.2, 127.0.0.3, ...
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Backends named r2, r3, ... on 127.0.0.2, 127.0.0.3, ... all on one port (so that one DNS
+/// name with one port reaches all of them).
+async fn replicas(n: u8) -> Vec<Backend> {
+    let first = Backend::start(&loopback(2), "r2").await;
+    let port = first.addr.port();
+    let mut out = vec![first];
+    for i in 3..2 + n {
+        out.push(
+            Backend::start_on(
+                format!("{}:{port}", loopback(i)).parse().unwrap(),
+                &format!("r{i}"),
+            )
+            .await,
+        );
+    }
+    out
+}
+
+async fn spread(gw: &Gateway, n: usize, header: Option<(&str, String)>) -> HashMap<String, usize> {
+    let c = client();
+    let mut seen = HashMap::new();
+    for i in 0..n {
+        let mut req = c.get(gw.url(&format!("/x/{i}")));
+        if let Some((k, v)) = &header {
+            req = req.header(*k, v.clone());
+        }
+        let v = echo(req.send().await.unwrap()).await;
+        *seen
+            .entry(v["backend"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+fn service(dns: &Dns, balance: &str, extra: &str, port: u16) -> String {
+    format!(
+        "dns: {{ nameservers: [\"{}\"], timeout: 500ms }}\nupstreams:\n  svc:\n    targets: [\"svc.test:{port}\"]\n    discovery: {{ refresh: 300ms }}\n    balance: {balance}\n{extra}routes:\n  - {{ name: all, upstream: svc }}\n",
+        dns.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_algorithm_spreads_over_dns_replicas() {
+    let bs = replicas(3).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
+
+    let gw = Gateway::start(&service(&dns, "round_robin", "", port)).await;
+    let rr = spread(&gw, 300, None).await;
+    assert_eq!(rr.len(), 3, "{rr:?}");
+    assert!(
+        rr.values().all(|&n| n == 100),
+        "round robin is exact: {rr:?}"
+    );
+    drop(gw);
+
+    for balance in ["random", "least_requests"] {
+        let gw = Gateway::start(&service(&dns, balance, "", port)).await;
+        let s = spread(&gw, 300, None).await;
+        assert_eq!(s.len(), 3, "{balance}: {s:?}");
+        assert!(s.values().all(|&n| n >= 50), "{balance}: {s:?}");
+    }
+
+    let gw = Gateway::start(&service(
+        &dns,
+        "consistent_hash",
+        "    hash_key: { header: x-user }\n",
+        port,
+    ))
+    .await;
+    // One key always lands on one replica...
+    for user in ["alice", "bob", "carol"] {
+        let s = spread(&gw, 20, Some(("x-user", user.to_string()))).await;
+        assert_eq!(s.len(), 1, "{user}: {s:?}");
+    }
+    // ...and many keys cover all replicas.
+    let c = client();
+    let mut owners = HashMap::new();
+    for i in 0..200 {
+        let v = echo(
+            c.get(gw.url("/"))
+                .header("x-user", format!("user-{i}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        *owners
+            .entry(v["backend"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(owners.len(), 3, "{owners:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_follows_weights() {
+    let a = Backend::start("127.0.0.1", "a").await;
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  w:\n    targets: [ {{ address: \"{}\", weight: 3 }}, \"{}\" ]\nroutes:\n  - {{ name: all, upstream: w }}\n",
+        a.addr, b.addr
+    ))
+    .await;
+    let s = spread(&gw, 200, None).await;
+    assert_eq!(s["a"], 150, "{s:?}");
+    assert_eq!(s["b"], 50, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_added_to_dns_gets_traffic_and_dns_failure_keeps_the_set() {
+    let bs = replicas(2).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    dns.set("svc.test", &["127.0.0.2"]);
+    let gw = Gateway::start(&service(&dns, "round_robin", "", port)).await;
+    assert_eq!(spread(&gw, 10, None).await.len(), 1);
+
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.3"]);
+    // Within one refresh (300ms) plus slack, the new replica takes traffic.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = spread(&gw, 20, None).await;
+    assert_eq!(s.get("r3"), Some(&10), "{s:?}");
+
+    // DNS fails in every way: the last good set is kept.
+    for mode in [DnsMode::ServFail, DnsMode::Garbage, DnsMode::Silent] {
+        dns.set_mode(mode);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let s = spread(&gw, 20, None).await;
+        assert_eq!(s.len(), 2, "{s:?}");
+    }
+    dns.set_mode(DnsMode::Normal);
+    // A name that vanishes (NXDOMAIN) also keeps the last good set.
+    dns.set("other", &["127.0.0.9"]);
+    dns.remove("svc.test");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(spread(&gw, 20, None).await.len(), 2);
+    // A replica removed from DNS stops getting traffic.
+    dns.set("svc.test", &["127.0.0.3"]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = spread(&gw, 10, None).await;
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s.get("r3"), Some(&10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_check_removes_and_restores_a_replica() {
+    let bs = replicas(2).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.3"]);
+    let gw = Gateway::start(&service(
+        &dns,
+        "round_robin",
+        "    health:\n      active: { path: /health, interval: 100ms, timeout: 200ms, rise: 2, fall: 2 }\n",
+        port,
+    ))
+    .await;
+    assert_eq!(spread(&gw, 10, None).await.len(), 2);
+    bs[1].set_health(503);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let s = spread(&gw, 20, None).await;
+    assert_eq!(s.len(), 1, "unhealthy replica still gets traffic: {s:?}");
+    assert!(s.contains_key("r2"));
+    // Every replica unhealthy: 503 with a JSON body and the request id.
+    bs[0].set_health(500);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = client().get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "no healthy upstream");
+    assert_eq!(v["request_id"], id.as_str());
+    bs[0].set_health(200);
+    bs[1].set_health(200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let s = spread(&gw, 20, None).await;
+    assert_eq!(s.len(), 2, "recovered replica gets no traffic: {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_replica_costs_no_idempotent_request() {
+    let mut bs = replicas(3).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
+    let gw = Gateway::start(&service(
+        &dns,
+        "round_robin",
+        "    health: { passive: { max_fails: 1, fail_timeout: 2s } }\n",
+        port,
+    ))
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), gw.url("/steady"));
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failed.lock().unwrap().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bs[1].kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    // Traffic carries on with the two that are left.
+    let s = spread(&gw, 20, None).await;
+    assert_eq!(s.len(), 2, "{s:?}");
+
+    // A non-idempotent request to a replica that dies mid-request is not retried elsewhere.
+    let mut slow = Backend::start("127.0.0.1", "slow").await;
+    let other = Backend::start("127.0.0.1", "other").await;
+    let gw2 = Gateway::start(&format!(
+        "upstreams:\n  p: {{ targets: [\"{}\", \"{}\"], balance: round_robin }}\nroutes:\n  - {{ name: all, upstream: p }}\n",
+        slow.addr, other.addr
+    ))
+    .await;
+    let c = client();
+    // Find which replica takes the next request by sending one GET first.
+    let first = echo(c.get(gw2.url("/")).send().await.unwrap()).await["backend"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if first == "slow" {
+        // Next request goes to "other"; make the one after go to slow.
+        echo(c.get(gw2.url("/")).send().await.unwrap()).await;
+    }
+    let other_before = other.hits();
+    let req = tokio::spawn({
+        let c = c.clone();
+        let url = gw2.url("/charge?sleep=1000");
+        async move {
+            c.post(url)
+                .body("pay")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.kill();
+    let status = req.await.unwrap().unwrap();
+    assert_eq!(status, 502, "the POST fails clearly");
+    assert_eq!(
+        other.hits(),
+        other_before,
+        "and was not sent to the other replica"
+    );
+}
+
+use std::sync::Mutex;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_ejection_then_half_open_probe() {
+    let a = Backend::start("127.0.0.1", "a").await;
+    let b_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  p:\n    targets: [\"{}\", \"{b_addr}\"]\n    health: {{ passive: {{ max_fails: 1, fail_timeout: 1s }} }}\nroutes:\n  - {{ name: all, upstream: p }}\n",
+        a.addr
+    ))
+    .await;
+    // b is down: every request still succeeds (connect failures are retried on a).
+    let s = spread(&gw, 10, None).await;
+    assert_eq!(s.get("a"), Some(&10));
+    // b comes up; after fail_timeout one probe request finds it, and it is back.
+    let b = Backend::start_on(b_addr, "b").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.hits() == 0 && Instant::now() < deadline {
+        spread(&gw, 2, None).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b.hits() > 0, "ejected replica never probed again");
+    let s = spread(&gw, 10, None).await;
+    assert_eq!(s.len(), 2, "{s:?}");
+}
