@@ -590,3 +590,92 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
     }
     h
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const BASE: &str = "listeners:\n  http: { address: \"${ADDR:-127.0.0.1:8080}\" }\nupstreams:\n  u: { targets: [\"${HOST}:${PORT:-80}\"] }\nroutes:\n  - { name: u, upstream: u, match: { path: \"/a$$b\" } }\n";
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn compose_style_substitution() {
+        let c = parse(
+            Path::new("t.yaml"),
+            BASE,
+            &vars(&[("HOST", "svc"), ("ADDR", "")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.listeners["http"].address.value.0.to_string(),
+            "127.0.0.1:8080"
+        );
+        let t = &c.upstreams["u"].targets.value[0];
+        assert_eq!((t.host.as_str(), t.port), ("svc", 80));
+        assert_eq!(c.routes[0].matcher.path.as_ref().unwrap().value, "/a$b");
+        let c = parse(
+            Path::new("t.yaml"),
+            BASE,
+            &vars(&[("HOST", "svc"), ("PORT", "3001")]),
+        )
+        .unwrap();
+        assert_eq!(c.upstreams["u"].targets.value[0].port, 3001);
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = parse(Path::new("t.yaml"), BASE, &vars(&[("HOST", "svc")])).unwrap();
+        let u = &c.upstreams["u"];
+        assert_eq!(u.balance.value, Balance::RoundRobin);
+        assert_eq!(u.retries, 2);
+        assert_eq!(u.discovery.refresh, Dur::secs(5));
+        assert_eq!(
+            u.timeouts,
+            TimeoutsConfig {
+                connect: Dur::secs(2),
+                read: Dur::secs(30),
+                write: Dur::secs(30),
+                idle: Dur::secs(4)
+            }
+        );
+        assert_eq!(
+            u.health.passive,
+            Some(PassiveHealthConfig {
+                max_fails: 1,
+                fail_timeout: Dur::secs(10)
+            })
+        );
+        assert!(u.health.active.is_none());
+        assert_eq!(c.shutdown.grace_period, Dur::secs(5));
+        assert!(c.reload.watch);
+        assert!(!c.h2c && !c.work_stealing && c.threads.is_none());
+    }
+
+    #[test]
+    fn field_paths_lose_spanned_wrappers_only() {
+        assert_eq!(
+            clean_field_path("upstreams.u.balance.value"),
+            "upstreams.u.balance"
+        );
+        assert_eq!(
+            clean_field_path("upstreams.u.targets.value[0]"),
+            "upstreams.u.targets[0]"
+        );
+        assert_eq!(
+            clean_field_path("routes[0].match.headers[1].value"),
+            "routes[0].match.headers[1].value"
+        );
+        assert_eq!(
+            clean_field_path("routes[0].match.headers[1].name.value"),
+            "routes[0].match.headers[1].name"
+        );
+        assert_eq!(clean_field_path("."), "");
+    }
+}
