@@ -384,3 +384,56 @@ async fn admin_health_and_unknown_paths() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_health_state_pools_and_in_flight_requests() {
+    let a = Backend::start(&loopback(2), "a").await;
+    let b = Backend::start(&loopback(3), "b").await;
+    let upstream = |extra_route: &str| {
+        format!(
+            "upstreams:\n  p:\n    targets: [\"{}\", \"{}\"]\n    health:\n      active: {{ path: /health, interval: 100ms, timeout: 200ms, rise: 1, fall: 1 }}\nroutes:\n  - {{ name: all, upstream: p }}\n{extra_route}",
+            a.addr, b.addr
+        )
+    };
+    let gw = Gateway::start(&upstream("")).await;
+    let c = client();
+    // b fails its checks and leaves the rotation.
+    b.set_health(503);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            echo(c.get(gw.url("/")).send().await.unwrap()).await["backend"],
+            "a"
+        );
+    }
+    let conns_before = a.connections();
+
+    // A slow request is in flight when its route disappears.
+    let slow = tokio::spawn({
+        let c = c.clone();
+        let url = gw.url("/slow/x?sleep=600");
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.write_config(&upstream(
+        "  - { name: extra, upstream: p, match: { path_prefix: /extra } }\n",
+    ));
+    gw.wait_generation(2).await;
+
+    // Straight after the swap: the unchanged upstream kept b's verdict (a new one would start
+    // b as healthy and send it traffic until its first failed check)...
+    for _ in 0..10 {
+        assert_eq!(
+            echo(c.get(gw.url("/extra")).send().await.unwrap()).await["backend"],
+            "a"
+        );
+    }
+    // ...and its pooled connections: no new connection to a was needed.
+    assert_eq!(
+        a.connections(),
+        conns_before + 1,
+        "only the slow request needed a second connection"
+    );
+    // The in-flight request finished on the runtime it started on.
+    assert_eq!(slow.await.unwrap().unwrap(), 200);
+}

@@ -45,6 +45,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 struct BackendState {
     name: String,
     hits: AtomicUsize,
+    connections: AtomicUsize,
     health: AtomicU16,
 }
 
@@ -71,6 +72,7 @@ impl Backend {
         let state = Arc::new(BackendState {
             name: name.to_string(),
             hits: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             health: AtomicU16::new(200),
         });
         let mut tasks = JoinSet::new();
@@ -78,14 +80,21 @@ impl Backend {
         let conns = Arc::new(Mutex::new(JoinSet::new()));
         let conns2 = conns.clone();
         tasks.spawn(async move {
-            let _keep = conns2;
+            let conns = conns2;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let st = st.clone();
-                let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                _keep.lock().unwrap().spawn(async move {
+                let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    // Connections are counted when they carry a request other than a health check.
+                    if req.uri().path() != "/health" && !counted.swap(true, Ordering::SeqCst) {
+                        st.connections.fetch_add(1, Ordering::SeqCst);
+                    }
+                    handle(st.clone(), req)
+                });
+                conns.lock().unwrap().spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
@@ -103,6 +112,11 @@ impl Backend {
     /// Requests served (health checks excluded).
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections that carried at least one request other than `/health`.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// The status `/health` answers with.
