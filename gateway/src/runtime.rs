@@ -37,6 +37,8 @@ pub struct Bindings {
     pub h2c: bool,
     /// Proxy threads.
     pub threads: Option<usize>,
+    /// Upstream keep-alive pool size.
+    pub pool: usize,
 }
 
 impl Bindings {
@@ -51,6 +53,7 @@ impl Bindings {
             admin: config.admin.as_ref().map(|a| a.address.value.0),
             h2c: config.h2c,
             threads: config.threads,
+            pool: config.upstream_keepalive_pool,
         }
     }
 }

@@ -46,6 +46,7 @@ fn server_conf(loaded: &LoadedConfig) -> ServerConf {
             .into_owned(),
         // Retries are decided per route in the proxy; this is only Pingora's outer fail-safe.
         max_retries: 16,
+        upstream_keepalive_pool_size: c.upstream_keepalive_pool,
         ..ServerConf::default()
     }
 }

@@ -61,6 +61,10 @@ pub struct Config {
     /// Accept HTTP/2 with prior knowledge (h2c) on plain-text listeners.
     #[serde(default)]
     pub h2c: bool,
+    /// Idle upstream connections kept for reuse, across all upstreams. Default 1024. A pool
+    /// smaller than the requests in flight forces new connections under load.
+    #[serde(default = "default_pool")]
+    pub upstream_keepalive_pool: usize,
     /// Where to accept client traffic, by name.
     pub listeners: BTreeMap<String, ListenerConfig>,
     /// The admin listener (`/health`, `/ready`). Off when absent.
@@ -125,6 +129,10 @@ pub struct ShutdownConfig {
     /// Then wait at most this long for the runtimes to stop. Default 2s.
     #[serde(default = "default_final_timeout")]
     pub final_timeout: Dur,
+}
+
+fn default_pool() -> usize {
+    1024
 }
 
 fn default_grace() -> Dur {

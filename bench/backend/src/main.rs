@@ -1,0 +1,70 @@
+//! Benchmark backend: `bench-backend ADDR...` serves, on each address, `GET /` (13 bytes,
+//! `hello world!\n`), `/1k`, `/16k`, `/64k` (that many bytes) and `/health`, over HTTP/1.1
+//! keep-alive, on one thread.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use tokio::net::TcpListener;
+
+fn body_for(path: &str) -> Bytes {
+    static HELLO: &[u8] = b"hello world!\n";
+    match path {
+        "/1k" => Bytes::from(vec![b'a'; 1024]),
+        "/16k" => Bytes::from(vec![b'a'; 16 * 1024]),
+        "/64k" => Bytes::from(vec![b'a'; 64 * 1024]),
+        _ => Bytes::from_static(HELLO),
+    }
+}
+
+fn main() {
+    let addrs: Vec<String> = std::env::args().skip(1).collect();
+    if addrs.is_empty() {
+        eprintln!("usage: bench-backend ADDR [ADDR...]");
+        std::process::exit(2);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let bodies: &'static [(&'static str, Bytes)] = Box::leak(
+            ["/", "/1k", "/16k", "/64k"]
+                .iter()
+                .map(|p| (*p, body_for(p)))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        let mut tasks = Vec::new();
+        for addr in addrs {
+            let listener = TcpListener::bind(&addr).await.expect("bind");
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let body = bodies
+                                .iter()
+                                .find(|(p, _)| *p == req.uri().path())
+                                .map_or_else(|| bodies[0].1.clone(), |(_, b)| b.clone());
+                            async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                        });
+                    tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .keep_alive(true)
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}

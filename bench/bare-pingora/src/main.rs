@@ -1,0 +1,78 @@
+//! A bare Pingora proxy: round robin over the backends given on the command line, nothing else.
+//! Tuned as the gateway is (one thread, no work stealing, mimalloc, pool sized for the load), so
+//! that the gateway's own cost shows as a ratio to it.
+//!
+//! `bare-pingora LISTEN BACKEND [BACKEND...]` (add `--h2c` to accept HTTP/2 with prior knowledge)
+
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, ProxyServiceBuilder, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::upstreams::peer::HttpPeer;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Bare {
+    peers: Vec<HttpPeer>,
+    next: AtomicUsize,
+}
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.peers.len();
+        Ok(Box::new(self.peers[i].clone()))
+    }
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let h2c = args.iter().any(|a| a == "--h2c");
+    args.retain(|a| a != "--h2c");
+    if args.len() < 2 {
+        eprintln!("usage: bare-pingora [--h2c] LISTEN BACKEND [BACKEND...]");
+        std::process::exit(2);
+    }
+    let pid = std::process::id();
+    let conf = ServerConf {
+        threads: 1,
+        work_stealing: false,
+        upstream_keepalive_pool_size: 1024,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        pid_file: format!("/tmp/bare-pingora-{pid}.pid"),
+        upgrade_sock: format!("/tmp/bare-pingora-{pid}.sock"),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let peers = args[1..]
+        .iter()
+        .map(|a| {
+            let mut p = HttpPeer::new(a.as_str(), false, String::new());
+            p.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+            p
+        })
+        .collect();
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = h2c;
+    let mut svc = ProxyServiceBuilder::new(
+        &server.configuration,
+        Bare {
+            peers,
+            next: AtomicUsize::new(0),
+        },
+    )
+    .name("bare")
+    .server_options(opts)
+    .build();
+    svc.add_tcp(&args[0]);
+    server.add_service(svc);
+    server.bootstrap();
+    server.run_forever();
+}

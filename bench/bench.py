@@ -1,0 +1,550 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of the gateway against nginx, HAProxy, Caddy and a bare Pingora proxy.
+
+Every proxy runs with one worker/thread on CPU 0, in front of the same two backends; the load
+generator and the backends share CPU 1. Proxies are run interleaved (A B C ... A B C ...) for
+several rounds; per proxy the harness reports the median req/s, p50/p99 latency, CPU time per
+request (utime+stime of the proxy's processes over the requests served) and peak RSS, and the
+ratios of the gateway to the others. Results go to stdout and to bench/results/latest.md.
+
+Run it through bench/run, which installs the tools and builds the release binaries.
+"""
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+TICK = os.sysconf("SC_CLK_TCK")
+MAXCONN = 10100
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def memory_kb(pid, key):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Proxy:
+    """A proxy under test: writes its config, starts pinned to PROXY_CPU, stops."""
+
+    name = "?"
+    binary = None
+
+    def __init__(self, workdir, backends):
+        self.dir = os.path.join(workdir, self.name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.backends = backends
+        self.proc = None
+        self.port = None
+        self.log = None
+
+    def available(self):
+        return self.binary is None or shutil.which(self.binary) or os.path.exists(self.binary)
+
+    def start(self, scenario):
+        self.port = free_port()
+        cmd, env = self.command(scenario)
+        self.log = open(os.path.join(self.dir, "log.txt"), "ab")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", PROXY_CPU] + cmd,
+            stdout=self.log,
+            stderr=self.log,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        wait_port(self.port)
+        time.sleep(0.2)
+
+    def stop(self):
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self.proc = None
+        if self.log:
+            self.log.close()
+
+    def pid(self):
+        return self.proc.pid
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+def route_prefixes(scenario):
+    return [f"/r{i}/" for i in range(scenario.get("routes", 0))]
+
+
+class Gateway(Proxy):
+    name = "gateway"
+
+    def config(self, scenario):
+        b = self.backends
+        routes = "".join(
+            f"  - {{ name: r{i}, upstream: b, match: {{ path_prefix: {p} }} }}\n"
+            for i, p in enumerate(route_prefixes(scenario))
+        )
+        self.admin = free_port()
+        return (
+            f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n"
+            f"listeners:\n  http: {{ address: \"127.0.0.1:{self.port}\" }}\n"
+            f"admin: {{ address: \"127.0.0.1:{self.admin}\" }}\n"
+            f"upstreams:\n  b:\n    targets: [\"{b[0]}\", \"{b[1]}\"]\n    timeouts: {{ idle: 60s }}\n"
+            f"routes:\n{routes}  - {{ name: all, upstream: b }}\n"
+        )
+
+    def command(self, scenario):
+        self.cfg = self.write("gateway.yaml", self.config(scenario))
+        return [os.path.join(RELEASE, "gateway"), "run", "-c", self.cfg], {"RUST_LOG": "warn"}
+
+    def reload_time(self, scenario):
+        """Seconds from a changed file on disk to the new configuration serving."""
+        def generation():
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/ready", timeout=2) as r:
+                return int(re.search(rb'"config_generation":(\d+)', r.read()).group(1))
+        before = generation()
+        text = open(self.cfg).read() + "# touched\n"
+        t0 = time.perf_counter()
+        with open(self.cfg + ".tmp", "w") as f:
+            f.write(text)
+        os.rename(self.cfg + ".tmp", self.cfg)
+        while generation() == before:
+            time.sleep(0.001)
+        return time.perf_counter() - t0
+
+
+class Bare(Proxy):
+    name = "bare-pingora"
+
+    def command(self, scenario):
+        args = ["--h2c"] if scenario.get("h2") else []
+        return [os.path.join(RELEASE, "bare-pingora")] + args + [f"127.0.0.1:{self.port}"] + self.backends, None
+
+
+class Nginx(Proxy):
+    name = "nginx"
+    binary = "nginx"
+
+    def command(self, scenario):
+        b = self.backends
+        locations = "".join(
+            f"    location {p} {{ proxy_pass http://b; }}\n" for p in route_prefixes(scenario)
+        )
+        http2 = " http2" if scenario.get("h2") else ""
+        cfg = f"""
+worker_processes 1;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections {MAXCONN * 2}; }}
+worker_rlimit_nofile {MAXCONN * 2 + 100};
+http {{
+  access_log off;
+  client_body_temp_path {self.dir}/body;
+  proxy_temp_path {self.dir}/proxy;
+  fastcgi_temp_path {self.dir}/fastcgi;
+  uwsgi_temp_path {self.dir}/uwsgi;
+  scgi_temp_path {self.dir}/scgi;
+  keepalive_requests 1000000;
+  upstream b {{ server {b[0]}; server {b[1]}; keepalive 1024; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{self.port}{http2};
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $host;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_set_header X-Request-Id $request_id;
+    add_header X-Request-Id $request_id always;
+{locations}    location / {{ proxy_pass http://b; }}
+  }}
+}}
+"""
+        return ["nginx", "-c", self.write("nginx.conf", cfg), "-p", self.dir], None
+
+
+class HAProxy(Proxy):
+    name = "haproxy"
+    binary = "haproxy"
+
+    def command(self, scenario):
+        b = self.backends
+        rules = "".join(f"  use_backend b if {{ path_beg {p} }}\n" for p in route_prefixes(scenario))
+        proto = " proto h2" if scenario.get("h2") else ""
+        cfg = f"""
+global
+  nbthread 1
+  maxconn {MAXCONN}
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+frontend f
+  bind 127.0.0.1:{self.port}{proto}
+  unique-id-format %{{+X}}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  unique-id-header X-Request-Id
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header X-Real-IP %[src]
+  http-response set-header X-Request-Id %[unique-id]
+{rules}  default_backend b
+backend b
+  balance roundrobin
+  http-reuse always
+  server s1 {b[0]}
+  server s2 {b[1]}
+"""
+        return ["haproxy", "-db", "-f", self.write("haproxy.cfg", cfg)], None
+
+
+class Caddy(Proxy):
+    name = "caddy"
+    binary = "caddy"
+
+    def command(self, scenario):
+        b = self.backends
+        cfg = f"""{{
+  admin off
+  auto_https off
+}}
+http://127.0.0.1:{self.port} {{
+  reverse_proxy {b[0]} {b[1]} {{
+    lb_policy round_robin
+    header_up X-Request-Id {{http.request.uuid}}
+    header_down X-Request-Id {{http.request.uuid}}
+  }}
+}}
+"""
+        return ["caddy", "run", "--adapter", "caddyfile", "--config", self.write("Caddyfile", cfg)], {
+            "GOMAXPROCS": "1",
+            "HOME": self.dir,
+            "XDG_DATA_HOME": self.dir,
+            "XDG_CONFIG_HOME": self.dir,
+        }
+
+
+def run_load(cmd):
+    out = subprocess.run(["taskset", "-c", LOAD_CPU] + cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {out.stderr or out.stdout}")
+    return out.stdout
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(port, path, seconds, conns):
+    out = run_load(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"])
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors += sum(map(int, m.groups())) if m else 0
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+
+    def parse(s):
+        m = re.match(r"([\d.]+)(us|ms|s)", s)
+        return to_ms(*m.groups()) if m else float("nan")
+
+    return {"requests": total, "errors": errors, "p50": parse(lat.get("50", "")), "p99": parse(lat.get("99", ""))}
+
+
+def h2load(port, path, seconds, conns, streams=10, rps=None, h1=False, logdir=None):
+    cmd = ["h2load", "-c", str(conns), "-D", str(seconds), "-m", str(streams)]
+    if h1:
+        cmd += ["--h1"]
+    if rps:
+        cmd += ["--rps", str(rps)]
+    log = None
+    if logdir:
+        log = os.path.join(logdir, "h2load.log")
+        cmd += ["--log-file", log]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    out = run_load(cmd)
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(2))
+    res = {"requests": done, "errors": 0, "p50": float("nan"), "p99": float("nan")}
+    if log and os.path.exists(log):
+        times = sorted(int(line.split("\t")[2]) for line in open(log) if line.count("\t") >= 2)
+        if times:
+            res["p50"] = times[len(times) // 2] / 1000.0
+            res["p99"] = times[min(len(times) - 1, int(len(times) * 0.99))] / 1000.0
+        os.remove(log)
+    return res
+
+
+def measure(proxy, scenario, seconds, workdir):
+    port = proxy.port
+    pid = proxy.pid()
+    kind = scenario["load"]
+    cpu0 = cpu_seconds(pid)
+    t0 = time.perf_counter()
+    if kind == "wrk":
+        r = wrk(port, scenario["path"], seconds, scenario.get("conns", 64))
+    elif kind == "h2":
+        r = h2load(port, scenario["path"], seconds, scenario.get("conns", 64), logdir=workdir)
+    elif kind == "rate":
+        r = h2load(port, scenario["path"], seconds, 64, streams=1, rps=scenario["rps"] // 64, h1=True, logdir=workdir)
+    else:
+        raise ValueError(kind)
+    elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds(pid) - cpu0
+    r["rps"] = r["requests"] / elapsed
+    r["cpu_us"] = cpu / max(r["requests"], 1) * 1e6
+    r["rss_mb"] = memory_kb(pid, "VmHWM") / 1024
+    return r
+
+
+def idle_connections(proxy, count):
+    """RSS of the proxy holding `count` idle keep-alive client connections."""
+    base = memory_kb(proxy.pid(), "VmRSS")
+    socks = []
+    req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", proxy.port))
+        s.sendall(req)
+        socks.append(s)
+    for s in socks:
+        s.settimeout(5)
+        try:
+            s.recv(4096)
+        except OSError:
+            pass
+    time.sleep(1)
+    rss = memory_kb(proxy.pid(), "VmRSS")
+    for s in socks:
+        s.close()
+    return {"rss_mb": rss / 1024, "per_conn_kb": (rss - base) / count}
+
+
+SCENARIOS = {
+    "http1": {"title": "HTTP/1.1, 64 connections, 13-byte body", "load": "wrk", "path": "/"},
+    "h2": {"title": "HTTP/2 (h2c) downstream, 64 connections x 10 streams", "load": "h2", "path": "/", "h2": True},
+    "rate": {"title": "latency at a fixed rate (set by --rate)", "load": "rate", "path": "/", "rps": 10000},
+    "body1k": {"title": "1 KiB response body", "load": "wrk", "path": "/1k"},
+    "body64k": {"title": "64 KiB response body", "load": "wrk", "path": "/64k"},
+    "routes1000": {"title": "1,000-route config, request matches the last route", "load": "wrk", "path": "/r999/x", "routes": 1000},
+    "idle10k": {"title": "idle keep-alive connections (RSS)", "load": "idle"},
+}
+
+PROXIES = {"gateway": Gateway, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
+
+
+def fmt(v, digits=1):
+    return "—" if v is None or v != v else f"{v:,.{digits}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    ap.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated: " + ", ".join(PROXIES))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rate", type=int, default=0, help="fixed rate for 'rate' (default: half of nginx's http1 req/s, or 10000)")
+    ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
+    args = ap.parse_args()
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # HAProxy reserves two descriptors per connection it may accept.
+    if 2 * (args.idle + 100) + 100 > hard:
+        args.idle = max((hard - 100) // 2 - 100, 100)
+        print(f"open-file limit {hard}: idle scenario uses {args.idle} connections", file=sys.stderr)
+    global MAXCONN
+    MAXCONN = args.idle + 100
+    workdir = tempfile.mkdtemp(prefix="gateway-bench-")
+    b_ports = [free_port(), free_port()]
+    backends = [f"127.0.0.1:{p}" for p in b_ports]
+    backend = subprocess.Popen(
+        ["taskset", "-c", LOAD_CPU, os.path.join(RELEASE, "bench-backend")] + backends,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for p in b_ports:
+        wait_port(p)
+
+    proxies = []
+    for name in args.proxies.split(","):
+        p = PROXIES[name](workdir, backends)
+        if p.available():
+            proxies.append(p)
+        else:
+            print(f"skipping {name}: not installed", file=sys.stderr)
+
+    results = {}  # scenario -> proxy -> list of runs
+    extra = {}
+    try:
+        for sname in args.scenarios.split(","):
+            scenario = dict(SCENARIOS[sname])
+            if sname == "rate":
+                nginx_rps = [r["rps"] for r in results.get("http1", {}).get("nginx", [])]
+                scenario["rps"] = args.rate or (int(statistics.median(nginx_rps) / 2) if nginx_rps else 10000)
+                scenario["title"] = f"latency at a fixed {scenario['rps']:,} req/s (HTTP/1.1)"
+            SCENARIOS[sname]["title"] = scenario["title"]
+            print(f"\n== {scenario['title']}", flush=True)
+            results[sname] = {p.name: [] for p in proxies}
+            for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
+                for p in proxies:
+                    p.start(scenario)
+                    try:
+                        if scenario["load"] == "idle":
+                            r = idle_connections(p, args.idle)
+                            print(f"  {p.name:13} {r['rss_mb']:8.1f} MB RSS, {r['per_conn_kb']:6.1f} kB/conn", flush=True)
+                        else:
+                            if args.warmup:
+                                wrk(p.port, scenario["path"], args.warmup, 64) if not scenario.get("h2") else h2load(p.port, scenario["path"], args.warmup, 64)
+                            r = measure(p, scenario, args.seconds, workdir)
+                            if r["errors"]:
+                                print(f"  WARNING: {p.name} had {r['errors']} failed requests", flush=True)
+                            print(
+                                f"  round {rnd + 1} {p.name:13} {r['rps']:10,.0f} req/s  p50 {fmt(r['p50'], 2)} ms  p99 {fmt(r['p99'], 2)} ms  "
+                                f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB",
+                                flush=True,
+                            )
+                            if sname == "routes1000" and isinstance(p, Gateway):
+                                extra.setdefault("reload", []).append(p.reload_time(scenario))
+                        results[sname][p.name].append(r)
+                    finally:
+                        p.stop()
+    finally:
+        backend.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    report = render(results, extra, proxies, args)
+    print("\n" + report)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report)
+
+
+def render(results, extra, proxies, args):
+    cpu_model = ""
+    try:
+        cpu_model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        f"# Benchmark results",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')} · {os.cpu_count()} CPUs ({cpu_model}) · proxy pinned to CPU {PROXY_CPU}, "
+        f"load and backends on CPU {LOAD_CPU} · {args.rounds} interleaved rounds of {args.seconds}s, medians",
+        "",
+    ]
+    for sname, per_proxy in results.items():
+        lines += [f"## {SCENARIOS[sname]['title']}", ""]
+        if SCENARIOS[sname]["load"] == "idle":
+            lines += ["| proxy | RSS with connections (MB) | per connection (kB) |", "|---|---:|---:|"]
+            for name, runs in per_proxy.items():
+                if runs:
+                    lines.append(f"| {name} | {fmt(runs[0]['rss_mb'])} | {fmt(runs[0]['per_conn_kb'])} |")
+            lines.append("")
+            continue
+        med = {}
+        for name, runs in per_proxy.items():
+            if runs:
+                med[name] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_us", "rss_mb")}
+        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+        for name, m in med.items():
+            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} |")
+        if "gateway" in med:
+            g = med["gateway"]
+            ratios = []
+            for other in ("bare-pingora", "nginx", "haproxy", "caddy"):
+                if other in med:
+                    o = med[other]
+                    ratios.append(
+                        f"gateway/{other}: CPU per request {g['cpu_us'] / o['cpu_us']:.2f}×, req/s {g['rps'] / o['rps']:.2f}×"
+                    )
+            lines += [""] + [f"- {r}" for r in ratios]
+        if sname == "routes1000" and extra.get("reload"):
+            lines.append(f"- gateway reload of the 1,000-route file (change on disk → serving): median {statistics.median(extra['reload']) * 1000:.0f} ms")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
