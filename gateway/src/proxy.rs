@@ -30,7 +30,6 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// How many tried replicas a request remembers (to send retries elsewhere).
 const TRIED_CAP: usize = 4;
@@ -78,6 +77,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The request id, made now if the request has none yet.
+    fn request_id(&mut self) -> &HeaderValue {
+        self.request_id.get_or_insert_with(new_request_id)
+    }
+
     fn tried(&self) -> &[u64] {
         &self.tried[..self.tried_len]
     }
@@ -232,6 +236,59 @@ fn cookie_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
         })
 }
 
+/// An IP address as a header value (formatted on the stack; one allocation for the value).
+fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "{ip}").ok()?;
+    let n = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..n]).ok()
+}
+
+/// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`. From an untrusted
+/// peer, incoming copies are replaced; from a trusted proxy, the chain is extended and its
+/// scheme and host are kept.
+fn set_forwarded_headers(
+    up: &mut RequestHeader,
+    ctx: &RequestCtx,
+    peer: Option<IpAddr>,
+) -> Result<()> {
+    if let Some(ip_value) = ctx.client_ip.and_then(ip_header_value) {
+        let forwarded_for = match (ctx.peer_trusted, up.headers.get(&X_FORWARDED_FOR), peer) {
+            (true, Some(prev), Some(peer)) => {
+                let mut v = Vec::with_capacity(prev.len() + 48);
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(peer.to_string().as_bytes());
+                HeaderValue::from_bytes(&v).ok()
+            }
+            _ => Some(ip_value.clone()),
+        };
+        if let Some(v) = forwarded_for {
+            up.insert_header("X-Forwarded-For", v)?;
+        }
+        up.insert_header("X-Real-IP", ip_value)?;
+    }
+    if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_PROTO)) {
+        up.insert_header("X-Forwarded-Proto", if ctx.tls { "https" } else { "http" })?;
+    }
+    if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_HOST)) {
+        let host = up.headers.get(http::header::HOST).cloned().or_else(|| {
+            up.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        match host {
+            Some(host) => up.insert_header("X-Forwarded-Host", host)?,
+            None => {
+                up.remove_header(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes a small JSON error with the request id, and closes the exchange.
 async fn respond_json(
     session: &mut Session,
@@ -247,7 +304,7 @@ async fn respond_json(
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     if let Some(id) = request_id {
-        resp.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        resp.insert_header("X-Request-Id", id.clone())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
@@ -283,10 +340,12 @@ impl ProxyHttp for Gateway {
 
         let ambiguous_framing = ambiguous_framing(session);
         let req = session.req_header();
-        ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
-            Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
-            _ => new_request_id(),
-        });
+        ctx.request_id = match req.headers.get(&X_REQUEST_ID) {
+            Some(v) if valid_request_id(v.as_bytes()) => Some(v.clone()),
+            // Ids are made here only when they are forwarded; errors make their own.
+            _ if rt.forwarding.request_id => Some(new_request_id()),
+            _ => None,
+        };
         (ctx.client_ip, ctx.peer_trusted) = client_ip(&rt, req, peer);
         if ambiguous_framing {
             // Request smuggling shape: never forward it, never keep the connection.
@@ -295,7 +354,7 @@ impl ProxyHttp for Gateway {
                 session,
                 400,
                 "ambiguous message framing",
-                ctx.request_id.as_ref(),
+                Some(ctx.request_id()),
             )
             .await?;
             return Ok(true);
@@ -305,7 +364,7 @@ impl ProxyHttp for Gateway {
             Ok(p) => p,
             Err(_) => {
                 session.set_keepalive(None);
-                respond_json(session, 400, "invalid path", ctx.request_id.as_ref()).await?;
+                respond_json(session, 400, "invalid path", Some(ctx.request_id())).await?;
                 return Ok(true);
             }
         };
@@ -314,7 +373,7 @@ impl ProxyHttp for Gateway {
             .find(request_host(req), &path, &req.method, &req.headers);
         let Some(route) = found else {
             ctx.rt = Some(rt);
-            respond_json(session, 404, status_message(404), ctx.request_id.as_ref()).await?;
+            respond_json(session, 404, status_message(404), Some(ctx.request_id())).await?;
             return Ok(true);
         };
         let route = route as usize;
@@ -401,46 +460,20 @@ impl ProxyHttp for Gateway {
                 )
             })?);
         }
-        if let Some(id) = &ctx.request_id {
-            up.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        let Some(rt) = ctx.rt.as_ref() else {
+            return Ok(());
+        };
+        if rt.forwarding.request_id {
+            if let Some(id) = &ctx.request_id {
+                up.insert_header("X-Request-Id", id.clone())?;
+            }
         }
-        if let Some(ip) = ctx.client_ip {
+        if rt.forwarding.x_forwarded {
             let peer = session
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip());
-            let forwarded_for = match (ctx.peer_trusted, up.headers.get(&X_FORWARDED_FOR), peer) {
-                (true, Some(prev), Some(peer)) => {
-                    let mut v = Vec::with_capacity(prev.len() + 48);
-                    v.extend_from_slice(prev.as_bytes());
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(peer.to_string().as_bytes());
-                    HeaderValue::from_bytes(&v).ok()
-                }
-                _ => HeaderValue::from_str(&ip.to_string()).ok(),
-            };
-            if let Some(v) = forwarded_for {
-                up.insert_header(X_FORWARDED_FOR.clone(), v)?;
-            }
-            up.insert_header(X_REAL_IP.clone(), ip.to_string())?;
-        }
-        if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_PROTO)) {
-            up.insert_header(
-                X_FORWARDED_PROTO.clone(),
-                if ctx.tls { "https" } else { "http" },
-            )?;
-        }
-        if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_HOST)) {
-            match up.headers.get(http::header::HOST).cloned().or_else(|| {
-                up.uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            }) {
-                Some(host) => up.insert_header(X_FORWARDED_HOST.clone(), host)?,
-                None => {
-                    up.remove_header(&X_FORWARDED_HOST);
-                }
-            }
+            set_forwarded_headers(up, ctx, peer)?;
         }
         Ok(())
     }
@@ -534,9 +567,13 @@ impl ProxyHttp for Gateway {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
+        // Pingora 0.9 drops the client connection after a failed proxy attempt whatever this
+        // hook answers, so the response must say `Connection: close`: a client that believed
+        // the connection would stay open races its next request against the close and gets a
+        // reset instead of an answer.
         if code > 0 && session.response_written().is_none() {
-            let _ =
-                respond_json(session, code, status_message(code), ctx.request_id.as_ref()).await;
+            session.set_keepalive(None);
+            let _ = respond_json(session, code, status_message(code), Some(ctx.request_id())).await;
         }
         FailToProxy {
             error_code: code,

@@ -15,7 +15,10 @@ use crate::config::{MatchConfig, RouteConfig};
 use http::{HeaderMap, HeaderName, Method};
 use regex::{Regex, RegexSet};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// Hash maps keyed by request data: ahash is fast and randomly keyed (no hash flooding).
+type HashMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
 
 /// A compiled header condition.
 #[derive(Debug)]
@@ -213,8 +216,8 @@ impl Router {
     /// Compiles the routes of a validated configuration. Route `i` of the result is `routes[i]`.
     pub fn new(routes: &[RouteConfig]) -> Result<Router, regex::Error> {
         let mut router = Router {
-            exact_hosts: HashMap::new(),
-            wildcard_hosts: HashMap::new(),
+            exact_hosts: HashMap::default(),
+            wildcard_hosts: HashMap::default(),
             any_host: PathTable::default(),
             conds: Vec::with_capacity(routes.len()),
         };

@@ -2,7 +2,7 @@
 //! `ArcSwap` load; a reload builds a whole new one and swaps it in. A request keeps the
 //! `Arc<Runtime>` it started with until it ends.
 
-use crate::config::{parse_cidr, Config, DnsConfig, LoadedConfig, RouteTimeouts};
+use crate::config::{parse_cidr, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts};
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::upstream::{make_resolver, Upstream, UpstreamSpec};
 use hickory_resolver::TokioResolver;
@@ -29,8 +29,8 @@ pub struct Route {
 /// What a listener binding looks like, to tell when a reload would need a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bindings {
-    /// Listener name → address.
-    pub listeners: BTreeMap<String, SocketAddr>,
+    /// Listener name → address and read buffer size.
+    pub listeners: BTreeMap<String, (SocketAddr, usize)>,
     /// Admin address.
     pub admin: Option<SocketAddr>,
     /// h2c on plain listeners.
@@ -48,7 +48,7 @@ impl Bindings {
             listeners: config
                 .listeners
                 .iter()
-                .map(|(k, v)| (k.clone(), v.address.value.0))
+                .map(|(k, v)| (k.clone(), (v.address.value.0, v.read_buffer)))
                 .collect(),
             admin: config.admin.as_ref().map(|a| a.address.value.0),
             h2c: config.h2c,
@@ -72,6 +72,8 @@ pub struct Runtime {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Which headers the gateway adds.
+    pub forwarding: ForwardingConfig,
     /// Listener bindings this runtime was built for.
     pub bindings: Bindings,
     /// The resolver discovery uses, when any upstream needs one.
@@ -165,6 +167,7 @@ pub async fn build(
         routes,
         upstreams,
         trusted_proxies,
+        forwarding: config.forwarding,
         bindings: Bindings::of(config),
         resolver,
         dns: config.dns.clone(),

@@ -9,6 +9,7 @@ use crate::runtime::{self, Bindings};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, RunArgs, Server};
@@ -91,7 +92,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     for (name, l) in &loaded.config.listeners {
         let addr = l.address.value.0.to_string();
         info!(listener = %name, address = %addr, "listening");
-        proxy.add_tcp(&addr);
+        proxy.add_listener(
+            ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(l.read_buffer)),
+        );
     }
     server.add_service(proxy);
 

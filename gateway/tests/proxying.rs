@@ -275,7 +275,8 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_are_json_502_and_504() {
     let slow = Backend::start("127.0.0.1", "slow").await;
-    let dead_port = free_port("127.0.0.1");
+    let dead = DeadPort::reserve();
+    let dead_port = dead.port;
     let gw = Gateway::start(&format!(
         r#"
 upstreams:
@@ -291,9 +292,12 @@ routes:
     let c = client();
     // Connection refused: 502 with the request id; a lone replica is never ejected, so the
     // next request is tried again (and fails the same way).
+    // The connection is closed after an upstream error, and the response says so (otherwise a
+    // client reusing it would race the close and see a reset).
     for _ in 0..2 {
         let r = c.get(gw.url("/dead")).send().await.unwrap();
         assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()["connection"], "close");
         let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["request_id"], id.as_str());
@@ -429,5 +433,39 @@ async fn malformed_requests_get_4xx_and_the_process_survives() {
     assert_eq!(
         client().get(gw.url("/ok")).send().await.unwrap().status(),
         200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_can_be_turned_off() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "forwarding: {{ x_forwarded: false, request_id: false }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b, match: {{ path_prefix: /in }} }}\n",
+        b.addr
+    ))
+    .await;
+    let c = client();
+    let r = c
+        .get(gw.url("/in"))
+        .header("x-forwarded-for", "10.1.1.1")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("x-request-id").is_none());
+    let h = echo(r).await["headers"].clone();
+    assert_eq!(
+        h["x-forwarded-for"], "10.1.1.1",
+        "left as the client sent it"
+    );
+    assert!(h.get("x-real-ip").is_none());
+    assert!(h.get("x-forwarded-proto").is_none());
+    assert!(h.get("x-request-id").is_none());
+    // Errors still carry an id.
+    let r = c.get(gw.url("/elsewhere")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["request_id"],
+        id.as_str()
     );
 }

@@ -76,6 +76,9 @@ pub struct Config {
     /// Peers (CIDRs) whose `X-Forwarded-*` headers are believed. Others have theirs replaced.
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// Which headers the gateway adds to requests and responses.
+    #[serde(default)]
+    pub forwarding: ForwardingConfig,
     /// SIGTERM handling.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
@@ -97,6 +100,15 @@ pub struct Config {
 pub struct ListenerConfig {
     /// `IP:PORT` to bind.
     pub address: Spanned<Addr>,
+    /// Bytes of read buffer per client connection, held for the connection's life.
+    /// Default 16384 (Pingora's own default is 65536, which costs 64 KiB per idle keep-alive
+    /// connection).
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer: usize,
+}
+
+fn default_read_buffer() -> usize {
+    16 * 1024
 }
 
 /// The admin listener.
@@ -117,6 +129,28 @@ pub struct DnsConfig {
     /// Time allowed for one lookup. Default 2s.
     #[serde(default)]
     pub timeout: Option<Dur>,
+}
+
+/// Headers the gateway adds.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingConfig {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Real-IP` upstream.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub x_forwarded: bool,
+    /// `X-Request-Id` upstream and on every response. Default true.
+    #[serde(default = "yes")]
+    pub request_id: bool,
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        ForwardingConfig {
+            x_forwarded: true,
+            request_id: true,
+        }
+    }
 }
 
 /// Graceful shutdown on SIGTERM.

@@ -59,6 +59,13 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
     }
     let mut bound: HashMap<std::net::SocketAddr, String> = HashMap::new();
     for (name, l) in &config.listeners {
+        if !(1024..=1 << 20).contains(&l.read_buffer) {
+            return Err(c.err_at(
+                &l.address,
+                format!("listeners.{name}.read_buffer"),
+                "must be 1024 to 1048576 bytes",
+            ));
+        }
         if let Some(other) = bound.insert(l.address.value.0, name.clone()) {
             return Err(c.err_at(
                 &l.address,

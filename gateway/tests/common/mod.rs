@@ -18,6 +18,27 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 
+/// A port that refuses connections for as long as the value lives: bound but never listening,
+/// so no other test can take it and turn a "dead" upstream into a live one.
+pub struct DeadPort {
+    _socket: tokio::net::TcpSocket,
+    /// The reserved port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl DeadPort {
+    /// Reserves a port on 127.0.0.1 that refuses every connection.
+    pub fn reserve() -> DeadPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        DeadPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
 /// A port that was free a moment ago (for listeners the gateway binds itself).
 pub fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
