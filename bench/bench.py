@@ -154,6 +154,8 @@ def route_prefixes(scenario):
 class Gateway(Proxy):
     name = "gateway"
 
+    forwarding = ""
+
     def config(self, scenario):
         b = self.backends
         routes = "".join(
@@ -162,7 +164,7 @@ class Gateway(Proxy):
         )
         self.admin = free_port()
         return (
-            f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n"
+            f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n{self.forwarding}"
             f"listeners:\n  http: {{ address: \"127.0.0.1:{self.port}\" }}\n"
             f"admin: {{ address: \"127.0.0.1:{self.admin}\" }}\n"
             f"upstreams:\n  b:\n    targets: [\"{b[0]}\", \"{b[1]}\"]\n    timeouts: {{ idle: 60s }}\n"
@@ -187,6 +189,13 @@ class Gateway(Proxy):
         while generation() == before:
             time.sleep(0.001)
         return time.perf_counter() - t0
+
+
+class GatewayPlain(Gateway):
+    """The gateway with no headers added (no X-Forwarded-*, X-Real-IP, X-Request-Id)."""
+
+    name = "gateway-plain"
+    forwarding = "forwarding: { x_forwarded: false, request_id: false }\n"
 
 
 class Bare(Proxy):
@@ -284,9 +293,10 @@ class Caddy(Proxy):
 
     def command(self, scenario):
         b = self.backends
+        protocols = "\n  servers {\n    protocols h1 h2c\n  }" if scenario.get("h2") else ""
         cfg = f"""{{
   admin off
-  auto_https off
+  auto_https off{protocols}
 }}
 http://127.0.0.1:{self.port} {{
   reverse_proxy {b[0]} {b[1]} {{
@@ -372,7 +382,7 @@ def measure(proxy, scenario, seconds, workdir):
     elapsed = time.perf_counter() - t0
     cpu = cpu_seconds(pid) - cpu0
     r["rps"] = r["requests"] / elapsed
-    r["cpu_us"] = cpu / max(r["requests"], 1) * 1e6
+    r["cpu_us"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
     r["rss_mb"] = memory_kb(pid, "VmHWM") / 1024
     return r
 
@@ -409,7 +419,7 @@ SCENARIOS = {
     "idle10k": {"title": "idle keep-alive connections (RSS)", "load": "idle"},
 }
 
-PROXIES = {"gateway": Gateway, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
+PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
 def fmt(v, digits=1):
@@ -485,7 +495,7 @@ def main():
                                 f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB",
                                 flush=True,
                             )
-                            if sname == "routes1000" and isinstance(p, Gateway):
+                            if sname == "routes1000" and type(p) is Gateway:
                                 extra.setdefault("reload", []).append(p.reload_time(scenario))
                         results[sname][p.name].append(r)
                     finally:
@@ -530,16 +540,18 @@ def render(results, extra, proxies, args):
         lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
         for name, m in med.items():
             lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} |")
-        if "gateway" in med:
-            g = med["gateway"]
-            ratios = []
+        ratios = []
+        for mine in ("gateway", "gateway-plain"):
+            if mine not in med:
+                continue
+            g = med[mine]
             for other in ("bare-pingora", "nginx", "haproxy", "caddy"):
                 if other in med:
                     o = med[other]
                     ratios.append(
-                        f"gateway/{other}: CPU per request {g['cpu_us'] / o['cpu_us']:.2f}×, req/s {g['rps'] / o['rps']:.2f}×"
+                        f"{mine}/{other}: CPU per request {g['cpu_us'] / o['cpu_us']:.2f}×, req/s {g['rps'] / o['rps']:.2f}×"
                     )
-            lines += [""] + [f"- {r}" for r in ratios]
+        lines += [""] + [f"- {r}" for r in ratios]
         if sname == "routes1000" and extra.get("reload"):
             lines.append(f"- gateway reload of the 1,000-route file (change on disk → serving): median {statistics.median(extra['reload']) * 1000:.0f} ms")
         lines.append("")
