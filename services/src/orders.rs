@@ -1,0 +1,145 @@
+//! order-service: a signed-in user creates orders and reads their own.
+
+use crate::common::{new_id, now_rfc3339, ApiError, ApiJson, ApiResult, Identity};
+use crate::db::{self, Db};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS orders (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        items TEXT NOT NULL,
+        total_cents BIGINT NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL)"];
+
+/// Opens the order database.
+pub async fn open_db(url: &str) -> anyhow::Result<Db> {
+    db::open(url, SCHEMA).await
+}
+
+/// The order service's routes, on `db`.
+pub fn router(db: Db) -> Router {
+    Router::new()
+        .route("/api/orders", get(list).post(create))
+        .route("/api/orders/{id}", get(one))
+        .with_state(db)
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Item {
+    product_id: String,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewOrder {
+    items: Vec<Item>,
+    #[serde(default = "default_currency")]
+    currency: String,
+}
+
+fn default_currency() -> String {
+    "EUR".into()
+}
+
+fn validate(order: &NewOrder) -> Result<i64, ApiError> {
+    if order.items.is_empty() || order.items.len() > 100 {
+        return Err(ApiError::bad_request("items: 1 to 100 required"));
+    }
+    if order.currency.len() != 3 || !order.currency.chars().all(|c| c.is_ascii_uppercase()) {
+        return Err(ApiError::bad_request("currency: a three-letter code"));
+    }
+    let mut total: i64 = 0;
+    for (i, item) in order.items.iter().enumerate() {
+        if item.product_id.is_empty() || item.product_id.len() > 64 {
+            return Err(ApiError::bad_request(format!(
+                "items[{i}].productId: 1 to 64 characters"
+            )));
+        }
+        if !(1..=1000).contains(&item.quantity) {
+            return Err(ApiError::bad_request(format!(
+                "items[{i}].quantity: 1 to 1000"
+            )));
+        }
+        if !(0..=100_000_000).contains(&item.unit_price_cents) {
+            return Err(ApiError::bad_request(format!(
+                "items[{i}].unitPriceCents: 0 to 100000000"
+            )));
+        }
+        total += item.quantity * item.unit_price_cents;
+    }
+    Ok(total)
+}
+
+type OrderRow = (String, String, String, i64, String, String, String);
+
+fn order_json(row: OrderRow) -> Value {
+    let (id, user_id, items, total_cents, currency, status, created_at) = row;
+    json!({
+        "orderId": id, "userId": user_id,
+        "items": serde_json::from_str::<Value>(&items).unwrap_or(Value::Null),
+        "totalCents": total_cents, "currency": currency, "status": status, "createdAt": created_at,
+    })
+}
+
+const COLUMNS: &str = "id, user_id, items, total_cents, currency, status, created_at";
+
+async fn create(
+    State(db): State<Db>,
+    who: Identity,
+    ApiJson(order): ApiJson<NewOrder>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let total = validate(&order)?;
+    let id = new_id();
+    let items = serde_json::to_string(&order.items).map_err(anyhow::Error::from)?;
+    let row: OrderRow = sqlx::query_as(&format!(
+        "INSERT INTO orders ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, 'pending', $6) RETURNING {COLUMNS}"
+    ))
+    .bind(&id)
+    .bind(&who.user_id)
+    .bind(items)
+    .bind(total)
+    .bind(&order.currency)
+    .bind(now_rfc3339())
+    .fetch_one(&db)
+    .await?;
+    tracing::info!(order = %id, user = %who.user_id, total, "order created");
+    Ok((StatusCode::CREATED, Json(order_json(row))))
+}
+
+async fn list(State(db): State<Db>, who: Identity) -> ApiResult<Json<Value>> {
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT 100"
+    ))
+    .bind(&who.user_id)
+    .fetch_all(&db)
+    .await?;
+    let orders: Vec<Value> = rows.into_iter().map(order_json).collect();
+    Ok(Json(json!({ "orders": orders })))
+}
+
+async fn one(
+    State(db): State<Db>,
+    who: Identity,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row: Option<OrderRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
+            .bind(&id)
+            .fetch_optional(&db)
+            .await?;
+    match row {
+        // Someone else's order is answered like a missing one: ids are not probed.
+        Some(r) if who.may_access(&r.1) => Ok(Json(order_json(r))),
+        _ => Err(ApiError::not_found("no such order")),
+    }
+}

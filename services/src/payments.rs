@@ -1,0 +1,145 @@
+//! payment-service: charges keyed by `Idempotency-Key`, so a retried request (by the client,
+//! or by anything between it and a replica) is charged once.
+//!
+//! The first request with a key inserts the charge; the database's unique constraint makes
+//! that the only insert whichever replica the retries reach. A repeat with the same key and
+//! the same parameters gets the original payment back (`Idempotent-Replayed: true`); the same
+//! key with different parameters is refused with 422, as Stripe does.
+
+use crate::common::{new_id, now_rfc3339, ApiError, ApiJson, ApiResult, Identity};
+use crate::db::{self, Db};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS payments (
+        id TEXT PRIMARY KEY,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        order_id TEXT NOT NULL,
+        amount_cents BIGINT NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL)"];
+
+/// Opens the payment database.
+pub async fn open_db(url: &str) -> anyhow::Result<Db> {
+    db::open(url, SCHEMA).await
+}
+
+/// The payment service's routes, on `db`.
+pub fn router(db: Db) -> Router {
+    Router::new()
+        .route("/api/payments", post(charge))
+        .route("/api/payments/{id}", get(one))
+        .with_state(db)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Charge {
+    order_id: String,
+    amount_cents: i64,
+    #[serde(default = "default_currency")]
+    currency: String,
+}
+
+fn default_currency() -> String {
+    "EUR".into()
+}
+
+type PaymentRow = (String, String, String, String, i64, String, String, String);
+
+const COLUMNS: &str =
+    "id, idempotency_key, user_id, order_id, amount_cents, currency, status, created_at";
+
+fn payment_json(row: &PaymentRow) -> Value {
+    let (id, _key, user_id, order_id, amount_cents, currency, status, created_at) = row;
+    json!({
+        "paymentId": id, "userId": user_id, "orderId": order_id, "amountCents": amount_cents,
+        "currency": currency, "status": status, "createdAt": created_at,
+    })
+}
+
+async fn charge(
+    State(db): State<Db>,
+    who: Identity,
+    headers: HeaderMap,
+    ApiJson(c): ApiJson<Charge>,
+) -> ApiResult<Response> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| ApiError::bad_request("Idempotency-Key header: 1 to 255 characters"))?
+        .to_string();
+    if c.order_id.is_empty() || c.order_id.len() > 64 {
+        return Err(ApiError::bad_request("orderId: 1 to 64 characters"));
+    }
+    if !(1..=10_000_000_000).contains(&c.amount_cents) {
+        return Err(ApiError::bad_request("amountCents: 1 to 10000000000"));
+    }
+    if c.currency.len() != 3 || !c.currency.chars().all(|ch| ch.is_ascii_uppercase()) {
+        return Err(ApiError::bad_request("currency: a three-letter code"));
+    }
+    let inserted: Option<PaymentRow> = sqlx::query_as(&format!(
+        "INSERT INTO payments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 'captured', $7)
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
+    ))
+    .bind(new_id())
+    .bind(&key)
+    .bind(&who.user_id)
+    .bind(&c.order_id)
+    .bind(c.amount_cents)
+    .bind(&c.currency)
+    .bind(now_rfc3339())
+    .fetch_optional(&db)
+    .await?;
+    if let Some(row) = inserted {
+        tracing::info!(payment = %row.0, user = %who.user_id, amount = c.amount_cents, "payment captured");
+        return Ok((StatusCode::CREATED, Json(payment_json(&row))).into_response());
+    }
+    let existing: PaymentRow = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE idempotency_key = $1"
+    ))
+    .bind(&key)
+    .fetch_one(&db)
+    .await?;
+    let same = existing.2 == who.user_id
+        && existing.3 == c.order_id
+        && existing.4 == c.amount_cents
+        && existing.5 == c.currency;
+    if !same {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key was already used with other parameters",
+        ));
+    }
+    Ok((
+        StatusCode::OK,
+        [("idempotent-replayed", "true")],
+        Json(payment_json(&existing)),
+    )
+        .into_response())
+}
+
+async fn one(
+    State(db): State<Db>,
+    who: Identity,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row: Option<PaymentRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM payments WHERE id = $1"))
+            .bind(&id)
+            .fetch_optional(&db)
+            .await?;
+    match row {
+        Some(r) if who.may_access(&r.2) => Ok(Json(payment_json(&r))),
+        _ => Err(ApiError::not_found("no such payment")),
+    }
+}
