@@ -6,6 +6,7 @@
 //! request phases) → [`server`] (process assembly) and [`admin`].
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod proxy;
 pub mod reload;

@@ -1,14 +1,16 @@
 //! The request path: Pingora's `ProxyHttp` phases, top to bottom.
 //!
 //! 1. `request_filter`: take the current runtime, settle the request id and client IP,
-//!    normalise the path, find the route (404 when none).
+//!    normalise the path, find the route (404 when none), check the route's token (401/403).
 //! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
-//! 3. `upstream_request_filter`: rewrite the path, set the forwarding headers.
+//! 3. `upstream_request_filter`: rewrite the path, replace identity headers with the token's
+//!    claims, set the forwarding headers.
 //! 4. `upstream_response_filter` / `response_filter`: note success, return the request id.
 //! 5. `fail_to_connect` / `error_while_proxy`: passive health and the retry decision.
 //! 6. `fail_to_proxy`: the JSON error response (502/503/504) with the request id.
 //! 7. `logging`: release the replica.
 
+use crate::auth::{AuthError, ForwardedClaims};
 use crate::config::HashKey;
 use crate::routing::normalize_path;
 use crate::runtime::Runtime;
@@ -74,6 +76,8 @@ pub struct RequestCtx {
     tried_len: usize,
     /// Attempts made (1 after the first pick).
     attempts: u32,
+    /// Claims of a verified token, to send upstream as headers.
+    claims: ForwardedClaims,
 }
 
 impl RequestCtx {
@@ -296,6 +300,17 @@ async fn respond_json(
     message: &str,
     request_id: Option<&HeaderValue>,
 ) -> Result<()> {
+    respond_json_with(session, status, message, request_id, None).await
+}
+
+/// [`respond_json`] with one more response header.
+async fn respond_json_with(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: Option<&HeaderValue>,
+    extra: Option<(&'static str, HeaderValue)>,
+) -> Result<()> {
     let id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
     let body = Bytes::from(format!(
         "{{\"error\":\"{message}\",\"status\":{status},\"request_id\":\"{id}\"}}\n"
@@ -306,9 +321,50 @@ async fn respond_json(
     if let Some(id) = request_id {
         resp.insert_header("X-Request-Id", id.clone())?;
     }
+    if let Some((name, value)) = extra {
+        resp.insert_header(name, value)?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// The answer to a refused token: 401 with a `WWW-Authenticate` challenge (RFC 6750), 403 for
+/// missing claims, 503 when the policy has no keys yet.
+async fn respond_auth_error(
+    session: &mut Session,
+    error: AuthError,
+    request_id: &HeaderValue,
+) -> Result<()> {
+    let (status, message, challenge) = match error {
+        AuthError::Missing => (401, "token required", Cow::Borrowed("Bearer")),
+        AuthError::Invalid(why) => (
+            401,
+            why,
+            Cow::Owned(format!(
+                "Bearer error=\"invalid_token\", error_description=\"{why}\""
+            )),
+        ),
+        AuthError::Forbidden(why) => (
+            403,
+            why,
+            Cow::Owned(format!(
+                "Bearer error=\"insufficient_scope\", error_description=\"{why}\""
+            )),
+        ),
+        AuthError::NoKeys => {
+            return respond_json(session, 503, "no keys to verify tokens", Some(request_id)).await
+        }
+    };
+    let challenge = HeaderValue::from_str(&challenge).unwrap_or(HeaderValue::from_static("Bearer"));
+    respond_json_with(
+        session,
+        status,
+        message,
+        Some(request_id),
+        Some(("WWW-Authenticate", challenge)),
+    )
+    .await
 }
 
 fn status_message(status: u16) -> &'static str {
@@ -384,6 +440,21 @@ impl ProxyHttp for Gateway {
                 Cow::Borrowed(_) => None,
             },
         };
+        if let Some(policy) = rt.routes[route].auth.clone() {
+            let checked = match policy.token(&session.req_header().headers) {
+                None if rt.routes[route].auth_optional => Ok(Vec::new()),
+                None => Err(AuthError::Missing),
+                Some(token) => policy.verify(token).await,
+            };
+            match checked {
+                Ok(claims) => ctx.claims = claims,
+                Err(e) => {
+                    ctx.rt = Some(rt);
+                    respond_auth_error(session, e, ctx.request_id()).await?;
+                    return Ok(true);
+                }
+            }
+        }
         ctx.route = route;
         ctx.rt = Some(rt);
         Ok(false)
@@ -463,6 +534,13 @@ impl ProxyHttp for Gateway {
         let Some(rt) = ctx.rt.as_ref() else {
             return Ok(());
         };
+        // Identity headers come from verified tokens only, never from the client.
+        for name in &rt.identity_headers {
+            up.remove_header(name);
+        }
+        for (name, value) in ctx.claims.drain(..) {
+            up.insert_header(name, value)?;
+        }
         if rt.forwarding.request_id {
             if let Some(id) = &ctx.request_id {
                 up.insert_header("X-Request-Id", id.clone())?;

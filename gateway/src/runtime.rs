@@ -2,6 +2,7 @@
 //! `ArcSwap` load; a reload builds a whole new one and swaps it in. A request keeps the
 //! `Arc<Runtime>` it started with until it ends.
 
+use crate::auth::AuthPolicy;
 use crate::config::{parse_cidr, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts};
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::upstream::{make_resolver, Upstream, UpstreamSpec};
@@ -24,6 +25,10 @@ pub struct Route {
     pub timeouts: RouteTimeouts,
     /// Retries allowed after the first attempt.
     pub retries: u32,
+    /// The token check requests must pass.
+    pub auth: Option<Arc<AuthPolicy>>,
+    /// Requests without a token pass (a token that is present must be valid).
+    pub auth_optional: bool,
 }
 
 /// What a listener binding looks like, to tell when a reload would need a restart.
@@ -70,6 +75,10 @@ pub struct Runtime {
     pub routes: Vec<Route>,
     /// Upstreams by name.
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Token policies by name.
+    pub auth: BTreeMap<String, Arc<AuthPolicy>>,
+    /// Headers that carry forwarded claims: removed from every client request.
+    pub identity_headers: Vec<http::HeaderName>,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Which headers the gateway adds.
@@ -104,7 +113,13 @@ pub async fn build(
     let needs_resolver = config
         .upstreams
         .values()
-        .any(|u| u.targets.value.iter().any(|t| t.ip().is_none()));
+        .any(|u| u.targets.value.iter().any(|t| t.ip().is_none()))
+        || config.auth.values().any(|a| {
+            a.jwks_url.as_ref().is_some_and(|u| {
+                crate::auth::JwksUrl::parse(&u.value)
+                    .is_ok_and(|u| u.host.parse::<IpAddr>().is_err())
+            })
+        });
     let reusable = previous
         .filter(|p| p.dns == config.dns)
         .and_then(|p| p.resolver.clone());
@@ -139,6 +154,34 @@ pub async fn build(
         upstreams.insert(name.clone(), up);
     }
 
+    let mut auth = BTreeMap::new();
+    let mut identity_headers: Vec<http::HeaderName> = Vec::new();
+    for (name, cfg) in &config.auth {
+        let spec = (cfg.clone(), config.dns.clone());
+        let kept = previous
+            .and_then(|p| p.auth.get(name))
+            .filter(|a| a.spec == spec)
+            .cloned();
+        let policy = match kept {
+            Some(p) => p,
+            None => {
+                let p = Arc::new(
+                    AuthPolicy::new(name, cfg, &config.dns)
+                        .map_err(|e| format!("auth.{name}: {e}"))?,
+                );
+                // Fetch the keys before the runtime serves, so the first requests find them.
+                p.fetch_now(resolver.as_ref()).await;
+                p
+            }
+        };
+        for (_, header) in &policy.forward {
+            if !identity_headers.contains(header) {
+                identity_headers.push(header.clone());
+            }
+        }
+        auth.insert(name.clone(), policy);
+    }
+
     let mut routes = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
         let upstream = upstreams
@@ -151,6 +194,13 @@ pub async fn build(
             upstream,
             rewrite: compile_rewrite(r).map_err(|e| format!("route {}: {e}", r.name.value))?,
             timeouts: r.timeouts,
+            auth: match &r.auth {
+                Some(name) => Some(auth.get(&name.value).cloned().ok_or_else(|| {
+                    format!("route {}: no auth policy `{}`", r.name.value, name.value)
+                })?),
+                None => None,
+            },
+            auth_optional: r.auth_optional,
         });
     }
 
@@ -166,6 +216,8 @@ pub async fn build(
         router,
         routes,
         upstreams,
+        auth,
+        identity_headers,
         trusted_proxies,
         forwarding: config.forwarding,
         bindings: Bindings::of(config),
@@ -174,10 +226,14 @@ pub async fn build(
     })
 }
 
-/// Starts the background tasks of every upstream that does not run them yet. Must be called
+/// Starts the background tasks (discovery, health checks, JWKS refresh) of every upstream and
+/// auth policy that does not run them yet. Must be called
 /// on the control-plane Tokio runtime.
 pub fn start_upstream_tasks(rt: &Runtime) {
     for u in rt.upstreams.values() {
         u.spawn_tasks(rt.resolver.clone());
+    }
+    for a in rt.auth.values() {
+        a.spawn_tasks(rt.resolver.clone());
     }
 }

@@ -88,6 +88,9 @@ pub struct Config {
     /// How the configuration file is watched.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Token checks (JWT), by policy name; routes name the policy they use.
+    #[serde(default)]
+    pub auth: BTreeMap<String, AuthConfig>,
     /// Named groups of replicas that routes send traffic to.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The route table, matched by the precedence in `docs/routing.md`.
@@ -494,6 +497,107 @@ pub struct RouteConfig {
     /// Overrides the upstream's `retries`.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// The `auth` policy requests must pass. None: no token check.
+    #[serde(default)]
+    pub auth: Option<Spanned<String>>,
+    /// With `auth`: let requests without a token through (unauthenticated), while a token that
+    /// is present must be valid and has its claims forwarded.
+    #[serde(default)]
+    pub auth_optional: bool,
+}
+
+/// A JWT policy: where its keys come from and what a token must satisfy.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `http://host:port/path` of a JWKS document (host names resolved like targets).
+    #[serde(default)]
+    pub jwks_url: Option<Spanned<String>>,
+    /// JWKS caching.
+    #[serde(default)]
+    pub jwks: JwksConfig,
+    /// HMAC secret (at least 32 bytes), usually `${JWT_SECRET}`.
+    #[serde(default)]
+    pub secret: Option<Spanned<String>>,
+    /// File holding the HMAC secret (a trailing newline is ignored).
+    #[serde(default)]
+    pub secret_file: Option<Spanned<String>>,
+    /// Algorithms accepted with the secret. Default `[HS256]`.
+    #[serde(default)]
+    pub algorithms: Vec<Spanned<String>>,
+    /// PEM public keys, each pinned to an algorithm.
+    #[serde(default)]
+    pub public_keys: Vec<PublicKeyConfig>,
+    /// Accepted `iss` values (one or a list). Empty: not checked.
+    #[serde(default)]
+    pub issuer: OneOrMany,
+    /// Accepted `aud` values (one or a list; a token must name one). Empty: not checked.
+    #[serde(default)]
+    pub audience: OneOrMany,
+    /// Clock skew allowed on `exp` and `nbf`. Default 30s.
+    #[serde(default)]
+    pub leeway: Option<Dur>,
+    /// Refuse tokens without `exp`. Default true.
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+    /// Claims that must be present (403 otherwise).
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Claim → allowed values (a string claim must be one; an array claim must contain one);
+    /// 403 otherwise.
+    #[serde(default)]
+    pub claims: BTreeMap<String, OneOrMany>,
+    /// Claim → header it is sent upstream in. Clients' own copies of these headers are always
+    /// removed, on every route.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Also take the token from this cookie when there is no `Authorization` header.
+    #[serde(default)]
+    pub cookie: Option<String>,
+}
+
+/// JWKS caching.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    /// How often the document is fetched again. Default 5m.
+    #[serde(default)]
+    pub refresh: Option<Dur>,
+    /// A token with an unknown `kid` triggers a refetch at most this often. Default 30s.
+    #[serde(default)]
+    pub min_refetch_interval: Option<Dur>,
+    /// Time allowed for one fetch. Default 2s.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+/// A PEM public key.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyConfig {
+    /// PEM file.
+    pub file: String,
+    /// The one algorithm it verifies (`RS256`, `ES256`, `EdDSA`, ...).
+    pub algorithm: String,
+    /// Key id; tokens naming another `kid` are not checked with it.
+    #[serde(default)]
+    pub kid: Option<String>,
+}
+
+/// One string or a list of strings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single value.
+    One(String),
+    /// Several values.
+    Many(Vec<String>),
+}
+
+impl Default for OneOrMany {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
 }
 
 /// Request matching conditions; all given conditions must hold.

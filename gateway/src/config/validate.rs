@@ -54,6 +54,19 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
     if config.threads == Some(0) {
         return Err(c.err_nowhere("threads", "must be at least 1"));
     }
+    for (name, policy) in &config.auth {
+        // Compiling the policy checks it whole: key sources, files, algorithms, header names.
+        if let Err(e) = crate::auth::AuthPolicy::new(name, policy, &config.dns) {
+            let span = [&policy.jwks_url, &policy.secret, &policy.secret_file]
+                .into_iter()
+                .flatten()
+                .next();
+            return Err(match span {
+                Some(span) => c.err_at(span, format!("auth.{name}"), e),
+                None => c.err_nowhere(format!("auth.{name}"), e),
+            });
+        }
+    }
     if config.listeners.is_empty() {
         return Err(c.err_nowhere("listeners", "at least one listener is needed"));
     }
@@ -195,6 +208,32 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
                 known.join(", ")
             ),
         ));
+    }
+    match &r.auth {
+        Some(a) if !config.auth.contains_key(&a.value) => {
+            let known: Vec<&str> = config.auth.keys().map(String::as_str).collect();
+            return Err(c.err_at(
+                a,
+                field("auth"),
+                format!(
+                    "no auth policy named `{}` (defined: {})",
+                    a.value,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        None if r.auth_optional => {
+            return Err(c.err_at(
+                &r.name,
+                field("auth_optional"),
+                "needs `auth` (the policy to apply)",
+            ));
+        }
+        _ => {}
     }
     let m = &r.matcher;
     let paths = [&m.path, &m.path_prefix, &m.path_regex];

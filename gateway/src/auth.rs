@@ -1,0 +1,698 @@
+//! JWT checks: named policies compiled from the `auth` section, each with its keys (an HMAC
+//! secret, PEM public keys, or a JWKS endpoint kept fresh in the background), the claims it
+//! requires, and the claims it forwards upstream as headers.
+//!
+//! Every key is pinned to one algorithm: a token is only checked with keys whose algorithm is
+//! the token's, so an RSA public key can never be used as an HMAC secret, and `alg: none` is
+//! refused before any key is looked at.
+
+use crate::config::{AuthConfig, DnsConfig, OneOrMany};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hickory_resolver::TokioResolver;
+use http::{HeaderName, HeaderValue};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// No token, or one that does not verify (signature, format, `exp`, `nbf`, `iss`, `aud`,
+    /// algorithm): 401 with `WWW-Authenticate: Bearer error="invalid_token"`.
+    Invalid(&'static str),
+    /// No token where one is required: 401 with a bare `WWW-Authenticate: Bearer`.
+    Missing,
+    /// A valid token without the claims the route requires: 403 `insufficient_scope`.
+    Forbidden(&'static str),
+    /// No key was ever loaded for the policy (its JWKS endpoint never answered): 503.
+    NoKeys,
+}
+
+/// One verification key, pinned to its algorithm.
+struct VerifyKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    validation: Arc<Validation>,
+}
+
+/// A set of keys, replaced whole when a JWKS is fetched.
+#[derive(Default)]
+struct KeySet {
+    keys: Vec<VerifyKey>,
+}
+
+/// The claims a valid token carried, ready to forward.
+pub type ForwardedClaims = Vec<(HeaderName, HeaderValue)>;
+
+/// A compiled `auth` policy.
+pub struct AuthPolicy {
+    /// The policy's name.
+    pub name: Arc<str>,
+    /// What it was built from; unchanged policies (and their fetched keys) survive reloads.
+    pub spec: (AuthConfig, DnsConfig),
+    keys: ArcSwap<KeySet>,
+    jwks: Option<Arc<JwksSource>>,
+    /// Validations by algorithm, shared by the keys of that algorithm.
+    validations: Vec<(Algorithm, Arc<Validation>)>,
+    required_claims: Vec<String>,
+    claim_values: Vec<(String, Vec<String>)>,
+    /// Claim → header it is forwarded in.
+    pub forward: Vec<(String, HeaderName)>,
+    cookie: Option<String>,
+    tasks_started: std::sync::atomic::AtomicBool,
+}
+
+struct JwksSource {
+    url: JwksUrl,
+    refresh: Duration,
+    min_refetch: Duration,
+    timeout: Duration,
+    /// Wakes the fetcher for a token with an unknown `kid`.
+    wake: Notify,
+    /// Bumped after every fetch attempt; requests waiting for a refetch watch it.
+    fetched: watch::Sender<u64>,
+    /// When the last fetch started (ms since `epoch`), for the refetch rate limit.
+    last_attempt_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl JwksSource {
+    /// Whether `min_refetch_interval` has passed since the last fetch began.
+    fn refetch_allowed(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_attempt_ms.load(Ordering::Relaxed);
+        last == 0 || now.saturating_sub(last) >= self.min_refetch.as_millis() as u64
+    }
+}
+
+/// An `http://host:port/path` JWKS address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl {
+    /// Host name or IP.
+    pub host: String,
+    /// Port (80 when absent).
+    pub port: u16,
+    /// Path and query.
+    pub path: String,
+}
+
+impl JwksUrl {
+    /// Parses an `http://` URL. (`https://` endpoints are not supported yet.)
+    pub fn parse(url: &str) -> Result<JwksUrl, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("only http:// JWKS URLs are supported")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err("needs a host, and no user info".into());
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
+            ),
+            _ => (authority, 80),
+        };
+        if host.is_empty() {
+            return Err("needs a host".into());
+        }
+        Ok(JwksUrl {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// Parses an algorithm name as the configuration spells it (`RS256`, `EdDSA`, ...).
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    name.parse::<Algorithm>()
+        .map_err(|_| format!("unknown algorithm `{name}` (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)"))
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+impl AuthPolicy {
+    /// Compiles a policy; reads its secret and key files. Errors name what is wrong.
+    pub fn new(name: &str, cfg: &AuthConfig, dns: &DnsConfig) -> Result<AuthPolicy, String> {
+        let leeway = cfg.leeway.map(|d| d.0.as_secs()).unwrap_or(30);
+        let make_validation = |alg: Algorithm| {
+            let mut v = Validation::new(alg);
+            v.leeway = leeway;
+            v.validate_exp = true;
+            v.validate_nbf = true;
+            v.required_spec_claims = if cfg.require_exp {
+                HashSet::from(["exp".to_string()])
+            } else {
+                HashSet::new()
+            };
+            let issuers = cfg.issuer.as_slice();
+            if !issuers.is_empty() {
+                v.set_issuer(issuers);
+            }
+            let audiences = cfg.audience.as_slice();
+            if audiences.is_empty() {
+                v.validate_aud = false;
+            } else {
+                v.set_audience(audiences);
+            }
+            Arc::new(v)
+        };
+        let all = [
+            Algorithm::HS256,
+            Algorithm::HS384,
+            Algorithm::HS512,
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+            Algorithm::ES256,
+            Algorithm::ES384,
+            Algorithm::EdDSA,
+        ];
+        let validations: Vec<(Algorithm, Arc<Validation>)> =
+            all.iter().map(|a| (*a, make_validation(*a))).collect();
+        let validation_for = |alg: Algorithm| {
+            validations
+                .iter()
+                .find(|(a, _)| *a == alg)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| make_validation(alg))
+        };
+
+        let mut keys = Vec::new();
+        let secret = match (&cfg.secret, &cfg.secret_file) {
+            (Some(_), Some(_)) => return Err("use `secret` or `secret_file`, not both".into()),
+            (Some(s), None) => Some(s.value.as_bytes().to_vec()),
+            (None, Some(file)) => {
+                let bytes = std::fs::read(&file.value)
+                    .map_err(|e| format!("secret_file {}: {e}", file.value))?;
+                // A trailing newline is an editor's, not the secret's.
+                let trimmed = bytes.trim_ascii_end().to_vec();
+                Some(trimmed)
+            }
+            (None, None) => None,
+        };
+        if let Some(secret) = secret {
+            if secret.len() < 32 {
+                return Err("secret: at least 32 bytes (256 bits) are required".into());
+            }
+            let algorithms = if cfg.algorithms.is_empty() {
+                vec![Algorithm::HS256]
+            } else {
+                cfg.algorithms
+                    .iter()
+                    .map(|a| parse_algorithm(&a.value))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            for alg in algorithms {
+                if !is_hmac(alg) {
+                    return Err(format!(
+                        "algorithms: {alg:?} cannot be used with a shared secret"
+                    ));
+                }
+                keys.push(VerifyKey {
+                    kid: None,
+                    key: DecodingKey::from_secret(&secret),
+                    validation: validation_for(alg),
+                });
+            }
+        }
+        for pk in &cfg.public_keys {
+            let alg = parse_algorithm(&pk.algorithm)?;
+            let pem =
+                std::fs::read(&pk.file).map_err(|e| format!("public_keys {}: {e}", pk.file))?;
+            let key = match alg {
+                Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512 => DecodingKey::from_rsa_pem(&pem),
+                Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
+                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                _ => {
+                    return Err(format!(
+                        "public_keys {}: {alg:?} is an HMAC algorithm; use `secret`",
+                        pk.file
+                    ))
+                }
+            }
+            .map_err(|e| format!("public_keys {}: not a {alg:?} public key: {e}", pk.file))?;
+            keys.push(VerifyKey {
+                kid: pk.kid.clone(),
+                key,
+                validation: validation_for(alg),
+            });
+        }
+
+        let jwks = match &cfg.jwks_url {
+            Some(url) => Some(Arc::new(JwksSource {
+                url: JwksUrl::parse(&url.value)?,
+                refresh: cfg
+                    .jwks
+                    .refresh
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(300)),
+                min_refetch: cfg
+                    .jwks
+                    .min_refetch_interval
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(30)),
+                timeout: cfg
+                    .jwks
+                    .timeout
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(2)),
+                wake: Notify::new(),
+                fetched: watch::channel(0).0,
+                last_attempt_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            })),
+            None => None,
+        };
+        if keys.is_empty() && jwks.is_none() {
+            return Err("needs keys: `secret`, `secret_file`, `public_keys` or `jwks_url`".into());
+        }
+        let mut forward = Vec::new();
+        for (claim, header) in &cfg.forward_claims {
+            let name = HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| format!("forward_claims.{claim}: `{header}` is not a header name"))?;
+            forward.push((claim.clone(), name));
+        }
+        Ok(AuthPolicy {
+            name: name.into(),
+            spec: (cfg.clone(), dns.clone()),
+            keys: ArcSwap::from_pointee(KeySet { keys }),
+            jwks,
+            validations,
+            required_claims: cfg.required_claims.clone(),
+            claim_values: cfg
+                .claims
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_slice().to_vec()))
+                .collect(),
+            forward,
+            cookie: cfg.cookie.clone(),
+            tasks_started: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the policy fetches keys from a JWKS endpoint (and needs its host resolved).
+    pub fn jwks_host(&self) -> Option<&str> {
+        self.jwks.as_ref().map(|j| j.url.host.as_str())
+    }
+
+    /// The bearer token of a request: `Authorization: Bearer …`, else the policy's cookie.
+    pub fn token<'a>(&self, headers: &'a http::HeaderMap) -> Option<&'a str> {
+        if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+            let v = v.to_str().ok()?;
+            let (scheme, token) = v.split_once(' ')?;
+            return scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim())
+                .filter(|t| !t.is_empty());
+        }
+        let cookie = self.cookie.as_deref()?;
+        for header in headers.get_all(http::header::COOKIE) {
+            let Ok(s) = header.to_str() else { continue };
+            for pair in s.split(';') {
+                if let Some((k, v)) = pair.trim().split_once('=') {
+                    if k == cookie && !v.is_empty() {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Checks `token`; on success returns the claims to forward.
+    pub async fn verify(&self, token: &str) -> Result<ForwardedClaims, AuthError> {
+        if token.len() > 16 * 1024 {
+            return Err(AuthError::Invalid("token too large"));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token or unsupported algorithm"))?;
+        let mut keys = self.keys.load_full();
+        if !keys_for(&keys, &header).any(|_| true) {
+            if let Some(jwks) = &self.jwks {
+                // An unknown key id may be a key the issuer just rotated in: ask for a refetch
+                // (at most once per `min_refetch_interval`) and wait for it briefly.
+                if jwks.refetch_allowed() {
+                    let mut fetched = jwks.fetched.subscribe();
+                    jwks.wake.notify_one();
+                    let wait = jwks.timeout + Duration::from_millis(200);
+                    let _ = tokio::time::timeout(wait, fetched.changed()).await;
+                    keys = self.keys.load_full();
+                }
+                if keys.keys.is_empty() {
+                    return Err(AuthError::NoKeys);
+                }
+            }
+        }
+        let mut last_error = AuthError::Invalid("no key matches the token's kid and algorithm");
+        for key in keys_for(&keys, &header) {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation) {
+                Ok(data) => return self.authorize(data.claims),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind;
+                    last_error = AuthError::Invalid(match e.kind() {
+                        ErrorKind::ExpiredSignature => "token expired",
+                        ErrorKind::ImmatureSignature => "token not yet valid",
+                        ErrorKind::InvalidIssuer => "wrong issuer",
+                        ErrorKind::InvalidAudience => "wrong audience",
+                        ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                        ErrorKind::InvalidSignature => "bad signature",
+                        ErrorKind::InvalidAlgorithm => "algorithm not allowed",
+                        _ => "malformed token",
+                    });
+                    // A bad signature may be the next key's; anything else is final.
+                    if !matches!(e.kind(), ErrorKind::InvalidSignature) {
+                        return Err(last_error);
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    fn authorize(&self, claims: Map<String, Value>) -> Result<ForwardedClaims, AuthError> {
+        for claim in &self.required_claims {
+            if claims.get(claim).is_none_or(Value::is_null) {
+                return Err(AuthError::Forbidden("a required claim is missing"));
+            }
+        }
+        for (claim, allowed) in &self.claim_values {
+            let ok = match claims.get(claim) {
+                Some(Value::String(s)) => allowed.iter().any(|a| a == s),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .any(|i| i.as_str().is_some_and(|s| allowed.iter().any(|a| a == s))),
+                Some(Value::Bool(b)) => allowed
+                    .iter()
+                    .any(|a| a == if *b { "true" } else { "false" }),
+                Some(Value::Number(n)) => allowed.iter().any(|a| *a == n.to_string()),
+                _ => false,
+            };
+            if !ok {
+                return Err(AuthError::Forbidden(
+                    "a claim does not have an allowed value",
+                ));
+            }
+        }
+        let mut out = Vec::with_capacity(self.forward.len());
+        for (claim, header) in &self.forward {
+            let text = match claims.get(claim) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => continue,
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| i.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Some(other) => other.to_string(),
+            };
+            // A claim that cannot be a header value (control characters) is not forwarded
+            // rather than forwarded mangled.
+            if let Ok(v) = HeaderValue::from_str(&text) {
+                out.push((header.clone(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts the JWKS fetcher, if the policy has one and it is not running. Must run on the
+    /// control-plane Tokio runtime.
+    pub fn spawn_tasks(self: &Arc<Self>, resolver: Option<TokioResolver>) {
+        let Some(source) = self.jwks.clone() else {
+            return;
+        };
+        if self.tasks_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(jwks_loop(Arc::downgrade(self), source, resolver));
+    }
+
+    /// Fetches the JWKS once now (used when a runtime is built, so that the first requests
+    /// find keys). Failures are logged; stale keys are kept.
+    pub async fn fetch_now(&self, resolver: Option<&TokioResolver>) {
+        let Some(jwks) = &self.jwks else { return };
+        jwks.last_attempt_ms.store(
+            jwks.epoch.elapsed().as_millis().max(1) as u64,
+            Ordering::Release,
+        );
+        match fetch_jwks(&jwks.url, resolver, jwks.timeout).await {
+            Ok(body) => match parse_jwks(&body, &self.validations) {
+                Ok(keys) if !keys.is_empty() => {
+                    let count = keys.len();
+                    self.keys.store(Arc::new(KeySet { keys }));
+                    info!(policy = %self.name, keys = count, "JWKS loaded");
+                }
+                Ok(_) => {
+                    warn!(policy = %self.name, "JWKS has no usable keys; keeping the previous keys")
+                }
+                Err(e) => {
+                    warn!(policy = %self.name, error = %e, "JWKS unreadable; keeping the previous keys")
+                }
+            },
+            Err(e) => {
+                warn!(policy = %self.name, error = %e, "JWKS fetch failed; keeping the previous keys")
+            }
+        }
+        jwks.fetched.send_modify(|n| *n += 1);
+    }
+}
+
+fn keys_for<'a>(
+    set: &'a KeySet,
+    header: &'a jsonwebtoken::Header,
+) -> impl Iterator<Item = &'a VerifyKey> + 'a {
+    set.keys.iter().filter(move |k| {
+        k.validation.algorithms.first() == Some(&header.alg)
+            && match (&header.kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                // A key without an id is tried for any token of its algorithm; a token without
+                // an id is tried against every key of its algorithm.
+                _ => true,
+            }
+    })
+}
+
+/// Keeps a policy's keys fresh: on the refresh interval, with a backoff from 1 s to 30 s until a
+/// first key set arrives, and when a request names an unknown key (rate limited by the requests themselves).
+/// Ends when the policy is dropped (a reload replaced it).
+async fn jwks_loop(
+    weak: Weak<AuthPolicy>,
+    source: Arc<JwksSource>,
+    resolver: Option<TokioResolver>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let loaded = match weak.upgrade() {
+            Some(policy) => !policy.keys.load().keys.is_empty(),
+            None => return,
+        };
+        let wait = if loaded {
+            backoff = Duration::from_secs(1);
+            source.refresh
+        } else {
+            let wait = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            wait
+        };
+        tokio::select! {
+            _ = source.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let Some(policy) = weak.upgrade() else { return };
+        policy.fetch_now(resolver.as_ref()).await;
+    }
+}
+
+/// GETs the JWKS document. The host is resolved with the gateway's resolver.
+async fn fetch_jwks(
+    url: &JwksUrl,
+    resolver: Option<&TokioResolver>,
+    timeout: Duration,
+) -> Result<Bytes, String> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let work = async {
+        let ip: IpAddr = match url.host.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => {
+                let resolver = resolver.ok_or("no resolver for the JWKS host")?;
+                let lookup = resolver
+                    .lookup_ip(url.host.as_str())
+                    .await
+                    .map_err(|e| format!("resolving {}: {e}", url.host))?;
+                lookup
+                    .iter()
+                    .next()
+                    .ok_or_else(|| format!("{} has no address", url.host))?
+            }
+        };
+        let stream = tokio::net::TcpStream::connect(SocketAddr::new(ip, url.port))
+            .await
+            .map_err(|e| format!("connecting to {ip}:{}: {e}", url.port))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let host = if url.port == 80 {
+            url.host.clone()
+        } else {
+            format!("{}:{}", url.host, url.port)
+        };
+        let request = http::Request::get(url.path.as_str())
+            .header(http::header::HOST, host)
+            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::USER_AGENT, "gateway-jwks")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("status {}", response.status()));
+        }
+        let body = Limited::new(response.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// The usable keys of a JWKS document, each pinned to its algorithm: the `alg` the key names,
+/// or the one its type implies (EC P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA, RSA → RS256).
+fn parse_jwks(
+    body: &[u8],
+    validations: &[(Algorithm, Arc<Validation>)],
+) -> Result<Vec<VerifyKey>, String> {
+    let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Signature))
+        {
+            continue;
+        }
+        let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+            (Some(a), _) => match key_algorithm(*a) {
+                Some(a) => a,
+                None => continue,
+            },
+            (None, AlgorithmParameters::EllipticCurve(ec)) => match ec.curve {
+                EllipticCurve::P256 => Algorithm::ES256,
+                EllipticCurve::P384 => Algorithm::ES384,
+                _ => continue,
+            },
+            (None, AlgorithmParameters::OctetKeyPair(okp)) => match okp.curve {
+                EllipticCurve::Ed25519 => Algorithm::EdDSA,
+                _ => continue,
+            },
+            (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+            // Symmetric keys are never taken from a JWKS document.
+            (None, AlgorithmParameters::OctetKey(_)) => continue,
+        };
+        if is_hmac(alg) || matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+            continue;
+        }
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        let Some((_, validation)) = validations.iter().find(|(a, _)| *a == alg) else {
+            continue;
+        };
+        keys.push(VerifyKey {
+            kid: jwk.common.key_id.clone(),
+            key,
+            validation: validation.clone(),
+        });
+    }
+    Ok(keys)
+}
+
+fn key_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match a {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+impl OneOrMany {
+    /// The values, one or many.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_urls() {
+        let u = JwksUrl::parse("http://user-service:3001/.well-known/jwks.json").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("user-service", 3001, "/.well-known/jwks.json")
+        );
+        let u = JwksUrl::parse("http://127.0.0.1").unwrap();
+        assert_eq!((u.port, u.path.as_str()), (80, "/"));
+        assert!(JwksUrl::parse("https://x/").is_err());
+        assert!(JwksUrl::parse("http://u:p@x/").is_err());
+        assert!(JwksUrl::parse("http://x:99999/").is_err());
+    }
+
+    #[test]
+    fn hmac_keys_never_come_from_a_jwks() {
+        let validations = vec![(
+            Algorithm::HS256,
+            Arc::new(Validation::new(Algorithm::HS256)),
+        )];
+        let body = br#"{"keys":[{"kty":"oct","k":"c2VjcmV0","alg":"HS256"}]}"#;
+        assert!(parse_jwks(body, &validations).unwrap().is_empty());
+    }
+}

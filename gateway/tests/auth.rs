@@ -1,0 +1,531 @@
+//! JWT checks: tokens minted here (valid, expired, not yet valid, wrong issuer or audience, bad
+//! signature, algorithm confusion, `alg: none`, unknown then rotated key ids) against the real
+//! gateway in front of a real backend, with a real JWKS endpoint.
+
+mod common;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper::Response;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const SECRET: &str = "an-hmac-secret-that-is-long-enough-0123456789";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn hs(claims: &Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn claims(sub: &str, role: &str) -> Value {
+    json!({"sub": sub, "role": role, "iss": "test", "aud": "api", "exp": now() + 600})
+}
+
+/// An Ed25519 key pair: signing key, public key as a JWK `x`, and as a PEM file's text.
+struct EdKey {
+    pkcs8: Vec<u8>,
+    x: String,
+    pem: String,
+}
+
+impl EdKey {
+    fn new() -> EdKey {
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        let public = pair.public_key().as_ref().to_vec();
+        // SubjectPublicKeyInfo for Ed25519: a fixed 12-byte prefix, then the key.
+        let mut spki = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        spki.extend_from_slice(&public);
+        EdKey {
+            pkcs8: doc.as_ref().to_vec(),
+            x: URL_SAFE_NO_PAD.encode(&public),
+            pem: format!(
+                "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+                STANDARD.encode(&spki)
+            ),
+        }
+    }
+
+    fn sign(&self, kid: Option<&str>, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_string);
+        encode(&header, claims, &EncodingKey::from_ed_der(&self.pkcs8)).unwrap()
+    }
+
+    fn jwk(&self, kid: &str) -> Value {
+        json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": self.x})
+    }
+}
+
+/// Serves whatever body the test sets, as JSON, and counts requests.
+struct JwksServer {
+    addr: SocketAddr,
+    body: Arc<Mutex<String>>,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(body: String) -> JwksServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = Arc::new(Mutex::new(body));
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (b, h) = (body.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (b, h) = (b.clone(), h.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let text = b.lock().unwrap().clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from(text),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            body,
+            hits,
+            _task: task,
+        }
+    }
+
+    fn set(&self, body: String) {
+        *self.body.lock().unwrap() = body;
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn get(gw: &Gateway, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = client().get(gw.url(path));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+/// Status and `WWW-Authenticate` of a refused request; checks the JSON body and request id.
+async fn refused(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["request_id"], id.as_str(), "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    (status, challenge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_and_claims_forwarded() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let ed = EdKey::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ed.pem");
+    std::fs::write(&pem, &ed.pem).unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  hs:
+    secret: "{SECRET}"
+    issuer: test
+    audience: [api, other]
+    forward_claims: {{ sub: X-User-Id, role: X-User-Role }}
+    claims: {{ role: [admin, user] }}
+  admins:
+    secret: "{SECRET}"
+    issuer: test
+    audience: api
+    claims: {{ role: admin }}
+  ed:
+    public_keys: [ {{ file: "{}", algorithm: EdDSA }} ]
+    forward_claims: {{ sub: X-User-Id }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: hs, upstream: b, auth: hs, match: {{ path_prefix: /hs }} }}
+  - {{ name: admin, upstream: b, auth: admins, match: {{ path_prefix: /admin }} }}
+  - {{ name: ed, upstream: b, auth: ed, match: {{ path_prefix: /ed }} }}
+  - {{ name: opt, upstream: b, auth: hs, auth_optional: true, match: {{ path_prefix: /opt }} }}
+  - {{ name: open, upstream: b }}
+"#,
+        pem.display(),
+        backend.addr
+    ))
+    .await;
+
+    // No token: 401 with a bare challenge.
+    let (status, challenge) = refused(get(&gw, "/hs", None).await).await;
+    assert_eq!((status, challenge.as_str()), (401, "Bearer"));
+
+    // A valid token: through, with its claims as headers and the client's copies gone.
+    let token = hs(&claims("u-1", "user"));
+    let r = client()
+        .post(gw.url("/hs/x"))
+        .bearer_auth(&token)
+        .header("x-user-id", "spoofed")
+        .header("x-user-role", "admin")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = echo(r).await["headers"].clone();
+    assert_eq!(h["x-user-id"], "u-1");
+    assert_eq!(h["x-user-role"], "user");
+    // Any audience of the list is accepted; the token also works from a second request.
+    let other = hs(
+        &json!({"sub": "u-2", "role": "admin", "iss": "test", "aud": ["x", "other"], "exp": now() + 600}),
+    );
+    assert_eq!(get(&gw, "/hs", Some(&other)).await.status(), 200);
+
+    // Identity headers sent by a client never reach an upstream, even on open routes.
+    let r = client()
+        .get(gw.url("/open"))
+        .header("x-user-id", "spoofed")
+        .header("X-User-Role", "admin")
+        .send()
+        .await
+        .unwrap();
+    let h = echo(r).await["headers"].clone();
+    assert!(
+        h.get("x-user-id").is_none() && h.get("x-user-role").is_none(),
+        "{h}"
+    );
+
+    // Tokens that do not verify: 401 invalid_token, with the reason.
+    let mut bad: Vec<(&str, String)> = vec![
+        (
+            "expired",
+            hs(
+                &json!({"sub": "u", "role": "user", "iss": "test", "aud": "api", "exp": now() - 120}),
+            ),
+        ),
+        (
+            "not yet valid",
+            hs(
+                &json!({"sub": "u", "role": "user", "iss": "test", "aud": "api", "exp": now() + 600, "nbf": now() + 120}),
+            ),
+        ),
+        (
+            "wrong issuer",
+            hs(
+                &json!({"sub": "u", "role": "user", "iss": "evil", "aud": "api", "exp": now() + 600}),
+            ),
+        ),
+        (
+            "wrong audience",
+            hs(
+                &json!({"sub": "u", "role": "user", "iss": "test", "aud": "web", "exp": now() + 600}),
+            ),
+        ),
+        (
+            "required claim",
+            hs(&json!({"sub": "u", "role": "user", "iss": "test", "aud": "api"})),
+        ),
+        (
+            "bad signature",
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims("u", "user"),
+                &EncodingKey::from_secret(b"another-secret-that-is-long-enough-0123456789"),
+            )
+            .unwrap(),
+        ),
+        (
+            "algorithm",
+            encode(
+                &Header::new(Algorithm::HS512),
+                &claims("u", "user"),
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap(),
+        ),
+    ];
+    // alg: none, and garbage.
+    let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(claims("u", "admin").to_string());
+    bad.push(("malformed", format!("{none_header}.{payload}.")));
+    bad.push(("malformed", "not-a-token".into()));
+    bad.push(("malformed", format!("{}.{}.{}", "e30", payload, "!!!")));
+    // Still within the 30 s leeway: accepted.
+    let lenient =
+        hs(&json!({"sub": "u", "role": "user", "iss": "test", "aud": "api", "exp": now() - 10}));
+    assert_eq!(get(&gw, "/hs", Some(&lenient)).await.status(), 200);
+    for (why, token) in &bad {
+        let (status, challenge) = refused(get(&gw, "/hs", Some(token)).await).await;
+        assert_eq!(status, 401, "{why}");
+        assert!(
+            challenge.starts_with("Bearer error=\"invalid_token\""),
+            "{why}: {challenge}"
+        );
+        assert!(
+            challenge.contains(why)
+                || *why == "algorithm"
+                || *why == "malformed"
+                || *why == "required claim",
+            "{why}: {challenge}"
+        );
+    }
+    // Malformed Authorization headers.
+    for value in [
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "bearer    ",
+        &format!("Bearer {}", "a".repeat(20_000)),
+    ] {
+        let r = client()
+            .get(gw.url("/hs"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status() == 401 || r.status() == 431 || r.status() == 400,
+            "{value:.20}: {}",
+            r.status()
+        );
+    }
+
+    // Valid tokens without the claims a route requires: 403 insufficient_scope.
+    let (status, challenge) =
+        refused(get(&gw, "/hs", Some(&hs(&claims("u", "guest")))).await).await;
+    assert_eq!(status, 403);
+    assert!(
+        challenge.starts_with("Bearer error=\"insufficient_scope\""),
+        "{challenge}"
+    );
+    assert_eq!(refused(get(&gw, "/admin", Some(&token)).await).await.0, 403);
+    assert_eq!(
+        get(&gw, "/admin", Some(&hs(&claims("u", "admin"))))
+            .await
+            .status(),
+        200
+    );
+
+    // EdDSA with a PEM key; an HS256 token "signed" with that public key is not accepted.
+    let ed_token = ed.sign(None, &json!({"sub": "e-1", "exp": now() + 600}));
+    let r = get(&gw, "/ed", Some(&ed_token)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(echo(r).await["headers"]["x-user-id"], "e-1");
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "e-1", "exp": now() + 600}),
+        &EncodingKey::from_secret(ed.pem.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(refused(get(&gw, "/ed", Some(&confused)).await).await.0, 401);
+    // An HS token is not an Ed token either, and vice versa.
+    assert_eq!(get(&gw, "/ed", Some(&token)).await.status(), 401);
+    assert_eq!(get(&gw, "/hs", Some(&ed_token)).await.status(), 401);
+
+    // Optional auth: no token passes without identity; a bad one is still refused.
+    let r = get(&gw, "/opt", None).await;
+    assert_eq!(r.status(), 200);
+    assert!(echo(r).await["headers"].get("x-user-id").is_none());
+    assert_eq!(get(&gw, "/opt", Some("garbage")).await.status(), 401);
+    let r = get(&gw, "/opt", Some(&token)).await;
+    assert_eq!(echo(r).await["headers"]["x-user-id"], "u-1");
+
+    // Every method goes through the check, and the gateway survived all of it.
+    for method in [
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::PATCH,
+        reqwest::Method::OPTIONS,
+    ] {
+        let r = client()
+            .request(method.clone(), gw.url("/hs"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method}");
+    }
+    assert_eq!(get(&gw, "/open", None).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_rotate_and_survive_a_broken_endpoint() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let (k1, k2, k3) = (EdKey::new(), EdKey::new(), EdKey::new());
+    let jwks = JwksServer::start(json!({"keys": [k1.jwk("k1")]}).to_string()).await;
+    let dead = DeadPort::reserve();
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  users:
+    jwks_url: "http://{}/jwks.json"
+    jwks: {{ refresh: 1h, min_refetch_interval: 200ms, timeout: 1s }}
+    forward_claims: {{ sub: X-User-Id }}
+  nokeys:
+    jwks_url: "http://127.0.0.1:{}/jwks.json"
+    jwks: {{ timeout: 200ms }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: users, upstream: b, auth: users, match: {{ path_prefix: /users }} }}
+  - {{ name: nokeys, upstream: b, auth: nokeys, match: {{ path_prefix: /nokeys }} }}
+"#,
+        jwks.addr, dead.port, backend.addr
+    ))
+    .await;
+    let claims = json!({"sub": "j-1", "exp": now() + 600});
+
+    // Keys were fetched before the gateway served.
+    let r = get(&gw, "/users", Some(&k1.sign(Some("k1"), &claims))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(echo(r).await["headers"]["x-user-id"], "j-1");
+
+    // The issuer rotates to k2: the first token naming k2 makes the gateway refetch.
+    jwks.set(json!({"keys": [k2.jwk("k2")]}).to_string());
+    // (Past the 200 ms refetch limit since the fetch at start.)
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let before = jwks.hits();
+    assert_eq!(
+        get(&gw, "/users", Some(&k2.sign(Some("k2"), &claims)))
+            .await
+            .status(),
+        200
+    );
+    assert!(jwks.hits() > before);
+    // k1 was rotated out.
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(
+        get(&gw, "/users", Some(&k1.sign(Some("k1"), &claims)))
+            .await
+            .status(),
+        401
+    );
+
+    // Unknown key ids do not hammer the endpoint: at most one refetch per interval.
+    let before = jwks.hits();
+    for _ in 0..20 {
+        assert_eq!(
+            get(&gw, "/users", Some(&k3.sign(Some("k3"), &claims)))
+                .await
+                .status(),
+            401
+        );
+    }
+    assert!(
+        jwks.hits() - before <= 3,
+        "{} refetches",
+        jwks.hits() - before
+    );
+
+    // The endpoint breaks: the keys it served last stay in use.
+    jwks.set("<html>oops</html>".into());
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(
+        get(&gw, "/users", Some(&k3.sign(Some("k3"), &claims)))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        get(&gw, "/users", Some(&k2.sign(Some("k2"), &claims)))
+            .await
+            .status(),
+        200
+    );
+    // A key with the right id but another key's signature is refused.
+    assert_eq!(
+        get(&gw, "/users", Some(&k3.sign(Some("k2"), &claims)))
+            .await
+            .status(),
+        401
+    );
+
+    // A policy that never loaded a key answers 503, not "let through", not 401.
+    let r = get(&gw, "/nokeys", Some(&k1.sign(Some("k1"), &claims))).await;
+    assert_eq!(r.status(), 503);
+    assert!(gw.log().contains("JWKS fetch failed"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_auth_configuration_is_refused_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "auth:\n  a:\n    secret: short\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
+            ":3:13: auth.a: secret: at least 32 bytes",
+        ),
+        (
+            "upstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: nope }\n",
+            ":4:35: routes[0].auth: no auth policy named `nope`",
+        ),
+        (
+            "auth:\n  a:\n    jwks_url: \"https://idp.example/jwks\"\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
+            ":3:15: auth.a: only http:// JWKS URLs are supported",
+        ),
+        (
+            "auth:\n  a:\n    issuer: x\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
+            "auth.a: needs keys",
+        ),
+        (
+            "auth:\n  a:\n    public_keys: [ { file: /nonexistent.pem, algorithm: RS256 } ]\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
+            "auth.a: public_keys /nonexistent.pem",
+        ),
+        (
+            "auth:\n  a:\n    secret: \"0123456789abcdef0123456789abcdef\"\n    algorithms: [RS256]\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
+            "cannot be used with a shared secret",
+        ),
+    ];
+    for (i, (body, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("c{i}.yaml"));
+        std::fs::write(
+            &path,
+            format!("listeners:\n  http: {{ address: \"127.0.0.1:1\" }}\n{body}"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(gateway_bin())
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} passed");
+        // Line numbers are shifted by the two listener lines prepended.
+        let want = want.replacen(":3:", ":5:", 1).replacen(":4:", ":6:", 1);
+        assert!(err.contains(&want), "case {i}: want {want:?} in {err}");
+    }
+}
