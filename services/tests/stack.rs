@@ -386,6 +386,102 @@ async fn the_local_stack_end_to_end() {
     .await;
     assert_eq!(status, 403);
 
+    // Through the gateway: the token is checked there, and the service sees its claims.
+    let me = format!("/api/users/{user_id}");
+    let (status, body) = json_of(
+        c.get(stack.url(&me))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["email"].as_str()),
+        (200, Some("ada@example.com")),
+        "{body}"
+    );
+    // A client naming itself in X-User-Id gets nowhere without a token.
+    let r = c
+        .get(stack.url(&me))
+        .header("x-user-id", &user_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    // A tampered token is refused at the gateway.
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let r = c
+        .get(stack.url(&me))
+        .bearer_auth(&tampered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A valid token does not open someone else's profile.
+    let r = c
+        .get(stack.url("/api/users/someone-else"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Orders and payments through the gateway.
+    let order = json!({"items": [{"productId": "p-1001", "quantity": 2, "unitPriceCents": 11900}]});
+    let (status, created) = json_of(
+        c.post(stack.url("/api/orders"))
+            .bearer_auth(&token)
+            .json(&order)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, created["userId"].as_str()),
+        (201, Some(user_id.as_str())),
+        "{created}"
+    );
+    let (status, mine) = json_of(
+        c.get(stack.url("/api/orders"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["orders"][0]["orderId"], created["orderId"]);
+    let pay = |key: &str| {
+        c.post(stack.url("/api/payments"))
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .json(&json!({"orderId": created["orderId"], "amountCents": 23800}))
+            .send()
+    };
+    assert_eq!(pay("through-gateway").await.unwrap().status(), 201);
+    assert_eq!(pay("through-gateway").await.unwrap().status(), 200);
+    // Writing to the catalogue needs a token; reading it does not.
+    let stock = json!({"operation": "add", "quantity": 1});
+    let r = c
+        .put(stack.url("/api/products/p-1001/inventory"))
+        .json(&stock)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .put(stack.url("/api/products/p-1001/inventory"))
+        .bearer_auth(&token)
+        .json(&stock)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     // Inventory never goes below zero, whichever replica is asked.
     let inv = |n: u8| stack.replica(2, n, 3002, "/api/products/p-3005/inventory");
     let change = |n: u8, op: &str, q: i64| {
