@@ -57,3 +57,36 @@ impl ServeHttp for Admin {
         }
     }
 }
+
+/// GETs `url` (`http://IP:PORT/PATH`) and returns the status: the `healthcheck` subcommand.
+pub fn probe(url: &str, timeout: std::time::Duration) -> Result<u16, String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are checked")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr: std::net::SocketAddr = authority
+        .parse()
+        .map_err(|_| "the URL's host must be IP:PORT".to_string())?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let path = if path.is_empty() { "/" } else { path };
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).map_err(|e| e.to_string())?;
+    let line = std::str::from_utf8(&head[..n]).unwrap_or("");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "not an HTTP response".to_string())
+}

@@ -31,10 +31,30 @@ enum Command {
     Run,
     /// Validate the configuration and exit: 0 when valid, 1 with file:line:column otherwise.
     Check,
+    /// Exit 0 when URL answers 200 within 3 s, 1 otherwise: the container health check
+    /// (minimal images have no curl).
+    Healthcheck {
+        /// `http://IP:PORT/PATH`.
+        #[arg(default_value = "http://127.0.0.1:9901/ready")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Healthcheck { url }) = &cli.command {
+        return match gateway::admin::probe(url, std::time::Duration::from_secs(3)) {
+            Ok(200) => ExitCode::SUCCESS,
+            Ok(status) => {
+                eprintln!("{url}: {status}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("{url}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -60,6 +80,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Healthcheck { .. } => ExitCode::SUCCESS,
         Command::Run => match gateway::server::run(&cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
