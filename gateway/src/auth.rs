@@ -297,7 +297,7 @@ impl AuthPolicy {
         }
         Ok(AuthPolicy {
             name: name.into(),
-            spec: (cfg.clone(), dns.clone()),
+            spec: (cfg.without_locations(), dns.clone()),
             keys: ArcSwap::from_pointee(KeySet { keys }),
             jwks,
             validations,
@@ -342,8 +342,13 @@ impl AuthPolicy {
         None
     }
 
-    /// Checks `token`; on success returns the claims to forward.
-    pub async fn verify(&self, token: &str) -> Result<ForwardedClaims, AuthError> {
+    /// Checks `token`; on success returns the claims to forward and, when `key_claim` is
+    /// given, that claim's value hashed as a rate-limit key.
+    pub async fn verify(
+        &self,
+        token: &str,
+        key_claim: Option<&str>,
+    ) -> Result<(ForwardedClaims, Option<u64>), AuthError> {
         if token.len() > 16 * 1024 {
             return Err(AuthError::Invalid("token too large"));
         }
@@ -369,7 +374,10 @@ impl AuthPolicy {
         let mut last_error = AuthError::Invalid("no key matches the token's kid and algorithm");
         for key in keys_for(&keys, &header) {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation) {
-                Ok(data) => return self.authorize(data.claims),
+                Ok(data) => {
+                    let key = key_claim.and_then(|c| claim_key(&data.claims, c));
+                    return self.authorize(data.claims).map(|f| (f, key));
+                }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;
                     last_error = AuthError::Invalid(match e.kind() {
@@ -480,6 +488,15 @@ impl AuthPolicy {
             }
         }
         jwks.fetched.send_modify(|n| *n += 1);
+    }
+}
+
+/// A claim's value as a rate-limit key.
+fn claim_key(claims: &Map<String, Value>, claim: &str) -> Option<u64> {
+    match claims.get(claim)? {
+        Value::String(s) => Some(crate::ratelimit::hash_value(s.as_bytes())),
+        Value::Null => None,
+        other => Some(crate::ratelimit::hash_value(other.to_string().as_bytes())),
     }
 }
 

@@ -1,17 +1,20 @@
 //! The request path: Pingora's `ProxyHttp` phases, top to bottom.
 //!
 //! 1. `request_filter`: take the current runtime, settle the request id and client IP,
-//!    normalise the path, find the route (404 when none), check the route's token (401/403).
+//!    normalise the path, find the route (404 when none), check the route's token (401/403)
+//!    and rate limit (429).
 //! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
 //! 3. `upstream_request_filter`: rewrite the path, replace identity headers with the token's
 //!    claims, set the forwarding headers.
-//! 4. `upstream_response_filter` / `response_filter`: note success, return the request id.
+//! 4. `upstream_response_filter` / `response_filter`: note success, return the request id and
+//!    the rate-limit state.
 //! 5. `fail_to_connect` / `error_while_proxy`: passive health and the retry decision.
 //! 6. `fail_to_proxy`: the JSON error response (502/503/504) with the request id.
 //! 7. `logging`: release the replica.
 
 use crate::auth::{AuthError, ForwardedClaims};
 use crate::config::HashKey;
+use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
 use crate::routing::normalize_path;
 use crate::runtime::Runtime;
 use crate::upstream::{now_ms, Replica};
@@ -78,6 +81,8 @@ pub struct RequestCtx {
     attempts: u32,
     /// Claims of a verified token, to send upstream as headers.
     claims: ForwardedClaims,
+    /// The rate limit the request passed, with its remaining burst and reset seconds.
+    quota: Option<(Arc<RateLimitPolicy>, u32, u64)>,
 }
 
 impl RequestCtx {
@@ -300,7 +305,7 @@ async fn respond_json(
     message: &str,
     request_id: Option<&HeaderValue>,
 ) -> Result<()> {
-    respond_json_with(session, status, message, request_id, None).await
+    respond_json_with(session, status, message, request_id, &[]).await
 }
 
 /// [`respond_json`] with one more response header.
@@ -309,7 +314,7 @@ async fn respond_json_with(
     status: u16,
     message: &str,
     request_id: Option<&HeaderValue>,
-    extra: Option<(&'static str, HeaderValue)>,
+    extra: &[(&'static str, HeaderValue)],
 ) -> Result<()> {
     let id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
     let body = Bytes::from(format!(
@@ -321,8 +326,8 @@ async fn respond_json_with(
     if let Some(id) = request_id {
         resp.insert_header("X-Request-Id", id.clone())?;
     }
-    if let Some((name, value)) = extra {
-        resp.insert_header(name, value)?;
+    for (name, value) in extra {
+        resp.insert_header(*name, value.clone())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
@@ -362,7 +367,28 @@ async fn respond_auth_error(
         status,
         message,
         Some(request_id),
-        Some(("WWW-Authenticate", challenge)),
+        &[("WWW-Authenticate", challenge)],
+    )
+    .await
+}
+
+/// 429 with `Retry-After` and the rate-limit headers.
+async fn respond_limited(
+    session: &mut Session,
+    limit: &RateLimitPolicy,
+    retry_after: u64,
+    request_id: &HeaderValue,
+) -> Result<()> {
+    respond_json_with(
+        session,
+        429,
+        "too many requests",
+        Some(request_id),
+        &[
+            ("Retry-After", HeaderValue::from(retry_after)),
+            ("RateLimit-Policy", limit.policy_header.clone()),
+            ("RateLimit", limit.state_header(0, retry_after)),
+        ],
     )
     .await
 }
@@ -440,17 +466,56 @@ impl ProxyHttp for Gateway {
                 Cow::Borrowed(_) => None,
             },
         };
+        let limit = rt.routes[route].rate_limit.clone();
+        let mut claim_key = None;
         if let Some(policy) = rt.routes[route].auth.clone() {
+            let key_claim = match limit.as_deref().map(|l| &l.key) {
+                Some(KeySource::Claim(c)) => Some(c.as_str()),
+                _ => None,
+            };
             let checked = match policy.token(&session.req_header().headers) {
-                None if rt.routes[route].auth_optional => Ok(Vec::new()),
+                None if rt.routes[route].auth_optional => Ok((Vec::new(), None)),
                 None => Err(AuthError::Missing),
-                Some(token) => policy.verify(token).await,
+                Some(token) => policy.verify(token, key_claim).await,
             };
             match checked {
-                Ok(claims) => ctx.claims = claims,
+                Ok((claims, key)) => (ctx.claims, claim_key) = (claims, key),
                 Err(e) => {
                     ctx.rt = Some(rt);
                     respond_auth_error(session, e, ctx.request_id()).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        if let Some(limit) = limit {
+            let key = match &limit.key {
+                KeySource::ClientIp => ctx.client_ip.map(LimitKey::Ip),
+                KeySource::Route => Some(LimitKey::Route(route as u32)),
+                KeySource::Header(name) => session
+                    .req_header()
+                    .headers
+                    .get(name)
+                    .map(|v| LimitKey::Hash(crate::ratelimit::hash_value(v.as_bytes()))),
+                KeySource::Claim(_) => claim_key.map(LimitKey::Hash),
+            };
+            match limit.check(key) {
+                Decision::Allowed { remaining, reset } => {
+                    ctx.quota = Some((limit, remaining, reset));
+                }
+                Decision::Limited { retry_after } => {
+                    ctx.rt = Some(rt);
+                    respond_limited(session, &limit, retry_after, ctx.request_id()).await?;
+                    return Ok(true);
+                }
+                Decision::NoKey => {
+                    ctx.rt = Some(rt);
+                    respond_json(
+                        session,
+                        400,
+                        "request lacks the rate-limit key",
+                        Some(ctx.request_id()),
+                    )
+                    .await?;
                     return Ok(true);
                 }
             }
@@ -577,6 +642,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
             resp.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        if let Some((limit, remaining, reset)) = &ctx.quota {
+            resp.insert_header("RateLimit-Policy", limit.policy_header.clone())?;
+            resp.insert_header("RateLimit", limit.state_header(*remaining, *reset))?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use crate::auth::AuthPolicy;
 use crate::config::{parse_cidr, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts};
+use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::upstream::{make_resolver, Upstream, UpstreamSpec};
 use hickory_resolver::TokioResolver;
@@ -29,6 +30,8 @@ pub struct Route {
     pub auth: Option<Arc<AuthPolicy>>,
     /// Requests without a token pass (a token that is present must be valid).
     pub auth_optional: bool,
+    /// The rate limit requests are counted under.
+    pub rate_limit: Option<Arc<RateLimitPolicy>>,
 }
 
 /// What a listener binding looks like, to tell when a reload would need a restart.
@@ -77,6 +80,8 @@ pub struct Runtime {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Token policies by name.
     pub auth: BTreeMap<String, Arc<AuthPolicy>>,
+    /// Rate-limit policies by name.
+    pub rate_limits: BTreeMap<String, Arc<RateLimitPolicy>>,
     /// Headers that carry forwarded claims: removed from every client request.
     pub identity_headers: Vec<http::HeaderName>,
     /// Peers whose forwarding headers are believed.
@@ -157,7 +162,7 @@ pub async fn build(
     let mut auth = BTreeMap::new();
     let mut identity_headers: Vec<http::HeaderName> = Vec::new();
     for (name, cfg) in &config.auth {
-        let spec = (cfg.clone(), config.dns.clone());
+        let spec = (cfg.without_locations(), config.dns.clone());
         let kept = previous
             .and_then(|p| p.auth.get(name))
             .filter(|a| a.spec == spec)
@@ -182,6 +187,21 @@ pub async fn build(
         auth.insert(name.clone(), policy);
     }
 
+    let mut rate_limits = BTreeMap::new();
+    for (name, cfg) in &config.rate_limits {
+        let kept = previous
+            .and_then(|p| p.rate_limits.get(name))
+            .filter(|l| l.spec == cfg.without_locations())
+            .cloned();
+        let policy = match kept {
+            Some(p) => p,
+            None => Arc::new(
+                RateLimitPolicy::new(name, cfg).map_err(|e| format!("rate_limits.{name}: {e}"))?,
+            ),
+        };
+        rate_limits.insert(name.clone(), policy);
+    }
+
     let mut routes = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
         let upstream = upstreams
@@ -201,6 +221,12 @@ pub async fn build(
                 None => None,
             },
             auth_optional: r.auth_optional,
+            rate_limit: match &r.rate_limit {
+                Some(name) => Some(rate_limits.get(&name.value).cloned().ok_or_else(|| {
+                    format!("route {}: no rate limit `{}`", r.name.value, name.value)
+                })?),
+                None => None,
+            },
         });
     }
 
@@ -217,6 +243,7 @@ pub async fn build(
         routes,
         upstreams,
         auth,
+        rate_limits,
         identity_headers,
         trusted_proxies,
         forwarding: config.forwarding,
@@ -226,8 +253,8 @@ pub async fn build(
     })
 }
 
-/// Starts the background tasks (discovery, health checks, JWKS refresh) of every upstream and
-/// auth policy that does not run them yet. Must be called
+/// Starts the background tasks (discovery, health checks, JWKS refresh, rate-limit cleanup) of
+/// every upstream and policy that does not run them yet. Must be called
 /// on the control-plane Tokio runtime.
 pub fn start_upstream_tasks(rt: &Runtime) {
     for u in rt.upstreams.values() {
@@ -235,5 +262,8 @@ pub fn start_upstream_tasks(rt: &Runtime) {
     }
     for a in rt.auth.values() {
         a.spawn_tasks(rt.resolver.clone());
+    }
+    for l in rt.rate_limits.values() {
+        l.spawn_tasks();
     }
 }

@@ -353,6 +353,32 @@ async fn the_local_stack_end_to_end() {
     .await;
     assert_eq!(status, 401);
 
+    // Logins through the gateway are rate limited per client address (login: burst 10,
+    // 30/min in gateway.yaml): guessing runs into 429 with Retry-After.
+    let mut limited = None;
+    for attempt in 0..40 {
+        let r = c
+            .post(stack.url("/api/users/login"))
+            .json(&wrong)
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            401 => {}
+            429 => {
+                limited = Some((
+                    attempt,
+                    r.headers()["retry-after"].to_str().unwrap().to_string(),
+                ));
+                break;
+            }
+            other => panic!("login attempt {attempt}: {other}"),
+        }
+    }
+    let (attempt, retry_after) = limited.expect("no 429 after 40 wrong passwords");
+    assert!(attempt <= 10, "limited only after {attempt} attempts");
+    assert!(retry_after.parse::<u64>().unwrap() >= 1);
+
     // The profile needs an identity; with one it is the caller's own profile only.
     let (status, _) = json_of(
         c.get(stack.url(&format!("/api/users/{user_id}")))

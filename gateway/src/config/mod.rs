@@ -91,6 +91,9 @@ pub struct Config {
     /// Token checks (JWT), by policy name; routes name the policy they use.
     #[serde(default)]
     pub auth: BTreeMap<String, AuthConfig>,
+    /// Rate-limit policies, by name; routes name the policy they use.
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RateLimitConfig>,
     /// Named groups of replicas that routes send traffic to.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The route table, matched by the precedence in `docs/routing.md`.
@@ -504,6 +507,79 @@ pub struct RouteConfig {
     /// is present must be valid and has its claims forwarded.
     #[serde(default)]
     pub auth_optional: bool,
+    /// The rate-limit policy requests are counted under. None: no limit.
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<String>>,
+}
+
+/// A rate-limit policy (GCRA).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained rate: `N/s`, `N/m` or `N/h`.
+    pub rate: Spanned<String>,
+    /// Requests allowed at once on top of the steady rate. Default: N.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// `client_ip` (default), `route`, `header:NAME` or `jwt:CLAIM`.
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+    /// What happens to a request without a key (no header, no token): `shared` (all such
+    /// requests share one bucket, the default) or `reject` (400).
+    #[serde(default)]
+    pub missing_key: MissingKey,
+    /// Keys tracked before new keys share overflow buckets. Default 100000.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+/// `s` without its position in the file, for comparing definitions across reloads.
+fn unplaced(s: &Spanned<String>) -> Spanned<String> {
+    Spanned::new(
+        s.value.clone(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+impl RateLimitConfig {
+    /// The definition without file positions: equal when a reload left the policy unchanged,
+    /// wherever it moved in the file.
+    pub fn without_locations(&self) -> RateLimitConfig {
+        RateLimitConfig {
+            rate: unplaced(&self.rate),
+            key: self.key.as_ref().map(unplaced),
+            ..self.clone()
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The definition without file positions (see [`RateLimitConfig::without_locations`]).
+    pub fn without_locations(&self) -> AuthConfig {
+        AuthConfig {
+            jwks_url: self.jwks_url.as_ref().map(unplaced),
+            secret: self.secret.as_ref().map(unplaced),
+            secret_file: self.secret_file.as_ref().map(unplaced),
+            algorithms: self.algorithms.iter().map(unplaced).collect(),
+            ..self.clone()
+        }
+    }
+}
+
+/// What a rate limit does with a request that has no key.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// Count all such requests under one shared key.
+    #[default]
+    Shared,
+    /// Refuse them with 400.
+    Reject,
 }
 
 /// A JWT policy: where its keys come from and what a token must satisfy.

@@ -67,6 +67,16 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             });
         }
     }
+    for (name, policy) in &config.rate_limits {
+        if let Err(e) = crate::ratelimit::RateLimitPolicy::new(name, policy) {
+            let span = if e.starts_with("key") {
+                policy.key.as_ref().unwrap_or(&policy.rate)
+            } else {
+                &policy.rate
+            };
+            return Err(c.err_at(span, format!("rate_limits.{name}"), e));
+        }
+    }
     if config.listeners.is_empty() {
         return Err(c.err_nowhere("listeners", "at least one listener is needed"));
     }
@@ -234,6 +244,35 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
             ));
         }
         _ => {}
+    }
+    if let Some(limit) = &r.rate_limit {
+        let Some(policy) = config.rate_limits.get(&limit.value) else {
+            let known: Vec<&str> = config.rate_limits.keys().map(String::as_str).collect();
+            return Err(c.err_at(
+                limit,
+                field("rate_limit"),
+                format!(
+                    "no rate limit named `{}` (defined: {})",
+                    limit.value,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        let by_claim = policy
+            .key
+            .as_ref()
+            .is_some_and(|k| k.value.starts_with("jwt:"));
+        if by_claim && r.auth.is_none() {
+            return Err(c.err_at(
+                limit,
+                field("rate_limit"),
+                "this policy is keyed by a token claim: the route needs `auth`",
+            ));
+        }
     }
     let m = &r.matcher;
     let paths = [&m.path, &m.path_prefix, &m.path_regex];

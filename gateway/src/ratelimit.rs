@@ -1,0 +1,337 @@
+//! Rate limiting: named GCRA policies (governor), keyed by client IP, a header, a JWT claim or
+//! the route, with the IETF `RateLimit-Policy` / `RateLimit` headers.
+//!
+//! Memory is bounded per policy: keys whose bucket is full again are dropped every few seconds
+//! (`retain_recent`), and while a policy holds `max_keys` keys, requests with keys it does not
+//! know yet are counted in one of [`OVERFLOW_SLOTS`] shared buckets chosen by hashing the key. A
+//! flood of distinct keys therefore makes limits stricter for the flood, never absent, and never
+//! grows the table past `max_keys + 256 + OVERFLOW_SLOTS` entries (the size is sampled every
+//! 256 checks).
+
+use crate::config::{MissingKey, RateLimitConfig};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::{HeaderName, HeaderValue};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Shared buckets used for new keys while a policy is full.
+pub const OVERFLOW_SLOTS: u64 = 1024;
+
+/// What a request is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    /// The client's address.
+    Ip(IpAddr),
+    /// A hashed header or claim value (64 bits: constant size, whatever the client sends).
+    Hash(u64),
+    /// The route (index in the runtime's table).
+    Route(u32),
+    /// Requests without a key, when they share one bucket.
+    Shared,
+    /// An overflow bucket.
+    Slot(u64),
+}
+
+/// Where a policy's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The client IP (after `trusted_proxies`).
+    ClientIp,
+    /// One bucket per route.
+    Route,
+    /// A request header.
+    Header(HeaderName),
+    /// A claim of the route's verified token.
+    Claim(String),
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Let through; `remaining` requests may follow at once, the bucket is full in `reset` s.
+    Allowed {
+        /// Requests left in the burst.
+        remaining: u32,
+        /// Seconds until the burst is whole again.
+        reset: u64,
+    },
+    /// Over the limit: try again in `retry_after` seconds.
+    Limited {
+        /// Seconds until a request would pass.
+        retry_after: u64,
+    },
+    /// No key and the policy rejects such requests.
+    NoKey,
+}
+
+type Limiter = RateLimiter<
+    LimitKey,
+    DefaultKeyedStateStore<LimitKey>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// Hashes header and claim values into keys. Fixed seeds: the same value is the same key in
+/// every runtime, so a reload that keeps a policy keeps its buckets.
+static HASHER: std::sync::LazyLock<ahash::RandomState> = std::sync::LazyLock::new(|| {
+    ahash::RandomState::with_seeds(
+        0x5851_f42d_4c95_7f2d,
+        0x1405_7b7e_f767_814f,
+        0x9e37_79b9_7f4a_7c15,
+        0xbf58_476d_1ce4_e5b9,
+    )
+});
+
+/// The key of a header or claim value.
+pub fn hash_value(bytes: &[u8]) -> u64 {
+    HASHER.hash_one(bytes)
+}
+
+/// A compiled rate-limit policy with its buckets.
+pub struct RateLimitPolicy {
+    /// The policy's name.
+    pub name: Arc<str>,
+    /// What it was built from; an unchanged policy (and its buckets) survives reloads.
+    pub spec: RateLimitConfig,
+    /// Where the key comes from.
+    pub key: KeySource,
+    limiter: Limiter,
+    missing: MissingKey,
+    max_keys: usize,
+    burst: u32,
+    per_request: Duration,
+    /// `"name";q=N;w=S`, sent with every response of a limited route.
+    pub policy_header: HeaderValue,
+    full: AtomicBool,
+    checks: AtomicU32,
+    tasks_started: AtomicBool,
+}
+
+/// Parses `N/s`, `N/m` or `N/h`.
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let (count, unit) = text
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("`{text}`: expected N/s, N/m or N/h"))?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{text}`: the count must be a whole number ≥ 1"))?;
+    let period = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => return Err(format!("`{text}`: unit `{other}` is not s, m or h")),
+    };
+    Ok((count, period))
+}
+
+/// Parses `client_ip`, `route`, `header:NAME` or `jwt:CLAIM`.
+pub fn parse_key(text: &str) -> Result<KeySource, String> {
+    match text {
+        "client_ip" => Ok(KeySource::ClientIp),
+        "route" => Ok(KeySource::Route),
+        _ => {
+            if let Some(name) = text.strip_prefix("header:") {
+                HeaderName::from_bytes(name.as_bytes())
+                    .map(KeySource::Header)
+                    .map_err(|_| format!("`{name}` is not a header name"))
+            } else if let Some(claim) = text.strip_prefix("jwt:").filter(|c| !c.is_empty()) {
+                Ok(KeySource::Claim(claim.to_string()))
+            } else {
+                Err(format!(
+                    "`{text}`: expected client_ip, route, header:NAME or jwt:CLAIM"
+                ))
+            }
+        }
+    }
+}
+
+impl RateLimitPolicy {
+    /// Compiles a policy.
+    pub fn new(name: &str, cfg: &RateLimitConfig) -> Result<RateLimitPolicy, String> {
+        let (count, period) = parse_rate(&cfg.rate.value).map_err(|e| format!("rate: {e}"))?;
+        let burst = cfg.burst.unwrap_or(count);
+        let burst_nz = NonZeroU32::new(burst).ok_or("burst: must be at least 1")?;
+        let per_request = period / count;
+        let quota = Quota::with_period(per_request)
+            .ok_or("rate: too fast to count")?
+            .allow_burst(burst_nz);
+        let key = parse_key(cfg.key.as_ref().map_or("client_ip", |k| k.value.as_str()))
+            .map_err(|e| format!("key: {e}"))?;
+        if cfg.max_keys < 1 {
+            return Err("max_keys: must be at least 1".into());
+        }
+        let policy_header =
+            HeaderValue::from_str(&format!("\"{name}\";q={count};w={}", period.as_secs()))
+                .map_err(|_| "name: not usable in a header".to_string())?;
+        Ok(RateLimitPolicy {
+            name: name.into(),
+            spec: cfg.without_locations(),
+            key,
+            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            missing: cfg.missing_key,
+            max_keys: cfg.max_keys,
+            burst,
+            per_request,
+            policy_header,
+            full: AtomicBool::new(false),
+            checks: AtomicU32::new(0),
+            tasks_started: AtomicBool::new(false),
+        })
+    }
+
+    /// Counts one request under `key` (None: the request has no key).
+    pub fn check(&self, key: Option<LimitKey>) -> Decision {
+        let key = match (key, self.missing) {
+            (Some(k), _) => k,
+            (None, MissingKey::Shared) => LimitKey::Shared,
+            (None, MissingKey::Reject) => return Decision::NoKey,
+        };
+        // The table size is looked at every 256 checks (and by the cleanup task), not on
+        // every request: counting it visits every shard.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 256 == 0 {
+            self.full
+                .store(self.limiter.len() >= self.max_keys, Ordering::Relaxed);
+        }
+        let key = match key {
+            LimitKey::Ip(_) | LimitKey::Hash(_) if self.full.load(Ordering::Relaxed) => {
+                LimitKey::Slot(HASHER.hash_one(key) % OVERFLOW_SLOTS)
+            }
+            k => k,
+        };
+        match self.limiter.check_key(&key) {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                let used = u128::from(self.burst.saturating_sub(remaining));
+                let reset = (used * self.per_request.as_nanos()).div_ceil(1_000_000_000);
+                Decision::Allowed {
+                    remaining,
+                    reset: reset as u64,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
+                Decision::Limited {
+                    retry_after: wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64,
+                }
+            }
+        }
+    }
+
+    /// Keys currently held.
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// The `RateLimit` header of a decision: `"name";r=REMAINING;t=SECONDS`.
+    pub fn state_header(&self, remaining: u32, reset: u64) -> HeaderValue {
+        let mut text = String::with_capacity(self.name.len() + 24);
+        use std::fmt::Write;
+        let _ = write!(text, "\"{}\";r={remaining};t={reset}", self.name);
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+
+    /// Starts the cleanup task (drops idle keys every 5 s). Must run on the control-plane
+    /// Tokio runtime; ends when the policy is dropped.
+    pub fn spawn_tasks(self: &Arc<Self>) {
+        if matches!(self.key, KeySource::Route) || self.tasks_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<RateLimitPolicy> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(policy) = weak.upgrade() else { return };
+                policy.limiter.retain_recent();
+                policy.limiter.shrink_to_fit();
+                policy
+                    .full
+                    .store(policy.limiter.len() >= policy.max_keys, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rate: &str, burst: Option<u32>, max_keys: usize) -> RateLimitPolicy {
+        let cfg: RateLimitConfig = serde_saphyr::from_str(&format!(
+            "{{ rate: \"{rate}\", {} max_keys: {max_keys} }}",
+            burst.map(|b| format!("burst: {b},")).unwrap_or_default()
+        ))
+        .unwrap();
+        RateLimitPolicy::new("p", &cfg).unwrap()
+    }
+
+    #[test]
+    fn rates_and_keys_parse() {
+        assert_eq!(parse_rate("10/s").unwrap(), (10, Duration::from_secs(1)));
+        assert_eq!(parse_rate("600/m").unwrap(), (600, Duration::from_secs(60)));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("10/d").is_err());
+        assert!(parse_rate("ten/s").is_err());
+        assert_eq!(
+            parse_key("jwt:sub").unwrap(),
+            KeySource::Claim("sub".into())
+        );
+        assert!(matches!(
+            parse_key("header:X-Api-Key").unwrap(),
+            KeySource::Header(_)
+        ));
+        assert!(parse_key("header:bad header").is_err());
+        assert!(parse_key("cookie").is_err());
+    }
+
+    #[test]
+    fn burst_then_limited_with_retry_after() {
+        let p = policy("1/m", Some(3), 100);
+        let ip = Some(LimitKey::Ip("10.0.0.1".parse().unwrap()));
+        let remaining: Vec<_> = (0..3)
+            .map(|_| match p.check(ip) {
+                Decision::Allowed { remaining, .. } => remaining,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(remaining, [2, 1, 0]);
+        match p.check(ip) {
+            Decision::Limited { retry_after } => assert!((59..=60).contains(&retry_after)),
+            other => panic!("{other:?}"),
+        }
+        // Another key has its own bucket.
+        assert!(matches!(
+            p.check(Some(LimitKey::Ip("10.0.0.2".parse().unwrap()))),
+            Decision::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_flood_of_keys_stays_bounded() {
+        let p = policy("1/h", Some(1), 1000);
+        for i in 0..100_000u64 {
+            p.check(Some(LimitKey::Hash(i)));
+        }
+        assert!(
+            p.keys() as u64 <= 1000 + 256 + OVERFLOW_SLOTS,
+            "{} keys",
+            p.keys()
+        );
+        // Once full, new keys share overflow buckets: limited, not unlimited.
+        let limited = (200_000..201_000u64)
+            .filter(|i| matches!(p.check(Some(LimitKey::Hash(*i))), Decision::Limited { .. }))
+            .count();
+        assert!(limited > 0);
+    }
+}
