@@ -37,7 +37,10 @@ pub async fn open(url: &str, schema: &[&str]) -> anyhow::Result<Db> {
     Ok(pool)
 }
 
-/// Runs `op` again while SQLite answers "database is locked" (for up to ten seconds).
+/// Runs `op` again (for up to ten seconds) while the database reports a race between replicas
+/// starting together: SQLite's "database is locked", or PostgreSQL's concurrent
+/// `CREATE TABLE IF NOT EXISTS`, which can fail on its catalogue's unique index or with
+/// "relation already exists".
 async fn retry_while_locked<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
@@ -47,7 +50,10 @@ where
     loop {
         match op().await {
             Err(sqlx::Error::Database(e))
-                if e.message().contains("locked") && std::time::Instant::now() < deadline =>
+                if (e.message().contains("locked")
+                    || e.is_unique_violation()
+                    || e.code().as_deref() == Some("42P07"))
+                    && std::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
