@@ -31,6 +31,16 @@ enum Command {
     Run,
     /// Validate the configuration and exit: 0 when valid, 1 with file:line:column otherwise.
     Check,
+    /// Make development certificates: a local CA (reused when DIR has one) and a leaf
+    /// certificate for NAMES (DNS names or IP addresses; the first names the files).
+    Certs {
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Names the certificate is for.
+        #[arg(default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "gateway".to_string()])]
+        names: Vec<String>,
+    },
     /// Exit 0 when URL answers 200 within 3 s, 1 otherwise: the container health check
     /// (minimal images have no curl).
     Healthcheck {
@@ -42,6 +52,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Certs { dir, names }) = &cli.command {
+        return match gateway::tls::make_dev_certs(dir, names) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("certs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Healthcheck { url }) = &cli.command {
         return match gateway::admin::probe(url, std::time::Duration::from_secs(3)) {
             Ok(200) => ExitCode::SUCCESS,
@@ -80,7 +104,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Healthcheck { .. } => ExitCode::SUCCESS,
+        Command::Healthcheck { .. } | Command::Certs { .. } => ExitCode::SUCCESS,
         Command::Run => match gateway::server::run(&cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

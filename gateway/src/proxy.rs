@@ -28,7 +28,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -156,6 +156,34 @@ fn new_request_id() -> HeaderValue {
 }
 
 /// The request's host without port: the URI authority (HTTP/2, absolute-form) or `Host`.
+/// The setting of the listener a connection arrived on (`actual` is the connection's local
+/// address; a listener bound to 0.0.0.0 or [::] matches any address on its port).
+fn listener_setting<'a, T>(list: &'a [(SocketAddr, T)], actual: &SocketAddr) -> Option<&'a T> {
+    list.iter()
+        .find(|(bound, _)| {
+            bound.port() == actual.port()
+                && (bound.ip().is_unspecified() || bound.ip() == actual.ip())
+        })
+        .map(|(_, v)| v)
+}
+
+/// `https://HOST[:PORT]/path?query` for a redirect, or None without a sane Host.
+fn https_location(req: &RequestHeader, port: u16) -> Option<HeaderValue> {
+    let host = request_host(req).filter(|h| !h.is_empty())?;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    HeaderValue::from_str(&location).ok()
+}
+
 fn request_host(req: &RequestHeader) -> Option<&str> {
     if let Some(h) = req.uri.host() {
         return Some(h);
@@ -442,6 +470,33 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
+        if !rt.redirects.is_empty() && !ctx.tls {
+            let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+            if let Some(port) = local.and_then(|l| listener_setting(&rt.redirects, &l)) {
+                let location = https_location(session.req_header(), *port);
+                ctx.rt = Some(rt);
+                return match location {
+                    Some(location) => {
+                        let mut resp = ResponseHeader::build(308, Some(2))?;
+                        resp.insert_header(http::header::LOCATION, location)?;
+                        resp.insert_header(http::header::CONTENT_LENGTH, 0)?;
+                        session.write_response_header(Box::new(resp), true).await?;
+                        Ok(true)
+                    }
+                    None => {
+                        respond_json(
+                            session,
+                            400,
+                            "no usable Host to redirect to",
+                            Some(ctx.request_id()),
+                        )
+                        .await?;
+                        Ok(true)
+                    }
+                };
+            }
+        }
+        let req = session.req_header();
         let path = match normalize_path(req.uri.path()) {
             Ok(p) => p,
             Err(_) => {
@@ -636,10 +691,18 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.tls {
+            if let Some(rt) = ctx.rt.as_ref().filter(|rt| !rt.hsts.is_empty()) {
+                let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+                if let Some(value) = local.and_then(|l| listener_setting(&rt.hsts, &l)) {
+                    resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, value.clone())?;
+                }
+            }
+        }
         if let Some(id) = &ctx.request_id {
             resp.insert_header(X_REQUEST_ID.clone(), id.clone())?;
         }

@@ -91,7 +91,7 @@ impl ControlPlane {
         };
         if next.bindings != self.startup_bindings {
             warn!(
-                "listeners, admin address, h2c, threads or the upstream pool size changed in {}: restart required for those; everything else is applied",
+                "listeners (address, buffer, TLS on/off, ALPN, client certificates), admin address, h2c, threads or the upstream pool size changed in {}: restart required for those; everything else (certificates included) is applied",
                 self.path.display()
             );
         }

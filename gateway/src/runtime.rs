@@ -3,9 +3,12 @@
 //! `Arc<Runtime>` it started with until it ends.
 
 use crate::auth::AuthPolicy;
-use crate::config::{parse_cidr, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts};
+use crate::config::{
+    parse_cidr, ClientAuthConfig, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts,
+};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
+use crate::tls::CertStore;
 use crate::upstream::{make_resolver, Upstream, UpstreamSpec};
 use hickory_resolver::TokioResolver;
 use ipnet::IpNet;
@@ -34,11 +37,16 @@ pub struct Route {
     pub rate_limit: Option<Arc<RateLimitPolicy>>,
 }
 
+/// A listener as bound at startup: address, read buffer size, and for TLS listeners whether
+/// HTTP/2 is offered and the client-certificate policy.
+pub type ListenerBinding = (SocketAddr, usize, Option<(bool, Option<ClientAuthConfig>)>);
+
 /// What a listener binding looks like, to tell when a reload would need a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bindings {
-    /// Listener name → address and read buffer size.
-    pub listeners: BTreeMap<String, (SocketAddr, usize)>,
+    /// Listener name → address, read buffer size, and TLS handshake settings (ALPN h2,
+    /// client certificates) which are fixed when the listener starts.
+    pub listeners: BTreeMap<String, ListenerBinding>,
     /// Admin address.
     pub admin: Option<SocketAddr>,
     /// h2c on plain listeners.
@@ -56,7 +64,10 @@ impl Bindings {
             listeners: config
                 .listeners
                 .iter()
-                .map(|(k, v)| (k.clone(), (v.address.value.0, v.read_buffer)))
+                .map(|(k, v)| {
+                    let tls = v.tls.as_ref().map(|t| (t.http2, t.client_auth.clone()));
+                    (k.clone(), (v.address.value.0, v.read_buffer, tls))
+                })
                 .collect(),
             admin: config.admin.as_ref().map(|a| a.address.value.0),
             h2c: config.h2c,
@@ -82,6 +93,13 @@ pub struct Runtime {
     pub auth: BTreeMap<String, Arc<AuthPolicy>>,
     /// Rate-limit policies by name.
     pub rate_limits: BTreeMap<String, Arc<RateLimitPolicy>>,
+    /// Certificate stores of the TLS listeners, by listener name. The same stores live on
+    /// from runtime to runtime (Pingora holds them as the listeners' resolvers).
+    pub tls_stores: BTreeMap<String, Arc<CertStore>>,
+    /// Plain listeners that redirect to HTTPS: their address and the HTTPS port.
+    pub redirects: Vec<(SocketAddr, u16)>,
+    /// TLS listeners that send `Strict-Transport-Security`, with the value.
+    pub hsts: Vec<(SocketAddr, http::HeaderValue)>,
     /// Headers that carry forwarded claims: removed from every client request.
     pub identity_headers: Vec<http::HeaderName>,
     /// Peers whose forwarding headers are believed.
@@ -230,6 +248,37 @@ pub async fn build(
         });
     }
 
+    // TLS last: replacing a store's certificates is the one step that changes running state,
+    // so it happens only once everything else has been built.
+    let mut tls_stores = BTreeMap::new();
+    let mut redirects = Vec::new();
+    let mut hsts = Vec::new();
+    for (name, l) in &config.listeners {
+        let addr = l.address.value.0;
+        if let Some(port) = l.redirect_https {
+            redirects.push((addr, port));
+        }
+        let Some(tls) = &l.tls else { continue };
+        if let Some(value) = &tls.hsts {
+            let value = http::HeaderValue::from_str(value)
+                .map_err(|_| format!("listeners.{name}.tls.hsts: not a header value"))?;
+            hsts.push((addr, value));
+        }
+        let store = match previous.and_then(|p| p.tls_stores.get(name)) {
+            Some(store) => {
+                if !store.serves(&tls.certificates) {
+                    store
+                        .replace(&tls.certificates)
+                        .map_err(|e| format!("listeners.{name}.tls: {e}"))?;
+                }
+                store.clone()
+            }
+            None => CertStore::new(name, tls).map_err(|e| format!("listeners.{name}.tls: {e}"))?,
+        };
+        store.set_poll_interval(tls.reload_interval.0);
+        tls_stores.insert(name.clone(), store);
+    }
+
     let trusted_proxies = config
         .trusted_proxies
         .iter()
@@ -244,6 +293,9 @@ pub async fn build(
         upstreams,
         auth,
         rate_limits,
+        tls_stores,
+        redirects,
+        hsts,
         identity_headers,
         trusted_proxies,
         forwarding: config.forwarding,
@@ -253,8 +305,8 @@ pub async fn build(
     })
 }
 
-/// Starts the background tasks (discovery, health checks, JWKS refresh, rate-limit cleanup) of
-/// every upstream and policy that does not run them yet. Must be called
+/// Starts the background tasks (discovery, health checks, JWKS refresh, rate-limit cleanup,
+/// certificate watching) of every upstream, policy and TLS listener that does not run them yet. Must be called
 /// on the control-plane Tokio runtime.
 pub fn start_upstream_tasks(rt: &Runtime) {
     for u in rt.upstreams.values() {
@@ -265,5 +317,8 @@ pub fn start_upstream_tasks(rt: &Runtime) {
     }
     for l in rt.rate_limits.values() {
         l.spawn_tasks();
+    }
+    for store in rt.tls_stores.values() {
+        store.spawn_watch();
     }
 }

@@ -91,10 +91,15 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         .build();
     for (name, l) in &loaded.config.listeners {
         let addr = l.address.value.0.to_string();
-        info!(listener = %name, address = %addr, "listening");
-        proxy.add_listener(
-            ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(l.read_buffer)),
-        );
+        let mut listener = ListenerConfig::tcp(addr.clone())
+            .l4_buffer(L4BufferSettings::default().read(l.read_buffer));
+        if let (Some(tls), Some(store)) = (&l.tls, shared.load().tls_stores.get(name)) {
+            let settings = crate::tls::settings(store.clone(), tls)
+                .map_err(|e| anyhow::anyhow!("{}: listeners.{name}.tls: {e}", path.display()))?;
+            listener = listener.tls(settings);
+        }
+        info!(listener = %name, address = %addr, tls = l.tls.is_some(), "listening");
+        proxy.add_listener(listener);
     }
     server.add_service(proxy);
 

@@ -82,6 +82,31 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
     }
     let mut bound: HashMap<std::net::SocketAddr, String> = HashMap::new();
     for (name, l) in &config.listeners {
+        if let Some(tls) = &l.tls {
+            if let Err(e) = crate::tls::check(name, tls) {
+                let at = tls
+                    .certificates
+                    .first()
+                    .map_or(&l.address.referenced, |c| &c.cert.referenced);
+                return Err(c.err(at, format!("listeners.{name}.tls"), e));
+            }
+            if l.redirect_https.is_some() {
+                return Err(c.err_at(
+                    &l.address,
+                    format!("listeners.{name}.redirect_https"),
+                    "only a plain (non-TLS) listener redirects to HTTPS",
+                ));
+            }
+            if let Some(hsts) = &tls.hsts {
+                if http::HeaderValue::from_str(hsts).is_err() {
+                    return Err(c.err_at(
+                        &l.address,
+                        format!("listeners.{name}.tls.hsts"),
+                        "not a valid header value",
+                    ));
+                }
+            }
+        }
         if !(1024..=1 << 20).contains(&l.read_buffer) {
             return Err(c.err_at(
                 &l.address,

@@ -391,6 +391,9 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub config_path: PathBuf,
     log_path: PathBuf,
+    /// More listeners (YAML lines indented under `listeners:`), and settings of `http`.
+    extra_listeners: String,
+    http_settings: String,
 }
 
 /// The binary under test.
@@ -402,6 +405,12 @@ impl Gateway {
     /// Starts the gateway with `body` appended to a header that sets `threads: 1`, the
     /// `http` listener, the admin listener, short shutdown times and fast reload polling.
     pub async fn start(body: &str) -> Gateway {
+        Gateway::start_with("", "", body).await
+    }
+
+    /// Like [`Gateway::start`], with `http_settings` added to the `http` listener (`, key:
+    /// value` pairs) and `extra_listeners` (lines such as `  https: { ... }`) after it.
+    pub async fn start_with(http_settings: &str, extra_listeners: &str, body: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
             .parse()
@@ -418,6 +427,8 @@ impl Gateway {
             admin,
             config_path,
             log_path,
+            extra_listeners: extra_listeners.to_string(),
+            http_settings: http_settings.to_string(),
         };
         gw.write_config(body);
         let mut gw = gw;
@@ -429,8 +440,8 @@ impl Gateway {
     /// The full configuration text for `body`.
     pub fn config_text(&self, body: &str) -> String {
         format!(
-            "threads: 1\nlisteners:\n  http: {{ address: \"{}\" }}\nadmin: {{ address: \"{}\" }}\nshutdown: {{ grace_period: 1s, final_timeout: 1s }}\nreload: {{ debounce: 50ms, poll_interval: 200ms }}\n{}",
-            self.http, self.admin, body
+            "threads: 1\nlisteners:\n  http: {{ address: \"{}\"{} }}\n{}admin: {{ address: \"{}\" }}\nshutdown: {{ grace_period: 1s, final_timeout: 1s }}\nreload: {{ debounce: 50ms, poll_interval: 200ms }}\n{}",
+            self.http, self.http_settings, self.extra_listeners, self.admin, body
         )
     }
 

@@ -1,0 +1,347 @@
+//! TLS termination (rustls): certificates chosen by SNI through a custom `ResolvesServerCert`
+//! handed to Pingora, reloaded when their files change on disk or when a configuration reload
+//! names other files; a broken new pair is refused and the old one keeps serving.
+//!
+//! Also: client-certificate verification, and `gateway certs`, which makes a local CA and leaf
+//! certificates for development.
+
+use crate::config::{CertificateConfig, ClientAuthConfig, TlsConfig};
+use arc_swap::ArcSwap;
+use pingora::listeners::tls::TlsSettings;
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+use tracing::{error, info};
+
+/// The certificates of one listener, by name.
+#[derive(Default)]
+struct CertTable {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` stored as `example.com`: matches exactly one more label.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// The first certificate: for clients without SNI or with an unknown name.
+    default: Option<Arc<CertifiedKey>>,
+}
+
+/// A file's identity for change detection.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// A listener's certificate store: Pingora's resolver for the listener's whole life; its
+/// contents are swapped on reloads.
+pub struct CertStore {
+    listener: String,
+    table: ArcSwap<CertTable>,
+    /// The configured pairs and the file stamps they were loaded from.
+    source: Mutex<(Vec<CertificateConfig>, Vec<Stamp>)>,
+    poll_ms: AtomicU64,
+    watching: AtomicBool,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CertStore({})", self.listener)
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.table.load();
+        if let Some(name) = hello.server_name() {
+            // rustls hands over SNI already validated as a DNS name; compare case-insensitively.
+            let name = name.to_ascii_lowercase();
+            if let Some(c) = table.exact.get(&name) {
+                return Some(c.clone());
+            }
+            if let Some((_, parent)) = name.split_once('.') {
+                if let Some(c) = table.wildcard.get(parent) {
+                    return Some(c.clone());
+                }
+            }
+        }
+        table.default.clone()
+    }
+}
+
+/// Reads a certificate chain and its key; checks that they belong together.
+fn load_pair(c: &CertificateConfig) -> Result<(Arc<CertifiedKey>, Vec<String>), String> {
+    let cert_path = &c.cert.value;
+    let key_path = &c.key.value;
+    let certs: Vec<CertificateDer<'static>> = {
+        let pem = std::fs::read(cert_path).map_err(|e| format!("{cert_path}: {e}"))?;
+        rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{cert_path}: {e}"))?
+    };
+    if certs.is_empty() {
+        return Err(format!("{cert_path}: no certificate in the file"));
+    }
+    let key: PrivateKeyDer<'static> = {
+        let pem = std::fs::read(key_path).map_err(|e| format!("{key_path}: {e}"))?;
+        rustls_pemfile::private_key(&mut pem.as_slice())
+            .map_err(|e| format!("{key_path}: {e}"))?
+            .ok_or_else(|| format!("{key_path}: no private key in the file"))?
+    };
+    let signer = any_supported_type(&key).map_err(|e| format!("{key_path}: {e}"))?;
+    let certified = CertifiedKey::new(certs, signer);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{key_path} does not belong to {cert_path}: {e}"))?;
+    let names = if c.names.is_empty() {
+        san_names(&certified.cert[0]).map_err(|e| format!("{cert_path}: {e}"))?
+    } else {
+        c.names.iter().map(|n| n.to_ascii_lowercase()).collect()
+    };
+    Ok((Arc::new(certified), names))
+}
+
+/// The DNS names a certificate is for (subjectAltName).
+fn san_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(names)
+}
+
+fn build_table(certs: &[CertificateConfig]) -> Result<CertTable, String> {
+    let mut table = CertTable::default();
+    for c in certs {
+        let (key, names) = load_pair(c)?;
+        for name in names {
+            match name.strip_prefix("*.") {
+                Some(parent) => table.wildcard.entry(parent.to_string()),
+                None => table.exact.entry(name),
+            }
+            .or_insert_with(|| key.clone());
+        }
+        table.default.get_or_insert(key);
+    }
+    Ok(table)
+}
+
+impl CertStore {
+    /// Loads a listener's certificates; any unreadable or mismatched pair is an error.
+    pub fn new(listener: &str, tls: &TlsConfig) -> Result<Arc<CertStore>, String> {
+        let table = build_table(&tls.certificates)?;
+        let stamps = tls
+            .certificates
+            .iter()
+            .flat_map(files)
+            .map(|p| stamp(&p))
+            .collect();
+        Ok(Arc::new(CertStore {
+            listener: listener.to_string(),
+            table: ArcSwap::from_pointee(table),
+            source: Mutex::new((tls.certificates.clone(), stamps)),
+            poll_ms: AtomicU64::new(tls.reload_interval.0.as_millis() as u64),
+            watching: AtomicBool::new(false),
+        }))
+    }
+
+    /// Serves `certs` from now on (a configuration reload). On error nothing changes.
+    pub fn replace(&self, certs: &[CertificateConfig]) -> Result<(), String> {
+        let table = build_table(certs)?;
+        let stamps = certs.iter().flat_map(files).map(|p| stamp(&p)).collect();
+        self.table.store(Arc::new(table));
+        if let Ok(mut source) = self.source.lock() {
+            *source = (certs.to_vec(), stamps);
+        }
+        Ok(())
+    }
+
+    /// Reloads when a file changed since the last load. A broken pair is logged and the
+    /// certificates in use stay.
+    fn reload_if_changed(&self) {
+        let (certs, old) = match self.source.lock() {
+            Ok(s) => (s.0.clone(), s.1.clone()),
+            Err(_) => return,
+        };
+        let now: Vec<Stamp> = certs.iter().flat_map(files).map(|p| stamp(&p)).collect();
+        if now == old {
+            return;
+        }
+        match build_table(&certs) {
+            Ok(table) => {
+                self.table.store(Arc::new(table));
+                info!(listener = %self.listener, "certificates reloaded");
+            }
+            Err(e) => {
+                error!(listener = %self.listener, error = %e, "new certificates refused; the previous ones keep serving")
+            }
+        }
+        // Remember the stamps either way: a broken file is reported once, not every poll.
+        if let Ok(mut source) = self.source.lock() {
+            source.1 = now;
+        }
+    }
+
+    /// Whether the store was loaded from exactly these pairs.
+    pub fn serves(&self, certs: &[CertificateConfig]) -> bool {
+        self.source.lock().is_ok_and(|s| {
+            s.0.len() == certs.len()
+                && s.0.iter().zip(certs).all(|(a, b)| {
+                    a.cert.value == b.cert.value && a.key.value == b.key.value && a.names == b.names
+                })
+        })
+    }
+
+    /// How often the files are checked from now on.
+    pub fn set_poll_interval(&self, every: Duration) {
+        self.poll_ms
+            .store(every.as_millis().max(10) as u64, Ordering::Relaxed);
+    }
+
+    /// Starts polling the certificate files, once. Runs on the control-plane runtime; ends
+    /// when the store is dropped.
+    pub fn spawn_watch(self: &Arc<Self>) {
+        if self.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<CertStore> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let every = match weak.upgrade() {
+                    Some(store) => Duration::from_millis(store.poll_ms.load(Ordering::Relaxed)),
+                    None => return,
+                };
+                tokio::time::sleep(every).await;
+                let Some(store) = weak.upgrade() else { return };
+                store.reload_if_changed();
+            }
+        });
+    }
+}
+
+fn files(c: &CertificateConfig) -> [PathBuf; 2] {
+    [PathBuf::from(&c.cert.value), PathBuf::from(&c.key.value)]
+}
+
+/// Pingora's TLS settings for a listener: TLS 1.2 and 1.3 only (Pingora's rustls default),
+/// rustls's modern cipher suites, ALPN h2 + http/1.1, certificates from `store`, and the
+/// client-certificate policy.
+pub fn settings(store: Arc<CertStore>, tls: &TlsConfig) -> Result<TlsSettings, String> {
+    // No certificate paths: the resolver answers every handshake.
+    let mut settings =
+        TlsSettings::intermediate("", "").map_err(|e| format!("TLS settings: {e}"))?;
+    settings.set_cert_resolver(store);
+    if tls.http2 {
+        settings.enable_h2();
+    } else {
+        settings.set_alpn(pingora::protocols::ALPN::H1);
+    }
+    if let Some(client) = &tls.client_auth {
+        settings.set_client_cert_verifier(client_verifier(client)?);
+    }
+    Ok(settings)
+}
+
+fn client_verifier(
+    c: &ClientAuthConfig,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let pem = std::fs::read(&c.ca).map_err(|e| format!("client_auth.ca {}: {e}", c.ca))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("client_auth.ca {}: {e}", c.ca))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("client_auth.ca {}: {e}", c.ca))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "client_auth.ca {}: no certificate in the file",
+            c.ca
+        ));
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    );
+    let builder = if c.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|e| format!("client_auth: {e}"))
+}
+
+/// Checks a listener's TLS section without serving: every pair loads, the CA reads.
+pub fn check(listener: &str, tls: &TlsConfig) -> Result<(), String> {
+    if tls.certificates.is_empty() {
+        return Err("certificates: at least one is needed".into());
+    }
+    CertStore::new(listener, tls)?;
+    if let Some(c) = &tls.client_auth {
+        client_verifier(c)?;
+    }
+    Ok(())
+}
+
+/// Writes a development CA (`ca.pem`, `ca-key.pem`) and a leaf certificate for `names`
+/// (`NAME.pem`, `NAME-key.pem`, NAME being the first name) into `dir`. An existing CA in `dir`
+/// is reused, so several leaves share one CA.
+pub fn make_dev_certs(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ca_cert_path = dir.join("ca.pem");
+    let ca_key_path = dir.join("ca-key.pem");
+    let write = |path: &Path, text: &str, private: bool| -> Result<(), String> {
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "gateway development CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let (ca_key, ca_cert) = if ca_cert_path.is_file() && ca_key_path.is_file() {
+        // Same name and key as the CA on disk: leaves signed now chain to that ca.pem.
+        let key_pem = std::fs::read_to_string(&ca_key_path).map_err(|e| e.to_string())?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| format!("ca-key.pem: {e}"))?;
+        let cert = ca_params.self_signed(&key).map_err(|e| e.to_string())?;
+        (key, cert)
+    } else {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = ca_params.self_signed(&key).map_err(|e| e.to_string())?;
+        write(&ca_cert_path, &cert.pem(), false)?;
+        write(&ca_key_path, &key.serialize_pem(), true)?;
+        (key, cert)
+    };
+    let first = names.first().ok_or("at least one name is needed")?;
+    let mut leaf = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, first.as_str());
+    let leaf_key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .map_err(|e| e.to_string())?;
+    let stem = first.replace('*', "wildcard");
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}-key.pem"));
+    write(&cert_path, &leaf_cert.pem(), false)?;
+    write(&key_path, &leaf_key.serialize_pem(), true)?;
+    Ok(vec![ca_cert_path, cert_path, key_path])
+}

@@ -1,0 +1,380 @@
+//! TLS termination with real TLS clients (rustls, and curl): SNI picks the certificate, a
+//! certificate rotated on disk is served to the next handshake and a broken one is refused,
+//! HTTP/2 is negotiated by ALPN, TLS 1.1 is refused, HTTP is redirected, HSTS is sent.
+
+mod common;
+
+use common::*;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes a leaf certificate (and the shared CA) with `gateway certs`.
+fn certs(dir: &Path, names: &[&str]) {
+    let out = std::process::Command::new(gateway_bin())
+        .arg("certs")
+        .arg("--dir")
+        .arg(dir)
+        .args(names)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Accepts any certificate and keeps the one it was shown, to see which one was served.
+#[derive(Debug, Default)]
+struct Recorder(Mutex<Option<CertificateDer<'static>>>);
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = Some(end_entity.clone().into_owned());
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The DNS names of the certificate served for `sni`.
+async fn served_names(addr: SocketAddr, sni: &str) -> Vec<String> {
+    let recorder = Arc::new(Recorder::default());
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(recorder.clone())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let der = recorder.0.lock().unwrap().clone().unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A verifying client that trusts the development CA: a request over TLS, and the ALPN result.
+async fn https_get(
+    addr: SocketAddr,
+    ca: &Path,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> (Option<Vec<u8>>, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    if negotiated.as_deref() == Some(b"h2") {
+        return (negotiated, String::new());
+    }
+    tls.write_all(
+        format!("GET /x HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    (negotiated, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_rotation_alpn_versions_redirect_and_hsts() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, &["a.test"]);
+    certs(d, &["b.test", "*.wild.test"]);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let listener = format!(
+        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }}, {{ cert: \"{0}/b.test.pem\", key: \"{0}/b.test-key.pem\" }} ], hsts: \"max-age=600\", reload_interval: 100ms }} }}\n",
+        d.display()
+    );
+    let gw = Gateway::start_with(
+        &format!(", redirect_https: {}", https.port()),
+        &listener,
+        &format!(
+            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+            backend.addr
+        ),
+    )
+    .await;
+
+    // SNI picks the certificate; an unknown name or none gets the first one.
+    assert_eq!(served_names(https, "a.test").await, ["a.test"]);
+    assert_eq!(
+        served_names(https, "B.TEST").await,
+        ["b.test", "*.wild.test"]
+    );
+    assert_eq!(
+        served_names(https, "x.wild.test").await,
+        ["b.test", "*.wild.test"]
+    );
+    assert_eq!(served_names(https, "deeper.x.wild.test").await, ["a.test"]);
+    assert_eq!(served_names(https, "unknown.test").await, ["a.test"]);
+
+    // A verified HTTP/1.1 request over TLS, with HSTS; h2 is chosen when offered.
+    let ca = d.join("ca.pem");
+    let (alpn, response) = https_get(https, &ca, "a.test", &[b"http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=600"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\"x-forwarded-proto\":\"https\""),
+        "{response}"
+    );
+    let (alpn, _) = https_get(https, &ca, "b.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    // Plain HTTP gets the redirect, not HSTS.
+    let no_follow = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 308);
+    assert!(r.headers().get("strict-transport-security").is_none());
+
+    // The plain listener redirects to the HTTPS port, path and query kept.
+    let out = raw_request(
+        gw.http,
+        b"GET /a/b?c=1 HTTP/1.1\r\nHost: a.test:8080\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 308"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains(&format!(
+            "location: https://a.test:{}/a/b?c=1",
+            https.port()
+        )),
+        "{out}"
+    );
+
+    // curl: HTTP/2 over TLS works; TLS 1.1 is refused.
+    let url = format!("https://a.test:{}/x", https.port());
+    let resolve = format!("a.test:{}:127.0.0.1", https.port());
+    let curl = |extra: &[&str]| {
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(["--resolve", &resolve, "--cacert"])
+            .arg(&ca)
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl (scripts/test installs it)")
+    };
+    let out = curl(&["--http2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2 200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = curl(&["--tlsv1.1", "--tls-max", "1.1"]);
+    assert!(!out.status.success(), "TLS 1.1 was accepted");
+    let out = curl(&["--tlsv1.2", "--tls-max", "1.2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2 200",
+        "TLS 1.2: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Rotation: a new certificate on disk is served to the next handshake.
+    let before = std::fs::read(d.join("a.test.pem")).unwrap();
+    certs(d, &["a.test", "a2.test"]);
+    assert_ne!(before, std::fs::read(d.join("a.test.pem")).unwrap());
+    let mut rotated = false;
+    for _ in 0..50 {
+        if served_names(https, "a.test").await == ["a.test", "a2.test"] {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        rotated,
+        "the rotated certificate was not served: {}",
+        gw.log()
+    );
+    assert!(gw.log().contains("certificates reloaded"));
+
+    // A broken key is refused; the certificate in use keeps serving.
+    std::fs::write(
+        d.join("a.test-key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        gw.log().contains("new certificates refused"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(served_names(https, "a.test").await, ["a.test", "a2.test"]);
+    let (_, response) = https_get(https, &ca, "a2.test", &[b"http/1.1"]).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_and_bad_tls_config() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, &["server.test"]);
+    certs(d, &["client.test"]);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let listener = format!(
+        "  mtls: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/server.test.pem\", key: \"{0}/server.test-key.pem\" }} ], client_auth: {{ ca: \"{0}/ca.pem\" }} }} }}\n",
+        d.display()
+    );
+    let _gw = Gateway::start_with(
+        "",
+        &listener,
+        &format!(
+            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+            backend.addr
+        ),
+    )
+    .await;
+    let url = format!("https://server.test:{}/", https.port());
+    let resolve = format!("server.test:{}:127.0.0.1", https.port());
+    let curl = |extra: &[&str]| {
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                "--resolve",
+                &resolve,
+                "--cacert",
+            ])
+            .arg(d.join("ca.pem"))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    // Without a client certificate the handshake fails; with one signed by the CA it passes.
+    assert!(!curl(&[]).status.success());
+    let cert = d.join("client.test.pem");
+    let key = d.join("client.test-key.pem");
+    let out = curl(&[
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `gateway check` refuses unreadable or mismatched pairs, naming the listener.
+    let cfg = d.join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners:\n  https:\n    address: \"127.0.0.1:1\"\n    tls: {{ certificates: [ {{ cert: \"{0}/server.test.pem\", key: \"{0}/client.test-key.pem\" }} ] }}\nupstreams:\n  b: {{ targets: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ name: r, upstream: b }}\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(gateway_bin())
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(":4:")
+            && err.contains("listeners.https.tls")
+            && err.contains("does not belong to"),
+        "{err}"
+    );
+}
