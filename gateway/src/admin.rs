@@ -53,6 +53,29 @@ impl ServeHttp for Admin {
                     )
                 }
             }
+            "/metrics" => {
+                let rt = self.runtime.load();
+                let now = crate::upstream::now_ms();
+                crate::metrics::METRICS.set_replicas(rt.upstreams.iter().map(|(name, up)| {
+                    let set = up.replicas();
+                    let replicas = set
+                        .replicas
+                        .iter()
+                        .map(|r| (r.addr.to_string(), r.is_available(now)))
+                        .collect();
+                    (name.as_str(), replicas)
+                }));
+                let body = crate::metrics::METRICS.render().into_bytes();
+                Response::builder()
+                    .status(200)
+                    .header(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                    .header(http::header::CONTENT_LENGTH, body.len())
+                    .body(body)
+                    .unwrap_or_default()
+            }
             _ => json(404, "{\"error\":\"not found\",\"status\":404}\n".into()),
         }
     }

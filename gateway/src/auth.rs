@@ -68,6 +68,8 @@ pub struct AuthPolicy {
     pub forward: Vec<(String, HeaderName)>,
     cookie: Option<String>,
     tasks_started: std::sync::atomic::AtomicBool,
+    /// Metric handles.
+    pub metrics: crate::metrics::AuthMetrics,
 }
 
 struct JwksSource {
@@ -310,6 +312,7 @@ impl AuthPolicy {
             forward,
             cookie: cfg.cookie.clone(),
             tasks_started: std::sync::atomic::AtomicBool::new(false),
+            metrics: crate::metrics::AuthMetrics::new(name),
         })
     }
 
@@ -345,6 +348,22 @@ impl AuthPolicy {
     /// Checks `token`; on success returns the claims to forward and, when `key_claim` is
     /// given, that claim's value hashed as a rate-limit key.
     pub async fn verify(
+        &self,
+        token: &str,
+        key_claim: Option<&str>,
+    ) -> Result<(ForwardedClaims, Option<u64>), AuthError> {
+        let outcome = self.check_token(token, key_claim).await;
+        match &outcome {
+            Ok(_) => self.metrics.ok.inc(),
+            Err(AuthError::Missing) => self.metrics.missing.inc(),
+            Err(AuthError::Invalid(_)) => self.metrics.invalid.inc(),
+            Err(AuthError::Forbidden(_)) => self.metrics.forbidden.inc(),
+            Err(AuthError::NoKeys) => self.metrics.no_keys.inc(),
+        }
+        outcome
+    }
+
+    async fn check_token(
         &self,
         token: &str,
         key_claim: Option<&str>,

@@ -14,6 +14,7 @@
 
 use crate::auth::{AuthError, ForwardedClaims};
 use crate::config::HashKey;
+use crate::metrics::METRICS;
 use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
 use crate::routing::normalize_path;
 use crate::runtime::Runtime;
@@ -83,6 +84,10 @@ pub struct RequestCtx {
     claims: ForwardedClaims,
     /// The rate limit the request passed, with its remaining burst and reset seconds.
     quota: Option<(Arc<RateLimitPolicy>, u32, u64)>,
+    /// When the request arrived (set with the in-flight gauge).
+    started: Option<std::time::Instant>,
+    /// A route matched (`route` is meaningful), whatever happened next.
+    routed: bool,
 }
 
 impl RequestCtx {
@@ -119,9 +124,18 @@ impl RequestCtx {
             if let Some(policy) = route.upstream.passive() {
                 let now = now_ms();
                 let may_eject = route.upstream.has_alternative(&[r.id], now);
-                r.report_failure(policy, now, may_eject);
+                if r.report_failure(policy, now, may_eject) {
+                    route.upstream.metrics.ejections.inc();
+                }
             }
             self.verdict = true;
+        }
+    }
+
+    /// Counts a retry about to be made.
+    fn count_retry(&self, retry: bool) {
+        if let (true, Some(route)) = (retry, self.route()) {
+            route.upstream.metrics.retries.inc();
         }
     }
 
@@ -441,6 +455,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.started = Some(std::time::Instant::now());
+        METRICS.in_flight.inc();
         let rt = self.runtime.load_full();
         let peer = session
             .client_addr()
@@ -514,6 +530,8 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         let route = route as usize;
+        ctx.route = route;
+        ctx.routed = true;
         ctx.new_path = match rt.routes[route].rewrite.apply(&path) {
             Some(p) => Some(p),
             None => match path {
@@ -530,7 +548,10 @@ impl ProxyHttp for Gateway {
             };
             let checked = match policy.token(&session.req_header().headers) {
                 None if rt.routes[route].auth_optional => Ok((Vec::new(), None)),
-                None => Err(AuthError::Missing),
+                None => {
+                    policy.metrics.missing.inc();
+                    Err(AuthError::Missing)
+                }
                 Some(token) => policy.verify(token, key_claim).await,
             };
             match checked {
@@ -575,7 +596,6 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        ctx.route = route;
         ctx.rt = Some(rt);
         Ok(false)
     }
@@ -679,9 +699,12 @@ impl ProxyHttp for Gateway {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _resp: &mut ResponseHeader,
+        resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(route) = ctx.route() {
+            route.upstream.metrics.response(resp.status.as_u16());
+        }
         if let Some(r) = &ctx.replica {
             r.report_success();
             ctx.verdict = true;
@@ -721,8 +744,17 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the upstream: always safe to try another replica.
+        if let Some(route) = ctx.route() {
+            let m = &route.upstream.metrics;
+            match e.etype() {
+                ErrorType::ConnectTimedout => m.timeouts.inc(),
+                _ => m.connect_errors.inc(),
+            }
+        }
         ctx.report_failure();
-        e.set_retry(ctx.may_retry());
+        let retry = ctx.may_retry();
+        ctx.count_retry(retry);
+        e.set_retry(retry);
         e
     }
 
@@ -737,6 +769,15 @@ impl ProxyHttp for Gateway {
         let upstream_side = *e.esource() == ErrorSource::Upstream;
         // A pooled connection the upstream had closed: not the replica's fault.
         let stale_pooled = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
+        if let (true, Some(route)) = (upstream_side && !stale_pooled, ctx.route()) {
+            let m = &route.upstream.metrics;
+            match e.etype() {
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    m.timeouts.inc()
+                }
+                _ => m.other_errors.inc(),
+            }
+        }
         if upstream_side && !stale_pooled {
             ctx.report_failure();
         }
@@ -750,7 +791,9 @@ impl ProxyHttp for Gateway {
             // Retrying the same replica on a fresh connection is fine.
             ctx.tried_len -= 1;
         }
-        e.set_retry(safe && ctx.may_retry());
+        let retry = safe && ctx.may_retry();
+        ctx.count_retry(retry);
+        e.set_retry(retry);
         e
     }
 
@@ -791,8 +834,23 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release_replica();
+        let Some(started) = ctx.started else { return };
+        METRICS.in_flight.dec();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route_metrics = match (&ctx.rt, ctx.route()) {
+            (_, Some(route)) if ctx.routed => &route.metrics,
+            (Some(rt), _) => &rt.unmatched,
+            (None, _) => return,
+        };
+        route_metrics.record(
+            &session.req_header().method,
+            status,
+            started.elapsed().as_secs_f64(),
+            session.body_bytes_read(),
+            session.body_bytes_sent(),
+        );
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {

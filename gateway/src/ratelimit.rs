@@ -111,6 +111,7 @@ pub struct RateLimitPolicy {
     full: AtomicBool,
     checks: AtomicU32,
     tasks_started: AtomicBool,
+    metrics: crate::metrics::RateLimitMetrics,
 }
 
 /// Parses `N/s`, `N/m` or `N/h`.
@@ -186,6 +187,7 @@ impl RateLimitPolicy {
             full: AtomicBool::new(false),
             checks: AtomicU32::new(0),
             tasks_started: AtomicBool::new(false),
+            metrics: crate::metrics::RateLimitMetrics::new(name),
         })
     }
 
@@ -194,7 +196,10 @@ impl RateLimitPolicy {
         let key = match (key, self.missing) {
             (Some(k), _) => k,
             (None, MissingKey::Shared) => LimitKey::Shared,
-            (None, MissingKey::Reject) => return Decision::NoKey,
+            (None, MissingKey::Reject) => {
+                self.metrics.no_key.inc();
+                return Decision::NoKey;
+            }
         };
         // The table size is looked at every 256 checks (and by the cleanup task), not on
         // every request: counting it visits every shard.
@@ -210,6 +215,7 @@ impl RateLimitPolicy {
         };
         match self.limiter.check_key(&key) {
             Ok(state) => {
+                self.metrics.allowed.inc();
                 let remaining = state.remaining_burst_capacity();
                 let used = u128::from(self.burst.saturating_sub(remaining));
                 let reset = (used * self.per_request.as_nanos()).div_ceil(1_000_000_000);
@@ -219,6 +225,7 @@ impl RateLimitPolicy {
                 }
             }
             Err(not_until) => {
+                self.metrics.limited.inc();
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
                 Decision::Limited {
                     retry_after: wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64,

@@ -3,6 +3,7 @@
 //! whole new runtime, then swaps it in at once; any failure keeps the running one.
 
 use crate::config::{self, ReloadConfig};
+use crate::metrics::METRICS;
 use crate::runtime::{self, Bindings, Runtime};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -71,6 +72,7 @@ impl ControlPlane {
             Ok(l) => l,
             Err(e) => {
                 error!("configuration rejected, the running configuration stays: {e}");
+                METRICS.reloads.with_label_values(&["rejected"]).inc();
                 return ReloadOutcome::Rejected(e.to_string());
             }
         };
@@ -86,6 +88,7 @@ impl ControlPlane {
                     "configuration rejected, the running configuration stays: {}: {e}",
                     self.path.display()
                 );
+                METRICS.reloads.with_label_values(&["rejected"]).inc();
                 return ReloadOutcome::Rejected(e);
             }
         };
@@ -96,6 +99,8 @@ impl ControlPlane {
             );
         }
         runtime::start_upstream_tasks(&next);
+        METRICS.config_applied(generation, next.source_hash);
+        METRICS.reloads.with_label_values(&["applied"]).inc();
         self.runtime.store(Arc::new(next));
         info!(generation, "configuration reloaded");
         ReloadOutcome::Applied(generation)

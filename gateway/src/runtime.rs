@@ -6,6 +6,7 @@ use crate::auth::AuthPolicy;
 use crate::config::{
     parse_cidr, ClientAuthConfig, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts,
 };
+use crate::metrics::RouteMetrics;
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::tls::CertStore;
@@ -35,6 +36,8 @@ pub struct Route {
     pub auth_optional: bool,
     /// The rate limit requests are counted under.
     pub rate_limit: Option<Arc<RateLimitPolicy>>,
+    /// The route's metric handles.
+    pub metrics: RouteMetrics,
 }
 
 /// A listener as bound at startup: address, read buffer size, and for TLS listeners whether
@@ -100,6 +103,8 @@ pub struct Runtime {
     pub redirects: Vec<(SocketAddr, u16)>,
     /// TLS listeners that send `Strict-Transport-Security`, with the value.
     pub hsts: Vec<(SocketAddr, http::HeaderValue)>,
+    /// Metric handles for requests that matched no route.
+    pub unmatched: RouteMetrics,
     /// Headers that carry forwarded claims: removed from every client request.
     pub identity_headers: Vec<http::HeaderName>,
     /// Peers whose forwarding headers are believed.
@@ -239,6 +244,7 @@ pub async fn build(
                 None => None,
             },
             auth_optional: r.auth_optional,
+            metrics: RouteMetrics::new(&r.name.value),
             rate_limit: match &r.rate_limit {
                 Some(name) => Some(rate_limits.get(&name.value).cloned().ok_or_else(|| {
                     format!("route {}: no rate limit `{}`", r.name.value, name.value)
@@ -296,6 +302,7 @@ pub async fn build(
         tls_stores,
         redirects,
         hsts,
+        unmatched: RouteMetrics::new("(none)"),
         identity_headers,
         trusted_proxies,
         forwarding: config.forwarding,

@@ -68,6 +68,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let first = control
         .block_on(runtime::build(&loaded, None, 1))
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    crate::metrics::METRICS.config_applied(first.generation, first.source_hash);
     let shared = Arc::new(ArcSwap::from_pointee(first));
     {
         let _in_runtime = control.enter();

@@ -121,10 +121,24 @@ fn san_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-fn build_table(certs: &[CertificateConfig]) -> Result<CertTable, String> {
+/// A certificate's `notAfter`, Unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+fn build_table(listener: &str, certs: &[CertificateConfig]) -> Result<CertTable, String> {
     let mut table = CertTable::default();
+    let mut expiries = Vec::new();
     for c in certs {
         let (key, names) = load_pair(c)?;
+        if let Some(t) = not_after(&key.cert[0]) {
+            let label = names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| c.cert.value.clone());
+            expiries.push((label, t));
+        }
         for name in names {
             match name.strip_prefix("*.") {
                 Some(parent) => table.wildcard.entry(parent.to_string()),
@@ -134,13 +148,19 @@ fn build_table(certs: &[CertificateConfig]) -> Result<CertTable, String> {
         }
         table.default.get_or_insert(key);
     }
+    for (name, t) in expiries {
+        crate::metrics::METRICS
+            .cert_expiry
+            .with_label_values(&[listener, &name])
+            .set(t);
+    }
     Ok(table)
 }
 
 impl CertStore {
     /// Loads a listener's certificates; any unreadable or mismatched pair is an error.
     pub fn new(listener: &str, tls: &TlsConfig) -> Result<Arc<CertStore>, String> {
-        let table = build_table(&tls.certificates)?;
+        let table = build_table(listener, &tls.certificates)?;
         let stamps = tls
             .certificates
             .iter()
@@ -158,7 +178,7 @@ impl CertStore {
 
     /// Serves `certs` from now on (a configuration reload). On error nothing changes.
     pub fn replace(&self, certs: &[CertificateConfig]) -> Result<(), String> {
-        let table = build_table(certs)?;
+        let table = build_table(&self.listener, certs)?;
         let stamps = certs.iter().flat_map(files).map(|p| stamp(&p)).collect();
         self.table.store(Arc::new(table));
         if let Ok(mut source) = self.source.lock() {
@@ -178,7 +198,7 @@ impl CertStore {
         if now == old {
             return;
         }
-        match build_table(&certs) {
+        match build_table(&self.listener, &certs) {
             Ok(table) => {
                 self.table.store(Arc::new(table));
                 info!(listener = %self.listener, "certificates reloaded");

@@ -72,6 +72,8 @@ pub struct Upstream {
     /// addresses of a target whose lookup fails.
     origins: ArcSwap<Vec<(SocketAddr, usize)>>,
     tasks_started: AtomicBool,
+    /// Metric handles.
+    pub metrics: crate::metrics::UpstreamMetrics,
 }
 
 impl Upstream {
@@ -91,6 +93,7 @@ impl Upstream {
             set: ArcSwap::from_pointee(ReplicaSet::empty()),
             origins: ArcSwap::from_pointee(Vec::new()),
             tasks_started: AtomicBool::new(false),
+            metrics: crate::metrics::UpstreamMetrics::new(name),
         });
         let literal: Vec<(SocketAddr, usize)> = up
             .spec
@@ -230,7 +233,10 @@ async fn discovery_loop(weak: Weak<Upstream>, resolver: TokioResolver, every: Du
         tick.tick().await;
         let Some(up) = weak.upgrade() else { return };
         let errors = up.refresh(&resolver).await;
-        if !errors.is_empty() {
+        if errors.is_empty() {
+            up.metrics.dns_ok.inc();
+        } else {
+            up.metrics.dns_failed.inc();
             warn!(upstream = %up.name, errors = ?errors, "DNS refresh failed; keeping the last good addresses");
         }
     }

@@ -1,0 +1,242 @@
+//! `/metrics` on the admin listener: what the gateway counts, scraped live and checked by
+//! `promtool check metrics`.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn scrape(gw: &Gateway) -> String {
+    let r = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    r.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_upstreams_policies_and_reloads_are_counted() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let dead = DeadPort::reserve();
+    let body = format!(
+        r#"
+auth:
+  hs: {{ secret: "an-hmac-secret-that-is-long-enough-0123456789" }}
+rate_limits:
+  one: {{ rate: 1/m, burst: 1 }}
+upstreams:
+  up:
+    targets: ["{}", "127.0.0.1:{}"]
+    retries: 1
+routes:
+  - {{ name: open, upstream: up, match: {{ path_prefix: /open }} }}
+  - {{ name: limited, upstream: up, rate_limit: one, match: {{ path_prefix: /limited }} }}
+  - {{ name: private, upstream: up, auth: hs, match: {{ path_prefix: /private }} }}
+"#,
+        b.addr, dead.port
+    );
+    let gw = Gateway::start(&body).await;
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(c.get(gw.url("/open")).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        c.get(gw.url("/limited")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.get(gw.url("/limited")).send().await.unwrap().status(),
+        429
+    );
+    assert_eq!(
+        c.get(gw.url("/private")).send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        c.get(gw.url("/no/such/route"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let r = c.post(gw.url("/open")).body("12345").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let m = scrape(&gw).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_requests_total{method="GET",route="open",status_class="2xx"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_requests_total{method="POST",route="open",status_class="2xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_requests_total{method="GET",route="limited",status_class="4xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_requests_total{method="GET",route="(none)",status_class="4xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_request_duration_seconds_count{route="open"}"#
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(&m, r#"gateway_request_body_bytes_total{route="open"}"#),
+        5.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_ratelimit_total{decision="allowed",policy="one"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_ratelimit_total{decision="limited",policy="one"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, r#"gateway_auth_total{policy="hs",result="missing"}"#),
+        1.0
+    );
+    assert_eq!(value(&m, "gateway_requests_in_flight"), 0.0);
+    // The dead replica: connect errors, retries onto the live one, then ejection.
+    assert!(
+        value(
+            &m,
+            r#"gateway_upstream_errors_total{kind="connect",upstream="up"}"#
+        ) >= 1.0
+    );
+    assert!(value(&m, r#"gateway_upstream_retries_total{upstream="up"}"#) >= 1.0);
+    assert!(value(&m, r#"gateway_upstream_ejections_total{upstream="up"}"#) >= 1.0);
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_upstream_responses_total{status_class="2xx",upstream="up"}"#
+        ),
+        6.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            &format!(
+                "gateway_upstream_replica_up{{target=\"{}\",upstream=\"up\"}}",
+                b.addr
+            )
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            &format!(
+                "gateway_upstream_replica_up{{target=\"127.0.0.1:{}\",upstream=\"up\"}}",
+                dead.port
+            )
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_upstream_replicas{state="known",upstream="up"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_upstream_replicas{state="healthy",upstream="up"}"#
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "gateway_config_generation"), 1.0);
+    // Labels never carry paths or client data.
+    assert!(!m.contains("/no/such/route") && !m.contains("12345"));
+
+    // Reloads are counted, applied and rejected.
+    gw.write_config(&format!("{body}\n# changed\n"));
+    gw.wait_generation(2).await;
+    gw.write_raw_config("listeners: [");
+    let mut rejected = 0.0;
+    for _ in 0..50 {
+        let m = scrape(&gw).await;
+        if m.contains(r#"gateway_config_reloads_total{result="rejected"}"#) {
+            rejected = value(&m, r#"gateway_config_reloads_total{result="rejected"}"#);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(rejected >= 1.0);
+    let m = scrape(&gw).await;
+    assert_eq!(
+        value(&m, r#"gateway_config_reloads_total{result="applied"}"#),
+        1.0
+    );
+    assert_eq!(value(&m, "gateway_config_generation"), 2.0);
+    assert!(value(&m, "gateway_config_last_reload_success_timestamp_seconds") > 1.7e9);
+
+    // promtool accepts the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/test installs the prometheus package)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
