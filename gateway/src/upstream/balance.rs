@@ -84,8 +84,15 @@ impl ReplicaSet {
                     .find(|r| usable(r))
             }
             Balance::LeastRequests => {
-                let a = &self.replicas[fastrand::usize(..n)];
-                let b = &self.replicas[fastrand::usize(..n)];
+                // Two distinct replicas (drawing with replacement would compare a replica
+                // with itself a 1/n of the time, and send a busy one traffic regardless).
+                let i = fastrand::usize(..n);
+                let j = if n > 1 {
+                    (i + 1 + fastrand::usize(..n - 1)) % n
+                } else {
+                    i
+                };
+                let (a, b) = (&self.replicas[i], &self.replicas[j]);
                 match (usable(a), usable(b)) {
                     (true, true) => Some(if b.load_score() < a.load_score() {
                         b
