@@ -104,7 +104,7 @@ impl Metrics {
         .expect("static metric definition");
         r.register(Box::new(generation.clone()))
             .expect("unique metric name");
-        Metrics {
+        let m = Metrics {
             requests: counter(
                 &r,
                 "gateway_requests_total",
@@ -205,7 +205,12 @@ impl Metrics {
                 &["listener", "name"],
             ),
             registry: r,
+        };
+        // Both results exist from the start, so `increase()` sees the first rejection.
+        for result in ["applied", "rejected"] {
+            m.reloads.with_label_values(&[result]);
         }
+        m
     }
 
     /// The Prometheus text exposition of every family.

@@ -837,12 +837,14 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release_replica();
         let Some(started) = ctx.started else { return };
-        METRICS.in_flight.dec();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route_metrics = match (&ctx.rt, ctx.route()) {
             (_, Some(route)) if ctx.routed => &route.metrics,
             (Some(rt), _) => &rt.unmatched,
-            (None, _) => return,
+            (None, _) => {
+                METRICS.in_flight.dec();
+                return;
+            }
         };
         route_metrics.record(
             &session.req_header().method,
@@ -851,6 +853,7 @@ impl ProxyHttp for Gateway {
             session.body_bytes_read(),
             session.body_bytes_sent(),
         );
+        METRICS.in_flight.dec();
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {

@@ -20,6 +20,19 @@ fn value(metrics: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// A scrape once every request sent so far has been recorded (requests are counted in the
+/// last phase, just after the response went out).
+async fn settled(gw: &Gateway) -> String {
+    for _ in 0..100 {
+        let m = scrape(gw).await;
+        if m.contains("\ngateway_requests_in_flight 0\n") {
+            return m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("requests stayed in flight");
+}
+
 async fn scrape(gw: &Gateway) -> String {
     let r = client()
         .get(format!("http://{}/metrics", gw.admin))
@@ -203,8 +216,8 @@ routes:
     let mut rejected = 0.0;
     for _ in 0..50 {
         let m = scrape(&gw).await;
-        if m.contains(r#"gateway_config_reloads_total{result="rejected"}"#) {
-            rejected = value(&m, r#"gateway_config_reloads_total{result="rejected"}"#);
+        rejected = value(&m, r#"gateway_config_reloads_total{result="rejected"}"#);
+        if rejected >= 1.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -239,4 +252,83 @@ routes:
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The alert rules and the Grafana dashboard use only metrics the gateway exports, and
+/// promtool accepts the rules and passes their unit tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_assets_match_the_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let b = Backend::start("127.0.0.1", "b").await;
+    // Every kind of thing that has metrics: a TLS listener, an auth policy, a rate limit.
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Command::new(gateway_bin())
+        .args(["certs", "--dir"])
+        .arg(dir.path())
+        .arg("localhost")
+        .output()
+        .unwrap();
+    assert!(certs.status.success());
+    let tls = format!(
+        "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{1}/localhost.pem\", key: \"{1}/localhost-key.pem\" }} ] }} }}\n",
+        free_port("127.0.0.1"),
+        dir.path().display()
+    );
+    let body = format!(
+        "auth:\n  hs: {{ secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }}\nrate_limits:\n  rl: {{ rate: 10/s }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b, auth: hs, rate_limit: rl }}\n",
+        b.addr
+    );
+    let gw = Gateway::start_with("", &tls, &body).await;
+    assert_eq!(
+        client().get(gw.url("/")).send().await.unwrap().status(),
+        401
+    );
+    let exported: std::collections::BTreeSet<String> = settled(&gw)
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for file in [
+        "monitoring/alerts.yml",
+        "monitoring/grafana/dashboards/gateway.json",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut used = std::collections::BTreeSet::new();
+        for (i, _) in text.match_indices("gateway_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name)
+                .to_string();
+            used.insert(family);
+        }
+        assert!(!used.is_empty(), "{file} uses no gateway metric");
+        for name in &used {
+            assert!(
+                exported.contains(name),
+                "{file} uses {name}, which the gateway does not export"
+            );
+        }
+    }
+    for args in [
+        ["check", "rules", "monitoring/alerts.yml"],
+        ["test", "rules", "monitoring/alerts.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
