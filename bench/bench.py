@@ -195,7 +195,7 @@ class GatewayPlain(Gateway):
     """The gateway with no headers added (no X-Forwarded-*, X-Real-IP, X-Request-Id)."""
 
     name = "gateway-plain"
-    forwarding = "forwarding: { x_forwarded: false, request_id: false }\n"
+    forwarding = "forwarding: { x_forwarded: false, request_id: false, traceparent: false }\n"
 
 
 class Bare(Proxy):

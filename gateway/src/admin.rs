@@ -1,5 +1,6 @@
 //! The admin listener: `/health` (the process answers) and `/ready` (a runtime is loaded and
-//! the process is not draining), for orchestrators.
+//! the process is not draining) for orchestrators, `/metrics` for Prometheus, and read-only
+//! `/routes` and `/upstreams` (with each replica's health) as JSON.
 
 use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
@@ -52,6 +53,55 @@ impl ServeHttp for Admin {
                         ),
                     )
                 }
+            }
+            "/routes" => {
+                let rt = self.runtime.load();
+                let routes: Vec<serde_json::Value> = rt
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "name": &*r.name,
+                            "upstream": &*r.upstream.name,
+                            "auth": r.auth.as_ref().map(|a| &*a.name),
+                            "auth_optional": r.auth_optional,
+                            "rate_limit": r.rate_limit.as_ref().map(|l| &*l.name),
+                            "retries": r.retries,
+                        })
+                    })
+                    .collect();
+                json(
+                    200,
+                    serde_json::json!({ "config_generation": rt.generation, "routes": routes })
+                        .to_string(),
+                )
+            }
+            "/upstreams" => {
+                let rt = self.runtime.load();
+                let now = crate::upstream::now_ms();
+                let upstreams: serde_json::Map<String, serde_json::Value> = rt
+                    .upstreams
+                    .iter()
+                    .map(|(name, up)| {
+                        let set = up.replicas();
+                        let replicas: Vec<serde_json::Value> = set
+                            .replicas
+                            .iter()
+                            .map(|r| {
+                                serde_json::json!({
+                                    "address": r.addr.to_string(),
+                                    "weight": r.weight,
+                                    "available": r.is_available(now),
+                                })
+                            })
+                            .collect();
+                        (
+                            name.clone(),
+                            serde_json::json!({ "balance": format!("{:?}", up.balance()), "replicas": replicas }),
+                        )
+                    })
+                    .collect();
+                json(200, serde_json::json!({ "config_generation": rt.generation, "upstreams": upstreams }).to_string())
             }
             "/metrics" => {
                 let rt = self.runtime.load();

@@ -52,6 +52,17 @@ struct KeySet {
 /// The claims a valid token carried, ready to forward.
 pub type ForwardedClaims = Vec<(HeaderName, HeaderValue)>;
 
+/// What a valid token yields.
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// Claims to send upstream as headers.
+    pub forward: ForwardedClaims,
+    /// The rate-limit key claim's value, hashed, when one was asked for.
+    pub limit_key: Option<u64>,
+    /// The `sub` claim, for the access log.
+    pub subject: Option<String>,
+}
+
 /// A compiled `auth` policy.
 pub struct AuthPolicy {
     /// The policy's name.
@@ -351,7 +362,7 @@ impl AuthPolicy {
         &self,
         token: &str,
         key_claim: Option<&str>,
-    ) -> Result<(ForwardedClaims, Option<u64>), AuthError> {
+    ) -> Result<Verified, AuthError> {
         let outcome = self.check_token(token, key_claim).await;
         match &outcome {
             Ok(_) => self.metrics.ok.inc(),
@@ -367,7 +378,7 @@ impl AuthPolicy {
         &self,
         token: &str,
         key_claim: Option<&str>,
-    ) -> Result<(ForwardedClaims, Option<u64>), AuthError> {
+    ) -> Result<Verified, AuthError> {
         if token.len() > 16 * 1024 {
             return Err(AuthError::Invalid("token too large"));
         }
@@ -394,8 +405,17 @@ impl AuthPolicy {
         for key in keys_for(&keys, &header) {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation) {
                 Ok(data) => {
-                    let key = key_claim.and_then(|c| claim_key(&data.claims, c));
-                    return self.authorize(data.claims).map(|f| (f, key));
+                    let limit_key = key_claim.and_then(|c| claim_key(&data.claims, c));
+                    let subject = data
+                        .claims
+                        .get("sub")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    return self.authorize(data.claims).map(|forward| Verified {
+                        forward,
+                        limit_key,
+                        subject,
+                    });
                 }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;

@@ -5,6 +5,7 @@
 //! → [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
 //! request phases) → [`server`] (process assembly) and [`admin`].
 
+pub mod accesslog;
 pub mod admin;
 pub mod auth;
 pub mod config;

@@ -50,6 +50,8 @@ pub struct Metrics {
     config_info: IntGaugeVec,
     /// Certificate `notAfter` (Unix seconds) per listener and certificate name.
     pub cert_expiry: IntGaugeVec,
+    /// Access-log records dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
 }
 
 /// The process's metrics.
@@ -96,6 +98,13 @@ impl Metrics {
         )
         .expect("static metric definition");
         r.register(Box::new(last_reload.clone()))
+            .expect("unique metric name");
+        let access_log_dropped = IntCounter::new(
+            "gateway_access_log_dropped_total",
+            "Access-log records dropped because the writer fell behind",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(access_log_dropped.clone()))
             .expect("unique metric name");
         let generation = IntGauge::new(
             "gateway_config_generation",
@@ -204,6 +213,7 @@ impl Metrics {
                 "notAfter of each certificate",
                 &["listener", "name"],
             ),
+            access_log_dropped,
             registry: r,
         };
         // Both results exist from the start, so `increase()` sees the first rejection.

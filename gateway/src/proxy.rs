@@ -12,7 +12,8 @@
 //! 6. `fail_to_proxy`: the JSON error response (502/503/504) with the request id.
 //! 7. `logging`: release the replica.
 
-use crate::auth::{AuthError, ForwardedClaims};
+use crate::accesslog::AccessRecord;
+use crate::auth::{AuthError, ForwardedClaims, Verified};
 use crate::config::HashKey;
 use crate::metrics::METRICS;
 use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
@@ -33,6 +34,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -88,6 +91,17 @@ pub struct RequestCtx {
     started: Option<std::time::Instant>,
     /// A route matched (`route` is meaningful), whatever happened next.
     routed: bool,
+    /// The token's subject, for the access log.
+    user: Option<String>,
+    /// The rate-limit decision, for the access log.
+    limit_decision: Option<&'static str>,
+    /// A `traceparent` to send upstream in place of the client's (none or invalid).
+    new_traceparent: Option<HeaderValue>,
+    /// When the current upstream attempt started, and how long its response header took.
+    upstream_started: Option<std::time::Instant>,
+    upstream_elapsed: Option<std::time::Duration>,
+    /// The replica of the last attempt (kept after it is released), for the access log.
+    last_replica: Option<SocketAddr>,
 }
 
 impl RequestCtx {
@@ -107,6 +121,7 @@ impl RequestCtx {
     /// Ends the current attempt's bookkeeping on its replica.
     fn release_replica(&mut self) {
         if let Some(r) = self.replica.take() {
+            self.last_replica = Some(r.addr);
             r.end_request();
             if self.probe && !self.verdict {
                 r.release_probe();
@@ -149,6 +164,48 @@ impl RequestCtx {
             None => false,
         }
     }
+}
+
+/// A W3C `traceparent` this gateway can pass on: `VV-TRACEID-PARENTID-FLAGS` in lower-case
+/// hex, version not `ff`, ids not all zero (version 00 is exactly 55 bytes; later versions may
+/// append fields).
+fn valid_traceparent(v: &[u8]) -> bool {
+    let hex = |b: &[u8]| {
+        b.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let zero = |b: &[u8]| b.iter().all(|c| *c == b'0');
+    v.len() >= 55
+        && (v.len() == 55 || (v[..2] != *b"00" && v[55] == b'-'))
+        && v[2] == b'-'
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && hex(&v[..2])
+        && v[..2] != *b"ff"
+        && hex(&v[3..35])
+        && !zero(&v[3..35])
+        && hex(&v[36..52])
+        && !zero(&v[36..52])
+        && hex(&v[53..55])
+}
+
+/// A new trace: random trace and parent ids, not sampled.
+fn new_traceparent() -> HeaderValue {
+    let mut text = [0u8; 55];
+    text[..3].copy_from_slice(b"00-");
+    text[35] = b'-';
+    text[52..].copy_from_slice(b"-00");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let (a, b) = (fastrand::u128(1..), fastrand::u64(1..));
+    for i in 0..32 {
+        text[3 + i] = HEX[((a >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    for i in 0..16 {
+        text[36 + i] = HEX[((b >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000001-0000000000000001-00",
+    ))
 }
 
 /// Request ids are kept when they look like ids: 1-128 of `A-Za-z0-9-_.:`.
@@ -414,6 +471,46 @@ async fn respond_auth_error(
     .await
 }
 
+/// The access-log record of a finished request.
+fn access_record(
+    session: &Session,
+    ctx: &RequestCtx,
+    status: u16,
+    duration: std::time::Duration,
+) -> AccessRecord {
+    let req = session.req_header();
+    let route = ctx.route().filter(|_| ctx.routed);
+    let trace_id = match &ctx.new_traceparent {
+        Some(tp) => Some(tp),
+        None => req.headers.get(&TRACEPARENT),
+    }
+    .and_then(|tp| tp.as_bytes().get(3..35))
+    .and_then(|id| HeaderValue::from_bytes(id).ok());
+    AccessRecord {
+        time: std::time::SystemTime::now() - duration,
+        request_id: ctx.request_id.clone(),
+        trace_id,
+        client_ip: ctx.client_ip,
+        method: req.method.clone(),
+        host: request_host(req).map(str::to_string),
+        path: req.uri.path().to_string(),
+        route: route.map(|r| r.name.clone()),
+        upstream: route.map(|r| r.upstream.name.clone()),
+        replica: ctx.last_replica,
+        status,
+        bytes_in: session.body_bytes_read(),
+        bytes_out: session.body_bytes_sent(),
+        duration,
+        upstream_duration: ctx.upstream_elapsed,
+        user: ctx.user.clone(),
+        rate_limit: ctx.limit_decision,
+        tls: session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .map(|s| s.version.to_string()),
+    }
+}
+
 /// 429 with `Retry-After` and the rate-limit headers.
 async fn respond_limited(
     session: &mut Session,
@@ -473,6 +570,15 @@ impl ProxyHttp for Gateway {
             _ => None,
         };
         (ctx.client_ip, ctx.peer_trusted) = client_ip(&rt, req, peer);
+        if rt.forwarding.traceparent {
+            let valid = req
+                .headers
+                .get(&TRACEPARENT)
+                .is_some_and(|v| valid_traceparent(v.as_bytes()));
+            if !valid {
+                ctx.new_traceparent = Some(new_traceparent());
+            }
+        }
         if ambiguous_framing {
             // Request smuggling shape: never forward it, never keep the connection.
             session.set_keepalive(None);
@@ -547,7 +653,7 @@ impl ProxyHttp for Gateway {
                 _ => None,
             };
             let checked = match policy.token(&session.req_header().headers) {
-                None if rt.routes[route].auth_optional => Ok((Vec::new(), None)),
+                None if rt.routes[route].auth_optional => Ok(Verified::default()),
                 None => {
                     policy.metrics.missing.inc();
                     Err(AuthError::Missing)
@@ -555,7 +661,9 @@ impl ProxyHttp for Gateway {
                 Some(token) => policy.verify(token, key_claim).await,
             };
             match checked {
-                Ok((claims, key)) => (ctx.claims, claim_key) = (claims, key),
+                Ok(v) => {
+                    (ctx.claims, claim_key, ctx.user) = (v.forward, v.limit_key, v.subject);
+                }
                 Err(e) => {
                     ctx.rt = Some(rt);
                     respond_auth_error(session, e, ctx.request_id()).await?;
@@ -576,9 +684,11 @@ impl ProxyHttp for Gateway {
             };
             match limit.check(key) {
                 Decision::Allowed { remaining, reset } => {
+                    ctx.limit_decision = Some("allowed");
                     ctx.quota = Some((limit, remaining, reset));
                 }
                 Decision::Limited { retry_after } => {
+                    ctx.limit_decision = Some("limited");
                     ctx.rt = Some(rt);
                     respond_limited(session, &limit, retry_after, ctx.request_id()).await?;
                     return Ok(true);
@@ -649,6 +759,9 @@ impl ProxyHttp for Gateway {
         }
         ctx.attempts += 1;
         ctx.probe = probe;
+        if ctx.rt.as_ref().is_some_and(|rt| rt.access_log.is_some()) {
+            ctx.upstream_started = Some(std::time::Instant::now());
+        }
         ctx.replica = Some(replica);
         Ok(peer)
     }
@@ -686,6 +799,11 @@ impl ProxyHttp for Gateway {
                 up.insert_header("X-Request-Id", id.clone())?;
             }
         }
+        if let Some(tp) = &ctx.new_traceparent {
+            // A trace state without a valid parent belongs to no trace.
+            up.remove_header(&TRACESTATE);
+            up.insert_header("traceparent", tp.clone())?;
+        }
         if rt.forwarding.x_forwarded {
             let peer = session
                 .client_addr()
@@ -705,6 +823,7 @@ impl ProxyHttp for Gateway {
         if let Some(route) = ctx.route() {
             route.upstream.metrics.response(resp.status.as_u16());
         }
+        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         if let Some(r) = &ctx.replica {
             r.report_success();
             ctx.verdict = true;
@@ -846,14 +965,20 @@ impl ProxyHttp for Gateway {
                 return;
             }
         };
+        let elapsed = started.elapsed();
         route_metrics.record(
             &session.req_header().method,
             status,
-            started.elapsed().as_secs_f64(),
+            elapsed.as_secs_f64(),
             session.body_bytes_read(),
             session.body_bytes_sent(),
         );
         METRICS.in_flight.dec();
+        if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
+            if log.wants() {
+                log.log(access_record(session, ctx, status, elapsed));
+            }
+        }
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {

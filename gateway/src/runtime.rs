@@ -103,6 +103,8 @@ pub struct Runtime {
     pub redirects: Vec<(SocketAddr, u16)>,
     /// TLS listeners that send `Strict-Transport-Security`, with the value.
     pub hsts: Vec<(SocketAddr, http::HeaderValue)>,
+    /// The access log, when on.
+    pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
     /// Metric handles for requests that matched no route.
     pub unmatched: RouteMetrics,
     /// Headers that carry forwarded claims: removed from every client request.
@@ -285,6 +287,15 @@ pub async fn build(
         tls_stores.insert(name.clone(), store);
     }
 
+    let access_log = match (
+        &config.access_log,
+        previous.and_then(|p| p.access_log.as_ref()),
+    ) {
+        (None, _) => None,
+        (Some(cfg), Some(running)) if running.spec == *cfg => Some(running.clone()),
+        (Some(cfg), _) => Some(crate::accesslog::AccessLog::start(cfg)?),
+    };
+
     let trusted_proxies = config
         .trusted_proxies
         .iter()
@@ -303,6 +314,7 @@ pub async fn build(
         redirects,
         hsts,
         unmatched: RouteMetrics::new("(none)"),
+        access_log,
         identity_headers,
         trusted_proxies,
         forwarding: config.forwarding,

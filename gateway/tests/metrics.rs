@@ -332,3 +332,153 @@ async fn monitoring_assets_match_the_exported_metrics() {
         );
     }
 }
+
+/// The access log (JSON lines, written off the request path), W3C trace context, and the
+/// read-only admin views.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_trace_context_and_admin_views() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let b = Backend::start("127.0.0.1", "b").await;
+    let logdir = tempfile::tempdir().unwrap();
+    let log = logdir.path().join("access.log");
+    let secret = "an-hmac-secret-that-is-long-enough-0123456789";
+    let gw = Gateway::start(&format!(
+        r#"
+access_log: {{ path: "{}" }}
+auth:
+  hs: {{ secret: "{secret}", forward_claims: {{ sub: X-User-Id }} }}
+rate_limits:
+  rl: {{ rate: 100/s }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: private, upstream: b, auth: hs, rate_limit: rl, match: {{ path_prefix: /private }} }}
+  - {{ name: open, upstream: b }}
+"#,
+        log.display(),
+        b.addr
+    ))
+    .await;
+    let c = client();
+
+    // A valid traceparent (and its tracestate) passes unchanged.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = c
+        .get(gw.url("/open"))
+        .header("traceparent", tp)
+        .header("tracestate", "k=v")
+        .send()
+        .await
+        .unwrap();
+    let h = echo(r).await["headers"].clone();
+    assert_eq!(
+        (h["traceparent"].as_str(), h["tracestate"].as_str()),
+        (Some(tp), Some("k=v"))
+    );
+    // None: a new one is started. An invalid one is replaced and its tracestate dropped.
+    let r = c.get(gw.url("/open")).send().await.unwrap();
+    let made = echo(r).await["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        made.len() == 55 && made.starts_with("00-") && made.ends_with("-00"),
+        "{made}"
+    );
+    for bad in [
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+    ] {
+        let r = c
+            .get(gw.url("/open"))
+            .header("traceparent", bad)
+            .header("tracestate", "k=v")
+            .send()
+            .await
+            .unwrap();
+        let h = echo(r).await["headers"].clone();
+        assert_ne!(h["traceparent"].as_str(), Some(bad));
+        assert!(h.get("tracestate").is_none(), "{bad}: {h}");
+    }
+
+    // An authenticated request is logged with its user, route, replica and rate-limit decision.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({"sub": "alice", "exp": exp}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let r = c
+        .get(gw.url("/private/x?q=1"))
+        .bearer_auth(&token)
+        .header("traceparent", tp)
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut line = None;
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        line = text.lines().find(|l| l.contains(&id)).map(str::to_string);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let entry: serde_json::Value =
+        serde_json::from_str(&line.expect("no access-log line")).unwrap();
+    assert_eq!(entry["request_id"], id.as_str());
+    assert_eq!(entry["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(entry["path"], "/private/x");
+    assert_eq!(entry["route"], "private");
+    assert_eq!(entry["upstream"], "b");
+    assert_eq!(entry["replica"], b.addr.to_string());
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["bytes_in"], 3);
+    assert_eq!(entry["user"], "alice");
+    assert_eq!(entry["rate_limit"], "allowed");
+    assert_eq!(entry["client_ip"], "127.0.0.1");
+    assert!(
+        entry["duration_ms"].as_f64().unwrap() > 0.0 && entry["upstream_ms"].as_f64().is_some()
+    );
+    assert!(entry["time"].as_str().unwrap().ends_with('Z'));
+    // Every request got its line.
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(lines >= 7, "{lines} lines");
+
+    // Read-only admin views.
+    let routes: serde_json::Value = c
+        .get(format!("http://{}/routes", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(routes["routes"][0]["name"], "private");
+    assert_eq!(routes["routes"][0]["auth"], "hs");
+    assert_eq!(routes["routes"][0]["rate_limit"], "rl");
+    let ups: serde_json::Value = c
+        .get(format!("http://{}/upstreams", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ups["upstreams"]["b"]["replicas"][0]["address"],
+        b.addr.to_string()
+    );
+    assert_eq!(ups["upstreams"]["b"]["replicas"][0]["available"], true);
+}

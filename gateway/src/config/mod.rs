@@ -88,6 +88,9 @@ pub struct Config {
     /// How the configuration file is watched.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// The access log. Off when absent.
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
     /// Token checks (JWT), by policy name; routes name the policy they use.
     #[serde(default)]
     pub auth: BTreeMap<String, AuthConfig>,
@@ -205,6 +208,10 @@ pub struct ForwardingConfig {
     /// `X-Request-Id` upstream and on every response. Default true.
     #[serde(default = "yes")]
     pub request_id: bool,
+    /// W3C trace context: a valid `traceparent` is passed on unchanged, a missing or invalid
+    /// one is replaced by a new trace (and an orphaned `tracestate` dropped). Default true.
+    #[serde(default = "yes")]
+    pub traceparent: bool,
 }
 
 impl Default for ForwardingConfig {
@@ -212,6 +219,7 @@ impl Default for ForwardingConfig {
         ForwardingConfig {
             x_forwarded: true,
             request_id: true,
+            traceparent: true,
         }
     }
 }
@@ -637,6 +645,31 @@ pub enum MissingKey {
     Shared,
     /// Refuse them with 400.
     Reject,
+}
+
+/// The access log: JSON lines.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file to append to, or `-` for standard output (the default).
+    #[serde(default = "stdout_path")]
+    pub path: String,
+    /// Fraction of requests logged, in (0, 1]. Default 1 (all).
+    #[serde(default = "one")]
+    pub sample: f64,
+    /// Records queued for the writer before new ones are dropped (and counted). Default 8192.
+    #[serde(default = "default_log_queue")]
+    pub queue: usize,
+}
+
+fn stdout_path() -> String {
+    "-".into()
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_log_queue() -> usize {
+    8192
 }
 
 /// A JWT policy: where its keys come from and what a token must satisfy.
