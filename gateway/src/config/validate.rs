@@ -36,6 +36,27 @@ impl Checker<'_> {
         self.err(&span.referenced, field, message)
     }
 
+    /// A reference to a `kind` named `name.value` that the file does not define.
+    fn dangling<'k>(
+        &self,
+        name: &Spanned<String>,
+        field: String,
+        kind: &str,
+        defined: impl Iterator<Item = &'k String>,
+    ) -> ConfigError {
+        let defined: Vec<&str> = defined.map(String::as_str).collect();
+        let defined = if defined.is_empty() {
+            "none".to_string()
+        } else {
+            defined.join(", ")
+        };
+        self.err_at(
+            name,
+            field,
+            format!("no {kind} named `{}` (defined: {defined})", name.value),
+        )
+    }
+
     fn err_nowhere(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
@@ -233,33 +254,16 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
         ));
     }
     if !config.upstreams.contains_key(&r.upstream.value) {
-        let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
-        return Err(c.err_at(
+        return Err(c.dangling(
             &r.upstream,
             field("upstream"),
-            format!(
-                "no upstream named `{}` (defined: {})",
-                r.upstream.value,
-                known.join(", ")
-            ),
+            "upstream",
+            config.upstreams.keys(),
         ));
     }
     match &r.auth {
         Some(a) if !config.auth.contains_key(&a.value) => {
-            let known: Vec<&str> = config.auth.keys().map(String::as_str).collect();
-            return Err(c.err_at(
-                a,
-                field("auth"),
-                format!(
-                    "no auth policy named `{}` (defined: {})",
-                    a.value,
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
+            return Err(c.dangling(a, field("auth"), "auth policy", config.auth.keys()));
         }
         None if r.auth_optional => {
             return Err(c.err_at(
@@ -272,20 +276,8 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
     }
     if let Some(limit) = &r.rate_limit {
         let Some(policy) = config.rate_limits.get(&limit.value) else {
-            let known: Vec<&str> = config.rate_limits.keys().map(String::as_str).collect();
-            return Err(c.err_at(
-                limit,
-                field("rate_limit"),
-                format!(
-                    "no rate limit named `{}` (defined: {})",
-                    limit.value,
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
+            let known = config.rate_limits.keys();
+            return Err(c.dangling(limit, field("rate_limit"), "rate limit", known));
         };
         let by_claim = policy
             .key
