@@ -48,6 +48,9 @@ pub struct StackArgs {
     /// The gateway's public listener.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// The gateway's HTTPS listener (a development certificate is made for it).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub https: SocketAddr,
     /// The gateway's admin listener.
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
@@ -200,12 +203,32 @@ async fn start_all(
             }
         }
     }
+    // A development CA and a certificate for localhost, made by the gateway itself.
+    let certs = data.join("certs");
+    let made = Command::new(gateway)
+        .arg("certs")
+        .arg("--dir")
+        .arg(&certs)
+        .args(["localhost", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .output()
+        .await
+        .context("making development certificates")?;
+    if !made.status.success() {
+        bail!(
+            "gateway certs failed: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
     let log = std::fs::File::create(logs.join("gateway.log"))?;
     let child = Command::new(gateway)
         .arg("run")
         .arg("-c")
         .arg(&args.config)
         .env("GATEWAY_HTTP", args.http.to_string())
+        .env("GATEWAY_HTTPS", args.https.to_string())
+        .env("GATEWAY_CERT", certs.join("localhost.pem"))
+        .env("GATEWAY_KEY", certs.join("localhost-key.pem"))
         .env("GATEWAY_ADMIN", args.admin.to_string())
         .env("GATEWAY_DNS", dns.to_string())
         .stdin(Stdio::null())
@@ -237,6 +260,11 @@ async fn supervise(
     println!(
         "  gateway          {base}   (admin: http://{}/ready)",
         args.admin
+    );
+    println!(
+        "                   https://localhost:{}   (curl --cacert {})",
+        args.https.port(),
+        data.join("certs/ca.pem").display()
     );
     for (_, dns_name, port, _) in SERVICES {
         let replicas: Vec<String> = table[*dns_name]

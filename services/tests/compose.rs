@@ -147,6 +147,35 @@ fn the_compose_file_is_consistent() {
         ports.contains(&format!("127.0.0.1:{admin_port}:{admin_port}")),
         "admin on loopback only: {ports:?}"
     );
+    let https_port = env["GATEWAY_HTTPS"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        ports.iter().any(|p| p.ends_with(&format!(":{https_port}"))),
+        "{ports:?}"
+    );
+    // The certificate it serves is made by the certs job into a volume it mounts.
+    let cert = env["GATEWAY_CERT"].as_str().unwrap();
+    let certs_job = &services["certs"];
+    let dir = strings(&certs_job["command"])[2].clone();
+    assert!(
+        cert.starts_with(&format!("{dir}/")),
+        "{cert} is not in {dir}"
+    );
+    assert!(strings(&gw["volumes"]).contains(&format!("gateway-certs:{dir}:ro")));
+    assert!(strings(&certs_job["volumes"]).contains(&format!("gateway-certs:{dir}")));
+    assert_eq!(
+        gw["depends_on"]["certs"]["condition"],
+        "service_completed_successfully"
+    );
+    assert!(dockerfile.contains(&format!("--chown=nonroot:nonroot /out/certs {dir}")));
+    assert!(
+        gateway_yaml.contains("${GATEWAY_HTTPS:-") && gateway_yaml.contains("${GATEWAY_CERT:-")
+    );
     assert_eq!(
         strings(&gw["healthcheck"]["test"]),
         [

@@ -22,8 +22,9 @@ fn free_port() -> u16 {
 struct Stack {
     child: Child,
     base: String,
+    https: String,
     net: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Stack {
@@ -41,6 +42,7 @@ impl Stack {
         let net = format!("127.{}", 100 + std::process::id() % 150);
         let http = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
+        let https = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(&services)
             .args([
                 "stack",
@@ -53,6 +55,7 @@ impl Stack {
                 "--admin",
                 &admin,
             ])
+            .args(["--https", &https])
             .arg("--config")
             .arg(&config)
             .arg("--gateway")
@@ -102,8 +105,9 @@ impl Stack {
         Stack {
             child,
             base: format!("http://{http}"),
+            https,
             net,
-            _data: data,
+            data,
         }
     }
 
@@ -222,6 +226,29 @@ async fn the_local_stack_end_to_end() {
     assert_eq!(
         (status, body["error"].as_str()),
         (404, Some("no such product"))
+    );
+
+    // HTTPS: the stack made a development CA and a certificate for localhost.
+    let port = stack.https.rsplit(':').next().unwrap().to_string();
+    let ca = stack.data.path().join("certs/ca.pem");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "--resolve",
+            &format!("localhost:{port}:127.0.0.1"),
+            "--cacert",
+        ])
+        .arg(&ca)
+        .arg(format!("https://localhost:{port}/api/products/p-1001"))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("Trail running shoes"),
+        "{body}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // Requests are spread over the three product replicas.
