@@ -3,8 +3,8 @@
 //! configuration, replica addresses, status classes, never paths or client data.
 //!
 //! The request path records through handles resolved ahead of time (per route, per upstream,
-//! per policy, when the runtime is compiled), so recording is an atomic add: no lock, no
-//! allocation, no label lookup.
+//! per policy, when the runtime is compiled; a route's method × status-class counters on their
+//! first use), so recording is an atomic add: no lock, no allocation, no label lookup.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
