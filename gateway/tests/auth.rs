@@ -529,3 +529,69 @@ async fn bad_auth_configuration_is_refused_with_its_location() {
         assert!(err.contains(&want), "case {i}: want {want:?} in {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_and_websocket_upgrades_go_through_the_check() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let (ws, _ws_task) = ws_echo("127.0.0.1").await;
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  hs: {{ secret: "{SECRET}", cookie: session, forward_claims: {{ sub: X-User-Id }} }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+  ws: {{ targets: ["{ws}"] }}
+routes:
+  - {{ name: ws, upstream: ws, auth: hs, match: {{ path: /ws }} }}
+  - {{ name: all, upstream: b, auth: hs }}
+"#,
+        backend.addr
+    ))
+    .await;
+    let token = hs(&claims("c-1", "user"));
+
+    // The token from the cookie when there is no Authorization header.
+    let r = client()
+        .get(gw.url("/x"))
+        .header("cookie", format!("theme=dark; session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(echo(r).await["headers"]["x-user-id"], "c-1");
+    let r = client()
+        .get(gw.url("/x"))
+        .header("cookie", "session=forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(gw.url("/x"))
+        .header("cookie", "other=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // An upgrade without a token is refused before it reaches the upstream.
+    let err = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.http))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    // With one, the socket works.
+    let mut req = format!("ws://{}/ws", gw.http)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut sock, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    sock.send(tokio_tungstenite::tungstenite::Message::text("hello"))
+        .await
+        .unwrap();
+    let back = sock.next().await.unwrap().unwrap();
+    assert_eq!(back.to_text().unwrap(), "hello");
+}
