@@ -147,6 +147,34 @@ class Proxy:
         return path
 
 
+CERTS = {}
+
+
+def make_certs(workdir):
+    """One ECDSA P-256 certificate for every proxy (made with `gateway certs`), and HAProxy's
+    combined PEM."""
+    d = os.path.join(workdir, "certs")
+    subprocess.run([os.path.join(RELEASE, "gateway"), "certs", "--dir", d, "localhost", "127.0.0.1"],
+                   check=True, capture_output=True)
+    CERTS["cert"] = os.path.join(d, "localhost.pem")
+    CERTS["key"] = os.path.join(d, "localhost-key.pem")
+    CERTS["combined"] = os.path.join(d, "combined.pem")
+    with open(CERTS["combined"], "w") as f:
+        f.write(open(CERTS["cert"]).read() + open(CERTS["key"]).read())
+
+
+JWT_SECRET = "bench-secret-bench-secret-bench-secret-0123"
+
+
+def hs256_token():
+    import base64, hashlib, hmac, json
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": "bench-user", "exp": 4000000000}).encode())
+    sig = hmac.new(JWT_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
 def route_prefixes(scenario):
     return [f"/r{i}/" for i in range(scenario.get("routes", 0))]
 
@@ -163,12 +191,23 @@ class Gateway(Proxy):
             for i, p in enumerate(route_prefixes(scenario))
         )
         self.admin = free_port()
+        tls = ""
+        if scenario.get("tls"):
+            tls = f", tls: {{ certificates: [ {{ cert: \"{CERTS['cert']}\", key: \"{CERTS['key']}\" }} ] }}"
+        chain, policies = "", ""
+        if scenario.get("chain"):
+            chain = (
+                f"auth:\n  hs: {{ secret: \"{JWT_SECRET}\", forward_claims: {{ sub: X-User-Id }} }}\n"
+                f"rate_limits:\n  per_user: {{ rate: 100000000/s, burst: 100000000, key: \"jwt:sub\" }}\n"
+                f"access_log: {{ path: \"{os.path.join(self.dir, 'access.log')}\" }}\n"
+            )
+            policies = ", auth: hs, rate_limit: per_user"
         return (
-            f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n{self.forwarding}"
-            f"listeners:\n  http: {{ address: \"127.0.0.1:{self.port}\" }}\n"
+            f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n{self.forwarding}{chain}"
+            f"listeners:\n  http: {{ address: \"127.0.0.1:{self.port}\"{tls} }}\n"
             f"admin: {{ address: \"127.0.0.1:{self.admin}\" }}\n"
             f"upstreams:\n  b:\n    targets: [\"{b[0]}\", \"{b[1]}\"]\n    timeouts: {{ idle: 60s }}\n"
-            f"routes:\n{routes}  - {{ name: all, upstream: b }}\n"
+            f"routes:\n{routes}  - {{ name: all, upstream: b{policies} }}\n"
         )
 
     def command(self, scenario):
@@ -203,6 +242,8 @@ class Bare(Proxy):
 
     def command(self, scenario):
         args = ["--h2c"] if scenario.get("h2") else []
+        if scenario.get("tls"):
+            args += ["--tls", CERTS["cert"], CERTS["key"]]
         return [os.path.join(RELEASE, "bare-pingora")] + args + [f"127.0.0.1:{self.port}"] + self.backends, None
 
 
@@ -216,6 +257,8 @@ class Nginx(Proxy):
             f"    location {p} {{ proxy_pass http://b; }}\n" for p in route_prefixes(scenario)
         )
         http2 = " http2" if scenario.get("h2") else ""
+        if scenario.get("tls"):
+            http2 += f" ssl;\n    ssl_certificate {CERTS['cert']};\n    ssl_certificate_key {CERTS['key']};\n    ssl_protocols TLSv1.3"
         cfg = f"""
 worker_processes 1;
 daemon off;
@@ -258,6 +301,8 @@ class HAProxy(Proxy):
         b = self.backends
         rules = "".join(f"  use_backend b if {{ path_beg {p} }}\n" for p in route_prefixes(scenario))
         proto = " proto h2" if scenario.get("h2") else ""
+        if scenario.get("tls"):
+            proto += f" ssl crt {CERTS['combined']} ssl-min-ver TLSv1.3"
         cfg = f"""
 global
   nbthread 1
@@ -298,7 +343,8 @@ class Caddy(Proxy):
   admin off
   auto_https off{protocols}
 }}
-http://127.0.0.1:{self.port} {{
+{'https' if scenario.get('tls') else 'http'}://127.0.0.1:{self.port} {{
+  {f"tls {CERTS['cert']} {CERTS['key']}" if scenario.get('tls') else ''}
   reverse_proxy {b[0]} {b[1]} {{
     lb_policy round_robin
     header_up X-Request-Id {{http.request.uuid}}
@@ -325,8 +371,11 @@ def to_ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(port, path, seconds, conns):
-    out = run_load(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"])
+def wrk(port, path, seconds, conns, scenario=None):
+    scenario = scenario or {}
+    scheme = "https" if scenario.get("tls") else "http"
+    headers = ["-H", f"Authorization: Bearer {hs256_token()}"] if scenario.get("chain") else []
+    out = run_load(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"] + headers + [f"{scheme}://127.0.0.1:{port}{path}"])
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -372,7 +421,7 @@ def measure(proxy, scenario, seconds, workdir):
     cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
     if kind == "wrk":
-        r = wrk(port, scenario["path"], seconds, scenario.get("conns", 64))
+        r = wrk(port, scenario["path"], seconds, scenario.get("conns", 64), scenario)
     elif kind == "h2":
         r = h2load(port, scenario["path"], seconds, scenario.get("conns", 64), logdir=workdir)
     elif kind == "rate":
@@ -417,6 +466,9 @@ SCENARIOS = {
     "body64k": {"title": "64 KiB response body", "load": "wrk", "path": "/64k"},
     "routes1000": {"title": "1,000-route config, request matches the last route", "load": "wrk", "path": "/r999/x", "routes": 1000},
     "idle10k": {"title": "idle keep-alive connections (RSS)", "load": "idle"},
+    "tls": {"title": "HTTPS (TLS 1.3, ECDSA P-256), 64 connections, 13-byte body", "load": "wrk", "path": "/", "tls": True},
+    "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
+              "load": "wrk", "path": "/", "tls": True, "chain": True, "only": ["gateway", "bare-pingora"]},
 }
 
 PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
@@ -456,6 +508,7 @@ def main():
     )
     for p in b_ports:
         wait_port(p)
+    make_certs(workdir)
 
     proxies = []
     for name in args.proxies.split(","):
@@ -476,9 +529,10 @@ def main():
                 scenario["title"] = f"latency at a fixed {scenario['rps']:,} req/s (HTTP/1.1)"
             SCENARIOS[sname]["title"] = scenario["title"]
             print(f"\n== {scenario['title']}", flush=True)
-            results[sname] = {p.name: [] for p in proxies}
+            these = [p for p in proxies if p.name in scenario.get("only", [p.name])]
+            results[sname] = {p.name: [] for p in these}
             for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
-                for p in proxies:
+                for p in these:
                     p.start(scenario)
                     try:
                         if scenario["load"] == "idle":
@@ -486,7 +540,7 @@ def main():
                             print(f"  {p.name:13} {r['rss_mb']:8.1f} MB RSS, {r['per_conn_kb']:6.1f} kB/conn", flush=True)
                         else:
                             if args.warmup:
-                                wrk(p.port, scenario["path"], args.warmup, 64) if not scenario.get("h2") else h2load(p.port, scenario["path"], args.warmup, 64)
+                                wrk(p.port, scenario["path"], args.warmup, 64, scenario) if not scenario.get("h2") else h2load(p.port, scenario["path"], args.warmup, 64)
                             r = measure(p, scenario, args.seconds, workdir)
                             if r["errors"]:
                                 print(f"  WARNING: {p.name} had {r['errors']} failed requests", flush=True)

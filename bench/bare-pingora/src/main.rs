@@ -2,7 +2,8 @@
 //! Tuned as the gateway is (one thread, no work stealing, mimalloc, pool sized for the load), so
 //! that the gateway's own cost shows as a ratio to it.
 //!
-//! `bare-pingora LISTEN BACKEND [BACKEND...]` (add `--h2c` to accept HTTP/2 with prior knowledge)
+//! `bare-pingora LISTEN BACKEND [BACKEND...]` (add `--h2c` to accept HTTP/2 with prior knowledge,
+//! `--tls CERT KEY` to terminate TLS with Pingora's rustls listener)
 
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
@@ -35,6 +36,13 @@ fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let h2c = args.iter().any(|a| a == "--h2c");
     args.retain(|a| a != "--h2c");
+    let tls = match args.iter().position(|a| a == "--tls") {
+        Some(i) if i + 2 < args.len() => {
+            let pair: Vec<String> = args.drain(i..i + 3).skip(1).collect();
+            Some((pair[0].clone(), pair[1].clone()))
+        }
+        _ => None,
+    };
     if args.len() < 2 {
         eprintln!("usage: bare-pingora [--h2c] LISTEN BACKEND [BACKEND...]");
         std::process::exit(2);
@@ -71,7 +79,15 @@ fn main() {
     .name("bare")
     .server_options(opts)
     .build();
-    svc.add_tcp(&args[0]);
+    match &tls {
+        Some((cert, key)) => {
+            if let Err(e) = svc.add_tls(&args[0], cert, key) {
+                eprintln!("bare-pingora: TLS: {e}");
+                std::process::exit(2);
+            }
+        }
+        None => svc.add_tcp(&args[0]),
+    }
     server.add_service(svc);
     server.bootstrap();
     server.run_forever();

@@ -1,0 +1,94 @@
+//! Per-request cost of the policies: JWT verification per algorithm, and the rate-limit
+//! decision (one hot key, and keys spread over 10,000 clients).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use gateway::auth::AuthPolicy;
+use gateway::config::{AuthConfig, DnsConfig, RateLimitConfig};
+use gateway::ratelimit::{LimitKey, RateLimitPolicy};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+const SECRET: &str = "an-hmac-secret-that-is-long-enough-0123456789";
+
+fn claims() -> serde_json::Value {
+    serde_json::json!({"sub": "bench-user", "role": "user", "iss": "bench", "aud": "api", "exp": 4_000_000_000u64})
+}
+
+/// A policy from YAML, and a token it accepts.
+fn policy(yaml: &str) -> AuthPolicy {
+    let cfg: AuthConfig = serde_saphyr::from_str(yaml).expect("policy");
+    AuthPolicy::new("bench", &cfg, &DnsConfig::default()).expect("policy")
+}
+
+fn jwt(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut group = c.benchmark_group("jwt_verify");
+    let common =
+        "issuer: bench, audience: api, forward_claims: { sub: X-User-Id, role: X-User-Role }";
+
+    let hs = policy(&format!("{{ secret: \"{SECRET}\", {common} }}"));
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token");
+    group.bench_function("HS256", |b| {
+        b.iter(|| {
+            rt.block_on(hs.verify(black_box(&token), None))
+                .expect("valid")
+        })
+    });
+
+    for (name, alg, rcgen_alg) in [
+        ("ES256", Algorithm::ES256, &rcgen::PKCS_ECDSA_P256_SHA256),
+        ("EdDSA", Algorithm::EdDSA, &rcgen::PKCS_ED25519),
+    ] {
+        let key = rcgen::KeyPair::generate_for(rcgen_alg).expect("key");
+        let public = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&public, key.public_key_pem()).expect("write");
+        let p = policy(&format!(
+            "{{ public_keys: [ {{ file: \"{}\", algorithm: {name} }} ], {common} }}",
+            public.display()
+        ));
+        let private = key.serialize_pem();
+        let encoding = match alg {
+            Algorithm::ES256 => EncodingKey::from_ec_pem(private.as_bytes()),
+            _ => EncodingKey::from_ed_pem(private.as_bytes()),
+        }
+        .expect("encoding key");
+        let token = encode(&Header::new(alg), &claims(), &encoding).expect("token");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(p.verify(black_box(&token), None))
+                    .expect("valid")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn ratelimit(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ratelimit_check");
+    let cfg: RateLimitConfig =
+        serde_saphyr::from_str("{ rate: 1000000/s, burst: 1000000 }").expect("policy");
+    let p = RateLimitPolicy::new("bench", &cfg).expect("policy");
+    let one = Some(LimitKey::Ip("10.0.0.1".parse().expect("ip")));
+    group.bench_function("one_key", |b| b.iter(|| p.check(black_box(one))));
+    let keys: Vec<_> = (0..10_000u32)
+        .map(|i| Some(LimitKey::Ip(std::net::IpAddr::from(i.to_be_bytes()))))
+        .collect();
+    let mut i = 0;
+    group.bench_function("10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            p.check(black_box(keys[i]))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, jwt, ratelimit);
+criterion_main!(benches);
