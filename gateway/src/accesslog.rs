@@ -8,7 +8,6 @@
 use crate::config::AccessLogConfig;
 use http::{HeaderValue, Method};
 use prometheus::IntCounter;
-use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
@@ -55,46 +54,72 @@ pub struct AccessRecord {
     pub tls: Option<String>,
 }
 
+/// The JSON line of a record, serialised straight from borrowed fields (no intermediate
+/// `Value` tree: the writer thread formats tens of thousands of these a second).
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_ip: Option<IpAddr>,
+    method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<SocketAddr>,
+    status: u16,
+    bytes_in: usize,
+    bytes_out: usize,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<&'a str>,
+}
+
 impl AccessRecord {
-    fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        let time = self
-            .time
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        m.insert("time".into(), json!(format_time(time)));
-        let header = |v: &Option<HeaderValue>| {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .map(|s| Value::String(s.to_string()))
-        };
-        let mut put = |k: &str, v: Option<Value>| {
-            if let Some(v) = v {
-                m.insert(k.into(), v);
-            }
-        };
-        put("request_id", header(&self.request_id));
-        put("trace_id", header(&self.trace_id));
-        put("client_ip", self.client_ip.map(|ip| json!(ip.to_string())));
-        put("method", Some(json!(self.method.as_str())));
-        put("host", self.host.as_ref().map(|h| json!(h)));
-        put("path", Some(json!(self.path)));
-        put("route", self.route.as_ref().map(|r| json!(&**r)));
-        put("upstream", self.upstream.as_ref().map(|u| json!(&**u)));
-        put("replica", self.replica.map(|r| json!(r.to_string())));
-        put("status", Some(json!(self.status)));
-        put("bytes_in", Some(json!(self.bytes_in)));
-        put("bytes_out", Some(json!(self.bytes_out)));
-        put("duration_ms", Some(json!(millis(self.duration))));
-        put(
-            "upstream_ms",
-            self.upstream_duration.map(|d| json!(millis(d))),
-        );
-        put("user", self.user.as_ref().map(|u| json!(u)));
-        put("rate_limit", self.rate_limit.map(|r| json!(r)));
-        put("tls", self.tls.as_ref().map(|t| json!(t)));
-        Value::Object(m)
+    fn line(&self) -> Line<'_> {
+        Line {
+            time: format_time(
+                self.time
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
+            request_id: header_text(&self.request_id),
+            trace_id: header_text(&self.trace_id),
+            client_ip: self.client_ip,
+            method: self.method.as_str(),
+            host: self.host.as_deref(),
+            path: &self.path,
+            route: self.route.as_deref(),
+            upstream: self.upstream.as_deref(),
+            replica: self.replica,
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            duration_ms: millis(self.duration),
+            upstream_ms: self.upstream_duration.map(millis),
+            user: self.user.as_deref(),
+            rate_limit: self.rate_limit,
+            tls: self.tls.as_deref(),
+        }
     }
+}
+
+fn header_text(v: &Option<HeaderValue>) -> Option<&str> {
+    v.as_ref().and_then(|v| v.to_str().ok())
 }
 
 fn millis(d: Duration) -> f64 {
@@ -153,7 +178,7 @@ impl AccessLog {
                 loop {
                     match rx.recv_timeout(Duration::from_millis(200)) {
                         Ok(record) => {
-                            let _ = serde_json::to_writer(&mut out, &record.to_json());
+                            let _ = serde_json::to_writer(&mut out, &record.line());
                             let _ = out.write_all(b"\n");
                         }
                         Err(RecvTimeoutError::Timeout) => {
