@@ -36,6 +36,16 @@ pub enum AuthError {
     NoKeys,
 }
 
+/// A token that verified: its claims, and until when (Unix seconds) that result stands.
+struct CachedToken {
+    claims: Map<String, Value>,
+    valid_until: u64,
+}
+
+/// Tokens longer than this are verified every time rather than remembered, which bounds the
+/// cache's memory (`token_cache` × 2 KiB at most).
+const MAX_CACHED_TOKEN: usize = 2048;
+
 /// One verification key, pinned to its algorithm.
 struct VerifyKey {
     kid: Option<String>,
@@ -78,6 +88,10 @@ pub struct AuthPolicy {
     /// Claim → header it is forwarded in.
     pub forward: Vec<(String, HeaderName)>,
     cookie: Option<String>,
+    /// Claims of tokens that passed the signature and time checks, by token.
+    cache: Option<quick_cache::sync::Cache<String, Arc<CachedToken>>>,
+    cache_ttl: u64,
+    leeway: u64,
     tasks_started: std::sync::atomic::AtomicBool,
     /// Metric handles.
     pub metrics: crate::metrics::AuthMetrics,
@@ -322,6 +336,9 @@ impl AuthPolicy {
                 .collect(),
             forward,
             cookie: cfg.cookie.clone(),
+            cache: (cfg.token_cache > 0).then(|| quick_cache::sync::Cache::new(cfg.token_cache)),
+            cache_ttl: cfg.token_cache_ttl.0.as_secs().max(1),
+            leeway,
             tasks_started: std::sync::atomic::AtomicBool::new(false),
             metrics: crate::metrics::AuthMetrics::new(name),
         })
@@ -382,6 +399,12 @@ impl AuthPolicy {
         if token.len() > 16 * 1024 {
             return Err(AuthError::Invalid("token too large"));
         }
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(token)) {
+            if now <= hit.valid_until {
+                return self.accept(&hit.claims, key_claim);
+            }
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token or unsupported algorithm"))?;
         let mut keys = self.keys.load_full();
@@ -405,17 +428,21 @@ impl AuthPolicy {
         for key in keys_for(&keys, &header) {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation) {
                 Ok(data) => {
-                    let limit_key = key_claim.and_then(|c| claim_key(&data.claims, c));
-                    let subject = data
-                        .claims
-                        .get("sub")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    return self.authorize(data.claims).map(|forward| Verified {
-                        forward,
-                        limit_key,
-                        subject,
-                    });
+                    let verified = self.accept(&data.claims, key_claim);
+                    if let (Some(cache), true) = (&self.cache, token.len() <= MAX_CACHED_TOKEN) {
+                        // Remembered until the token expires (with the leeway the check
+                        // allowed) or the TTL runs out, whichever comes first.
+                        let exp = data.claims.get("exp").and_then(Value::as_u64);
+                        let until = exp
+                            .map_or(u64::MAX, |e| e.saturating_add(self.leeway))
+                            .min(now + self.cache_ttl);
+                        let entry = CachedToken {
+                            claims: data.claims,
+                            valid_until: until,
+                        };
+                        cache.insert(token.to_string(), Arc::new(entry));
+                    }
+                    return verified;
                 }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;
@@ -439,7 +466,25 @@ impl AuthPolicy {
         Err(last_error)
     }
 
-    fn authorize(&self, claims: Map<String, Value>) -> Result<ForwardedClaims, AuthError> {
+    /// The outcome for a token whose signature and times are good: claim requirements, then
+    /// what goes upstream.
+    fn accept(
+        &self,
+        claims: &Map<String, Value>,
+        key_claim: Option<&str>,
+    ) -> Result<Verified, AuthError> {
+        let forward = self.authorize(claims)?;
+        Ok(Verified {
+            forward,
+            limit_key: key_claim.and_then(|c| claim_key(claims, c)),
+            subject: claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
+    }
+
+    fn authorize(&self, claims: &Map<String, Value>) -> Result<ForwardedClaims, AuthError> {
         for claim in &self.required_claims {
             if claims.get(claim).is_none_or(Value::is_null) {
                 return Err(AuthError::Forbidden("a required claim is missing"));
@@ -513,6 +558,10 @@ impl AuthPolicy {
                 Ok(keys) if !keys.is_empty() => {
                     let count = keys.len();
                     self.keys.store(Arc::new(KeySet { keys }));
+                    // A key that left the set must stop vouching for tokens at once.
+                    if let Some(cache) = &self.cache {
+                        cache.clear();
+                    }
                     info!(policy = %self.name, keys = count, "JWKS loaded");
                 }
                 Ok(_) => {

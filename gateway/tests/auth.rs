@@ -595,3 +595,22 @@ routes:
     let back = sock.next().await.unwrap().unwrap();
     assert_eq!(back.to_text().unwrap(), "hello");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_token_still_expires() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "auth:\n  hs: {{ secret: \"{SECRET}\", leeway: 0s }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b, auth: hs }}\n",
+        backend.addr
+    ))
+    .await;
+    let token = hs(&json!({"sub": "u", "exp": now() + 2}));
+    // Verified once, then answered from the cache.
+    for _ in 0..3 {
+        assert_eq!(get(&gw, "/", Some(&token)).await.status(), 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let (status, challenge) = refused(get(&gw, "/", Some(&token)).await).await;
+    assert_eq!(status, 401);
+    assert!(challenge.contains("token expired"), "{challenge}");
+}

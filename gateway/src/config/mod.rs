@@ -720,6 +720,20 @@ pub struct AuthConfig {
     /// Also take the token from this cookie when there is no `Authorization` header.
     #[serde(default)]
     pub cookie: Option<String>,
+    /// Verified tokens remembered, so a signature is checked once per token, not once per
+    /// request. Default 10000; 0 turns the cache off.
+    #[serde(default = "default_token_cache")]
+    pub token_cache: usize,
+    /// How long a verified token is remembered (never past its `exp`). Default 60s.
+    #[serde(default = "default_token_cache_ttl")]
+    pub token_cache_ttl: Dur,
+}
+
+fn default_token_cache() -> usize {
+    10_000
+}
+fn default_token_cache_ttl() -> Dur {
+    Dur::secs(60)
 }
 
 /// JWKS caching.
