@@ -302,6 +302,27 @@ fn client_verifier(
     builder.build().map_err(|e| format!("client_auth: {e}"))
 }
 
+/// The CA certificates of a PEM file, as Pingora's connector wants them (each one parsed, so
+/// a bad file is an error here rather than a panic later), and a fingerprint of the set.
+pub fn load_ca(path: &str) -> Result<(Arc<pingora::protocols::tls::CaType>, u64), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    let fingerprint = crate::ratelimit::hash_value(&pem);
+    let mut certs = Vec::new();
+    for der in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let der = der.map_err(|e| format!("{path}: {e}"))?;
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("{path}: not an X.509 certificate: {e}"))?;
+        certs.push(pingora::utils::tls::WrappedX509::new(
+            der.as_ref().to_vec(),
+            pingora::utils::tls::parse_x509,
+        ));
+    }
+    if certs.is_empty() {
+        return Err(format!("{path}: no certificate in the file"));
+    }
+    Ok((Arc::from(certs.into_boxed_slice()), fingerprint))
+}
+
 /// Checks a listener's TLS section without serving: every pair loads, the CA reads.
 pub fn check(listener: &str, tls: &TlsConfig) -> Result<(), String> {
     if tls.certificates.is_empty() {

@@ -378,3 +378,117 @@ async fn client_certificates_and_bad_tls_config() {
         "{err}"
     );
 }
+
+/// An HTTPS backend answering `tls-backend PATH`, with the certificate `NAME.pem` of `dir`.
+async fn tls_backend(dir: &Path, name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut read(dir.join(format!("{name}.pem"))).as_slice())
+            .map(|c| c.unwrap())
+            .collect();
+    let key =
+        rustls_pemfile::private_key(&mut read(dir.join(format!("{name}-key.pem"))).as_slice())
+            .unwrap()
+            .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("tls-backend {}", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_upstreams_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    certs(dir.path(), &["backend.test"]);
+    certs(other.path(), &["unrelated.test"]);
+    let (addr, _task) = tls_backend(dir.path(), "backend.test").await;
+    let ca = dir.path().join("ca.pem");
+    let wrong_ca = other.path().join("ca.pem");
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  good: {{ targets: ["{addr}"], tls: {{ sni: backend.test, ca: "{0}" }}, retries: 0 }}
+  wrong_ca: {{ targets: ["{addr}"], tls: {{ sni: backend.test, ca: "{1}" }}, retries: 0 }}
+  wrong_name: {{ targets: ["{addr}"], tls: {{ sni: other.test, ca: "{0}" }}, retries: 0 }}
+  unverified: {{ targets: ["{addr}"], tls: {{ sni: backend.test, ca: "{1}", verify: false }}, retries: 0 }}
+routes:
+  - {{ name: good, upstream: good, match: {{ path_prefix: /good }} }}
+  - {{ name: wrong_ca, upstream: wrong_ca, match: {{ path_prefix: /wrong-ca }} }}
+  - {{ name: wrong_name, upstream: wrong_name, match: {{ path_prefix: /wrong-name }} }}
+  - {{ name: unverified, upstream: unverified, match: {{ path_prefix: /unverified }} }}
+"#,
+        ca.display(),
+        wrong_ca.display()
+    ))
+    .await;
+    let c = client();
+    let r = c.get(gw.url("/good/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "tls-backend /good/x");
+    // A certificate from another CA, or for another name, is not accepted.
+    assert_eq!(
+        c.get(gw.url("/wrong-ca")).send().await.unwrap().status(),
+        502
+    );
+    assert_eq!(
+        c.get(gw.url("/wrong-name")).send().await.unwrap().status(),
+        502
+    );
+    // Unless verification is turned off.
+    assert_eq!(
+        c.get(gw.url("/unverified")).send().await.unwrap().status(),
+        200
+    );
+
+    // A CA file that is not one is refused at load, with its line.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!(
+            "listeners:\n  http: {{ address: \"127.0.0.1:1\" }}\nupstreams:\n  u:\n    targets: [\"127.0.0.1:1\"]\n    tls: {{ ca: \"{}\" }}\nroutes:\n  - {{ name: r, upstream: u }}\n",
+            dir.path().join("backend.test-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(gateway_bin())
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(":6:") && err.contains("upstreams.u.tls.ca"),
+        "{err}"
+    );
+}

@@ -329,6 +329,34 @@ pub struct UpstreamConfig {
     /// Extra attempts on another replica after a failure that is safe to retry. Default 2.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// Speak TLS to the replicas.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// TLS to an upstream's replicas.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// Server name sent and verified. Default: the first target's host name (none for an IP).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM file of the CAs the replicas' certificates must chain to. Default: the system's.
+    #[serde(default)]
+    pub ca: Option<Spanned<String>>,
+    /// Verify the certificate and the name. Default true; false accepts any certificate.
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+impl UpstreamTlsConfig {
+    /// The settings without file positions.
+    pub fn without_locations(&self) -> UpstreamTlsConfig {
+        UpstreamTlsConfig {
+            ca: self.ca.as_ref().map(unplaced),
+            ..self.clone()
+        }
+    }
 }
 
 fn default_balance() -> Spanned<Balance> {

@@ -88,6 +88,13 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             });
         }
     }
+    for (name, up) in &config.upstreams {
+        if let Some(ca) = up.tls.as_ref().and_then(|t| t.ca.as_ref()) {
+            if let Err(e) = crate::tls::load_ca(&ca.value) {
+                return Err(c.err_at(ca, format!("upstreams.{name}.tls.ca"), e));
+            }
+        }
+    }
     for (name, policy) in &config.rate_limits {
         if let Err(e) = crate::ratelimit::RateLimitPolicy::new(name, policy) {
             let span = if e.starts_with("key") {

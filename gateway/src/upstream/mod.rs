@@ -38,9 +38,44 @@ pub struct UpstreamSpec {
     timeouts: crate::config::TimeoutsConfig,
     retries: u32,
     dns: DnsConfig,
+    tls: Option<crate::config::UpstreamTlsConfig>,
 }
 
 impl UpstreamSpec {
+    /// The TLS server name: configured, or the first target's host name (none for an IP).
+    fn sni(&self) -> String {
+        let Some(tls) = &self.tls else {
+            return String::new();
+        };
+        tls.sni.clone().unwrap_or_else(|| {
+            self.targets
+                .iter()
+                .find(|t| t.ip().is_none())
+                .map(|t| t.host.clone())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Certificate verification and trusted CAs on a peer of this upstream.
+    fn apply_tls(&self, peer: &mut HttpPeer) {
+        let Some(tls) = &self.tls else { return };
+        peer.options.verify_cert = tls.verify;
+        peer.options.verify_hostname = tls.verify;
+        if let Some(ca) = &tls.ca {
+            match crate::tls::load_ca(&ca.value) {
+                Ok((certs, fingerprint)) => {
+                    peer.options.ca = Some(certs);
+                    // Pingora's connection pool does not tell trust stores apart: a connection
+                    // verified against one CA must not be reused for a peer that trusts another.
+                    peer.group_key = fingerprint;
+                }
+                // Validation read this file moments ago; if it is gone now, the system's CAs
+                // are used, which fails closed for a private CA.
+                Err(e) => tracing::error!(error = %e, "upstream CA unreadable"),
+            }
+        }
+    }
+
     /// The spec of a configured upstream.
     pub fn new(cfg: &UpstreamConfig, dns: &DnsConfig) -> UpstreamSpec {
         UpstreamSpec {
@@ -56,6 +91,7 @@ impl UpstreamSpec {
             timeouts: cfg.timeouts,
             retries: cfg.retries,
             dns: dns.clone(),
+            tls: cfg.tls.as_ref().map(|t| t.without_locations()),
         }
     }
 }
@@ -80,7 +116,8 @@ impl Upstream {
     /// A new upstream with its literal-IP targets in place; host names are resolved by
     /// [`Upstream::refresh`].
     pub fn new(name: &str, spec: UpstreamSpec) -> Arc<Upstream> {
-        let mut peer_template = HttpPeer::new("127.0.0.1:1", false, String::new());
+        let mut peer_template = HttpPeer::new("127.0.0.1:1", spec.tls.is_some(), spec.sni());
+        spec.apply_tls(&mut peer_template);
         let t = &spec.timeouts;
         peer_template.options.connection_timeout = Some(t.connect.0);
         peer_template.options.read_timeout = Some(t.read.0);
@@ -280,7 +317,15 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
         .upgrade()
         .and_then(|u| u.spec.targets.first().map(|t| t.host.clone()))
         .unwrap_or_default();
-    let check = Arc::new(build_check(&active, &host));
+    let mut check = build_check(&active, &host);
+    if let Some(up) = weak.upgrade() {
+        if up.spec.tls.is_some() {
+            check.peer_template.scheme = pingora::upstreams::peer::Scheme::HTTPS;
+            check.peer_template.sni = up.spec.sni();
+            up.spec.apply_tls(&mut check.peer_template);
+        }
+    }
+    let check = Arc::new(check);
     loop {
         tick.tick().await;
         let Some(up) = weak.upgrade() else { return };
