@@ -358,6 +358,7 @@ pub fn make_dev_certs(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, Stri
         .distinguished_name
         .push(DnType::CommonName, "gateway development CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params.serial_number = Some(positive_serial()?);
     let (ca_key, ca_cert) = if ca_cert_path.is_file() && ca_key_path.is_file() {
         // Same name and key as the CA on disk: leaves signed now chain to that ca.pem.
         let key_pem = std::fs::read_to_string(&ca_key_path).map_err(|e| e.to_string())?;
@@ -375,6 +376,19 @@ pub fn make_dev_certs(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, Stri
     let mut leaf = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
     leaf.distinguished_name
         .push(DnType::CommonName, first.as_str());
+    // Browsers and Mozilla's TLS guidelines cap server certificates at 398/366 days; run the
+    // command again to renew (the CA stays).
+    let now = time::OffsetDateTime::now_utc();
+    leaf.not_before = now - time::Duration::days(1);
+    leaf.not_after = now + time::Duration::days(365);
+    // What WebPKI validators (browsers, curl, sslyze) expect of a leaf.
+    leaf.use_authority_key_identifier_extension = true;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    leaf.serial_number = Some(positive_serial()?);
     let leaf_key = KeyPair::generate().map_err(|e| e.to_string())?;
     let leaf_cert = leaf
         .signed_by(&leaf_key, &ca_cert, &ca_key)
@@ -385,4 +399,15 @@ pub fn make_dev_certs(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, Stri
     write(&cert_path, &leaf_cert.pem(), false)?;
     write(&key_path, &leaf_key.serialize_pem(), true)?;
     Ok(vec![ca_cert_path, cert_path, key_path])
+}
+
+/// A random 16-byte serial number, positive as RFC 5280 requires.
+fn positive_serial() -> Result<rcgen::SerialNumber, String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "no randomness for a serial number".to_string())?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(rcgen::SerialNumber::from_slice(&bytes))
 }

@@ -492,3 +492,48 @@ routes:
         "{err}"
     );
 }
+
+/// sslyze (PyPI) finds the TLS listener compliant with Mozilla's "intermediate" profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslyze_finds_mozilla_intermediate_compliance() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), &["localhost"]);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let listener = format!(
+        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/localhost.pem\", key: \"{0}/localhost-key.pem\" }} ] }} }}\n",
+        dir.path().display()
+    );
+    let _gw = Gateway::start_with(
+        "",
+        &listener,
+        "upstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b }\n",
+    )
+    .await;
+    let (ca, target) = (
+        dir.path().join("ca.pem"),
+        format!("localhost:{}", https.port()),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "sslyze",
+                "--mozilla_config=intermediate",
+                "--certinfo_ca_file",
+            ])
+            .arg(&ca)
+            .arg(&target)
+            .output()
+            .expect("python3")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("OK - Compliant"),
+        "sslyze (scripts/test installs it): {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
