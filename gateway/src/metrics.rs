@@ -400,6 +400,8 @@ pub struct RateLimitMetrics {
     pub limited: IntCounter,
     /// Refused for lack of a key.
     pub no_key: IntCounter,
+    /// Shared store (Redis) did not answer in time.
+    pub store_errors: IntCounter,
 }
 
 impl RateLimitMetrics {
@@ -410,6 +412,7 @@ impl RateLimitMetrics {
             allowed: d("allowed"),
             limited: d("limited"),
             no_key: d("no_key"),
+            store_errors: d("store_error"),
         }
     }
 }

@@ -682,7 +682,12 @@ impl ProxyHttp for Gateway {
                     .map(|v| LimitKey::Hash(crate::ratelimit::hash_value(v.as_bytes()))),
                 KeySource::Claim(_) => claim_key.map(LimitKey::Hash),
             };
-            match limit.check(key) {
+            let decision = if limit.is_shared() {
+                limit.check_shared(key).await
+            } else {
+                limit.check(key)
+            };
+            match decision {
                 Decision::Allowed { remaining, reset } => {
                     ctx.limit_decision = Some("allowed");
                     ctx.quota = Some((limit, remaining, reset));
@@ -691,6 +696,17 @@ impl ProxyHttp for Gateway {
                     ctx.limit_decision = Some("limited");
                     ctx.rt = Some(rt);
                     respond_limited(session, &limit, retry_after, ctx.request_id()).await?;
+                    return Ok(true);
+                }
+                Decision::Unavailable => {
+                    ctx.rt = Some(rt);
+                    respond_json(
+                        session,
+                        503,
+                        "rate limiter unavailable",
+                        Some(ctx.request_id()),
+                    )
+                    .await?;
                     return Ok(true);
                 }
                 Decision::NoKey => {

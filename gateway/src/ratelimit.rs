@@ -8,7 +8,8 @@
 //! grows the table past `max_keys + 256 + OVERFLOW_SLOTS` entries (the size is sampled every
 //! 256 checks).
 
-use crate::config::{MissingKey, RateLimitConfig};
+use crate::config::{FailMode, MissingKey, RateLimitConfig, RedisLimitConfig};
+use arc_swap::ArcSwapOption;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -68,6 +69,8 @@ pub enum Decision {
     },
     /// No key and the policy rejects such requests.
     NoKey,
+    /// The shared store did not answer and the policy fails closed.
+    Unavailable,
 }
 
 type Limiter = RateLimiter<
@@ -112,6 +115,35 @@ pub struct RateLimitPolicy {
     checks: AtomicU32,
     tasks_started: AtomicBool,
     metrics: crate::metrics::RateLimitMetrics,
+    redis: Option<RedisLimiter>,
+}
+
+/// GCRA in Redis, one atomic script per request, on the server's clock (so instances with
+/// skewed clocks agree). State: the theoretical arrival time in µs, expiring when the bucket
+/// would be full again. Returns {allowed, wait µs, remaining}.
+const GCRA_LUA: &str = r#"
+local t = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tau = t * burst
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + t
+local allow_at = new_tat - tau
+if now < allow_at then
+  return {0, allow_at - now, 0}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, 0, math.floor((tau - (new_tat - now)) / t)}
+"#;
+
+/// The Redis side of a shared policy.
+struct RedisLimiter {
+    cfg: RedisLimitConfig,
+    client: redis::Client,
+    conn: ArcSwapOption<redis::aio::ConnectionManager>,
+    script: redis::Script,
 }
 
 /// Parses `N/s`, `N/m` or `N/h`.
@@ -188,6 +220,16 @@ impl RateLimitPolicy {
             checks: AtomicU32::new(0),
             tasks_started: AtomicBool::new(false),
             metrics: crate::metrics::RateLimitMetrics::new(name),
+            redis: match &cfg.redis {
+                Some(r) => Some(RedisLimiter {
+                    client: redis::Client::open(r.url.as_str())
+                        .map_err(|e| format!("redis.url: {e}"))?,
+                    cfg: r.clone(),
+                    conn: ArcSwapOption::empty(),
+                    script: redis::Script::new(GCRA_LUA),
+                }),
+                None => None,
+            },
         })
     }
 
@@ -234,6 +276,75 @@ impl RateLimitPolicy {
         }
     }
 
+    /// Whether the policy is counted in Redis (checks are then [`RateLimitPolicy::check_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Counts one request in Redis, shared with every gateway using the same store and policy.
+    pub async fn check_shared(&self, key: Option<LimitKey>) -> Decision {
+        let Some(redis) = &self.redis else {
+            return self.check(key);
+        };
+        let key = match (key, self.missing) {
+            (Some(k), _) => k,
+            (None, MissingKey::Shared) => LimitKey::Shared,
+            (None, MissingKey::Reject) => {
+                self.metrics.no_key.inc();
+                return Decision::NoKey;
+            }
+        };
+        let name = match key {
+            LimitKey::Ip(ip) => format!("{}{}:ip:{ip}", redis.cfg.prefix, self.name),
+            LimitKey::Hash(h) => format!("{}{}:h:{h:016x}", redis.cfg.prefix, self.name),
+            LimitKey::Route(r) => format!("{}{}:route:{r}", redis.cfg.prefix, self.name),
+            LimitKey::Shared => format!("{}{}:shared", redis.cfg.prefix, self.name),
+            LimitKey::Slot(s) => format!("{}{}:slot:{s}", redis.cfg.prefix, self.name),
+        };
+        let answer = match redis.conn.load_full() {
+            Some(conn) => {
+                let mut conn = (*conn).clone();
+                let mut invocation = redis.script.key(name);
+                invocation
+                    .arg(self.per_request.as_micros() as u64)
+                    .arg(self.burst);
+                let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
+                tokio::time::timeout(redis.cfg.timeout.0, call)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            None => None,
+        };
+        match answer {
+            Some((1, _, remaining)) => {
+                self.metrics.allowed.inc();
+                let remaining = remaining.clamp(0, i64::from(u32::MAX)) as u32;
+                let used = u128::from(self.burst.saturating_sub(remaining));
+                Decision::Allowed {
+                    remaining,
+                    reset: (used * self.per_request.as_nanos()).div_ceil(1_000_000_000) as u64,
+                }
+            }
+            Some((_, wait_us, _)) => {
+                self.metrics.limited.inc();
+                Decision::Limited {
+                    retry_after: (wait_us.max(0) as u64).div_ceil(1_000_000).max(1),
+                }
+            }
+            None => {
+                self.metrics.store_errors.inc();
+                match redis.cfg.on_error {
+                    FailMode::Open => Decision::Allowed {
+                        remaining: self.burst,
+                        reset: 0,
+                    },
+                    FailMode::Closed => Decision::Unavailable,
+                }
+            }
+        }
+    }
+
     /// Keys currently held.
     pub fn keys(&self) -> usize {
         self.limiter.len()
@@ -250,7 +361,45 @@ impl RateLimitPolicy {
     /// Starts the cleanup task (drops idle keys every 5 s). Must run on the control-plane
     /// Tokio runtime; ends when the policy is dropped.
     pub fn spawn_tasks(self: &Arc<Self>) {
-        if matches!(self.key, KeySource::Route) || self.tasks_started.swap(true, Ordering::AcqRel) {
+        if self.tasks_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.redis.is_some() {
+            // Connect in the background; until then requests follow `on_error`. The
+            // connection manager reconnects by itself after that.
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    let Some(policy) = weak.upgrade() else { return };
+                    let Some(redis) = &policy.redis else { return };
+                    if redis.conn.load().is_some() {
+                        return;
+                    }
+                    let made = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        redis.client.get_connection_manager(),
+                    )
+                    .await;
+                    match made {
+                        Ok(Ok(conn)) => {
+                            redis.conn.store(Some(Arc::new(conn)));
+                            tracing::info!(policy = %policy.name, "rate limit connected to Redis");
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(policy = %policy.name, error = %e, "Redis unavailable")
+                        }
+                        Err(_) => tracing::warn!(policy = %policy.name, "Redis connect timed out"),
+                    }
+                    drop(policy);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            });
+            return;
+        }
+        if matches!(self.key, KeySource::Route) {
             return;
         }
         let weak: Weak<RateLimitPolicy> = Arc::downgrade(self);

@@ -224,3 +224,98 @@ async fn trusted_proxies_give_each_client_its_own_bucket() {
     }
     assert!(codes.contains(&429), "{codes:?}");
 }
+
+/// A real `redis-server` on a free port, stopped when dropped.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port("127.0.0.1");
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Redis { child, port }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_a_limit_through_redis() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let mut redis = Redis::start();
+    let body = format!(
+        r#"
+rate_limits:
+  shared: {{ rate: 1/m, burst: 4, redis: {{ url: "redis://127.0.0.1:{0}", timeout: 200ms }} }}
+  strict: {{ rate: 1/m, burst: 100, redis: {{ url: "redis://127.0.0.1:{0}", on_error: closed, timeout: 200ms }} }}
+upstreams:
+  b: {{ targets: ["{1}"] }}
+routes:
+  - {{ name: shared, upstream: b, rate_limit: shared, match: {{ path_prefix: /shared }} }}
+  - {{ name: strict, upstream: b, rate_limit: strict, match: {{ path_prefix: /strict }} }}
+"#,
+        redis.port, backend.addr
+    );
+    let (a, b) = (Gateway::start(&body).await, Gateway::start(&body).await);
+    for gw in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gw.log().matches("rate limit connected to Redis").count() < 2 {
+            assert!(Instant::now() < deadline, "{}", gw.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let c = client();
+    // One bucket of 4 for both gateways together.
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = c.get(gw.url("/shared")).send().await.unwrap();
+        if r.status() == 200 {
+            let state = r.headers()["ratelimit"].to_str().unwrap().to_string();
+            assert!(state.starts_with("\"shared\";r="), "{state}");
+        } else {
+            let wait: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(wait > 1, "{wait}");
+        }
+        codes.push(r.status().as_u16());
+    }
+    assert_eq!(codes, [200, 200, 200, 200, 429, 429, 429, 429]);
+
+    // Redis goes away: `open` lets requests through, `closed` refuses them.
+    redis.stop();
+    assert_eq!(status(c.get(a.url("/shared"))).await, 200);
+    assert_eq!(status(c.get(b.url("/strict"))).await, 503);
+}

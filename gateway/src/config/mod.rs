@@ -624,6 +624,45 @@ pub struct RateLimitConfig {
     /// Keys tracked before new keys share overflow buckets. Default 100000.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// Share the limit between gateway instances through Redis. None: count in this process.
+    #[serde(default)]
+    pub redis: Option<RedisLimitConfig>,
+}
+
+/// A rate limit kept in Redis.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLimitConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// When Redis cannot answer in time: `open` lets requests through (the default), `closed`
+    /// refuses them with 503.
+    #[serde(default)]
+    pub on_error: FailMode,
+    /// Longest wait for Redis per request. Default 50ms.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Dur,
+    /// Prefix of the keys written. Default `gateway:rl:`.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+}
+
+fn default_redis_timeout() -> Dur {
+    Dur::millis(50)
+}
+fn default_redis_prefix() -> String {
+    "gateway:rl:".into()
+}
+
+/// What a shared rate limit does when its store is unavailable.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Let requests through.
+    #[default]
+    Open,
+    /// Refuse them (503).
+    Closed,
 }
 
 fn default_max_keys() -> usize {
