@@ -99,6 +99,8 @@ pub struct AuthPolicy {
 
 struct JwksSource {
     url: JwksUrl,
+    /// The TLS client, for an `https://` URL.
+    tls: Option<tokio_rustls::TlsConnector>,
     refresh: Duration,
     min_refetch: Duration,
     timeout: Duration,
@@ -120,9 +122,11 @@ impl JwksSource {
     }
 }
 
-/// An `http://host:port/path` JWKS address.
+/// An `http://` or `https://host:port/path` JWKS address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl {
+    /// `https://`: fetched over TLS, certificate and name verified.
+    pub tls: bool,
     /// Host name or IP.
     pub host: String,
     /// Port (80 when absent).
@@ -132,11 +136,13 @@ pub struct JwksUrl {
 }
 
 impl JwksUrl {
-    /// Parses an `http://` URL. (`https://` endpoints are not supported yet.)
+    /// Parses an `http://` or `https://` URL.
     pub fn parse(url: &str) -> Result<JwksUrl, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or("only http:// JWKS URLs are supported")?;
+        let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return Err("needs an http:// or https:// URL".into()),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -149,12 +155,13 @@ impl JwksUrl {
                 h.trim_start_matches('[').trim_end_matches(']'),
                 p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
             ),
-            _ => (authority, 80),
+            _ => (authority, if tls { 443 } else { 80 }),
         };
         if host.is_empty() {
             return Err("needs a host".into());
         }
         Ok(JwksUrl {
+            tls,
             host: host.to_string(),
             port,
             path: path.to_string(),
@@ -290,6 +297,10 @@ impl AuthPolicy {
 
         let jwks = match &cfg.jwks_url {
             Some(url) => Some(Arc::new(JwksSource {
+                tls: match JwksUrl::parse(&url.value)?.tls {
+                    true => Some(jwks_tls(cfg.jwks.ca.as_deref())?),
+                    false => None,
+                },
                 url: JwksUrl::parse(&url.value)?,
                 refresh: cfg
                     .jwks
@@ -553,7 +564,7 @@ impl AuthPolicy {
             jwks.epoch.elapsed().as_millis().max(1) as u64,
             Ordering::Release,
         );
-        match fetch_jwks(&jwks.url, resolver, jwks.timeout).await {
+        match fetch_jwks(&jwks.url, jwks.tls.as_ref(), resolver, jwks.timeout).await {
             Ok(body) => match parse_jwks(&body, &self.validations) {
                 Ok(keys) if !keys.is_empty() => {
                     let count = keys.len();
@@ -637,10 +648,10 @@ async fn jwks_loop(
 /// GETs the JWKS document. The host is resolved with the gateway's resolver.
 async fn fetch_jwks(
     url: &JwksUrl,
+    tls: Option<&tokio_rustls::TlsConnector>,
     resolver: Option<&TokioResolver>,
     timeout: Duration,
 ) -> Result<Bytes, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
     let work = async {
         let ip: IpAddr = match url.host.parse::<IpAddr>() {
             Ok(ip) => ip,
@@ -659,14 +670,71 @@ async fn fetch_jwks(
         let stream = tokio::net::TcpStream::connect(SocketAddr::new(ip, url.port))
             .await
             .map_err(|e| format!("connecting to {ip}:{}: {e}", url.port))?;
+        match tls {
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                    .map_err(|e| format!("{}: {e}", url.host))?;
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", url.host))?;
+                http_get(stream, url).await
+            }
+            None => http_get(stream, url).await,
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// The TLS client for an `https://` JWKS: the configured CAs, or the system's.
+fn jwks_tls(ca: Option<&str>) -> Result<tokio_rustls::TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("jwks.ca {path}: {e}"))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("jwks.ca {path}: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("jwks.ca {path}: {e}"))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificates to verify the JWKS endpoint with".into());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// GET `url.path` over `io` (HTTP/1.1), body up to 1 MiB.
+async fn http_get<IO>(io: IO, url: &JwksUrl) -> Result<Bytes, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Empty, Limited};
+    {
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
                 .await
                 .map_err(|e| format!("HTTP handshake: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let host = if url.port == 80 {
+        let host = if url.port == if url.tls { 443 } else { 80 } {
             url.host.clone()
         } else {
             format!("{}:{}", url.host, url.port)
@@ -689,10 +757,7 @@ async fn fetch_jwks(
             .await
             .map_err(|e| format!("body: {e}"))?;
         Ok(body.to_bytes())
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
 }
 
 /// The usable keys of a JWKS document, each pinned to its algorithm: the `alg` the key names,
@@ -786,7 +851,8 @@ mod tests {
         );
         let u = JwksUrl::parse("http://127.0.0.1").unwrap();
         assert_eq!((u.port, u.path.as_str()), (80, "/"));
-        assert!(JwksUrl::parse("https://x/").is_err());
+        assert!(JwksUrl::parse("https://x/").is_ok_and(|u| u.tls && u.port == 443));
+        assert!(JwksUrl::parse("ftp://x/").is_err());
         assert!(JwksUrl::parse("http://u:p@x/").is_err());
         assert!(JwksUrl::parse("http://x:99999/").is_err());
     }

@@ -494,8 +494,8 @@ async fn bad_auth_configuration_is_refused_with_its_location() {
             ":4:35: routes[0].auth: no auth policy named `nope`",
         ),
         (
-            "auth:\n  a:\n    jwks_url: \"https://idp.example/jwks\"\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
-            ":3:15: auth.a: only http:// JWKS URLs are supported",
+            "auth:\n  a:\n    jwks_url: \"ftp://idp.example/jwks\"\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
+            ":3:15: auth.a: needs an http:// or https:// URL",
         ),
         (
             "auth:\n  a:\n    issuer: x\nupstreams:\n  b: { targets: [\"127.0.0.1:1\"] }\nroutes:\n  - { name: r, upstream: b, auth: a }\n",
@@ -613,4 +613,35 @@ async fn a_remembered_token_still_expires() {
     let (status, challenge) = refused(get(&gw, "/", Some(&token)).await).await;
     assert_eq!(status, 401);
     assert!(challenge.contains("token expired"), "{challenge}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_jwks_endpoint_costs_its_timeout_not_more() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let started = std::time::Instant::now();
+    let gw = Gateway::start(&format!(
+        "auth:\n  j: {{ jwks_url: \"http://{addr}/jwks\", jwks: {{ timeout: 300ms }} }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b, auth: j }}\n",
+        backend.addr
+    ))
+    .await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let token = EdKey::new().sign(Some("k"), &json!({"sub": "x", "exp": now() + 60}));
+    let t = std::time::Instant::now();
+    let r = get(&gw, "/", Some(&token)).await;
+    assert_eq!(r.status(), 503);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(gw.log().contains("JWKS fetch failed"));
 }

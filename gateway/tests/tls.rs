@@ -379,8 +379,13 @@ async fn client_certificates_and_bad_tls_config() {
     );
 }
 
-/// An HTTPS backend answering `tls-backend PATH`, with the certificate `NAME.pem` of `dir`.
-async fn tls_backend(dir: &Path, name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// An HTTPS backend answering `body`, or `tls-backend PATH` without one, with the certificate
+/// `NAME.pem` of `dir`.
+async fn tls_backend(
+    dir: &Path,
+    name: &str,
+    body: Option<String>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
     let certs: Vec<CertificateDer<'static>> =
         rustls_pemfile::certs(&mut read(dir.join(format!("{name}.pem"))).as_slice())
@@ -405,16 +410,21 @@ async fn tls_backend(dir: &Path, name: &str) -> (SocketAddr, tokio::task::JoinHa
                 return;
             };
             let acceptor = acceptor.clone();
+            let fixed = body.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = format!("tls-backend {}", req.uri().path());
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let text = fixed
+                            .clone()
+                            .unwrap_or_else(|| format!("tls-backend {}", req.uri().path()));
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(text)),
+                            ))
+                        }
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -432,7 +442,7 @@ async fn tls_to_upstreams_is_verified() {
     let other = tempfile::tempdir().unwrap();
     certs(dir.path(), &["backend.test"]);
     certs(other.path(), &["unrelated.test"]);
-    let (addr, _task) = tls_backend(dir.path(), "backend.test").await;
+    let (addr, _task) = tls_backend(dir.path(), "backend.test", None).await;
     let ca = dir.path().join("ca.pem");
     let wrong_ca = other.path().join("ca.pem");
     let gw = Gateway::start(&format!(
@@ -536,4 +546,61 @@ async fn sslyze_finds_mozilla_intermediate_compliance() {
         "sslyze (scripts/test installs it): {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A JWKS served over HTTPS, verified against the configured CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_over_https() {
+    use base64::Engine;
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), &["idp.test"]);
+    let other = tempfile::tempdir().unwrap();
+    certs(other.path(), &["elsewhere.test"]);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.public_key_raw());
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","alg":"EdDSA","kid":"k1","x":"{x}"}}]}}"#
+    );
+    let (idp, _task) = tls_backend(dir.path(), "idp.test", Some(jwks)).await;
+    // The IdP's name resolves through a DNS server of the test's own.
+    let dns = Dns::start().await;
+    dns.set("idp.test", &["127.0.0.1"]);
+    let gw = Gateway::start(&format!(
+        "auth:\n  idp: {{ jwks_url: \"https://idp.test:{0}/jwks\", jwks: {{ ca: \"{1}\" }} }}\n  untrusted: {{ jwks_url: \"https://idp.test:{0}/jwks\", jwks: {{ ca: \"{4}\", timeout: 300ms }} }}\ndns: {{ nameservers: [\"{2}\"] }}\nupstreams:\n  b: {{ targets: [\"{3}\"] }}\nroutes:\n  - {{ name: other, upstream: b, auth: untrusted, match: {{ path_prefix: /other }} }}\n  - {{ name: all, upstream: b, auth: idp }}\n",
+        idp.port(),
+        dir.path().join("ca.pem").display(),
+        dns.addr,
+        backend.addr,
+        other.path().join("ca.pem").display()
+    ))
+    .await;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("k1".into());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"sub": "s", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let r = client()
+        .get(gw.url("/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", gw.log());
+    // The same endpoint checked against a CA that did not sign it gives no keys: 503.
+    let r = client()
+        .get(gw.url("/other"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
 }

@@ -816,6 +816,10 @@ pub struct JwksConfig {
     /// Time allowed for one fetch. Default 2s.
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// For an `https://` URL: PEM file of the CAs its certificate must chain to. Default: the
+    /// system's CAs.
+    #[serde(default)]
+    pub ca: Option<String>,
 }
 
 /// A PEM public key.
