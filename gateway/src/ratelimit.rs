@@ -235,13 +235,8 @@ impl RateLimitPolicy {
 
     /// Counts one request under `key` (None: the request has no key).
     pub fn check(&self, key: Option<LimitKey>) -> Decision {
-        let key = match (key, self.missing) {
-            (Some(k), _) => k,
-            (None, MissingKey::Shared) => LimitKey::Shared,
-            (None, MissingKey::Reject) => {
-                self.metrics.no_key.inc();
-                return Decision::NoKey;
-            }
+        let Some(key) = self.key_or_default(key) else {
+            return Decision::NoKey;
         };
         // The table size is looked at every 256 checks (and by the cleanup task), not on
         // every request: counting it visits every shard.
@@ -256,16 +251,7 @@ impl RateLimitPolicy {
             k => k,
         };
         match self.limiter.check_key(&key) {
-            Ok(state) => {
-                self.metrics.allowed.inc();
-                let remaining = state.remaining_burst_capacity();
-                let used = u128::from(self.burst.saturating_sub(remaining));
-                let reset = (used * self.per_request.as_nanos()).div_ceil(1_000_000_000);
-                Decision::Allowed {
-                    remaining,
-                    reset: reset as u64,
-                }
-            }
+            Ok(state) => self.allowed(state.remaining_burst_capacity()),
             Err(not_until) => {
                 self.metrics.limited.inc();
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
@@ -273,6 +259,29 @@ impl RateLimitPolicy {
                     retry_after: wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64,
                 }
             }
+        }
+    }
+
+    /// The key a request counts under: its own, the shared one, or none when the policy
+    /// refuses requests without a key.
+    fn key_or_default(&self, key: Option<LimitKey>) -> Option<LimitKey> {
+        match (key, self.missing) {
+            (Some(k), _) => Some(k),
+            (None, MissingKey::Shared) => Some(LimitKey::Shared),
+            (None, MissingKey::Reject) => {
+                self.metrics.no_key.inc();
+                None
+            }
+        }
+    }
+
+    /// A request let through with `remaining` left in the burst.
+    fn allowed(&self, remaining: u32) -> Decision {
+        self.metrics.allowed.inc();
+        let used = u128::from(self.burst.saturating_sub(remaining));
+        Decision::Allowed {
+            remaining,
+            reset: (used * self.per_request.as_nanos()).div_ceil(1_000_000_000) as u64,
         }
     }
 
@@ -286,13 +295,8 @@ impl RateLimitPolicy {
         let Some(redis) = &self.redis else {
             return self.check(key);
         };
-        let key = match (key, self.missing) {
-            (Some(k), _) => k,
-            (None, MissingKey::Shared) => LimitKey::Shared,
-            (None, MissingKey::Reject) => {
-                self.metrics.no_key.inc();
-                return Decision::NoKey;
-            }
+        let Some(key) = self.key_or_default(key) else {
+            return Decision::NoKey;
         };
         let name = match key {
             LimitKey::Ip(ip) => format!("{}{}:ip:{ip}", redis.cfg.prefix, self.name),
@@ -317,15 +321,7 @@ impl RateLimitPolicy {
             None => None,
         };
         match answer {
-            Some((1, _, remaining)) => {
-                self.metrics.allowed.inc();
-                let remaining = remaining.clamp(0, i64::from(u32::MAX)) as u32;
-                let used = u128::from(self.burst.saturating_sub(remaining));
-                Decision::Allowed {
-                    remaining,
-                    reset: (used * self.per_request.as_nanos()).div_ceil(1_000_000_000) as u64,
-                }
-            }
+            Some((1, _, remaining)) => self.allowed(remaining.clamp(0, i64::from(u32::MAX)) as u32),
             Some((_, wait_us, _)) => {
                 self.metrics.limited.inc();
                 Decision::Limited {

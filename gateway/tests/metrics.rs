@@ -96,7 +96,8 @@ routes:
     let r = c.post(gw.url("/open")).body("12345").send().await.unwrap();
     assert_eq!(r.status(), 200);
 
-    let m = scrape(&gw).await;
+    // Requests are counted in their last phase, just after the response went out.
+    let m = settled(&gw).await;
     assert_eq!(
         value(
             &m,
