@@ -34,6 +34,7 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     upstream_responses: IntCounterVec,
     upstream_errors: IntCounterVec,
+    upstream_duration: HistogramVec,
     upstream_retries: IntCounterVec,
     upstream_ejections: IntCounterVec,
     replica_up: IntGaugeVec,
@@ -150,6 +151,12 @@ impl Metrics {
                 "gateway_upstream_errors_total",
                 "Failed upstream attempts",
                 &["upstream", "kind"],
+            ),
+            upstream_duration: histogram(
+                &r,
+                "gateway_upstream_duration_seconds",
+                "From choosing a replica to its response header, per attempt",
+                &["upstream"],
             ),
             upstream_retries: counter(
                 &r,
@@ -326,6 +333,8 @@ impl RouteMetrics {
 /// An upstream's handles.
 pub struct UpstreamMetrics {
     responses: [IntCounter; 5],
+    /// Attempt start (replica chosen) to the response header.
+    pub duration: Histogram,
     /// Failed connects.
     pub connect_errors: IntCounter,
     /// Timeouts (connect, read, write).
@@ -348,6 +357,7 @@ impl UpstreamMetrics {
         let m = &*METRICS;
         UpstreamMetrics {
             responses: CLASSES.map(|c| m.upstream_responses.with_label_values(&[upstream, c])),
+            duration: m.upstream_duration.with_label_values(&[upstream]),
             connect_errors: m.upstream_errors.with_label_values(&[upstream, "connect"]),
             timeouts: m.upstream_errors.with_label_values(&[upstream, "timeout"]),
             other_errors: m.upstream_errors.with_label_values(&[upstream, "other"]),

@@ -775,9 +775,7 @@ impl ProxyHttp for Gateway {
         }
         ctx.attempts += 1;
         ctx.probe = probe;
-        if ctx.rt.as_ref().is_some_and(|rt| rt.access_log.is_some()) {
-            ctx.upstream_started = Some(std::time::Instant::now());
-        }
+        ctx.upstream_started = Some(std::time::Instant::now());
         ctx.replica = Some(replica);
         Ok(peer)
     }
@@ -836,10 +834,14 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(route) = ctx.route() {
-            route.upstream.metrics.response(resp.status.as_u16());
-        }
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        if let Some(route) = ctx.route() {
+            let m = &route.upstream.metrics;
+            m.response(resp.status.as_u16());
+            if let Some(took) = ctx.upstream_elapsed {
+                m.duration.observe(took.as_secs_f64());
+            }
+        }
         if let Some(r) = &ctx.replica {
             r.report_success();
             ctx.verdict = true;

@@ -195,6 +195,13 @@ routes:
     assert_eq!(
         value(
             &m,
+            r#"gateway_upstream_duration_seconds_count{upstream="up"}"#
+        ),
+        6.0
+    );
+    assert_eq!(
+        value(
+            &m,
             r#"gateway_upstream_replicas{state="known",upstream="up"}"#
         ),
         2.0
