@@ -38,7 +38,10 @@ pub enum AuthError {
 
 /// A token that verified: its claims, and until when (Unix seconds) that result stands.
 struct CachedToken {
+    /// The claims, for rate-limit keys (which claim depends on the route).
     claims: Map<String, Value>,
+    /// The policy's verdict on the claims and the headers they become, worked out once.
+    outcome: Result<Verified, AuthError>,
     valid_until: u64,
 }
 
@@ -63,7 +66,7 @@ struct KeySet {
 pub type ForwardedClaims = Vec<(HeaderName, HeaderValue)>;
 
 /// What a valid token yields.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Verified {
     /// Claims to send upstream as headers.
     pub forward: ForwardedClaims,
@@ -413,7 +416,12 @@ impl AuthPolicy {
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(token)) {
             if now <= hit.valid_until {
-                return self.accept(&hit.claims, key_claim);
+                // No claim checks or header building again: clone the verdict (reference
+                // counts, one vector) and hash the route's key claim.
+                return hit.outcome.clone().map(|mut v| {
+                    v.limit_key = key_claim.and_then(|c| claim_key(&hit.claims, c));
+                    v
+                });
             }
         }
         let header = jsonwebtoken::decode_header(token)
@@ -448,6 +456,7 @@ impl AuthPolicy {
                             .map_or(u64::MAX, |e| e.saturating_add(self.leeway))
                             .min(now + self.cache_ttl);
                         let entry = CachedToken {
+                            outcome: self.accept(&data.claims, None),
                             claims: data.claims,
                             valid_until: until,
                         };
