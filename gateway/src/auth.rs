@@ -298,13 +298,18 @@ impl AuthPolicy {
             });
         }
 
-        let jwks = match &cfg.jwks_url {
+        let jwks_url = cfg
+            .jwks_url
+            .as_ref()
+            .map(|u| JwksUrl::parse(&u.value))
+            .transpose()?;
+        let jwks = match jwks_url {
             Some(url) => Some(Arc::new(JwksSource {
-                tls: match JwksUrl::parse(&url.value)?.tls {
+                tls: match url.tls {
                     true => Some(jwks_tls(cfg.jwks.ca.as_deref())?),
                     false => None,
                 },
-                url: JwksUrl::parse(&url.value)?,
+                url,
                 refresh: cfg
                     .jwks
                     .refresh
@@ -356,11 +361,6 @@ impl AuthPolicy {
             tasks_started: std::sync::atomic::AtomicBool::new(false),
             metrics: crate::metrics::AuthMetrics::new(name),
         })
-    }
-
-    /// Whether the policy fetches keys from a JWKS endpoint (and needs its host resolved).
-    pub fn jwks_host(&self) -> Option<&str> {
-        self.jwks.as_ref().map(|j| j.url.host.as_str())
     }
 
     /// The bearer token of a request: `Authorization: Bearer …`, else the policy's cookie.
