@@ -2,13 +2,15 @@
 //!
 //! The modules follow the request and its configuration:
 //! [`config`] (the YAML users write) → [`runtime`] (compiled, swapped atomically by [`reload`])
-//! → [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
+//! → [`downstream`] (client connections: request-head deadline, connection metrics) →
+//! [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
 //! request phases) → [`server`] (process assembly) and [`admin`].
 
 pub mod accesslog;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod downstream;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -53,6 +53,14 @@ pub struct Metrics {
     pub cert_expiry: IntGaugeVec,
     /// Access-log records dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// Open client connections by listener and protocol (`http/1.1`, `h2`, `h2c`).
+    pub connections: IntGaugeVec,
+    /// Client connections accepted, by listener.
+    pub connections_accepted: IntCounterVec,
+    /// Client connections closed for not sending a request head in time, by listener.
+    pub header_timeouts: IntCounterVec,
+    /// Completed TLS handshakes by listener and protocol version.
+    pub tls_handshakes: IntCounterVec,
 }
 
 /// The process's metrics.
@@ -140,6 +148,30 @@ impl Metrics {
                 &["route"],
             ),
             in_flight,
+            connections: gauge(
+                &r,
+                "gateway_downstream_connections",
+                "Open client connections",
+                &["listener", "protocol"],
+            ),
+            connections_accepted: counter(
+                &r,
+                "gateway_downstream_connections_accepted_total",
+                "Client connections accepted (after TLS, if any)",
+                &["listener"],
+            ),
+            header_timeouts: counter(
+                &r,
+                "gateway_downstream_header_timeouts_total",
+                "Client connections closed with 408 for not sending a request head in time",
+                &["listener"],
+            ),
+            tls_handshakes: counter(
+                &r,
+                "gateway_tls_handshakes_total",
+                "Completed TLS handshakes",
+                &["listener", "version"],
+            ),
             upstream_responses: counter(
                 &r,
                 "gateway_upstream_responses_total",

@@ -17,7 +17,7 @@ use crate::auth::{AuthError, ForwardedClaims, Verified};
 use crate::config::HashKey;
 use crate::metrics::METRICS;
 use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
-use crate::routing::normalize_path;
+use crate::routing::{normalize_path, PathError};
 use crate::runtime::Runtime;
 use crate::upstream::{now_ms, Replica};
 use arc_swap::ArcSwap;
@@ -102,6 +102,9 @@ pub struct RequestCtx {
     upstream_elapsed: Option<std::time::Duration>,
     /// The replica of the last attempt (kept after it is released), for the access log.
     last_replica: Option<SocketAddr>,
+    /// Request body bytes the route allows, and how many have arrived.
+    body_limit: Option<u64>,
+    body_received: u64,
 }
 
 impl RequestCtx {
@@ -303,25 +306,32 @@ fn client_ip(rt: &Runtime, req: &RequestHeader, peer: Option<IpAddr>) -> (Option
     (Some(ip), true)
 }
 
-/// A request that carries both `Transfer-Encoding` and `Content-Length`, or two
-/// `Content-Length`s: the shape of request smuggling. Pingora drops the `Content-Length` of
-/// such HTTP/1 requests while parsing (RFC 9112 allows that); the gateway refuses them instead,
-/// so it looks at the raw header, which is only needed when `Transfer-Encoding` is present.
+/// Message framing a proxy must not guess at, the shapes of request smuggling: two
+/// `Content-Length`s, a `Content-Length` that is not plain digits (`42, 42`), a
+/// `Transfer-Encoding` that is anything but one `chunked`, or both headers. Pingora drops the
+/// `Content-Length` of a request that also has `Transfer-Encoding` while parsing (RFC 9112
+/// allows that); the gateway refuses such requests instead, so it looks at the raw header,
+/// which is only needed when `Transfer-Encoding` is present.
 fn ambiguous_framing(session: &Session) -> bool {
-    let req = session.req_header();
-    if req
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        return true;
+    let headers = &session.req_header().headers;
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    if let Some(length) = lengths.next() {
+        let digits = length.as_bytes();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || lengths.next().is_some() {
+            return true;
+        }
     }
-    if !req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+    let mut codings = headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    let Some(coding) = codings.next() else {
         return false;
-    }
-    if req.headers.contains_key(http::header::CONTENT_LENGTH) {
+    };
+    if codings.next().is_some()
+        || !coding
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked")
+        || headers.contains_key(http::header::CONTENT_LENGTH)
+    {
         return true;
     }
     session.as_downstream().as_http1().is_some_and(|h1| {
@@ -329,6 +339,55 @@ fn ambiguous_framing(session: &Session) -> bool {
             .split(|b| *b == b'\n')
             .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
     })
+}
+
+/// More header fields, or more bytes of request head, than `limits` allows (431). HTTP/1
+/// heads are measured as received; HTTP/2 ones as the fields' names and values.
+fn header_too_large(session: &Session, limits: &crate::config::LimitsConfig) -> bool {
+    let headers = &session.req_header().headers;
+    if headers.len() > limits.max_request_headers {
+        return true;
+    }
+    let max = limits.max_request_header_bytes.0 as usize;
+    match session.as_downstream().as_http1() {
+        Some(h1) => h1.get_headers_raw_bytes().len() > max,
+        None => {
+            headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len())
+                .sum::<usize>()
+                > max
+        }
+    }
+}
+
+/// How the request names its target. Only origin-form (`/path?query`) reaches routing as is;
+/// an absolute-form target (`http://host/path`) is routed by `Host`, which Pingora makes its
+/// authority, and forwarded in origin-form. Anything else (`*`, authority-form, a path that
+/// does not start with `/`, bytes that are not UTF-8, where routing would see another path
+/// than the upstream) is refused.
+#[derive(PartialEq)]
+enum TargetForm {
+    Origin,
+    Absolute,
+    Refused,
+}
+
+fn target_form(req: &RequestHeader) -> TargetForm {
+    let raw = req.raw_path();
+    if !req.raw_path_is_utf8() {
+        return TargetForm::Refused;
+    }
+    match raw.first() {
+        Some(b'/') => TargetForm::Origin,
+        _ if raw.len() > 8
+            && (raw[..7].eq_ignore_ascii_case(b"http://")
+                || raw[..8].eq_ignore_ascii_case(b"https://")) =>
+        {
+            TargetForm::Absolute
+        }
+        _ => TargetForm::Refused,
+    }
 }
 
 fn cookie_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
@@ -536,6 +595,9 @@ fn status_message(status: u16) -> &'static str {
     match status {
         400 => "bad request",
         404 => "no route",
+        408 => "request timeout",
+        413 => "request body too large",
+        431 => "request header fields too large",
         502 => "bad gateway",
         503 => "no healthy upstream",
         504 => "upstream timeout",
@@ -592,6 +654,12 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
+        if header_too_large(session, &rt.limits) {
+            session.set_keepalive(None);
+            respond_json(session, 431, status_message(431), Some(ctx.request_id())).await?;
+            return Ok(true);
+        }
+
         if !rt.redirects.is_empty() && !ctx.tls {
             let local = session.server_addr().and_then(|a| a.as_inet()).copied();
             if let Some(port) = local.and_then(|l| listener_setting(&rt.redirects, &l)) {
@@ -619,7 +687,14 @@ impl ProxyHttp for Gateway {
             }
         }
         let req = session.req_header();
-        let path = match normalize_path(req.uri.path()) {
+        let form = target_form(req);
+        let normalized = match form {
+            TargetForm::Refused => Err(PathError::Invalid),
+            _ => normalize_path(req.uri.path()),
+        };
+        let path = match normalized {
+            // Absolute-form goes upstream as origin-form, so the path is always rewritten.
+            Ok(p) if form == TargetForm::Absolute => Cow::Owned(p.into_owned()),
             Ok(p) => p,
             Err(_) => {
                 session.set_keepalive(None);
@@ -645,6 +720,21 @@ impl ProxyHttp for Gateway {
                 Cow::Borrowed(_) => None,
             },
         };
+        if let Some(max) = rt.routes[route].max_request_body {
+            let declared = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                // The body is not read: the connection cannot be reused.
+                session.set_keepalive(None);
+                ctx.rt = Some(rt);
+                respond_json(session, 413, status_message(413), Some(ctx.request_id())).await?;
+                return Ok(true);
+            }
+            ctx.body_limit = Some(max);
+        }
         let limit = rt.routes[route].rate_limit.clone();
         let mut claim_key = None;
         if let Some(policy) = rt.routes[route].auth.clone() {
@@ -845,6 +935,25 @@ impl ProxyHttp for Gateway {
         if let Some(r) = &ctx.replica {
             r.report_success();
             ctx.verdict = true;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(max), Some(chunk)) = (ctx.body_limit, body.as_ref()) {
+            ctx.body_received += chunk.len() as u64;
+            if ctx.body_received > max {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body larger than the route allows",
+                ));
+            }
         }
         Ok(())
     }

@@ -355,7 +355,8 @@ pub fn compile_rewrite(r: &RouteConfig) -> Result<PathRewrite, regex::Error> {
 /// Why a request path was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PathError {
-    /// Not origin-form, a bad `%` escape, an encoded `/`, `\` or NUL, or `..` above the root.
+    /// Not origin-form, a bad `%` escape, an encoded `/` or `\`, a control character (raw or
+    /// encoded), `..` above the root, or a `..;`/`.;` segment.
     Invalid,
 }
 
@@ -374,7 +375,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     for (i, &c) in b.iter().enumerate() {
         match c {
             b'%' => needs_work = true,
-            b'\\' | 0 => return Err(PathError::Invalid),
+            b'\\' | 0..=0x1F | 0x7F => return Err(PathError::Invalid),
             b'/' if matches!(b.get(i + 1), Some(b'/') | Some(b'.')) => needs_work = true,
             _ => {}
         }
@@ -397,7 +398,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
             };
             let v = (h * 16 + l) as u8;
             match v {
-                b'/' | b'\\' | 0 => return Err(PathError::Invalid),
+                // Separators and control characters (Pingora percent-encodes raw ones in the
+                // request line, so they arrive here as `%0D` and the like).
+                b'/' | b'\\' | 0..=0x1F | 0x7F => return Err(PathError::Invalid),
                 _ if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => decoded.push(v as char),
                 _ => {
                     decoded.push('%');
@@ -426,6 +429,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
                     return Err(PathError::Invalid);
                 }
             }
+            // `..;x` is `..` to Java servlet containers (path parameters): refused, as it
+            // would climb out of the matched prefix behind the gateway's back.
+            s if s.starts_with("..;") || s.starts_with(".;") => return Err(PathError::Invalid),
             s => segments.push(s),
         }
     }
@@ -596,5 +602,12 @@ routes:
         assert!(n("/a%zz").is_err());
         assert!(n("/a%4").is_err());
         assert!(n("a/b").is_err());
+        assert!(n("/a%0Db").is_err());
+        assert!(n("/a%7f").is_err());
+        assert!(n("/a\tb").is_err());
+        assert!(n("/api/public/..;/admin").is_err());
+        assert!(n("/api/public/%2e%2e;x=1/admin").is_err());
+        assert!(n("/api/.;/admin").is_err());
+        assert_eq!(n("/a;v=1/./b").unwrap(), "/a;v=1/b");
     }
 }

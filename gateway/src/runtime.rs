@@ -4,7 +4,8 @@
 
 use crate::auth::AuthPolicy;
 use crate::config::{
-    parse_cidr, ClientAuthConfig, Config, DnsConfig, ForwardingConfig, LoadedConfig, RouteTimeouts,
+    parse_cidr, ClientAuthConfig, Config, DnsConfig, ForwardingConfig, LimitsConfig, LoadedConfig,
+    RouteTimeouts,
 };
 use crate::metrics::RouteMetrics;
 use crate::ratelimit::RateLimitPolicy;
@@ -36,6 +37,8 @@ pub struct Route {
     pub auth_optional: bool,
     /// The rate limit requests are counted under.
     pub rate_limit: Option<Arc<RateLimitPolicy>>,
+    /// Request body bytes allowed (the route's, else `limits.max_request_body`).
+    pub max_request_body: Option<u64>,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -113,6 +116,8 @@ pub struct Runtime {
     pub trusted_proxies: Vec<IpNet>,
     /// Which headers the gateway adds.
     pub forwarding: ForwardingConfig,
+    /// Bounds on client requests.
+    pub limits: LimitsConfig,
     /// Listener bindings this runtime was built for.
     pub bindings: Bindings,
     /// The resolver discovery uses, when any upstream needs one.
@@ -253,6 +258,10 @@ pub async fn build(
                 })?),
                 None => None,
             },
+            max_request_body: r
+                .max_request_body
+                .or(config.limits.max_request_body)
+                .map(|b| b.0),
         });
     }
 
@@ -318,6 +327,7 @@ pub async fn build(
         identity_headers,
         trusted_proxies,
         forwarding: config.forwarding,
+        limits: config.limits,
         bindings: Bindings::of(config),
         resolver,
         dns: config.dns.clone(),

@@ -3,6 +3,7 @@
 
 use crate::admin::Admin;
 use crate::config::{self, LoadedConfig};
+use crate::downstream::Downstream;
 use crate::proxy::Gateway;
 use crate::reload::ControlPlane;
 use crate::runtime::{self, Bindings};
@@ -10,7 +11,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
-use pingora::proxy::ProxyServiceBuilder;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, RunArgs, Server};
 use std::path::Path;
@@ -86,10 +87,20 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = loaded.config.h2c;
-    let mut proxy = ProxyServiceBuilder::new(&conf, Gateway::new(shared.clone()))
-        .name("gateway")
-        .server_options(server_options)
-        .build();
+    let mut proxy = HttpProxy::new(Gateway::new(shared.clone()), conf.clone());
+    proxy.server_options = Some(server_options);
+    proxy.handle_init_modules();
+    let app = Downstream::new(
+        proxy,
+        shared.clone(),
+        loaded
+            .config
+            .listeners
+            .iter()
+            .map(|(name, l)| (name.clone(), l.address.value.0)),
+        loaded.config.h2c,
+    );
+    let mut proxy = pingora::services::listening::Service::new("gateway".to_string(), app);
     for (name, l) in &loaded.config.listeners {
         let addr = l.address.value.0.to_string();
         let mut listener = ListenerConfig::tcp(addr.clone())

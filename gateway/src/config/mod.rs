@@ -8,7 +8,7 @@
 mod types;
 mod validate;
 
-pub use types::{Addr, Dur, Target};
+pub use types::{Addr, ByteSize, Dur, Target};
 pub use validate::parse_cidr;
 
 use serde::Deserialize;
@@ -79,6 +79,9 @@ pub struct Config {
     /// Which headers the gateway adds to requests and responses.
     #[serde(default)]
     pub forwarding: ForwardingConfig,
+    /// Bounds on what a client may send.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// SIGTERM handling.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
@@ -222,6 +225,95 @@ impl Default for ForwardingConfig {
             traceparent: true,
         }
     }
+}
+
+/// Bounds on client requests, so that no client can hold the gateway's memory or connections
+/// hostage.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Header fields a request may carry; more get 431. Default 100 (as Envoy). Pingora itself
+    /// refuses more than 256 with a 400.
+    #[serde(
+        default = "default_max_headers",
+        deserialize_with = "limits::header_count"
+    )]
+    pub max_request_headers: usize,
+    /// Bytes of request line and header fields together; more get 431. Default 64KiB. Pingora
+    /// itself refuses more than 1 MiB with a 400.
+    #[serde(
+        default = "default_max_header_bytes",
+        deserialize_with = "limits::header_bytes"
+    )]
+    pub max_request_header_bytes: ByteSize,
+    /// Request body bytes; a larger `Content-Length` gets 413 before anything is forwarded, a
+    /// longer chunked body is cut off with 413 (or a reset, when the response has begun).
+    /// Routes can set their own. Default: no limit.
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
+    /// Time a client has, from connecting, to send its first complete request head (HTTP/1);
+    /// slower connections are answered 408 and closed (slowloris). Later requests on a
+    /// keep-alive connection are bounded per read by Pingora (60s). Default 10s.
+    #[serde(
+        default = "default_header_timeout",
+        deserialize_with = "limits::header_timeout"
+    )]
+    pub header_timeout: Dur,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_headers: default_max_headers(),
+            max_request_header_bytes: default_max_header_bytes(),
+            max_request_body: None,
+            header_timeout: default_header_timeout(),
+        }
+    }
+}
+
+/// Range checks of `limits`, done while parsing so that the error carries the position.
+mod limits {
+    use super::{ByteSize, Dur};
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    pub fn header_count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let n = usize::deserialize(d)?;
+        if !(1..=256).contains(&n) {
+            return Err(D::Error::custom(
+                "must be 1 to 256 (Pingora refuses more than 256 header fields)",
+            ));
+        }
+        Ok(n)
+    }
+
+    pub fn header_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        let size = ByteSize::deserialize(d)?;
+        if !(1024..=1 << 20).contains(&size.0) {
+            return Err(D::Error::custom(
+                "must be 1KiB to 1MiB (Pingora refuses request heads over 1 MiB)",
+            ));
+        }
+        Ok(size)
+    }
+
+    pub fn header_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        let t = Dur::deserialize(d)?;
+        if t.0.is_zero() {
+            return Err(D::Error::custom("must be more than 0s"));
+        }
+        Ok(t)
+    }
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_header_timeout() -> Dur {
+    Dur::secs(10)
 }
 
 /// Graceful shutdown on SIGTERM.
@@ -603,6 +695,9 @@ pub struct RouteConfig {
     /// The rate-limit policy requests are counted under. None: no limit.
     #[serde(default)]
     pub rate_limit: Option<Spanned<String>>,
+    /// Overrides `limits.max_request_body` for this route.
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
 }
 
 /// A rate-limit policy (GCRA).

@@ -1,4 +1,5 @@
-//! Small value types used by the configuration: durations, socket addresses, upstream targets.
+//! Small value types used by the configuration: durations, sizes, socket addresses, upstream
+//! targets.
 //! Each parses from a YAML string and rejects bad input with a message that says what was
 //! expected; serde-saphyr attaches the file position.
 
@@ -62,6 +63,55 @@ impl<'de> Deserialize<'de> for Dur {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}ms", self.0.as_millis())
+    }
+}
+
+/// A size in bytes: a whole number (`65536`) or a number with a unit (`64KiB`, `10MiB`,
+/// `1GiB`; `KB`/`MB`/`GB` are powers of 1000).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("size `{s}` must start with a whole number"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "size `{s}` has unknown unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(de::Error::custom),
+        }
     }
 }
 

@@ -1,0 +1,471 @@
+//! Client connections, between the listener and Pingora's HTTP layer: a deadline for every
+//! HTTP/1 request head (slowloris), the open-connection gauges by listener and protocol, and
+//! TLS handshakes by version.
+//!
+//! [`Downstream`] is the listening service's application. It wraps each accepted stream in a
+//! [`HeadGuard`] and runs Pingora's HTTP/1 keep-alive loop itself, so that the guard is re-armed
+//! before every request; HTTP/2 connections go to Pingora's own loop (their heads are frames,
+//! bounded by the h2 settings).
+
+use crate::metrics::METRICS;
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef, ALPN};
+use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
+use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
+use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use prometheus::{IntCounter, IntGauge};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Metric handles of one listener, resolved once at start.
+struct ListenerHandles {
+    address: SocketAddr,
+    name: String,
+    accepted: IntCounter,
+    header_timeouts: IntCounter,
+    http1: IntGauge,
+    h2: IntGauge,
+    h2c: IntGauge,
+}
+
+/// The application of the client listeners: the guard around Pingora's HTTP proxy.
+pub struct Downstream {
+    proxy: Arc<HttpProxy<Gateway>>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    listeners: Vec<ListenerHandles>,
+    h2c: bool,
+}
+
+impl Downstream {
+    /// Guards `proxy` on the listeners `listeners` (name and address).
+    pub fn new(
+        proxy: HttpProxy<Gateway>,
+        runtime: Arc<ArcSwap<Runtime>>,
+        listeners: impl IntoIterator<Item = (String, SocketAddr)>,
+        h2c: bool,
+    ) -> Downstream {
+        let listeners = listeners
+            .into_iter()
+            .map(|(name, address)| ListenerHandles {
+                accepted: METRICS.connections_accepted.with_label_values(&[&name]),
+                header_timeouts: METRICS.header_timeouts.with_label_values(&[&name]),
+                http1: METRICS.connections.with_label_values(&[&name, "http/1.1"]),
+                h2: METRICS.connections.with_label_values(&[&name, "h2"]),
+                h2c: METRICS.connections.with_label_values(&[&name, "h2c"]),
+                address,
+                name,
+            })
+            .collect();
+        Downstream {
+            proxy: Arc::new(proxy),
+            runtime,
+            listeners,
+            h2c,
+        }
+    }
+
+    fn listener(&self, stream: &Stream) -> Option<&ListenerHandles> {
+        let digest = stream.get_socket_digest()?;
+        let local = *digest.local_addr()?.as_inet()?;
+        self.listeners.iter().find(|l| {
+            l.address == local
+                || (l.address.ip().is_unspecified() && l.address.port() == local.port())
+        })
+    }
+
+    /// Pingora's HTTP/1 keep-alive loop, with the guard re-armed before every request.
+    async fn serve_http1(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut session = ServerSession::new_http1(stream);
+        loop {
+            if *shutdown.borrow() {
+                // Stop clients from reusing the connection once shutdown has begun.
+                session.set_keepalive(None);
+            } else {
+                session.set_keepalive(Some(60));
+            }
+            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else {
+                return;
+            };
+            let (stream, settings) = reused.consume();
+            let stream = rearm(stream);
+            session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+        }
+    }
+}
+
+/// Re-arms the guard of a connection that is about to read its next request.
+fn rearm(stream: Stream) -> Stream {
+    if !stream.as_any().is::<HeadGuard>() {
+        return stream;
+    }
+    match stream.into_any().downcast::<HeadGuard>() {
+        Ok(mut guard) => {
+            guard.phase = Phase::Idle;
+            guard
+        }
+        // Unreachable: the type was checked above.
+        Err(_) => unreachable_stream(),
+    }
+}
+
+#[cold]
+fn unreachable_stream() -> Stream {
+    unreachable!("HeadGuard downcast failed after a successful type check")
+}
+
+#[async_trait]
+impl ServerApp for Downstream {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let listener = self.listener(&stream);
+        let tls = stream.get_ssl_digest();
+        let mut protocol = Protocol::Http1;
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            protocol = Protocol::H2;
+        } else if self.h2c && tls.is_none() {
+            let mut preface = [0u8; H2_PREFACE.len()];
+            // Pingora peeks the same way; a stream that cannot peek is treated as HTTP/1.
+            if let Ok(true) = stream.try_peek(&mut preface).await {
+                if preface == H2_PREFACE {
+                    protocol = Protocol::H2c;
+                }
+            }
+        }
+        let header_timeout = self.runtime.load().limits.header_timeout.0;
+        let mut open = None;
+        let mut timeouts = None;
+        if let Some(l) = listener {
+            l.accepted.inc();
+            if let Some(digest) = &tls {
+                METRICS
+                    .tls_handshakes
+                    .with_label_values(&[l.name.as_str(), digest.version.as_ref()])
+                    .inc();
+            }
+            let gauge = match protocol {
+                Protocol::Http1 => &l.http1,
+                Protocol::H2 => &l.h2,
+                Protocol::H2c => &l.h2c,
+            };
+            gauge.inc();
+            open = Some(gauge.clone());
+            timeouts = Some(l.header_timeouts.clone());
+        }
+        let phase = match protocol {
+            Protocol::Http1 => Phase::Head(HeadState::new(Instant::now() + header_timeout)),
+            Protocol::H2 | Protocol::H2c => Phase::Passing,
+        };
+        let guarded: Stream = Box::new(HeadGuard {
+            inner: stream,
+            phase,
+            header_timeout,
+            sleep: None,
+            open,
+            timeouts,
+        });
+        match protocol {
+            Protocol::Http1 => self.serve_http1(guarded, shutdown).await,
+            // Pingora's own loop: the h2 handshake and one task per stream.
+            Protocol::H2 | Protocol::H2c => {
+                self.proxy.process_new(guarded, shutdown).await;
+            }
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    H2,
+    H2c,
+}
+
+/// Where the connection is in its current request.
+#[derive(Debug)]
+enum Phase {
+    /// Reading a request head that must be complete by the deadline.
+    Head(HeadState),
+    /// Between requests: the deadline starts with the next request's first byte.
+    Idle,
+    /// Head complete (body, response, upgraded or HTTP/2 traffic): bytes pass untouched.
+    Passing,
+}
+
+/// The end-of-head search: a head ends at an empty line (`\n\n` or `\n\r\n`).
+#[derive(Debug)]
+struct HeadState {
+    deadline: Instant,
+    /// The previous byte seen ended a line (`\n`, possibly followed by `\r`).
+    after_newline: bool,
+}
+
+impl HeadState {
+    fn new(deadline: Instant) -> HeadState {
+        HeadState {
+            deadline,
+            after_newline: false,
+        }
+    }
+
+    /// Looks for the end of the head in `bytes`; true when found.
+    fn scan(&mut self, bytes: &[u8]) -> bool {
+        let mut start = 0;
+        if self.after_newline {
+            match bytes.iter().position(|&b| b != b'\r') {
+                Some(i) if bytes[i] == b'\n' => return true,
+                Some(i) => start = i,
+                None => return false,
+            }
+            self.after_newline = false;
+        }
+        for nl in memchr::memchr_iter(b'\n', &bytes[start..]) {
+            let rest = &bytes[start + nl + 1..];
+            match rest.iter().position(|&b| b != b'\r') {
+                Some(i) if rest[i] == b'\n' => return true,
+                Some(_) => {}
+                None => {
+                    self.after_newline = true;
+                    return false;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A client stream with a deadline on each HTTP/1 request head, and the connection gauge it
+/// holds while open.
+pub struct HeadGuard {
+    inner: Stream,
+    phase: Phase,
+    header_timeout: Duration,
+    /// The deadline's timer, made the first time a read has to wait, then reused.
+    sleep: Option<Pin<Box<Sleep>>>,
+    open: Option<IntGauge>,
+    timeouts: Option<IntCounter>,
+}
+
+impl Drop for HeadGuard {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open {
+            g.dec();
+        }
+    }
+}
+
+impl std::fmt::Debug for HeadGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadGuard")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+impl AsyncRead for HeadGuard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if matches!(this.phase, Phase::Idle) {
+                    this.phase = Phase::Head(HeadState::new(Instant::now() + this.header_timeout));
+                }
+                if let Phase::Head(head) = &mut this.phase {
+                    if head.scan(new) {
+                        this.phase = Phase::Passing;
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let Phase::Head(head) = &this.phase else {
+                    return Poll::Pending;
+                };
+                let deadline = head.deadline;
+                let sleep = match &mut this.sleep {
+                    Some(s) => {
+                        if s.deadline() != deadline {
+                            s.as_mut().reset(deadline);
+                        }
+                        s
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Too slow: say so if the socket takes it at once, then fail the read.
+                if let Some(t) = &this.timeouts {
+                    t.inc();
+                }
+                this.phase = Phase::Passing;
+                if let Poll::Ready(Ok(_)) =
+                    Pin::new(&mut this.inner).poll_write(cx, REQUEST_TIMEOUT)
+                {
+                    let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                }
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not received in time",
+                )))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for HeadGuard {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadGuard {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeadGuard {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadGuard {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadGuard {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadGuard {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeadGuard {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for HeadGuard {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadState;
+    use tokio::time::Instant;
+
+    fn ends(chunks: &[&[u8]]) -> bool {
+        let mut h = HeadState::new(Instant::now());
+        chunks.iter().any(|c| h.scan(c))
+    }
+
+    #[tokio::test]
+    async fn finds_the_end_of_a_head_across_reads() {
+        assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]));
+        assert!(ends(&[b"GET / HTTP/1.1\nHost: a\n\n"]));
+        assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n", b"\r\n"]));
+        assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r", b"\n"]));
+        assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n", b"\r", b"\r\n"]));
+        assert!(!ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]));
+        assert!(!ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n", b"X: b\r\n"]));
+        assert!(!ends(&[b"GET / HTTP/1.1\r\n", b"Host: a\r\n", b"X"]));
+    }
+}
