@@ -312,8 +312,7 @@ fn client_ip(rt: &Runtime, req: &RequestHeader, peer: Option<IpAddr>) -> (Option
 /// `Content-Length` of a request that also has `Transfer-Encoding` while parsing (RFC 9112
 /// allows that); the gateway refuses such requests instead, so it looks at the raw header,
 /// which is only needed when `Transfer-Encoding` is present.
-fn ambiguous_framing(session: &Session) -> bool {
-    let headers = &session.req_header().headers;
+fn ambiguous_framing(headers: &http::HeaderMap, raw_head: impl FnOnce() -> Option<Bytes>) -> bool {
     let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
     if let Some(length) = lengths.next() {
         let digits = length.as_bytes();
@@ -334,11 +333,48 @@ fn ambiguous_framing(session: &Session) -> bool {
     {
         return true;
     }
-    session.as_downstream().as_http1().is_some_and(|h1| {
-        h1.get_headers_raw_bytes()
-            .split(|b| *b == b'\n')
+    raw_head().is_some_and(|raw| {
+        raw.split(|b| *b == b'\n')
             .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
     })
+}
+
+/// Why [`inspect_head`] refuses a request head.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadVerdict {
+    /// Passes the gateway's checks; routing sees this path.
+    Route(String),
+    AmbiguousFraming,
+    BadTarget,
+}
+
+/// The gateway's own checks of a request head, in `request_filter`'s order, without a
+/// session: framing, target form, path normalisation. `raw_head` is the head as received.
+/// For the fuzz targets and tests; the proxy runs the same functions inline.
+#[doc(hidden)]
+pub fn inspect_head(req: &RequestHeader, raw_head: Option<Bytes>) -> HeadVerdict {
+    if ambiguous_framing(&req.headers, || raw_head) {
+        return HeadVerdict::AmbiguousFraming;
+    }
+    let _ = valid_request_id(
+        req.headers
+            .get(&X_REQUEST_ID)
+            .map_or(&[][..], |v| v.as_bytes()),
+    );
+    let _ = valid_traceparent(
+        req.headers
+            .get(&TRACEPARENT)
+            .map_or(&[][..], |v| v.as_bytes()),
+    );
+    let _ = request_host(req);
+    if target_form(req) == TargetForm::Refused {
+        return HeadVerdict::BadTarget;
+    }
+    match normalize_path(req.uri.path()) {
+        Ok(p) => HeadVerdict::Route(p.into_owned()),
+        Err(_) => HeadVerdict::BadTarget,
+    }
 }
 
 /// More header fields, or more bytes of request head, than `limits` allows (431). HTTP/1
@@ -623,7 +659,12 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
 
-        let ambiguous_framing = ambiguous_framing(session);
+        let ambiguous_framing = ambiguous_framing(&session.req_header().headers, || {
+            session
+                .as_downstream()
+                .as_http1()
+                .map(|h1| h1.get_headers_raw_bytes())
+        });
         let req = session.req_header();
         ctx.request_id = match req.headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v.as_bytes()) => Some(v.clone()),

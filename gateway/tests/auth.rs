@@ -645,3 +645,149 @@ async fn a_hanging_jwks_endpoint_costs_its_timeout_not_more() {
     );
     assert!(gw.log().contains("JWKS fetch failed"));
 }
+
+/// A token with `header` (JSON) and `claims`, signed by `key` over exactly those bytes.
+fn ed_token_with_header(key: &EdKey, header: &Value, claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let pair = Ed25519KeyPair::from_pkcs8(&key.pkcs8).unwrap();
+    let sig = pair.sign(signing_input.as_bytes());
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tokens_are_refused_and_their_urls_never_fetched() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let (issuer, attacker) = (EdKey::new(), EdKey::new());
+    let jwks = JwksServer::start(json!({"keys": [issuer.jwk("k1")]}).to_string()).await;
+    // The attacker's own key server: a token pointing at it must not make the gateway call.
+    let evil = JwksServer::start(json!({"keys": [attacker.jwk("k1")]}).to_string()).await;
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  users:
+    jwks_url: "http://{}/jwks.json"
+    jwks: {{ refresh: 1h, min_refetch_interval: 1h, timeout: 1s }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: users, upstream: b, auth: users }}
+"#,
+        jwks.addr, backend.addr
+    ))
+    .await;
+    let claims = json!({"sub": "u", "exp": now() + 600});
+    let good = issuer.sign(Some("k1"), &claims);
+    assert_eq!(get(&gw, "/", Some(&good)).await.status(), 200);
+    let fetches = jwks.hits();
+
+    let evil_url = format!("http://{}/jwks.json", evil.addr);
+    let mut hostile = vec![
+        // Keys the token itself names or carries: jku, x5u, an embedded jwk, x5c.
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "kid": "k1", "jku": evil_url}),
+            &claims,
+        ),
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "kid": "k1", "x5u": evil_url}),
+            &claims,
+        ),
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "jwk": attacker.jwk("k1")}),
+            &claims,
+        ),
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "kid": "k1", "x5c": ["MIIB"]}),
+            &claims,
+        ),
+        // Key ids written to reach a file, a query or a log line.
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "kid": "../../../../etc/passwd"}),
+            &claims,
+        ),
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "kid": "' OR '1'='1' --"}),
+            &claims,
+        ),
+        ed_token_with_header(
+            &attacker,
+            &json!({"alg": "EdDSA", "kid": "k1\u{0000}\r\nX: y"}),
+            &claims,
+        ),
+        // alg tricks: none, HMAC keyed with the public key, a made-up algorithm, alg missing.
+        ed_token_with_header(&attacker, &json!({"alg": "none", "kid": "k1"}), &claims),
+        format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(json!({"alg": "none", "kid": "k1"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        ),
+        encode(
+            &Header {
+                kid: Some("k1".into()),
+                ..Header::new(Algorithm::HS256)
+            },
+            &claims,
+            &EncodingKey::from_secret(issuer.x.as_bytes()),
+        )
+        .unwrap(),
+        ed_token_with_header(&attacker, &json!({"alg": "XYZ999", "kid": "k1"}), &claims),
+        ed_token_with_header(&attacker, &json!({"kid": "k1"}), &claims),
+        // The real key id, re-signed by someone else.
+        ed_token_with_header(&attacker, &json!({"alg": "EdDSA", "kid": "k1"}), &claims),
+        // Malformed segments.
+        "a.b".into(),
+        "a.b.c.d".into(),
+        "..".into(),
+        "a..c".into(),
+        "!!!.???.***".into(),
+        format!("{}.{}.{}", "e30", "e30", "%%%"),
+        format!("{good}x"),
+        good.replacen('.', "..", 1),
+        // Big, but under the head limit: still just a bad token.
+        format!(
+            "{}.{}.{}",
+            "A".repeat(20_000),
+            "B".repeat(20_000),
+            "C".repeat(10_000)
+        ),
+    ];
+    // A header that decodes to something other than an object, and deeply nested JSON.
+    hostile.push(format!(
+        "{}.{}.AAAA",
+        URL_SAFE_NO_PAD.encode("[1,2,3]"),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    ));
+    hostile.push(format!(
+        "{}.{}.AAAA",
+        URL_SAFE_NO_PAD.encode(format!("{}{}", "[".repeat(5000), "]".repeat(5000))),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    ));
+    for token in &hostile {
+        let r = get(&gw, "/", Some(token)).await;
+        let head: String = token.chars().take(60).collect();
+        assert_eq!(r.status(), 401, "token {head}… was not refused");
+    }
+    assert_eq!(backend.hits(), 1, "a hostile token reached the upstream");
+    assert_eq!(evil.hits(), 0, "the gateway fetched a URL named by a token");
+    // Unknown key ids may trigger at most one refetch per interval (1h here): none more.
+    assert!(
+        jwks.hits() <= fetches + 1,
+        "JWKS fetched {} times",
+        jwks.hits() - fetches
+    );
+
+    // A token too large for the head limit is refused with 431 before any check.
+    let huge = "A".repeat(100_000);
+    assert_eq!(get(&gw, "/", Some(&huge)).await.status(), 431);
+    // And the real token still works.
+    assert_eq!(get(&gw, "/", Some(&good)).await.status(), 200);
+}

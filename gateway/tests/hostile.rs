@@ -1,0 +1,354 @@
+//! Hostile clients against the real gateway: oversized and slow request heads, oversized
+//! bodies, paths and hosts crafted to route around a policy. (Request smuggling has its own
+//! corpus test in `desync.rs`; token tricks are in `auth.rs`; forged `X-Forwarded-For` against
+//! rate limits in `ratelimit.rs`.)
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the peer closes or `limit` passes; returns what came and whether it closed.
+async fn read_until_close(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// Sends `head` on a new connection; returns the status line's code and whether the gateway
+/// closed the connection (within half a second of answering).
+async fn status_of(addr: SocketAddr, head: &[u8]) -> (u16, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(head).await;
+    let (text, closed) = read_until_close(&mut s, Duration::from_millis(500)).await;
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, closed)
+}
+
+fn head_with_headers(n: usize, value_len: usize) -> Vec<u8> {
+    let mut h = b"GET /x HTTP/1.1\r\nHost: a.test\r\n".to_vec();
+    for i in 0..n {
+        h.extend_from_slice(format!("X-H{i}: {}\r\n", "v".repeat(value_len)).as_bytes());
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+async fn metric(gw: &Gateway, line_start: &str) -> f64 {
+    let text = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_get_431_and_slow_heads_408() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        r#"
+limits: {{ max_request_headers: 20, max_request_header_bytes: 4KiB, header_timeout: 1s }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes: [ {{ name: all, upstream: b }} ]
+"#,
+        backend.addr
+    ))
+    .await;
+
+    // Count: 19 added fields + Host pass, 21 + Host do not.
+    assert_eq!(status_of(gw.http, &head_with_headers(19, 8)).await.0, 200);
+    assert_eq!(
+        status_of(gw.http, &head_with_headers(21, 8)).await,
+        (431, true)
+    );
+    // Size: one 5 KiB field is over the 4 KiB head limit.
+    assert_eq!(
+        status_of(gw.http, &head_with_headers(1, 5 << 10)).await,
+        (431, true)
+    );
+    // Beyond Pingora's own bounds (256 fields, 1 MiB): 400 from Pingora, still closed.
+    assert_eq!(
+        status_of(gw.http, &head_with_headers(300, 4)).await,
+        (400, true)
+    );
+    assert_eq!(
+        status_of(gw.http, &head_with_headers(1, 2 << 20)).await.0,
+        400
+    );
+    let hits_before_slow = backend.hits();
+
+    // Slowloris: a head trickled one field at a time never completes, and gets 408 at the
+    // deadline, however steadily bytes arrive.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(gw.http).await.unwrap();
+    slow.write_all(b"GET /x HTTP/1.1\r\nHost: a.test\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow
+                .write_all(format!("X-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    // While that connection trickles, other clients are served.
+    let others = async {
+        for _ in 0..5 {
+            let r = client().get(gw.url("/ok")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::join!(trickle, others);
+    let (text, closed) = read_until_close(&mut slow, Duration::from_secs(3)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "got {text:?}");
+    assert!(closed);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slow head lasted {:?}",
+        started.elapsed()
+    );
+
+    // A connection that never sends anything is closed at the deadline too.
+    let mut idle = TcpStream::connect(gw.http).await.unwrap();
+    let (text, closed) = read_until_close(&mut idle, Duration::from_secs(4)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 408"), "got {text:?}");
+
+    // The deadline applies to every request on a keep-alive connection, not just the first.
+    let mut ka = TcpStream::connect(gw.http).await.unwrap();
+    ka.write_all(b"GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = ka.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Idle between requests is the keep-alive timeout's business, not the head deadline's.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ka.write_all(b"GET /second HTTP/1.1\r\n").await.unwrap();
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if ka
+            .write_all(format!("X-{i}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (text, closed) = read_until_close(&mut ka, Duration::from_secs(3)).await;
+    assert!(closed && text.contains("408"), "got {text:?}");
+
+    // No slow or refused head reached the upstream.
+    assert_eq!(backend.hits(), hits_before_slow + 5 + 1);
+    assert!(
+        metric(
+            &gw,
+            "gateway_downstream_header_timeouts_total{listener=\"http\"}"
+        )
+        .await
+            >= 3.0
+    );
+    assert!(
+        metric(
+            &gw,
+            "gateway_downstream_connections_accepted_total{listener=\"http\"}"
+        )
+        .await
+            >= 10.0
+    );
+    assert!(gw.log().lines().all(|l| !l.contains("panicked")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_before_reaching_the_upstream() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        r#"
+limits: {{ max_request_body: 1KiB }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes:
+  - {{ name: uploads, upstream: b, match: {{ path_prefix: /uploads }}, max_request_body: 1MiB }}
+  - {{ name: all, upstream: b }}
+"#,
+        backend.addr
+    ))
+    .await;
+    let c = client();
+
+    // Declared too large: refused before a byte is forwarded.
+    let r = c
+        .post(gw.url("/api"))
+        .body(vec![b'a'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.headers().get("x-request-id").is_some());
+    assert_eq!(backend.hits(), 0);
+
+    // Chunked, no length: cut off once it passes the limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b'b'; 512])).collect();
+    let r = c
+        .post(gw.url("/api"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // Within the limit, and a route with its own larger limit.
+    let r = c
+        .post(gw.url("/api"))
+        .body(vec![b'a'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo(r).await["body_len"], 1000);
+    let r = c
+        .post(gw.url("/uploads/file"))
+        .body(vec![b'a'; 300 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo(r).await["body_len"], 300 << 10);
+    let r = c
+        .post(gw.url("/uploads/file"))
+        .body(vec![b'a'; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_and_hosts_cannot_route_around_a_policy() {
+    let public = Backend::start("127.0.0.1", "public").await;
+    let admin = Backend::start("127.0.0.1", "admin").await;
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  staff: {{ secret: "0123456789abcdef0123456789abcdef", algorithms: [HS256], require_exp: false }}
+upstreams:
+  public: {{ targets: ["{}"] }}
+  admin:  {{ targets: ["{}"] }}
+routes:
+  - {{ name: public, upstream: public, match: {{ path_prefix: /api/public }} }}
+  - {{ name: admin, upstream: admin, auth: staff, match: {{ path_prefix: /api/admin }} }}
+  - {{ name: admin_host, upstream: admin, auth: staff, match: {{ hosts: [admin.test] }} }}
+  - {{ name: public_host, upstream: public, match: {{ hosts: [public.test] }} }}
+"#,
+        public.addr, admin.addr
+    ))
+    .await;
+
+    let attempts: &[&str] = &[
+        "/api/admin",
+        "/api/public/../admin",
+        "/api/public/%2e%2e/admin",
+        "/api/public/%2E%2E/admin",
+        "/api/public/.%2e/admin",
+        "/api/public/./../admin/x",
+        "//api//admin",
+        "/api/public/..%2fadmin",
+        "/api/public/..%2Fadmin",
+        "/api/public/..%5cadmin",
+        "/api/public/..\\admin",
+        "/api/public/..;/admin",
+        "/api/public/%2e%2e;/admin",
+        "/api/public/.;/../admin",
+        "/api/%61dmin",
+        "/api/admin%00",
+        "/api/admin%0d%0aX-Injected:%201",
+        "/api/public/%252e%252e/admin",
+        "/api/public/../../api/admin",
+        "/api/public/../../../api/admin",
+        "http://a.test/api/admin",
+        "http://a.test/api/public/../admin",
+        "https://a.test/api/admin",
+        "*",
+        "a.test:80",
+        "api/admin",
+    ];
+    for target in attempts {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        let (code, _) = status_of(gw.http, head.as_bytes()).await;
+        // 200 only from the public upstream (a double-encoded `..` is a literal segment to
+        // everyone, so it stays under /api/public); the admin upstream is never reached.
+        assert!(
+            matches!(code, 200 | 400 | 401 | 404),
+            "{target}: status {code}"
+        );
+        assert_eq!(admin.hits(), 0, "{target} reached the protected upstream");
+    }
+
+    // Host confusion: an absolute-form target whose authority is not `Host` is refused (by
+    // Pingora); when they agree, the route is the host's.
+    for head in [
+        &b"GET http://admin.test/x HTTP/1.1\r\nHost: public.test\r\n\r\n"[..],
+        &b"GET http://public.test/x HTTP/1.1\r\nHost: admin.test\r\n\r\n"[..],
+    ] {
+        assert_eq!(status_of(gw.http, head).await, (400, true));
+    }
+    let (code, _) = status_of(
+        gw.http,
+        b"GET http://admin.test/x HTTP/1.1\r\nHost: admin.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, _) = status_of(
+        gw.http,
+        b"GET http://public.test/x HTTP/1.1\r\nHost: public.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 200);
+    // Two Host headers, or userinfo in one: refused.
+    let (code, closed) = status_of(
+        gw.http,
+        b"GET /x HTTP/1.1\r\nHost: public.test\r\nHost: admin.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, closed), (400, true));
+    let (code, _) = status_of(
+        gw.http,
+        b"GET /x HTTP/1.1\r\nHost: public.test@admin.test\r\n\r\n",
+    )
+    .await;
+    assert!(matches!(code, 400 | 404), "userinfo host: {code}");
+    // Case and trailing dots of the host are not a way in either.
+    let (code, _) = status_of(gw.http, b"GET /x HTTP/1.1\r\nHost: ADMIN.test\r\n\r\n").await;
+    assert_eq!(code, 401);
+    let (code, _) = status_of(gw.http, b"GET /x HTTP/1.1\r\nHost: admin.test.\r\n\r\n").await;
+    assert!(matches!(code, 401 | 404), "trailing dot: {code}");
+    assert_eq!(
+        admin.hits(),
+        0,
+        "a host trick reached the protected upstream"
+    );
+    assert!(public.hits() >= 1);
+}
