@@ -283,17 +283,43 @@ async fn reloads_under_load_fail_no_request() {
             }
         }));
     }
+    // 100 reloads: 80 good ones, and every fifth a broken file of another kind.
+    let broken = [
+        "routes: [ this is not yaml".to_string(),
+        gw.config_text("upstreams: {}\nroutes: [ { name: r, upstream: nowhere } ]\n"),
+        gw.config_text(&two_routes(&a, &b, "/x").replace("name: b,", "name: a,")),
+        String::new(),
+    ];
     let mut generation = 1;
-    for i in 1..=20 {
-        if i % 4 == 0 {
-            // A broken file in the middle of it all.
-            gw.write_raw_config("routes: [ this is not yaml");
-            tokio::time::sleep(Duration::from_millis(150)).await;
+    for i in 1..=100 {
+        if i % 5 == 0 {
+            gw.write_raw_config(&broken[(i / 5) % broken.len()]);
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            continue;
         }
         gw.write_config(&two_routes(&a, &b, &format!("/r{i}")));
         generation += 1;
         gw.wait_generation(generation).await;
     }
+    assert_eq!(gw.generation().await, 81);
+    // The broken files were read and refused, not skipped over.
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rejected: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("gateway_config_reloads_total{result=\"rejected\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        rejected >= 10.0,
+        "only {rejected} broken files were refused"
+    );
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();

@@ -1,0 +1,478 @@
+//! Upstream faults against the real gateway: replicas that hang, answer slowly, reset
+//! connections, close pooled keep-alive connections, or die under load, and a configuration
+//! file that disappears. Every test is bounded in time.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How a [`Faulty`] upstream treats each request it reads.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Answers 200 at once.
+    Healthy,
+    /// Reads the request, never answers, holds the connection.
+    Hang,
+    /// Answers after this many milliseconds.
+    Slow(u64),
+    /// Reads the request, then resets the connection (RST, no answer).
+    Reset,
+    /// Answers with keep-alive, then closes the connection once it has been idle this many
+    /// milliseconds (a server whose keep-alive timeout is shorter than the gateway's).
+    CloseIdle(u64),
+}
+
+/// A raw HTTP/1.1 upstream that misbehaves on purpose and records the `X-Id` of every request
+/// it reads (so a test can tell whether anything was sent twice).
+struct Faulty {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+    connections: Arc<AtomicUsize>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Faulty {
+    async fn start(ip: &str, port: u16, fault: Fault, name: &'static str) -> Faulty {
+        let listener = TcpListener::bind((ip, port)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (s, c) = (seen.clone(), connections.clone());
+        tokio::spawn(async move {
+            let mut stopped_accept = stopped.clone();
+            loop {
+                let conn = tokio::select! {
+                    c = listener.accept() => c,
+                    _ = stopped_accept.changed() => return,
+                };
+                let Ok((conn, _)) = conn else { return };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (s, mut stopped) = (s.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = serve(conn, fault, name, s) => {}
+                        // Killed: every connection is dropped where it stands.
+                        _ = stopped.changed() => {}
+                    }
+                });
+            }
+        });
+        Faulty {
+            addr,
+            seen,
+            connections,
+            stop,
+        }
+    }
+
+    /// The process dies: listener and every connection gone at once.
+    fn kill(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn serve(mut conn: TcpStream, fault: Fault, name: &str, seen: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    loop {
+        let idle_limit = match fault {
+            Fault::CloseIdle(ms) => Duration::from_millis(ms),
+            _ => Duration::from_secs(3600),
+        };
+        // Read one head (and its Content-Length body).
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 8192];
+            let read = tokio::time::timeout(idle_limit, conn.read(&mut chunk)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                // Idle too long (CloseIdle), or the peer went away.
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let field = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        let body_len: usize = field("content-length:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + body_len {
+            let mut chunk = [0u8; 8192];
+            match conn.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+        buf.drain(..head_end + body_len);
+        seen.lock()
+            .unwrap()
+            .push(field("x-id:").unwrap_or_default());
+        match fault {
+            Fault::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return;
+            }
+            Fault::Reset => {
+                #[allow(deprecated)] // A reset is the point here.
+                let _ = conn.set_linger(Some(Duration::ZERO));
+                return;
+            }
+            Fault::Slow(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Fault::Healthy | Fault::CloseIdle(_) => {}
+        }
+        let body = format!("{{\"backend\":\"{name}\"}}");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if conn.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Gateway configuration with one upstream of `targets` on route `/`.
+fn single_upstream(targets: &[SocketAddr], extra: &str, route_extra: &str) -> String {
+    let list: Vec<String> = targets.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "upstreams:\n  u: {{ targets: [{}], balance: round_robin{extra} }}\nroutes:\n  - {{ name: r, upstream: u{route_extra} }}\n",
+        list.join(", ")
+    )
+}
+
+async fn backend_of(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    let name = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["backend"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    (status, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_replica_costs_its_timeout_and_blocks_no_one_else() {
+    let hang = Faulty::start("127.0.0.1", 0, Fault::Hang, "hang").await;
+    let good = Faulty::start("127.0.0.1", 0, Fault::Healthy, "good").await;
+    let other = Backend::start("127.0.0.1", "other").await;
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  mixed: {{ targets: ["{}", "{}"], balance: round_robin, timeouts: {{ read: 300ms }} }}
+  hang:  {{ targets: ["{}"], timeouts: {{ read: 300ms }} }}
+  other: {{ targets: ["{}"] }}
+routes:
+  - {{ name: mixed, upstream: mixed, match: {{ path_prefix: /mixed }} }}
+  - {{ name: hang, upstream: hang, match: {{ path_prefix: /hang }} }}
+  - {{ name: other, upstream: other }}
+"#,
+        hang.addr, good.addr, hang.addr, other.addr
+    ))
+    .await;
+    let c = client();
+
+    // Ten requests stuck on the hanging upstream at once, while another route is used.
+    let started = Instant::now();
+    let stuck: Vec<_> = (0..10)
+        .map(|i| {
+            let (c, url) = (c.clone(), gw.url(&format!("/hang/{i}")));
+            tokio::spawn(async move { c.get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = c.get(gw.url("/elsewhere")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "another route waited {:?} behind the hanging one",
+            t.elapsed()
+        );
+    }
+    for s in stuck {
+        assert_eq!(s.await.unwrap(), 504);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // GET on an upstream with one hanging replica: the timeout is retried on the other one.
+    for i in 0..6 {
+        let r = c
+            .get(gw.url("/mixed/get"))
+            .header("x-id", format!("get-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(backend_of(r).await, (200, "good".to_string()));
+    }
+    // POST is not retried after it was sent: a timeout is a 504, and the request reached
+    // exactly one replica exactly once.
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let id = format!("post-{i}");
+        let r = c
+            .post(gw.url("/mixed/post"))
+            .header("x-id", &id)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert!(matches!(status, 200 | 504), "POST: {status}");
+        ids.push(id);
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for id in hang.seen().into_iter().chain(good.seen()) {
+        *seen.entry(id).or_default() += 1;
+    }
+    for id in ids {
+        assert_eq!(
+            seen.get(&id),
+            Some(&1),
+            "{id} was sent {:?} times",
+            seen.get(&id)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_resetting_and_idle_closing_replicas() {
+    // Slow but within the timeout: answered.
+    let slow = Faulty::start("127.0.0.1", 0, Fault::Slow(300), "slow").await;
+    let gw = Gateway::start(&single_upstream(
+        &[slow.addr],
+        ", timeouts: { read: 2s }",
+        "",
+    ))
+    .await;
+    let r = client().get(gw.url("/slow")).send().await.unwrap();
+    assert_eq!(backend_of(r).await, (200, "slow".to_string()));
+    drop(gw);
+
+    // A replica that resets every connection, beside a healthy one: GETs are retried and all
+    // succeed; a POST that was sent to the resetting one is a 502 and not resent.
+    let reset = Faulty::start("127.0.0.1", 0, Fault::Reset, "reset").await;
+    let good = Faulty::start("127.0.0.1", 0, Fault::Healthy, "good").await;
+    let gw = Gateway::start(&single_upstream(
+        &[reset.addr, good.addr],
+        ", health: { passive: { max_fails: 1000, fail_timeout: 1s } }",
+        "",
+    ))
+    .await;
+    let c = client();
+    for i in 0..10 {
+        let r = c
+            .get(gw.url("/get"))
+            .header("x-id", format!("g{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(backend_of(r).await, (200, "good".to_string()));
+    }
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let r = c
+            .post(gw.url("/post"))
+            .header("x-id", format!("p{i}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 502)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&502) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for id in reset.seen().into_iter().chain(good.seen()) {
+        *seen.entry(id).or_default() += 1;
+    }
+    for i in 0..10 {
+        assert_eq!(
+            seen.get(&format!("p{i}")),
+            Some(&1),
+            "p{i} sent more than once"
+        );
+    }
+    drop(gw);
+
+    // A replica that closes keep-alive connections after 200 ms idle, while the gateway would
+    // keep them 4 s: requests spaced past that reuse dead pooled connections, and none fails.
+    let closing = Faulty::start("127.0.0.1", 0, Fault::CloseIdle(200), "closing").await;
+    let gw = Gateway::start(&single_upstream(&[closing.addr], "", "")).await;
+    for i in 0..8 {
+        let r = c
+            .get(gw.url("/ka"))
+            .header("x-id", format!("k{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            backend_of(r).await,
+            (200, "closing".to_string()),
+            "request {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for i in 0..4 {
+        let r = c
+            .post(gw.url("/ka"))
+            .header("x-id", format!("kp{i}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            backend_of(r).await,
+            (200, "closing".to_string()),
+            "POST {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(closing.connections.load(Ordering::SeqCst) >= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_loses_no_get_and_sends_no_post_twice() {
+    let port = free_port(&loopback(2));
+    let a = Faulty::start(&loopback(2), port, Fault::Slow(5), "a").await;
+    let b = Faulty::start(&loopback(3), port, Fault::Slow(5), "b").await;
+    let gw = Gateway::start(&single_upstream(
+        &[a.addr, b.addr],
+        ", health: { passive: { max_fails: 1, fail_timeout: 5s } }",
+        "",
+    ))
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (stop, results, errors, url) = (
+            stop.clone(),
+            results.clone(),
+            errors.clone(),
+            gw.url("/load"),
+        );
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let post = w % 2 == 1;
+                let id = format!("{}-{w}-{i}", if post { "post" } else { "get" });
+                let req = if post {
+                    c.post(&url).body("{}")
+                } else {
+                    c.get(&url)
+                };
+                let status = match req.header("x-id", &id).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(e) => {
+                        errors.lock().unwrap().push(format!("{e:?}"));
+                        0
+                    }
+                };
+                results.lock().unwrap().push((id, status));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for id in a.seen().into_iter().chain(b.seen()) {
+        *seen.entry(id).or_default() += 1;
+    }
+    let (gets, posts): (Vec<_>, Vec<_>) = results.iter().partition(|(id, _)| id.starts_with("get"));
+    assert!(gets.len() > 50 && posts.len() > 50, "load too light");
+    let failed_gets: Vec<_> = gets.iter().filter(|(_, s)| *s != 200).collect();
+    assert!(
+        failed_gets.is_empty(),
+        "{} GETs failed: {:?}; client errors: {:?}",
+        failed_gets.len(),
+        &failed_gets[..failed_gets.len().min(5)],
+        &errors.lock().unwrap()[..errors.lock().unwrap().len().min(3)]
+    );
+    for (id, status) in &posts {
+        // A POST fails only with a clear 502, and no POST is ever sent twice.
+        assert!(matches!(status, 200 | 502), "{id}: {status}");
+        let times = seen.get(id).copied().unwrap_or(0);
+        assert!(times <= 1, "{id} was sent {times} times");
+        if *status == 200 {
+            assert_eq!(times, 1, "{id} answered 200 without reaching a replica");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_or_unreadable_config_file_keeps_the_gateway_serving() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        backend.addr
+    ))
+    .await;
+    let c = client();
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+
+    // Deleted: still serving, and the log says why nothing was reloaded.
+    std::fs::remove_file(&gw.config_path).unwrap();
+    gw.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(gw.generation().await, 1);
+
+    // Unreadable (a directory where the file was; permissions do not stop root): the same.
+    std::fs::create_dir(&gw.config_path).unwrap();
+    gw.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(gw.generation().await, 1);
+    let log = gw.log();
+    assert!(
+        log.lines().filter(|l| l.contains("cannot read")).count() >= 2,
+        "log does not say the file could not be read:\n{log}"
+    );
+
+    // Back: reloaded.
+    std::fs::remove_dir(&gw.config_path).unwrap();
+    gw.write_config(&format!(
+        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r2, upstream: b, match: {{ path_prefix: /y }} }} ]\n",
+        backend.addr
+    ));
+    gw.wait_generation(2).await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 404);
+    assert_eq!(c.get(gw.url("/y")).send().await.unwrap().status(), 200);
+    assert!(gw.log().lines().all(|l| !l.contains("panicked")));
+}
