@@ -115,6 +115,15 @@ impl Downstream {
     }
 }
 
+/// The protocol version as people write it (rustls names them `TLSv1_3`).
+fn tls_version(rustls_name: &str) -> &str {
+    match rustls_name {
+        "TLSv1_3" => "TLSv1.3",
+        "TLSv1_2" => "TLSv1.2",
+        other => other,
+    }
+}
+
 /// Re-arms the guard of a connection that is about to read its next request.
 fn rearm(stream: Stream) -> Stream {
     if !stream.as_any().is::<HeadGuard>() {
@@ -164,7 +173,7 @@ impl ServerApp for Downstream {
             if let Some(digest) = &tls {
                 METRICS
                     .tls_handshakes
-                    .with_label_values(&[l.name.as_str(), digest.version.as_ref()])
+                    .with_label_values(&[l.name.as_str(), tls_version(&digest.version)])
                     .inc();
             }
             let gauge = match protocol {

@@ -256,6 +256,24 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Handshakes are counted by version, connections by protocol.
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "gateway_tls_handshakes_total{listener=\"https\",version=\"TLSv1.3\"}",
+        "gateway_tls_handshakes_total{listener=\"https\",version=\"TLSv1.2\"}",
+        "gateway_downstream_connections{listener=\"https\",protocol=\"h2\"}",
+        "gateway_downstream_connections{listener=\"https\",protocol=\"http/1.1\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+
     // Rotation: a new certificate on disk is served to the next handshake.
     let before = std::fs::read(d.join("a.test.pem")).unwrap();
     certs(d, &["a.test", "a2.test"]);
