@@ -19,4 +19,5 @@ pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod trace;
 pub mod upstream;

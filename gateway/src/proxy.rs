@@ -19,6 +19,7 @@ use crate::metrics::METRICS;
 use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
 use crate::routing::{normalize_path, PathError};
 use crate::runtime::Runtime;
+use crate::trace::{FinishedRequest, RequestSpan};
 use crate::upstream::{now_ms, Replica};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -95,8 +96,13 @@ pub struct RequestCtx {
     user: Option<String>,
     /// The rate-limit decision, for the access log.
     limit_decision: Option<&'static str>,
-    /// A `traceparent` to send upstream in place of the client's (none or invalid).
+    /// A `traceparent` to send upstream in place of the client's (none or invalid, or the
+    /// gateway's own span when spans are exported).
     new_traceparent: Option<HeaderValue>,
+    /// The client's `tracestate` goes with it (its `traceparent` was valid).
+    keep_tracestate: bool,
+    /// This request's span, when spans are exported.
+    span: Option<RequestSpan>,
     /// When the current upstream attempt started, and how long its response header took.
     upstream_started: Option<std::time::Instant>,
     upstream_elapsed: Option<std::time::Duration>,
@@ -167,48 +173,6 @@ impl RequestCtx {
             None => false,
         }
     }
-}
-
-/// A W3C `traceparent` this gateway can pass on: `VV-TRACEID-PARENTID-FLAGS` in lower-case
-/// hex, version not `ff`, ids not all zero (version 00 is exactly 55 bytes; later versions may
-/// append fields).
-fn valid_traceparent(v: &[u8]) -> bool {
-    let hex = |b: &[u8]| {
-        b.iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    };
-    let zero = |b: &[u8]| b.iter().all(|c| *c == b'0');
-    v.len() >= 55
-        && (v.len() == 55 || (v[..2] != *b"00" && v[55] == b'-'))
-        && v[2] == b'-'
-        && v[35] == b'-'
-        && v[52] == b'-'
-        && hex(&v[..2])
-        && v[..2] != *b"ff"
-        && hex(&v[3..35])
-        && !zero(&v[3..35])
-        && hex(&v[36..52])
-        && !zero(&v[36..52])
-        && hex(&v[53..55])
-}
-
-/// A new trace: random trace and parent ids, not sampled.
-fn new_traceparent() -> HeaderValue {
-    let mut text = [0u8; 55];
-    text[..3].copy_from_slice(b"00-");
-    text[35] = b'-';
-    text[52..].copy_from_slice(b"-00");
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let (a, b) = (fastrand::u128(1..), fastrand::u64(1..));
-    for i in 0..32 {
-        text[3 + i] = HEX[((a >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    for i in 0..16 {
-        text[36 + i] = HEX[((b >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(
-        "00-00000000000000000000000000000001-0000000000000001-00",
-    ))
 }
 
 /// Request ids are kept when they look like ids: 1-128 of `A-Za-z0-9-_.:`.
@@ -362,7 +326,7 @@ pub fn inspect_head(req: &RequestHeader, raw_head: Option<Bytes>) -> HeadVerdict
             .get(&X_REQUEST_ID)
             .map_or(&[][..], |v| v.as_bytes()),
     );
-    let _ = valid_traceparent(
+    let _ = crate::trace::parse_traceparent(
         req.headers
             .get(&TRACEPARENT)
             .map_or(&[][..], |v| v.as_bytes()),
@@ -674,12 +638,46 @@ impl ProxyHttp for Gateway {
         };
         (ctx.client_ip, ctx.peer_trusted) = client_ip(&rt, req, peer);
         if rt.forwarding.traceparent {
-            let valid = req
+            let incoming = req
                 .headers
                 .get(&TRACEPARENT)
-                .is_some_and(|v| valid_traceparent(v.as_bytes()));
-            if !valid {
-                ctx.new_traceparent = Some(new_traceparent());
+                .and_then(|v| crate::trace::parse_traceparent(v.as_bytes()));
+            match (incoming, crate::trace::export()) {
+                // Passed on unchanged.
+                (Some(_), None) => {}
+                (None, None) => {
+                    let (trace_id, span_id) = crate::trace::new_ids();
+                    ctx.new_traceparent =
+                        Some(crate::trace::format_traceparent(trace_id, span_id, 0));
+                }
+                // The gateway's span joins the client's trace and becomes the upstream's parent.
+                (Some((trace_id, parent, flags)), Some(_)) => {
+                    let span_id = crate::trace::new_ids().1;
+                    ctx.span = Some(RequestSpan {
+                        trace_id,
+                        span_id,
+                        parent_id: Some(parent),
+                        sampled: flags & 1 == 1,
+                    });
+                    ctx.keep_tracestate = true;
+                    ctx.new_traceparent =
+                        Some(crate::trace::format_traceparent(trace_id, span_id, flags));
+                }
+                (None, Some(export)) => {
+                    let (trace_id, span_id) = crate::trace::new_ids();
+                    let sampled = export.sample_new();
+                    ctx.span = Some(RequestSpan {
+                        trace_id,
+                        span_id,
+                        parent_id: None,
+                        sampled,
+                    });
+                    ctx.new_traceparent = Some(crate::trace::format_traceparent(
+                        trace_id,
+                        span_id,
+                        u8::from(sampled),
+                    ));
+                }
             }
         }
         if ambiguous_framing {
@@ -946,7 +944,9 @@ impl ProxyHttp for Gateway {
         }
         if let Some(tp) = &ctx.new_traceparent {
             // A trace state without a valid parent belongs to no trace.
-            up.remove_header(&TRACESTATE);
+            if !ctx.keep_tracestate {
+                up.remove_header(&TRACESTATE);
+            }
             up.insert_header("traceparent", tp.clone())?;
         }
         if rt.forwarding.x_forwarded {
@@ -1145,6 +1145,27 @@ impl ProxyHttp for Gateway {
         if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
             if log.wants() {
                 log.log(access_record(session, ctx, status, elapsed));
+            }
+        }
+        if let (Some(span), Some(export)) = (ctx.span, crate::trace::export()) {
+            if span.sampled {
+                let end = std::time::SystemTime::now();
+                let req = session.req_header();
+                let route = ctx.route().filter(|_| ctx.routed);
+                export.record(&FinishedRequest {
+                    span,
+                    start: end - elapsed,
+                    end,
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    route: route.map(|r| &*r.name),
+                    upstream: route.map(|r| &*r.upstream.name),
+                    replica: ctx.last_replica,
+                    status,
+                    client_ip: ctx.client_ip,
+                    request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                    host: request_host(req),
+                });
             }
         }
     }

@@ -94,7 +94,7 @@ impl ControlPlane {
         };
         if next.bindings != self.startup_bindings {
             warn!(
-                "listeners (address, buffer, TLS on/off, ALPN, client certificates), admin address, h2c, threads or the upstream pool size changed in {}: restart required for those; everything else (certificates included) is applied",
+                "listeners (address, buffer, TLS on/off, ALPN, client certificates), admin address, h2c, threads, the upstream pool size or span export changed in {}: restart required for those; everything else (certificates included) is applied",
                 self.path.display()
             );
         }

@@ -48,7 +48,7 @@ pub struct Route {
 pub type ListenerBinding = (SocketAddr, usize, Option<(bool, Option<ClientAuthConfig>)>);
 
 /// What a listener binding looks like, to tell when a reload would need a restart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bindings {
     /// Listener name → address, read buffer size, and TLS handshake settings (ALPN h2,
     /// client certificates) which are fixed when the listener starts.
@@ -61,6 +61,8 @@ pub struct Bindings {
     pub threads: Option<usize>,
     /// Upstream keep-alive pool size.
     pub pool: usize,
+    /// Span export (its thread and queue are made once, at start).
+    pub traces: Option<crate::config::TracesConfig>,
 }
 
 impl Bindings {
@@ -79,6 +81,7 @@ impl Bindings {
             h2c: config.h2c,
             threads: config.threads,
             pool: config.upstream_keepalive_pool,
+            traces: config.traces.clone(),
         }
     }
 }

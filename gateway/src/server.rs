@@ -82,6 +82,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     ));
     control.spawn(plane.watch(loaded.config.reload.clone()));
 
+    if let Some(traces) = &loaded.config.traces {
+        crate::trace::start_export(traces)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        info!(endpoint = %traces.otlp_endpoint.value, "exporting spans");
+    }
+
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&loaded));
     let conf = server.configuration.clone();
 
@@ -144,6 +150,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     server.bootstrap();
     server.run(RunArgs::default());
     control.shutdown_timeout(std::time::Duration::from_millis(200));
+    crate::trace::stop_export();
     info!("stopped");
     Ok(())
 }

@@ -490,3 +490,193 @@ routes:
     );
     assert_eq!(ups["upstreams"]["b"]["replicas"][0]["available"], true);
 }
+
+/// An OTLP/HTTP collector: keeps the spans of every export it receives, or, when `hang`, takes
+/// the request and never answers.
+struct Collector {
+    addr: std::net::SocketAddr,
+    spans: std::sync::Arc<
+        std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>,
+    >,
+    posts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Collector {
+    async fn start(hang: bool) -> Collector {
+        use http_body_util::BodyExt;
+        use prost::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans: std::sync::Arc<std::sync::Mutex<Vec<_>>> = Default::default();
+        let posts: std::sync::Arc<std::sync::atomic::AtomicUsize> = Default::default();
+        let (s, p) = (spans.clone(), posts.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (s, p) = (s.clone(), p.clone());
+                            async move {
+                                p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                if hang {
+                                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                                }
+                                let export = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body).unwrap();
+                                for rs in export.resource_spans {
+                                    let service = rs
+                                        .resource
+                                        .iter()
+                                        .flat_map(|r| r.attributes.iter())
+                                        .find(|a| a.key == "service.name")
+                                        .and_then(|a| a.value.as_ref())
+                                        .map(|v| format!("{:?}", v.value))
+                                        .unwrap_or_default();
+                                    for ss in rs.scope_spans {
+                                        for span in ss.spans {
+                                            s.lock().unwrap().push((service.clone(), span));
+                                        }
+                                    }
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Collector { addr, spans, posts }
+    }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> String {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .map(|v| format!("{:?}", v.value))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_and_join_the_clients_trace() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let collector = Collector::start(false).await;
+    let mut gw = Gateway::start(&format!(
+        r#"
+traces: {{ otlp_endpoint: "http://{}/v1/traces", service_name: gw-test, timeout: 2s }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes: [ {{ name: api, upstream: b }} ]
+"#,
+        collector.addr, backend.addr
+    ))
+    .await;
+    let c = client();
+    let upstream_tp =
+        |v: &serde_json::Value| v["headers"]["traceparent"].as_str().unwrap().to_string();
+
+    // No trace context: a new, sampled trace whose span is the upstream's parent.
+    let fresh = upstream_tp(&echo(c.get(gw.url("/a")).send().await.unwrap()).await);
+    assert!(fresh.ends_with("-01"), "{fresh}");
+    // A sampled client trace: joined, with the gateway's own span as the upstream's parent.
+    let client_tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = c
+        .get(gw.url("/b"))
+        .header("traceparent", client_tp)
+        .header("tracestate", "vendor=1")
+        .send()
+        .await
+        .unwrap();
+    let h = echo(r).await;
+    let joined = upstream_tp(&h);
+    assert_eq!(&joined[..36], &client_tp[..36], "same trace id");
+    assert_ne!(
+        &joined[36..52],
+        "b7ad6b7169203331",
+        "the gateway's span is the parent"
+    );
+    assert!(joined.ends_with("-01"));
+    assert_eq!(h["headers"]["tracestate"], "vendor=1");
+    // A client trace that is not sampled: followed, and not exported.
+    let unsampled_tp = "00-11111111111111111111111111111111-2222222222222222-00";
+    let r = c
+        .get(gw.url("/c"))
+        .header("traceparent", unsampled_tp)
+        .send()
+        .await
+        .unwrap();
+    let not_sampled = upstream_tp(&echo(r).await);
+    assert!(not_sampled.ends_with("-00"));
+
+    // Shutting down flushes the queue.
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit(std::time::Duration::from_secs(10)).is_some());
+    let spans = collector.spans.lock().unwrap().clone();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let find = |tp: &str| {
+        spans
+            .iter()
+            .find(|(_, s)| hex_of(&s.trace_id) == tp[3..35])
+            .unwrap_or_else(|| panic!("no span of {tp}: {spans:#?}"))
+    };
+    let (service, a) = find(&fresh);
+    assert!(service.contains("gw-test"), "{service}");
+    assert_eq!(hex_of(&a.span_id), fresh[36..52]);
+    assert!(a.parent_span_id.is_empty());
+    assert_eq!(a.name, "GET api");
+    assert!(attribute(a, "http.route").contains("api"));
+    assert!(attribute(a, "url.path").contains("/a"));
+    assert!(attribute(a, "http.response.status_code").contains("200"));
+    assert!(a.end_time_unix_nano > a.start_time_unix_nano);
+    let (_, b) = find(&joined);
+    assert_eq!(hex_of(&b.span_id), joined[36..52]);
+    assert_eq!(hex_of(&b.parent_span_id), "b7ad6b7169203331");
+    assert!(spans
+        .iter()
+        .all(|(_, s)| hex_of(&s.trace_id) != not_sampled[3..35]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_collector_does_not_hold_up_requests() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let collector = Collector::start(true).await;
+    let mut gw = Gateway::start(&format!(
+        r#"
+traces: {{ otlp_endpoint: "http://{}/v1/traces", timeout: 1s, max_queue: 64 }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes: [ {{ name: api, upstream: b }} ]
+"#,
+        collector.addr, backend.addr
+    ))
+    .await;
+    let c = client();
+    // Far more spans than the queue holds, while every export hangs until its timeout.
+    for _ in 0..10 {
+        let batch: Vec<_> = (0..50)
+            .map(|_| {
+                let (c, url) = (c.clone(), gw.url("/x"));
+                tokio::spawn(async move { c.get(url).send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        for t in batch {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    }
+    gw.signal(libc::SIGTERM);
+    assert!(
+        gw.wait_exit(std::time::Duration::from_secs(15)).is_some(),
+        "shutdown waited on the collector"
+    );
+    assert!(collector.posts.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}

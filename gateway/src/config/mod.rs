@@ -82,6 +82,9 @@ pub struct Config {
     /// Bounds on what a client may send.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// OpenTelemetry spans, one per request, exported over OTLP. None: off.
+    #[serde(default)]
+    pub traces: Option<TracesConfig>,
     /// SIGTERM handling.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
@@ -225,6 +228,41 @@ impl Default for ForwardingConfig {
             traceparent: true,
         }
     }
+}
+
+/// OpenTelemetry export of a span per request (OTLP over HTTP, protobuf).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector's traces URL, e.g. `http://otel-collector:4318/v1/traces` (plain HTTP).
+    pub otlp_endpoint: Spanned<String>,
+    /// `service.name` of the spans. Default `gateway`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of new traces (requests without a sampled `traceparent`) that are sampled and
+    /// exported, 0.0 to 1.0. A client's sampled flag is always followed. Default 1.0.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Spans waiting for export; when full, new spans are dropped rather than wait. Default
+    /// 4096.
+    #[serde(default = "default_span_queue")]
+    pub max_queue: usize,
+    /// Longest wait for the collector per export. Default 5s.
+    #[serde(default = "default_export_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_service_name() -> String {
+    "gateway".to_string()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_span_queue() -> usize {
+    4096
+}
+fn default_export_timeout() -> Dur {
+    Dur::secs(5)
 }
 
 /// Bounds on client requests, so that no client can hold the gateway's memory or connections

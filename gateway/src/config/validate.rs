@@ -88,6 +88,25 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             });
         }
     }
+    if let Some(traces) = &config.traces {
+        let url = &traces.otlp_endpoint;
+        let ok = url.value.strip_prefix("http://").is_some_and(|rest| {
+            !rest.is_empty() && http::Uri::try_from(url.value.as_str()).is_ok()
+        });
+        if !ok {
+            return Err(c.err_at(
+                url,
+                "traces.otlp_endpoint",
+                "needs an http:// URL (OTLP over HTTP, e.g. http://otel-collector:4318/v1/traces)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&traces.sample_ratio) {
+            return Err(c.err_at(url, "traces.sample_ratio", "must be 0.0 to 1.0"));
+        }
+        if traces.max_queue == 0 {
+            return Err(c.err_at(url, "traces.max_queue", "must be at least 1"));
+        }
+    }
     for (name, up) in &config.upstreams {
         if let Some(ca) = up.tls.as_ref().and_then(|t| t.ca.as_ref()) {
             if let Err(e) = crate::tls::load_ca(&ca.value) {
