@@ -476,3 +476,77 @@ async fn a_deleted_or_unreadable_config_file_keeps_the_gateway_serving() {
     assert_eq!(c.get(gw.url("/y")).send().await.unwrap().status(), 200);
     assert!(gw.log().lines().all(|l| !l.contains("panicked")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_cleanly() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let mut gw = Gateway::start(&format!(
+        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        backend.addr
+    ))
+    .await;
+    // A new connection per request, so that every failure is a refused connection or a
+    // broken response, never a keep-alive race.
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<(Instant, Result<u16, String>)>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (c, stop, outcomes, url) = (
+            c.clone(),
+            stop.clone(),
+            outcomes.clone(),
+            gw.url("/work?sleep=150"),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = match c.get(&url).send().await {
+                    Ok(r) => Ok(r.status().as_u16()),
+                    Err(e) if e.is_connect() => Err("refused".to_string()),
+                    Err(e) => Err(format!("{e:?}")),
+                };
+                let refused = r.is_err();
+                outcomes.lock().unwrap().push((Instant::now(), r));
+                if refused {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let term = Instant::now();
+    gw.signal(libc::SIGTERM);
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway did not exit");
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(status.code().is_some(), "{status:?}");
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    let broken: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, r)| {
+            !matches!(r, Ok(200)) && r.as_ref().err().map(String::as_str) != Some("refused")
+        })
+        .collect();
+    assert!(broken.is_empty(), "requests failed uncleanly: {broken:?}");
+    // The requests in flight at SIGTERM were answered after it.
+    let finished_after = outcomes
+        .iter()
+        .filter(|(t, r)| *t > term && matches!(r, Ok(200)))
+        .count();
+    assert!(
+        finished_after >= 4,
+        "only {finished_after} in-flight requests finished"
+    );
+    assert!(
+        outcomes.iter().any(|(_, r)| r.is_err()),
+        "no request saw the listener closed"
+    );
+}
