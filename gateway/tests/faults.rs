@@ -477,6 +477,9 @@ async fn a_deleted_or_unreadable_config_file_keeps_the_gateway_serving() {
     assert!(gw.log().lines().all(|l| !l.contains("panicked")));
 }
 
+/// When a request ended, and its status or why it failed.
+type Outcome = (Instant, Result<u16, String>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_cleanly() {
     let backend = Backend::start("127.0.0.1", "b").await;
@@ -493,7 +496,7 @@ async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_
         .build()
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let outcomes: Arc<Mutex<Vec<(Instant, Result<u16, String>)>>> = Arc::default();
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let mut workers = Vec::new();
     for _ in 0..8 {
         let (c, stop, outcomes, url) = (
