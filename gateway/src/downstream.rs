@@ -92,25 +92,23 @@ impl Downstream {
         })
     }
 
-    /// Pingora's HTTP/1 keep-alive loop, with the guard re-armed before every request.
+    /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), with the guard
+    /// re-armed before every request.
     async fn serve_http1(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
         let mut session = ServerSession::new_http1(stream);
-        loop {
-            if *shutdown.borrow() {
-                // Stop clients from reusing the connection once shutdown has begun.
-                session.set_keepalive(None);
-            } else {
-                session.set_keepalive(Some(60));
-            }
-            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else {
-                return;
-            };
-            let (stream, settings) = reused.consume();
-            let stream = rearm(stream);
-            session = ServerSession::new_http1(stream);
+        if *shutdown.borrow() {
+            // Stop clients from reusing the connection once shutdown has begun.
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(60));
+        }
+        let mut result = self.proxy.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(rearm(stream));
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
             }
+            result = self.proxy.process_new_http(session, shutdown).await;
         }
     }
 }
@@ -248,6 +246,10 @@ impl HeadState {
 
     /// Looks for the end of the head in `bytes`; true when found.
     fn scan(&mut self, bytes: &[u8]) -> bool {
+        // The common case: a whole head in one read, ending the read.
+        if bytes.ends_with(b"\r\n\r\n") {
+            return true;
+        }
         let mut start = 0;
         if self.after_newline {
             match bytes.iter().position(|&b| b != b'\r') {
@@ -470,6 +472,7 @@ mod tests {
     async fn finds_the_end_of_a_head_across_reads() {
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]));
         assert!(ends(&[b"GET / HTTP/1.1\nHost: a\n\n"]));
+        assert!(ends(&[b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok"]));
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n", b"\r\n"]));
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r", b"\n"]));
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n", b"\r", b"\r\n"]));
