@@ -1,6 +1,7 @@
-//! Client connections, between the listener and Pingora's HTTP layer: a deadline for every
-//! HTTP/1 request head (slowloris), the open-connection gauges by listener and protocol, and
-//! TLS handshakes by version.
+//! Client connections, between the listener and Pingora's HTTP layer: the TLS handshake
+//! (bounded by `limits.header_timeout`, counted by version and by reason of failure), a deadline
+//! for every HTTP/1 request head (slowloris), and the open-connection gauges by listener and
+//! protocol.
 //!
 //! [`Downstream`] is the listening service's application. It wraps each accepted stream in a
 //! [`HeadGuard`] and runs Pingora's HTTP/1 keep-alive loop itself, so that the guard is re-armed
@@ -13,7 +14,9 @@ use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef, ALPN};
 use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
@@ -36,10 +39,12 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-/// Metric handles of one listener, resolved once at start.
+/// What the service needs to know of one listener: its TLS acceptor, and its metric handles,
+/// resolved once at start.
 struct ListenerHandles {
     address: SocketAddr,
     name: String,
+    tls: Option<Acceptor>,
     accepted: IntCounter,
     header_timeouts: IntCounter,
     http1: IntGauge,
@@ -56,16 +61,18 @@ pub struct Downstream {
 }
 
 impl Downstream {
-    /// Guards `proxy` on the listeners `listeners` (name and address).
+    /// Guards `proxy` on `listeners`: name, address, and for TLS listeners the settings the
+    /// handshake is made with (the listener itself is bound as plain TCP).
     pub fn new(
         proxy: HttpProxy<Gateway>,
         runtime: Arc<ArcSwap<Runtime>>,
-        listeners: impl IntoIterator<Item = (String, SocketAddr)>,
+        listeners: impl IntoIterator<Item = (String, SocketAddr, Option<TlsSettings>)>,
         h2c: bool,
     ) -> Downstream {
         let listeners = listeners
             .into_iter()
-            .map(|(name, address)| ListenerHandles {
+            .map(|(name, address, tls)| ListenerHandles {
+                tls: tls.map(TlsSettings::build),
                 accepted: METRICS.connections_accepted.with_label_values(&[&name]),
                 header_timeouts: METRICS.header_timeouts.with_label_values(&[&name]),
                 http1: METRICS.connections.with_label_values(&[&name, "http/1.1"]),
@@ -113,6 +120,52 @@ impl Downstream {
     }
 }
 
+/// The TLS handshake of a connection on a TLS listener, within `limit` (a client that opens a
+/// connection and sends nothing holds it no longer than a slow request head). The error is
+/// the reason label of `gateway_tls_handshake_errors_total`.
+async fn tls_handshake(
+    acceptor: &Acceptor,
+    stream: Stream,
+    limit: Duration,
+) -> Result<Stream, &'static str> {
+    // Pingora hands a plain listener's connections over as its own TCP stream type.
+    if !stream.as_any().is::<L4Stream>() {
+        return Err("other");
+    }
+    let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+        return Err("other");
+    };
+    match tokio::time::timeout(limit, acceptor.tls_handshake(*tcp)).await {
+        Ok(Ok(tls)) => Ok(Box::new(tls)),
+        Ok(Err(e)) => {
+            let reason = handshake_failure(&e);
+            tracing::debug!(reason, error = %e, "TLS handshake failed");
+            Err(reason)
+        }
+        Err(_) => Err("timeout"),
+    }
+}
+
+/// A bounded name for why a handshake failed. Pingora keeps only the text of the TLS error
+/// (rustls' messages), so that is what is read.
+fn handshake_failure(e: &pingora::Error) -> &'static str {
+    let text = e.to_string();
+    let has = |needle: &str| text.contains(needle);
+    if has("peer is incompatible") || has("no protocols in common") {
+        "incompatible"
+    } else if has("received corrupt message") || has("received unexpected message") {
+        "malformed"
+    } else if has("received fatal alert") {
+        "alert"
+    } else if has("peer sent no certificates") || has("invalid peer certificate") {
+        "client_certificate"
+    } else if has("eof") || has("reset") || has("broken pipe") || has("closed") {
+        "closed"
+    } else {
+        "other"
+    }
+}
+
 /// The protocol version as people write it (rustls names them `TLSv1_3`).
 fn tls_version(rustls_name: &str) -> &str {
     match rustls_name {
@@ -150,6 +203,19 @@ impl ServerApp for Downstream {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let listener = self.listener(&stream);
+        let header_timeout = self.runtime.load().limits.header_timeout.0;
+        if let Some((l, acceptor)) = listener.and_then(|l| Some((l, l.tls.as_ref()?))) {
+            stream = match tls_handshake(acceptor, stream, header_timeout).await {
+                Ok(stream) => stream,
+                Err(reason) => {
+                    METRICS
+                        .tls_handshake_errors
+                        .with_label_values(&[l.name.as_str(), reason])
+                        .inc();
+                    return None;
+                }
+            };
+        }
         let tls = stream.get_ssl_digest();
         let mut protocol = Protocol::Http1;
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
@@ -163,7 +229,6 @@ impl ServerApp for Downstream {
                 }
             }
         }
-        let header_timeout = self.runtime.load().limits.header_timeout.0;
         let mut open = None;
         let mut timeouts = None;
         if let Some(l) = listener {
@@ -460,7 +525,33 @@ impl Peek for HeadGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::HeadState;
+    use super::{handshake_failure, HeadState};
+    use pingora::{Error, ErrorType};
+
+    #[test]
+    fn handshake_failures_get_bounded_reasons() {
+        let reason = |text: &'static str| {
+            handshake_failure(&Error::explain(ErrorType::TLSHandshakeFailure, text))
+        };
+        assert_eq!(
+            reason("tls connect error: received corrupt message of type InvalidContentType"),
+            "malformed"
+        );
+        assert_eq!(
+            reason("tls connect error: peer is incompatible: ServerDoesNotSupportTls12Or13"),
+            "incompatible"
+        );
+        assert_eq!(
+            reason("tls connect error: received fatal alert: UnknownCA"),
+            "alert"
+        );
+        assert_eq!(
+            reason("tls connect error: peer sent no certificates"),
+            "client_certificate"
+        );
+        assert_eq!(reason("tls connect error: tls handshake eof"), "closed");
+        assert_eq!(reason("something new"), "other");
+    }
     use tokio::time::Instant;
 
     fn ends(chunks: &[&[u8]]) -> bool {

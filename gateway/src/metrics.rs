@@ -61,6 +61,8 @@ pub struct Metrics {
     pub header_timeouts: IntCounterVec,
     /// Completed TLS handshakes by listener and protocol version.
     pub tls_handshakes: IntCounterVec,
+    /// Failed TLS handshakes by listener and reason.
+    pub tls_handshake_errors: IntCounterVec,
 }
 
 /// The process's metrics.
@@ -171,6 +173,12 @@ impl Metrics {
                 "gateway_tls_handshakes_total",
                 "Completed TLS handshakes",
                 &["listener", "version"],
+            ),
+            tls_handshake_errors: counter(
+                &r,
+                "gateway_tls_handshake_errors_total",
+                "Failed TLS handshakes",
+                &["listener", "reason"],
             ),
             upstream_responses: counter(
                 &r,

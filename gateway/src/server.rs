@@ -96,26 +96,26 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let mut proxy = HttpProxy::new(Gateway::new(shared.clone()), conf.clone());
     proxy.server_options = Some(server_options);
     proxy.handle_init_modules();
-    let app = Downstream::new(
-        proxy,
-        shared.clone(),
-        loaded
-            .config
-            .listeners
-            .iter()
-            .map(|(name, l)| (name.clone(), l.address.value.0)),
-        loaded.config.h2c,
-    );
+    let mut listeners = Vec::new();
+    for (name, l) in &loaded.config.listeners {
+        let tls = match (&l.tls, shared.load().tls_stores.get(name)) {
+            (Some(tls), Some(store)) => {
+                Some(crate::tls::settings(store.clone(), tls).map_err(|e| {
+                    anyhow::anyhow!("{}: listeners.{name}.tls: {e}", path.display())
+                })?)
+            }
+            _ => None,
+        };
+        listeners.push((name.clone(), l.address.value.0, tls));
+    }
+    let app = Downstream::new(proxy, shared.clone(), listeners, loaded.config.h2c);
     let mut proxy = pingora::services::listening::Service::new("gateway".to_string(), app);
     for (name, l) in &loaded.config.listeners {
         let addr = l.address.value.0.to_string();
-        let mut listener = ListenerConfig::tcp(addr.clone())
+        // TLS listeners are bound as TCP: the service makes the handshake itself (bounded,
+        // counted), see `downstream`.
+        let listener = ListenerConfig::tcp(addr.clone())
             .l4_buffer(L4BufferSettings::default().read(l.read_buffer));
-        if let (Some(tls), Some(store)) = (&l.tls, shared.load().tls_stores.get(name)) {
-            let settings = crate::tls::settings(store.clone(), tls)
-                .map_err(|e| anyhow::anyhow!("{}: listeners.{name}.tls: {e}", path.display()))?;
-            listener = listener.tls(settings);
-        }
         info!(listener = %name, address = %addr, tls = l.tls.is_some(), "listening");
         proxy.add_listener(listener);
     }

@@ -622,3 +622,74 @@ async fn jwks_over_https() {
         .unwrap();
     assert_eq!(r.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_are_counted_and_silent_clients_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, &["a.test"]);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let listener = format!(
+        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }} ] }} }}\n",
+        d.display()
+    );
+    let gw = Gateway::start_with(
+        "",
+        &listener,
+        &format!(
+            "limits: {{ header_timeout: 1s }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+            backend.addr
+        ),
+    )
+    .await;
+
+    // Plain HTTP to the TLS port: refused at once.
+    let mut plain = tokio::net::TcpStream::connect(https).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "plain HTTP on the TLS port was not refused");
+
+    // A client that connects and never says hello is cut off at the head deadline.
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(https).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a silent TLS client was held past the deadline"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // The listener still works.
+    let (_, response) = https_get(https, &d.join("ca.pem"), "a.test", &[b"http/1.1"]).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "gateway_tls_handshake_errors_total{listener=\"https\",reason=\"malformed\"} 1",
+        "gateway_tls_handshake_errors_total{listener=\"https\",reason=\"timeout\"} 1",
+        "gateway_tls_handshakes_total{listener=\"https\",version=\"TLSv1.3\"} 1",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line} missing:\n{metrics}\n{}",
+            gw.log()
+        );
+    }
+    // Failed handshakes are routine on a public port: no error-level log lines for them.
+    assert!(!gw.log().contains("handshake error"), "{}", gw.log());
+}
