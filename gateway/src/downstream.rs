@@ -71,6 +71,20 @@ impl Downstream {
     ) -> Downstream {
         let listeners = listeners
             .into_iter()
+            .inspect(|(name, _, tls)| {
+                if tls.is_some() {
+                    // Every series a TLS listener can have, from the start, so that dashboards
+                    // and alerts see zeros rather than nothing.
+                    for version in ["TLSv1.2", "TLSv1.3"] {
+                        METRICS.tls_handshakes.with_label_values(&[name, version]);
+                    }
+                    for reason in HANDSHAKE_FAILURES {
+                        METRICS
+                            .tls_handshake_errors
+                            .with_label_values(&[name, reason]);
+                    }
+                }
+            })
             .map(|(name, address, tls)| ListenerHandles {
                 tls: tls.map(TlsSettings::build),
                 accepted: METRICS.connections_accepted.with_label_values(&[&name]),
@@ -145,6 +159,17 @@ async fn tls_handshake(
         Err(_) => Err("timeout"),
     }
 }
+
+/// Every reason [`handshake_failure`] and the handshake deadline give.
+const HANDSHAKE_FAILURES: [&str; 7] = [
+    "timeout",
+    "malformed",
+    "incompatible",
+    "alert",
+    "client_certificate",
+    "closed",
+    "other",
+];
 
 /// A bounded name for why a handshake failed. Pingora keeps only the text of the TLS error
 /// (rustls' messages), so that is what is read.

@@ -273,6 +273,17 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+    // Series exist from the start; these two have counted.
+    for handshakes in ["TLSv1.3", "TLSv1.2"] {
+        let series =
+            format!("gateway_tls_handshakes_total{{listener=\"https\",version=\"{handshakes}\"}} ");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&series) && !l.ends_with(" 0")),
+            "no {handshakes} handshake counted:\n{metrics}"
+        );
+    }
 
     // Rotation: a new certificate on disk is served to the next handshake.
     let before = std::fs::read(d.join("a.test.pem")).unwrap();
