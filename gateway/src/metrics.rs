@@ -135,7 +135,7 @@ impl Metrics {
                 &r,
                 "gateway_request_duration_seconds",
                 "Time from request to the end of the response",
-                &["route"],
+                &["route", "method", "status_class"],
             ),
             request_bytes: counter(
                 &r,
@@ -319,7 +319,8 @@ pub struct RouteMetrics {
     route: String,
     /// By method, then status class; each made on first use.
     requests: [[OnceLock<IntCounter>; 5]; 8],
-    duration: Histogram,
+    /// The same for the latency histogram.
+    duration: [[OnceLock<Histogram>; 5]; 8],
     request_bytes: IntCounter,
     response_bytes: IntCounter,
 }
@@ -331,7 +332,7 @@ impl RouteMetrics {
         RouteMetrics {
             route: route.to_string(),
             requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
-            duration: m.duration.with_label_values(&[route]),
+            duration: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             request_bytes: m.request_bytes.with_label_values(&[route]),
             response_bytes: m.response_bytes.with_label_values(&[route]),
         }
@@ -364,7 +365,13 @@ impl RouteMetrics {
                     .with_label_values(&[&self.route, METHODS[m], CLASSES[c]])
             })
             .inc();
-        self.duration.observe(seconds);
+        self.duration[m][c]
+            .get_or_init(|| {
+                METRICS
+                    .duration
+                    .with_label_values(&[&self.route, METHODS[m], CLASSES[c]])
+            })
+            .observe(seconds);
         self.request_bytes.inc_by(bytes_in as u64);
         self.response_bytes.inc_by(bytes_out as u64);
     }

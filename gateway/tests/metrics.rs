@@ -129,9 +129,16 @@ routes:
     assert_eq!(
         value(
             &m,
-            r#"gateway_request_duration_seconds_count{route="open"}"#
+            r#"gateway_request_duration_seconds_count{method="GET",route="open",status_class="2xx"}"#
         ),
-        5.0
+        4.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_request_duration_seconds_count{method="POST",route="open",status_class="2xx"}"#
+        ),
+        1.0
     );
     assert_eq!(
         value(&m, r#"gateway_request_body_bytes_total{route="open"}"#),
