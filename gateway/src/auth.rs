@@ -398,8 +398,14 @@ impl AuthPolicy {
         match &outcome {
             Ok(_) => self.metrics.ok.inc(),
             Err(AuthError::Missing) => self.metrics.missing.inc(),
-            Err(AuthError::Invalid(_)) => self.metrics.invalid.inc(),
-            Err(AuthError::Forbidden(_)) => self.metrics.forbidden.inc(),
+            Err(AuthError::Invalid(why)) => {
+                self.metrics.invalid.inc();
+                self.metrics.refused(why);
+            }
+            Err(AuthError::Forbidden(why)) => {
+                self.metrics.forbidden.inc();
+                self.metrics.refused(why);
+            }
             Err(AuthError::NoKeys) => self.metrics.no_keys.inc(),
         }
         outcome
@@ -849,6 +855,39 @@ impl OneOrMany {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_refusal_message_has_a_metric_reason() {
+        let source = include_str!("auth.rs");
+        let mut found = 0;
+        // Messages are the string literals inside `AuthError::Invalid(..)`/`Forbidden(..)` and
+        // the arms of the jsonwebtoken error match.
+        for line in source.lines() {
+            let line = line.trim();
+            let Some(start) = line.find('"') else {
+                continue;
+            };
+            let Some(len) = line[start + 1..].find('"') else {
+                continue;
+            };
+            let message = &line[start + 1..start + 1 + len];
+            let is_refusal = line.contains("AuthError::Invalid(\"")
+                || line.contains("AuthError::Forbidden(\"")
+                || ((line.starts_with("ErrorKind::") || line.starts_with("_ =>"))
+                    && line.contains("=>"))
+                || line.starts_with("\"a claim");
+            if is_refusal && !message.is_empty() {
+                found += 1;
+                assert!(
+                    crate::metrics::AUTH_REFUSALS
+                        .iter()
+                        .any(|(m, _)| *m == message),
+                    "{message:?} has no reason label"
+                );
+            }
+        }
+        assert!(found >= 12, "only {found} messages found");
+    }
+
     use super::*;
 
     #[test]

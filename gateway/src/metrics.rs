@@ -41,6 +41,7 @@ pub struct Metrics {
     replicas: IntGaugeVec,
     dns_refreshes: IntCounterVec,
     auth: IntCounterVec,
+    auth_refusals: IntCounterVec,
     ratelimit: IntCounterVec,
     /// Configuration reloads by result (`applied`, `rejected`).
     pub reloads: IntCounterVec,
@@ -233,6 +234,12 @@ impl Metrics {
                 "gateway_auth_total",
                 "Token checks by result",
                 &["policy", "result"],
+            ),
+            auth_refusals: counter(
+                &r,
+                "gateway_auth_refusals_total",
+                "Tokens refused (results invalid and forbidden), by reason",
+                &["policy", "reason"],
             ),
             ratelimit: counter(
                 &r,
@@ -433,7 +440,29 @@ pub struct AuthMetrics {
     pub forbidden: IntCounter,
     /// No key loaded.
     pub no_keys: IntCounter,
+    /// Refusals by reason, in the order of [`AUTH_REFUSALS`].
+    refusals: [IntCounter; AUTH_REFUSALS.len()],
 }
+
+/// Why a token is refused: the message the client gets, and the metric's `reason` label.
+pub const AUTH_REFUSALS: [(&str, &str); 13] = [
+    ("token too large", "too_large"),
+    ("malformed token or unsupported algorithm", "malformed"),
+    ("malformed token", "malformed_claims"),
+    (
+        "no key matches the token's kid and algorithm",
+        "unknown_key",
+    ),
+    ("token expired", "expired"),
+    ("token not yet valid", "not_yet_valid"),
+    ("wrong issuer", "issuer"),
+    ("wrong audience", "audience"),
+    ("token lacks a required claim", "missing_registered_claim"),
+    ("bad signature", "signature"),
+    ("algorithm not allowed", "algorithm"),
+    ("a required claim is missing", "missing_claim"),
+    ("a claim does not have an allowed value", "claim_value"),
+];
 
 impl AuthMetrics {
     /// Handles for `policy`.
@@ -445,6 +474,16 @@ impl AuthMetrics {
             invalid: a("invalid"),
             forbidden: a("forbidden"),
             no_keys: a("no_keys"),
+            refusals: AUTH_REFUSALS
+                .map(|(_, reason)| METRICS.auth_refusals.with_label_values(&[policy, reason])),
+        }
+    }
+
+    /// Counts a refusal by its message (every message the token check gives is in
+    /// [`AUTH_REFUSALS`]; a unit test in `auth` holds the two together).
+    pub fn refused(&self, message: &str) {
+        if let Some(i) = AUTH_REFUSALS.iter().position(|(m, _)| *m == message) {
+            self.refusals[i].inc();
         }
     }
 }

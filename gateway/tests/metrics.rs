@@ -86,6 +86,15 @@ routes:
         401
     );
     assert_eq!(
+        c.get(gw.url("/private"))
+            .bearer_auth("not.a.token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
         c.get(gw.url("/no/such/route"))
             .send()
             .await
@@ -161,6 +170,24 @@ routes:
     assert_eq!(
         value(&m, r#"gateway_auth_total{policy="hs",result="missing"}"#),
         1.0
+    );
+    assert_eq!(
+        value(&m, r#"gateway_auth_total{policy="hs",result="invalid"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_auth_refusals_total{policy="hs",reason="malformed"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"gateway_auth_refusals_total{policy="hs",reason="expired"}"#
+        ),
+        0.0
     );
     assert_eq!(value(&m, "gateway_requests_in_flight"), 0.0);
     // The dead replica: connect errors, retries onto the live one, then ejection.
