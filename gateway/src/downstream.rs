@@ -192,7 +192,7 @@ fn handshake_failure(e: &pingora::Error) -> &'static str {
 }
 
 /// The protocol version as people write it (rustls names them `TLSv1_3`).
-fn tls_version(rustls_name: &str) -> &str {
+pub(crate) fn tls_version(rustls_name: &str) -> &str {
     match rustls_name {
         "TLSv1_3" => "TLSv1.3",
         "TLSv1_2" => "TLSv1.2",

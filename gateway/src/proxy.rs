@@ -566,7 +566,7 @@ fn access_record(
         tls: session
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
-            .map(|s| s.version.to_string()),
+            .map(|s| crate::downstream::tls_version(&s.version).to_string()),
     }
 }
 
