@@ -222,6 +222,20 @@ fn https_location(req: &RequestHeader, port: u16) -> Option<HeaderValue> {
     HeaderValue::from_str(&location).ok()
 }
 
+/// An HTTP/2 request whose `Host` names another host than its `:authority` (RFC 9113 section
+/// 8.3.1: malformed). Routing goes by `:authority` while Pingora would hand `Host` upstream as
+/// the authority, so the two must agree. (HTTP/1 absolute-form has the same rule, which
+/// Pingora enforces itself.)
+fn authority_conflict(req: &RequestHeader) -> bool {
+    let (Some(authority), Some(host)) = (req.uri.authority(), req.headers.get(http::header::HOST))
+    else {
+        return false;
+    };
+    !host
+        .as_bytes()
+        .eq_ignore_ascii_case(authority.as_str().as_bytes())
+}
+
 fn request_host(req: &RequestHeader) -> Option<&str> {
     if let Some(h) = req.uri.host() {
         return Some(h);
@@ -746,6 +760,18 @@ impl ProxyHttp for Gateway {
                     }
                 };
             }
+        }
+        let req = session.req_header();
+        if authority_conflict(req) {
+            session.set_keepalive(None);
+            respond_json(
+                session,
+                400,
+                "Host does not match :authority",
+                Some(ctx.request_id()),
+            )
+            .await?;
+            return Ok(true);
         }
         let req = session.req_header();
         let form = target_form(req);

@@ -474,3 +474,47 @@ async fn raw_protocol_violations_are_refused_and_smuggle_nothing() {
     }
     assert!(gw.log().lines().all(|l| !l.contains("panicked")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_authority_and_host_must_agree() {
+    let public = Backend::start("127.0.0.1", "public").await;
+    let admin = Backend::start("127.0.0.1", "admin").await;
+    let gw = Gateway::start(&format!(
+        r#"
+h2c: true
+auth:
+  staff: {{ secret: "0123456789abcdef0123456789abcdef", algorithms: [HS256] }}
+upstreams:
+  public: {{ targets: ["{}"] }}
+  admin:  {{ targets: ["{}"] }}
+routes:
+  - {{ name: admin_host, upstream: admin, auth: staff, match: {{ hosts: [admin.test] }} }}
+  - {{ name: public_host, upstream: public, match: {{ hosts: [public.test] }} }}
+"#,
+        public.addr, admin.addr
+    ))
+    .await;
+    let tcp = TcpStream::connect(gw.http).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut status = |authority: &str, host: Option<&str>| {
+        let mut req = http::Request::builder()
+            .method("GET")
+            .uri(format!("http://{authority}/x"));
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        let (response, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+        async move { response.await.unwrap().status().as_u16() }
+    };
+    // :authority alone routes; a Host that agrees is fine.
+    assert_eq!(status("public.test", None).await, 200);
+    assert_eq!(status("public.test", Some("public.test")).await, 200);
+    assert_eq!(status("admin.test", None).await, 401);
+    // A Host naming another host than :authority is malformed (RFC 9113 8.3.1).
+    assert_eq!(status("public.test", Some("admin.test")).await, 400);
+    assert_eq!(status("admin.test", Some("public.test")).await, 400);
+    assert_eq!(admin.hits(), 0);
+    assert_eq!(public.hits(), 2);
+}
