@@ -467,6 +467,8 @@ SCENARIOS = {
     "routes1000": {"title": "1,000-route config, request matches the last route", "load": "wrk", "path": "/r999/x", "routes": 1000},
     "idle10k": {"title": "idle keep-alive connections (RSS)", "load": "idle"},
     "tls": {"title": "HTTPS (TLS 1.3, ECDSA P-256), 64 connections, 13-byte body", "load": "wrk", "path": "/", "tls": True},
+    "tls16k": {"title": "HTTPS (TLS 1.3), 16 KiB response body", "load": "wrk", "path": "/16k", "tls": True},
+    "tls64k": {"title": "HTTPS (TLS 1.3), 64 KiB response body", "load": "wrk", "path": "/64k", "tls": True},
     "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
               "load": "wrk", "path": "/", "tls": True, "chain": True, "only": ["gateway", "bare-pingora"]},
 }
