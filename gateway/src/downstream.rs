@@ -43,13 +43,22 @@ const REQUEST_TIMEOUT: &[u8] =
 /// resolved once at start.
 struct ListenerHandles {
     address: SocketAddr,
-    name: String,
-    tls: Option<Acceptor>,
+    tls: Option<TlsListener>,
     accepted: IntCounter,
     header_timeouts: IntCounter,
     http1: IntGauge,
     h2: IntGauge,
     h2c: IntGauge,
+}
+
+/// A TLS listener's acceptor and handshake counters.
+struct TlsListener {
+    acceptor: Acceptor,
+    /// Handshakes completed with TLS 1.2 and 1.3.
+    tls12: IntCounter,
+    tls13: IntCounter,
+    /// Handshakes failed, by [`HANDSHAKE_FAILURES`] reason.
+    failures: [IntCounter; HANDSHAKE_FAILURES.len()],
 }
 
 /// The application of the client listeners: the guard around Pingora's HTTP proxy.
@@ -71,29 +80,29 @@ impl Downstream {
     ) -> Downstream {
         let listeners = listeners
             .into_iter()
-            .inspect(|(name, _, tls)| {
-                if tls.is_some() {
-                    // Every series a TLS listener can have, from the start, so that dashboards
-                    // and alerts see zeros rather than nothing.
-                    for version in ["TLSv1.2", "TLSv1.3"] {
-                        METRICS.tls_handshakes.with_label_values(&[name, version]);
-                    }
-                    for reason in HANDSHAKE_FAILURES {
+            .map(|(name, address, tls)| ListenerHandles {
+                // Counters made from the start, so that dashboards and alerts see zeros rather
+                // than nothing, and no handshake looks a label up.
+                tls: tls.map(|settings| TlsListener {
+                    acceptor: settings.build(),
+                    tls12: METRICS
+                        .tls_handshakes
+                        .with_label_values(&[&name, "TLSv1.2"]),
+                    tls13: METRICS
+                        .tls_handshakes
+                        .with_label_values(&[&name, "TLSv1.3"]),
+                    failures: HANDSHAKE_FAILURES.map(|reason| {
                         METRICS
                             .tls_handshake_errors
-                            .with_label_values(&[name, reason]);
-                    }
-                }
-            })
-            .map(|(name, address, tls)| ListenerHandles {
-                tls: tls.map(TlsSettings::build),
+                            .with_label_values(&[&name, reason])
+                    }),
+                }),
                 accepted: METRICS.connections_accepted.with_label_values(&[&name]),
                 header_timeouts: METRICS.header_timeouts.with_label_values(&[&name]),
                 http1: METRICS.connections.with_label_values(&[&name, "http/1.1"]),
                 h2: METRICS.connections.with_label_values(&[&name, "h2"]),
                 h2c: METRICS.connections.with_label_values(&[&name, "h2c"]),
                 address,
-                name,
             })
             .collect();
         Downstream {
@@ -136,27 +145,27 @@ impl Downstream {
 
 /// The TLS handshake of a connection on a TLS listener, within `limit` (a client that opens a
 /// connection and sends nothing holds it no longer than a slow request head). The error is
-/// the reason label of `gateway_tls_handshake_errors_total`.
+/// the index of the reason in [`HANDSHAKE_FAILURES`].
 async fn tls_handshake(
     acceptor: &Acceptor,
     stream: Stream,
     limit: Duration,
-) -> Result<Stream, &'static str> {
+) -> Result<Stream, usize> {
     // Pingora hands a plain listener's connections over as its own TCP stream type.
     if !stream.as_any().is::<L4Stream>() {
-        return Err("other");
+        return Err(OTHER);
     }
     let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
-        return Err("other");
+        return Err(OTHER);
     };
     match tokio::time::timeout(limit, acceptor.tls_handshake(*tcp)).await {
         Ok(Ok(tls)) => Ok(Box::new(tls)),
         Ok(Err(e)) => {
             let reason = handshake_failure(&e);
-            tracing::debug!(reason, error = %e, "TLS handshake failed");
+            tracing::debug!(reason = HANDSHAKE_FAILURES[reason], error = %e, "TLS handshake failed");
             Err(reason)
         }
-        Err(_) => Err("timeout"),
+        Err(_) => Err(TIMEOUT),
     }
 }
 
@@ -171,23 +180,26 @@ const HANDSHAKE_FAILURES: [&str; 7] = [
     "other",
 ];
 
-/// A bounded name for why a handshake failed. Pingora keeps only the text of the TLS error
-/// (rustls' messages), so that is what is read.
-fn handshake_failure(e: &pingora::Error) -> &'static str {
+const TIMEOUT: usize = 0;
+const OTHER: usize = 6;
+
+/// Why a handshake failed, as an index into [`HANDSHAKE_FAILURES`]. Pingora keeps only the
+/// text of the TLS error (rustls' messages), so that is what is read.
+fn handshake_failure(e: &pingora::Error) -> usize {
     let text = e.to_string();
     let has = |needle: &str| text.contains(needle);
     if has("peer is incompatible") || has("no protocols in common") {
-        "incompatible"
+        2
     } else if has("received corrupt message") || has("received unexpected message") {
-        "malformed"
+        1
     } else if has("received fatal alert") {
-        "alert"
+        3
     } else if has("peer sent no certificates") || has("invalid peer certificate") {
-        "client_certificate"
+        4
     } else if has("eof") || has("reset") || has("broken pipe") || has("closed") {
-        "closed"
+        5
     } else {
-        "other"
+        OTHER
     }
 }
 
@@ -229,14 +241,12 @@ impl ServerApp for Downstream {
     ) -> Option<Stream> {
         let listener = self.listener(&stream);
         let header_timeout = self.runtime.load().limits.header_timeout.0;
-        if let Some((l, acceptor)) = listener.and_then(|l| Some((l, l.tls.as_ref()?))) {
-            stream = match tls_handshake(acceptor, stream, header_timeout).await {
+        let tls_listener = listener.and_then(|l| l.tls.as_ref());
+        if let Some(tls) = tls_listener {
+            stream = match tls_handshake(&tls.acceptor, stream, header_timeout).await {
                 Ok(stream) => stream,
                 Err(reason) => {
-                    METRICS
-                        .tls_handshake_errors
-                        .with_label_values(&[l.name.as_str(), reason])
-                        .inc();
+                    tls.failures[reason].inc();
                     return None;
                 }
             };
@@ -258,11 +268,13 @@ impl ServerApp for Downstream {
         let mut timeouts = None;
         if let Some(l) = listener {
             l.accepted.inc();
-            if let Some(digest) = &tls {
-                METRICS
-                    .tls_handshakes
-                    .with_label_values(&[l.name.as_str(), tls_version(&digest.version)])
-                    .inc();
+            if let (Some(counters), Some(digest)) = (tls_listener, &tls) {
+                match digest.version.as_ref() {
+                    "TLSv1_3" => counters.tls13.inc(),
+                    "TLSv1_2" => counters.tls12.inc(),
+                    // rustls negotiates nothing else.
+                    _ => {}
+                }
             }
             let gauge = match protocol {
                 Protocol::Http1 => &l.http1,
@@ -550,13 +562,14 @@ impl Peek for HeadGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::{handshake_failure, HeadState};
+    use super::{handshake_failure, HeadState, HANDSHAKE_FAILURES};
     use pingora::{Error, ErrorType};
 
     #[test]
     fn handshake_failures_get_bounded_reasons() {
         let reason = |text: &'static str| {
-            handshake_failure(&Error::explain(ErrorType::TLSHandshakeFailure, text))
+            HANDSHAKE_FAILURES
+                [handshake_failure(&Error::explain(ErrorType::TLSHandshakeFailure, text))]
         };
         assert_eq!(
             reason("tls connect error: received corrupt message of type InvalidContentType"),
