@@ -257,10 +257,16 @@ impl ServerApp for Downstream {
             protocol = Protocol::H2;
         } else if self.h2c && tls.is_none() {
             let mut preface = [0u8; H2_PREFACE.len()];
-            // Pingora peeks the same way; a stream that cannot peek is treated as HTTP/1.
-            if let Ok(true) = stream.try_peek(&mut preface).await {
-                if preface == H2_PREFACE {
-                    protocol = Protocol::H2c;
+            // Pingora peeks the same way (a stream that cannot peek is treated as HTTP/1), but
+            // without a bound: a client that sends nothing is cut off at the head deadline.
+            match tokio::time::timeout(header_timeout, stream.try_peek(&mut preface)).await {
+                Ok(Ok(true)) if preface == H2_PREFACE => protocol = Protocol::H2c,
+                Ok(_) => {}
+                Err(_) => {
+                    if let Some(l) = listener {
+                        l.header_timeouts.inc();
+                    }
+                    return None;
                 }
             }
         }
