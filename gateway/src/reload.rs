@@ -29,7 +29,9 @@ pub struct ControlPlane {
     path: PathBuf,
     runtime: Arc<ArcSwap<Runtime>>,
     startup_bindings: Bindings,
-    serial: tokio::sync::Mutex<()>,
+    /// Held while a reload runs; holds the hash of the last file that was refused, so that
+    /// the same broken bytes are not parsed and reported again on every unrelated event.
+    serial: tokio::sync::Mutex<Option<u64>>,
 }
 
 /// File identity and version as seen by `stat` (following symlinks).
@@ -61,29 +63,37 @@ impl ControlPlane {
             path,
             runtime,
             startup_bindings,
-            serial: tokio::sync::Mutex::new(()),
+            serial: tokio::sync::Mutex::new(None),
         }
     }
 
     /// Reloads now. Without `force`, an unchanged file is left alone.
     pub async fn reload(&self, force: bool) -> ReloadOutcome {
-        let _one_at_a_time = self.serial.lock().await;
-        let loaded = match config::load(&self.path) {
-            Ok(l) => l,
+        let mut last_refused = self.serial.lock().await;
+        let current = self.runtime.load_full();
+        let loaded = match config::read(&self.path).and_then(|text| {
+            let hash = config::hash_bytes(text.as_bytes());
+            // Bytes already running, or already refused: nothing to parse or report again.
+            if !force && (hash == current.source_hash || *last_refused == Some(hash)) {
+                return Ok(None);
+            }
+            config::load_text(&self.path, text)
+                .map(Some)
+                .inspect_err(|_| *last_refused = Some(hash))
+        }) {
+            Ok(Some(l)) => l,
+            Ok(None) => return ReloadOutcome::Unchanged,
             Err(e) => {
                 error!("configuration rejected, the running configuration stays: {e}");
                 METRICS.reloads.with_label_values(&["rejected"]).inc();
                 return ReloadOutcome::Rejected(e.to_string());
             }
         };
-        let current = self.runtime.load_full();
-        if !force && loaded.source_hash == current.source_hash {
-            return ReloadOutcome::Unchanged;
-        }
         let generation = current.generation + 1;
         let next = match runtime::build(&loaded, Some(&current), generation).await {
             Ok(rt) => rt,
             Err(e) => {
+                *last_refused = Some(loaded.source_hash);
                 error!(
                     "configuration rejected, the running configuration stays: {}: {e}",
                     self.path.display()
@@ -102,6 +112,7 @@ impl ControlPlane {
         METRICS.config_applied(generation, next.source_hash);
         METRICS.reloads.with_label_values(&["applied"]).inc();
         self.runtime.store(Arc::new(next));
+        *last_refused = None;
         info!(generation, "configuration reloaded");
         ReloadOutcome::Applied(generation)
     }
@@ -120,8 +131,20 @@ impl ControlPlane {
             .unwrap_or_else(|| PathBuf::from("."));
         let _watcher = if settings.watch {
             let tx = tx.clone();
+            let name = self.path.file_name().map(|n| n.to_os_string());
             let made = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok_and(|e| !e.kind.is_access()) {
+                // Only events that may concern the file: its own name, or the `..data`-style
+                // symlink swaps of mounted configuration directories. An access log or anything
+                // else written beside it is not a reason to look.
+                let concerns_file = |e: &notify::Event| {
+                    e.paths.is_empty()
+                        || e.paths.iter().any(|p| {
+                            let file = p.file_name();
+                            file == name.as_deref()
+                                || file.is_some_and(|f| f.as_encoded_bytes().starts_with(b".."))
+                        })
+                };
+                if res.is_ok_and(|e| !e.kind.is_access() && concerns_file(&e)) {
                     let _ = tx.send(false);
                 }
             })

@@ -463,3 +463,45 @@ async fn reload_keeps_health_state_pools_and_in_flight_requests() {
     // The in-flight request finished on the runtime it started on.
     assert_eq!(slow.await.unwrap().unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_beside_the_config_do_not_make_it_reread() {
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        b.addr
+    ))
+    .await;
+    // The access log goes into the configuration's own directory.
+    let log_path = gw.dir.path().join("access.log");
+    gw.write_config(&format!(
+        "access_log: {{ path: \"{}\" }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+        log_path.display(),
+        b.addr
+    ));
+    gw.wait_generation(2).await;
+    // A broken file is refused once...
+    gw.write_raw_config("routes: [ broken");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let refusals = |log: &str| log.matches("configuration rejected").count();
+    assert_eq!(refusals(&gw.log()), 1, "{}", gw.log());
+    // ...and not again for every line the access log writes beside it.
+    let c = client();
+    for _ in 0..100 {
+        assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(std::fs::metadata(&log_path).unwrap().len() > 0);
+    assert_eq!(refusals(&gw.log()), 1, "{}", gw.log());
+    // A SIGHUP still retries it (and refuses it again).
+    gw.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(refusals(&gw.log()), 2, "{}", gw.log());
+    // Refusing a file never stopped the gateway from taking a good one.
+    gw.write_config(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: r2, upstream: b, match: {{ path_prefix: /y }} }}\n",
+        b.addr
+    ));
+    gw.wait_generation(3).await;
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 404);
+}

@@ -1035,13 +1035,22 @@ pub struct LoadedConfig {
 
 /// Reads, substitutes `${VAR}`, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    load_text(path, read(path)?)
+}
+
+/// The file's text (for [`load_text`]), or why it cannot be read.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: 0,
         column: 0,
         field: String::new(),
         message: format!("cannot read: {e}"),
-    })?;
+    })
+}
+
+/// Substitutes `${VAR}`, parses and validates `text`, read from `path`.
+pub fn load_text(path: &Path, text: String) -> Result<LoadedConfig, ConfigError> {
     let config = parse(path, &text, &std::env::vars().collect())?;
     Ok(LoadedConfig {
         path: path.to_path_buf(),
