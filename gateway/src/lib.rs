@@ -18,6 +18,7 @@ pub mod reload;
 pub mod routing;
 pub mod runtime;
 pub mod server;
+pub mod text;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -419,34 +419,7 @@ fn cookie_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
 
 /// An IP address as a header value (formatted on the stack; one allocation for the value).
 fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
-    use std::io::Write;
-    if let IpAddr::V4(v4) = ip {
-        // The common case, without the formatting machinery (~1k instructions saved).
-        let mut buf = [0u8; 15];
-        let mut n = 0;
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                buf[n] = b'.';
-                n += 1;
-            }
-            if octet >= 100 {
-                buf[n] = b'0' + octet / 100;
-                n += 1;
-            }
-            if octet >= 10 {
-                buf[n] = b'0' + octet / 10 % 10;
-                n += 1;
-            }
-            buf[n] = b'0' + octet % 10;
-            n += 1;
-        }
-        return HeaderValue::from_bytes(&buf[..n]).ok();
-    }
-    let mut buf = [0u8; 48];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    write!(cursor, "{ip}").ok()?;
-    let n = cursor.position() as usize;
-    HeaderValue::from_bytes(&buf[..n]).ok()
+    HeaderValue::from_str(crate::text::ip(ip, &mut [0; crate::text::IP_LEN])).ok()
 }
 
 /// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`. From an untrusted
