@@ -111,6 +111,8 @@ pub struct RateLimitPolicy {
     per_request: Duration,
     /// `"name";q=N;w=S`, sent with every response of a limited route.
     pub policy_header: HeaderValue,
+    /// `"name";r=`, the start of every `RateLimit` header.
+    state_prefix: Box<[u8]>,
     full: AtomicBool,
     checks: AtomicU32,
     tasks_started: AtomicBool,
@@ -216,6 +218,7 @@ impl RateLimitPolicy {
             burst,
             per_request,
             policy_header,
+            state_prefix: format!("\"{name}\";r=").into_bytes().into_boxed_slice(),
             full: AtomicBool::new(false),
             checks: AtomicU32::new(0),
             tasks_started: AtomicBool::new(false),
@@ -348,10 +351,16 @@ impl RateLimitPolicy {
 
     /// The `RateLimit` header of a decision: `"name";r=REMAINING;t=SECONDS`.
     pub fn state_header(&self, remaining: u32, reset: u64) -> HeaderValue {
-        let mut text = String::with_capacity(self.name.len() + 24);
-        use std::fmt::Write;
-        let _ = write!(text, "\"{}\";r={remaining};t={reset}", self.name);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+        // Built from the precomputed prefix and itoa digits: on every response of a limited
+        // route, so no `format!`.
+        let mut digits = itoa::Buffer::new();
+        let mut text = Vec::with_capacity(self.state_prefix.len() + 24);
+        text.extend_from_slice(&self.state_prefix);
+        text.extend_from_slice(digits.format(remaining).as_bytes());
+        text.extend_from_slice(b";t=");
+        text.extend_from_slice(digits.format(reset).as_bytes());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 
     /// Starts the cleanup task (drops idle keys every 5 s). Must run on the control-plane
