@@ -174,7 +174,7 @@ async fn a_hanging_replica_costs_its_timeout_and_blocks_no_one_else() {
         r#"
 upstreams:
   mixed: {{ targets: ["{}", "{}"], balance: round_robin, timeouts: {{ read: 300ms }} }}
-  hang:  {{ targets: ["{}"], timeouts: {{ read: 300ms }} }}
+  hang:  {{ targets: ["{}"], timeouts: {{ read: 2s }} }}
   other: {{ targets: ["{}"] }}
 routes:
   - {{ name: mixed, upstream: mixed, match: {{ path_prefix: /mixed }} }}
@@ -198,8 +198,9 @@ routes:
         let t = Instant::now();
         let r = c.get(gw.url("/elsewhere")).send().await.unwrap();
         assert_eq!(r.status(), 200);
+        // Far below the hanging route's 2 s timeout: nothing waits behind it.
         assert!(
-            t.elapsed() < Duration::from_millis(250),
+            t.elapsed() < Duration::from_secs(1),
             "another route waited {:?} behind the hanging one",
             t.elapsed()
         );
@@ -207,8 +208,9 @@ routes:
     for s in stuck {
         assert_eq!(s.await.unwrap(), 504);
     }
+    // Each stuck request costs its timeout, not more.
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(6),
         "took {:?}",
         started.elapsed()
     );
