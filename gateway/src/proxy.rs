@@ -35,6 +35,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// How long the body of a request refused with 413 is read and discarded after the answer.
+const BODY_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -787,8 +789,23 @@ impl ProxyHttp for Gateway {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
             if declared.is_some_and(|n| n > max) {
-                // The body is not read: the connection cannot be reused.
-                session.set_keepalive(None);
+                let expects_continue = session
+                    .req_header()
+                    .headers
+                    .get(http::header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                if expects_continue {
+                    // The client waits for our word before sending the body: it will not.
+                    session.set_keepalive(None);
+                } else {
+                    // The client is sending the body anyway. Closing on it now would reset the
+                    // connection under the answer; instead the body is read and discarded for
+                    // a while after the answer (nginx's lingering close), then the connection
+                    // is reused or, past that, closed.
+                    let downstream = session.as_downstream_mut();
+                    downstream.set_close_on_response_before_downstream_finish(false);
+                    downstream.set_total_drain_timeout(Some(BODY_DRAIN_LIMIT));
+                }
                 ctx.rt = Some(rt);
                 respond_json(session, 413, status_message(413), Some(ctx.request_id())).await?;
                 return Ok(true);

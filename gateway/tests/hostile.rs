@@ -237,6 +237,8 @@ routes:
         .await
         .unwrap();
     assert_eq!(echo(r).await["body_len"], 300 << 10);
+    // A client that sends its too-large body anyway reads the 413 (the body is drained behind
+    // the answer, as nginx's lingering close does) instead of a reset.
     let r = c
         .post(gw.url("/uploads/file"))
         .body(vec![b'a'; 2 << 20])
@@ -244,6 +246,40 @@ routes:
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+
+    // One that asked to continue first gets the 413 at once and the connection closed.
+    let started = Instant::now();
+    let (code, closed) = status_of(
+        gw.http,
+        b"POST /api HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, closed), (413, true));
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // One that declares 10 GB and trickles it gets the 413 at once; the draining behind it is
+    // bounded (5 s), then the connection is closed.
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"POST /api HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10000000000\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        for _ in 0..80 {
+            if s.write_all(&[b'x'; 64]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(9), trickle).await;
+    let (text, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+    assert!(closed, "the drain behind a 413 was not bounded");
+    assert!(started.elapsed() < Duration::from_secs(12));
+    // Forwarded: the two bodies within their limits, and the head of the chunked one (its body
+    // was cut off upstream too when it passed the limit). None of the declared-too-large ones.
+    assert_eq!(backend.hits(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
