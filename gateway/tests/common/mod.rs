@@ -39,8 +39,16 @@ impl DeadPort {
     }
 }
 
-/// A port that was free a moment ago (for listeners the gateway binds itself).
+/// A port free on `ip` now, for a server the test starts next. Chosen below Linux's ephemeral
+/// range (32768 and up), where the outgoing connections of tests running in parallel take
+/// their ports: a port from `bind(0)` could be taken by one of those before the server binds.
 pub fn free_port(ip: &str) -> u16 {
+    for _ in 0..200 {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
