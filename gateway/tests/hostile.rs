@@ -45,14 +45,7 @@ fn head_with_headers(n: usize, value_len: usize) -> Vec<u8> {
 }
 
 async fn metric(gw: &Gateway, line_start: &str) -> f64 {
-    let text = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())

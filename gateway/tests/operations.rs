@@ -303,14 +303,7 @@ async fn reloads_under_load_fail_no_request() {
     }
     assert_eq!(gw.generation().await, 81);
     // The broken files were read and refused, not skipped over.
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     let rejected: f64 = metrics
         .lines()
         .find(|l| l.starts_with("gateway_config_reloads_total{result=\"rejected\"}"))

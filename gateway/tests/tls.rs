@@ -257,14 +257,7 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
     );
 
     // Handshakes are counted by version, connections by protocol.
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     for line in [
         "gateway_tls_handshakes_total{listener=\"https\",version=\"TLSv1.3\"}",
         "gateway_tls_handshakes_total{listener=\"https\",version=\"TLSv1.2\"}",
@@ -682,14 +675,7 @@ async fn failed_handshakes_are_counted_and_silent_clients_cut_off() {
     let (_, response) = https_get(https, &d.join("ca.pem"), "a.test", &[b"http/1.1"]).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-    let metrics = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     for line in [
         "gateway_tls_handshake_errors_total{listener=\"https\",reason=\"malformed\"} 1",
         "gateway_tls_handshake_errors_total{listener=\"https\",reason=\"timeout\"} 1",
