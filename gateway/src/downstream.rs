@@ -275,9 +275,9 @@ impl ServerApp for Downstream {
         if let Some(l) = listener {
             l.accepted.inc();
             if let (Some(counters), Some(digest)) = (tls_listener, &tls) {
-                match digest.version.as_ref() {
-                    "TLSv1_3" => counters.tls13.inc(),
-                    "TLSv1_2" => counters.tls12.inc(),
+                match tls_version(&digest.version) {
+                    "TLSv1.3" => counters.tls13.inc(),
+                    "TLSv1.2" => counters.tls12.inc(),
                     // rustls negotiates nothing else.
                     _ => {}
                 }

@@ -348,7 +348,7 @@ pub fn inspect_head(req: &RequestHeader, raw_head: Option<Bytes>) -> HeadVerdict
             .map_or(&[][..], |v| v.as_bytes()),
     );
     let _ = request_host(req);
-    if target_form(req) == TargetForm::Refused {
+    if authority_conflict(req) || target_form(req) == TargetForm::Refused {
         return HeadVerdict::BadTarget;
     }
     match normalize_path(req.uri.path()) {
@@ -501,6 +501,19 @@ async fn respond_json_with(
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// Refuses a request whose head the gateway will not forward and closes the connection:
+/// after a malformed head nothing that follows on it can be trusted.
+async fn refuse_and_close(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: &HeaderValue,
+) -> Result<bool> {
+    session.set_keepalive(None);
+    respond_json(session, status, message, Some(request_id)).await?;
+    Ok(true)
 }
 
 /// The answer to a refused token: 401 with a `WWW-Authenticate` challenge (RFC 6750), 403 for
@@ -693,21 +706,13 @@ impl ProxyHttp for Gateway {
         }
         if ambiguous_framing {
             // Request smuggling shape: never forward it, never keep the connection.
-            session.set_keepalive(None);
-            respond_json(
-                session,
-                400,
-                "ambiguous message framing",
-                Some(ctx.request_id()),
-            )
-            .await?;
-            return Ok(true);
+            let id = ctx.request_id().clone();
+            return refuse_and_close(session, 400, "ambiguous message framing", &id).await;
         }
 
         if header_too_large(session, &rt.limits) {
-            session.set_keepalive(None);
-            respond_json(session, 431, status_message(431), Some(ctx.request_id())).await?;
-            return Ok(true);
+            let id = ctx.request_id().clone();
+            return refuse_and_close(session, 431, status_message(431), &id).await;
         }
 
         if !rt.redirects.is_empty() && !ctx.tls {
@@ -736,17 +741,9 @@ impl ProxyHttp for Gateway {
                 };
             }
         }
-        let req = session.req_header();
-        if authority_conflict(req) {
-            session.set_keepalive(None);
-            respond_json(
-                session,
-                400,
-                "Host does not match :authority",
-                Some(ctx.request_id()),
-            )
-            .await?;
-            return Ok(true);
+        if authority_conflict(session.req_header()) {
+            let id = ctx.request_id().clone();
+            return refuse_and_close(session, 400, "Host does not match :authority", &id).await;
         }
         let req = session.req_header();
         let form = target_form(req);
@@ -759,9 +756,8 @@ impl ProxyHttp for Gateway {
             Ok(p) if form == TargetForm::Absolute => Cow::Owned(p.into_owned()),
             Ok(p) => p,
             Err(_) => {
-                session.set_keepalive(None);
-                respond_json(session, 400, "invalid path", Some(ctx.request_id())).await?;
-                return Ok(true);
+                let id = ctx.request_id().clone();
+                return refuse_and_close(session, 400, "invalid path", &id).await;
             }
         };
         let found = rt

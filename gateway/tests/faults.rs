@@ -83,6 +83,15 @@ impl Faulty {
     }
 }
 
+/// How many times each request id reached any of `replicas`.
+fn times_seen(replicas: &[&Faulty]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for id in replicas.iter().flat_map(|r| r.seen()) {
+        *seen.entry(id).or_default() += 1;
+    }
+    seen
+}
+
 async fn serve(mut conn: TcpStream, fault: Fault, name: &str, seen: Arc<Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
     loop {
@@ -241,10 +250,7 @@ routes:
         assert!(matches!(status, 200 | 504), "POST: {status}");
         ids.push(id);
     }
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for id in hang.seen().into_iter().chain(good.seen()) {
-        *seen.entry(id).or_default() += 1;
-    }
+    let seen = times_seen(&[&hang, &good]);
     for id in ids {
         assert_eq!(
             seen.get(&id),
@@ -308,10 +314,7 @@ async fn slow_resetting_and_idle_closing_replicas() {
         statuses.contains(&502) && statuses.contains(&200),
         "{statuses:?}"
     );
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for id in reset.seen().into_iter().chain(good.seen()) {
-        *seen.entry(id).or_default() += 1;
-    }
+    let seen = times_seen(&[&reset, &good]);
     for i in 0..10 {
         assert_eq!(
             seen.get(&format!("p{i}")),
@@ -412,10 +415,7 @@ async fn a_replica_killed_under_load_loses_no_get_and_sends_no_post_twice() {
     }
 
     let results = std::mem::take(&mut *results.lock().unwrap());
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for id in a.seen().into_iter().chain(b.seen()) {
-        *seen.entry(id).or_default() += 1;
-    }
+    let seen = times_seen(&[&a, &b]);
     let (gets, posts): (Vec<_>, Vec<_>) = results.iter().partition(|(id, _)| id.starts_with("get"));
     assert!(gets.len() > 50 && posts.len() > 50, "load too light");
     let failed_gets: Vec<_> = gets.iter().filter(|(_, s)| *s != 200).collect();
