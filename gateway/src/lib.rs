@@ -4,13 +4,14 @@
 //! [`config`] (the YAML users write) → [`runtime`] (compiled, swapped atomically by [`reload`])
 //! → [`downstream`] (client connections: request-head deadline, connection metrics) →
 //! [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
-//! request phases) → [`server`] (process assembly) and [`admin`].
+//! request phases, with [`headers`] for what they add) → [`server`] (process assembly) and [`admin`].
 
 pub mod accesslog;
 pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod downstream;
+pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

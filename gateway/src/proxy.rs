@@ -15,6 +15,11 @@
 use crate::accesslog::AccessRecord;
 use crate::auth::{AuthError, ForwardedClaims, Verified};
 use crate::config::HashKey;
+use crate::headers::{
+    edit_request, edit_response, set_forwarded_headers, Forwarded, ADDED_REQUEST_HEADERS,
+    ADDED_RESPONSE_HEADERS, RATELIMIT, RATELIMIT_POLICY, TRACEPARENT, TRACESTATE, X_FORWARDED_FOR,
+    X_REQUEST_ID,
+};
 use crate::metrics::METRICS;
 use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
 use crate::routing::{normalize_path, PathError};
@@ -24,7 +29,7 @@ use crate::upstream::{now_ms, Replica};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -34,14 +39,8 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// How long the body of a request refused with 413 is read and discarded after the answer.
 const BODY_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// How many tried replicas a request remembers (to send retries elsewhere).
 const TRIED_CAP: usize = 4;
@@ -417,54 +416,6 @@ fn cookie_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
                 (k == name.as_bytes()).then(|| &val[1..])
             })
         })
-}
-
-/// An IP address as a header value (formatted on the stack; one allocation for the value).
-fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
-    HeaderValue::from_str(crate::text::ip(ip, &mut [0; crate::text::IP_LEN])).ok()
-}
-
-/// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`. From an untrusted
-/// peer, incoming copies are replaced; from a trusted proxy, the chain is extended and its
-/// scheme and host are kept.
-fn set_forwarded_headers(
-    up: &mut RequestHeader,
-    ctx: &RequestCtx,
-    peer: Option<IpAddr>,
-) -> Result<()> {
-    if let Some(ip_value) = ctx.client_ip.and_then(ip_header_value) {
-        let forwarded_for = match (ctx.peer_trusted, up.headers.get(&X_FORWARDED_FOR), peer) {
-            (true, Some(prev), Some(peer)) => {
-                let mut v = Vec::with_capacity(prev.len() + 48);
-                v.extend_from_slice(prev.as_bytes());
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(peer.to_string().as_bytes());
-                HeaderValue::from_bytes(&v).ok()
-            }
-            _ => Some(ip_value.clone()),
-        };
-        if let Some(v) = forwarded_for {
-            up.insert_header("X-Forwarded-For", v)?;
-        }
-        up.insert_header("X-Real-IP", ip_value)?;
-    }
-    if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_PROTO)) {
-        up.insert_header("X-Forwarded-Proto", if ctx.tls { "https" } else { "http" })?;
-    }
-    if !(ctx.peer_trusted && up.headers.contains_key(&X_FORWARDED_HOST)) {
-        let host = up.headers.get(http::header::HOST).cloned().or_else(|| {
-            up.uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        match host {
-            Some(host) => up.insert_header("X-Forwarded-Host", host)?,
-            None => {
-                up.remove_header(&X_FORWARDED_HOST);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Writes a small JSON error with the request id, and closes the exchange.
@@ -964,33 +915,51 @@ impl ProxyHttp for Gateway {
         let Some(rt) = ctx.rt.as_ref() else {
             return Ok(());
         };
-        // Identity headers come from verified tokens only, never from the client.
-        for name in &rt.identity_headers {
-            up.remove_header(name);
+        let forwarding = rt.forwarding;
+        let request_id = ctx.request_id.as_ref().filter(|_| forwarding.request_id);
+        if !forwarding.x_forwarded
+            && request_id.is_none()
+            && ctx.new_traceparent.is_none()
+            && ctx.claims.is_empty()
+            && rt.identity_headers.is_empty()
+        {
+            return Ok(());
         }
-        for (name, value) in ctx.claims.drain(..) {
-            up.insert_header(name, value)?;
-        }
-        if rt.forwarding.request_id {
-            if let Some(id) = &ctx.request_id {
-                up.insert_header("X-Request-Id", id.clone())?;
-            }
-        }
-        if let Some(tp) = &ctx.new_traceparent {
-            // A trace state without a valid parent belongs to no trace.
-            if !ctx.keep_tracestate {
-                up.remove_header(&TRACESTATE);
-            }
-            up.insert_header("traceparent", tp.clone())?;
-        }
-        if rt.forwarding.x_forwarded {
-            let peer = session
+        let from = Forwarded {
+            client_ip: ctx.client_ip,
+            peer: session
                 .client_addr()
                 .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            set_forwarded_headers(up, ctx, peer)?;
-        }
-        Ok(())
+                .map(|a| a.ip()),
+            peer_trusted: ctx.peer_trusted,
+            tls: ctx.tls,
+        };
+        let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
+        let claims = &mut ctx.claims;
+        let (traceparent, keep_tracestate) = (&ctx.new_traceparent, ctx.keep_tracestate);
+        edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
+            // Identity headers come from verified tokens only, never from the client.
+            for name in &rt.identity_headers {
+                headers.unset(name);
+            }
+            for (name, value) in claims.drain(..) {
+                headers.set(&name, value)?;
+            }
+            if let Some(id) = request_id {
+                headers.set(&X_REQUEST_ID, id.clone())?;
+            }
+            if let Some(tp) = traceparent {
+                // A trace state without a valid parent belongs to no trace.
+                if !keep_tracestate {
+                    headers.unset(&TRACESTATE);
+                }
+                headers.set(&TRACEPARENT, tp.clone())?;
+            }
+            if forwarding.x_forwarded {
+                set_forwarded_headers(headers, uri, from)?;
+            }
+            Ok(())
+        })
     }
 
     async fn upstream_response_filter(
@@ -1039,22 +1008,33 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.tls {
-            if let Some(rt) = ctx.rt.as_ref().filter(|rt| !rt.hsts.is_empty()) {
+        let Some(rt) = ctx.rt.as_ref() else {
+            return Ok(());
+        };
+        let hsts = match ctx.tls && !rt.hsts.is_empty() {
+            true => {
                 let local = session.server_addr().and_then(|a| a.as_inet()).copied();
-                if let Some(value) = local.and_then(|l| listener_setting(&rt.hsts, &l)) {
-                    resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, value.clone())?;
-                }
+                local.and_then(|l| listener_setting(&rt.hsts, &l))
             }
+            false => None,
+        };
+        if hsts.is_none() && ctx.request_id.is_none() && ctx.quota.is_none() {
+            return Ok(());
         }
-        if let Some(id) = &ctx.request_id {
-            resp.insert_header(X_REQUEST_ID.clone(), id.clone())?;
-        }
-        if let Some((limit, remaining, reset)) = &ctx.quota {
-            resp.insert_header("RateLimit-Policy", limit.policy_header.clone())?;
-            resp.insert_header("RateLimit", limit.state_header(*remaining, *reset))?;
-        }
-        Ok(())
+        let preserve_case = rt.forwarding.preserve_header_case;
+        edit_response(resp, preserve_case, ADDED_RESPONSE_HEADERS, |headers| {
+            if let Some(value) = hsts {
+                headers.set(&http::header::STRICT_TRANSPORT_SECURITY, value.clone())?;
+            }
+            if let Some(id) = &ctx.request_id {
+                headers.set(&X_REQUEST_ID, id.clone())?;
+            }
+            if let Some((limit, remaining, reset)) = &ctx.quota {
+                headers.set(&RATELIMIT_POLICY, limit.policy_header.clone())?;
+                headers.set(&RATELIMIT, limit.state_header(*remaining, *reset))?;
+            }
+            Ok(())
+        })
     }
 
     fn fail_to_connect(
@@ -1213,22 +1193,6 @@ impl ProxyHttp for Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ip_header_values() {
-        for ip in [
-            "0.0.0.0",
-            "1.2.3.4",
-            "10.0.10.100",
-            "255.255.255.255",
-            "127.0.0.1",
-            "::1",
-            "2001:db8::8a2e:370:7334",
-        ] {
-            let parsed: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_header_value(parsed).unwrap(), ip);
-        }
-    }
 
     #[test]
     fn request_ids() {

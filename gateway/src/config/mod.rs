@@ -218,6 +218,11 @@ pub struct ForwardingConfig {
     /// one is replaced by a new trace (and an orphaned `tracestate` dropped). Default true.
     #[serde(default = "yes")]
     pub traceparent: bool,
+    /// Send header names with the spelling the client (or the upstream) used, as nginx does.
+    /// Default false: names go out in canonical case (`Host`, `Content-Type`, …; others in
+    /// lower case), as HAProxy and Envoy send them, which saves a second header map per request.
+    #[serde(default)]
+    pub preserve_header_case: bool,
 }
 
 impl Default for ForwardingConfig {
@@ -226,6 +231,7 @@ impl Default for ForwardingConfig {
             x_forwarded: true,
             request_id: true,
             traceparent: true,
+            preserve_header_case: false,
         }
     }
 }

@@ -1,0 +1,252 @@
+//! The headers the gateway adds to requests and responses, and how they are written.
+//!
+//! By default the edits go straight to the `http` header map of the request or response.
+//! Pingora's own `insert_header` parses the name again and mirrors every change into a second
+//! map that keeps the spelling of each name, about 800 instructions per header; without that
+//! map, names go out in canonical case (`Host`, `Content-Type`, `Date`, … and the rest in lower
+//! case), as HAProxy and Envoy send them. HTTP field names are case-insensitive (RFC 9110
+//! §5.1). With `forwarding.preserve_header_case`, the edits go through Pingora's header instead
+//! and every name keeps the spelling the client (or the upstream) used.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::Result;
+use std::net::IpAddr;
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C `traceparent`.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// W3C `tracestate`.
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `RateLimit-Policy`.
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers the gateway may add to a request, besides a token's forwarded claims.
+pub const ADDED_REQUEST_HEADERS: usize = 6;
+/// Headers the gateway may add to a response.
+pub const ADDED_RESPONSE_HEADERS: usize = 4;
+
+/// A header map the gateway edits: the plain `http` map, or Pingora's case-keeping header.
+pub trait HeaderEdits {
+    /// The first value of `name`.
+    fn get(&self, name: &HeaderName) -> Option<&HeaderValue>;
+    /// Replaces every value of `name` with `value`.
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+    /// Removes every value of `name`.
+    fn unset(&mut self, name: &HeaderName);
+}
+
+impl HeaderEdits for HeaderMap {
+    fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        HeaderMap::get(self, name)
+    }
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert(name.clone(), value);
+        Ok(())
+    }
+    fn unset(&mut self, name: &HeaderName) {
+        self.remove(name);
+    }
+}
+
+impl HeaderEdits for RequestHeader {
+    fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.get(name)
+    }
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert_header(name.clone(), value)
+    }
+    fn unset(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+}
+
+impl HeaderEdits for ResponseHeader {
+    fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.get(name)
+    }
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert_header(name.clone(), value)
+    }
+    fn unset(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+}
+
+/// Applies `edit` to the headers of the upstream request; `adds` is how many headers it may
+/// add, so the map grows once.
+pub fn edit_request(
+    up: &mut RequestHeader,
+    preserve_case: bool,
+    adds: usize,
+    edit: impl FnOnce(&mut dyn HeaderEdits, &http::Uri) -> Result<()>,
+) -> Result<()> {
+    if preserve_case {
+        let uri = up.uri.clone();
+        return edit(up, &uri);
+    }
+    let end_stream = up.send_end_stream();
+    let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+    let mut parts: http::request::Parts = std::mem::replace(up, placeholder).into();
+    parts.headers.reserve(adds);
+    let result = edit(&mut parts.headers, &parts.uri);
+    // Put back even after an error: the request must stay whole for the error path.
+    *up = RequestHeader::from(parts);
+    if let Some(end_stream) = end_stream {
+        up.set_send_end_stream(end_stream);
+    }
+    result
+}
+
+/// Applies `edit` to the headers of the response; `adds` as for [`edit_request`]. A reason
+/// phrase other than the standard one is kept.
+pub fn edit_response(
+    resp: &mut ResponseHeader,
+    preserve_case: bool,
+    adds: usize,
+    edit: impl FnOnce(&mut dyn HeaderEdits) -> Result<()>,
+) -> Result<()> {
+    if preserve_case {
+        return edit(resp);
+    }
+    let reason = resp
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != resp.status.canonical_reason())
+        .map(str::to_owned);
+    let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(resp, placeholder).into();
+    parts.headers.reserve(adds);
+    let result = edit(&mut parts.headers);
+    *resp = ResponseHeader::from(parts);
+    if reason.is_some() {
+        resp.set_reason_phrase(reason.as_deref())?;
+    }
+    result
+}
+
+/// An IP address as a header value (formatted on the stack; one allocation for the value).
+pub fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(crate::text::ip(ip, &mut [0; crate::text::IP_LEN])).ok()
+}
+
+/// Who sent a request, for the forwarding headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded {
+    /// The client as the gateway sees it (from a trusted proxy: the address it reported).
+    pub client_ip: Option<IpAddr>,
+    /// The address of the connection's peer.
+    pub peer: Option<IpAddr>,
+    /// Whether the peer is a trusted proxy whose forwarding headers are believed.
+    pub peer_trusted: bool,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+}
+
+/// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`. From an untrusted
+/// peer, incoming copies are replaced; from a trusted proxy, the chain is extended and its
+/// scheme and host are kept.
+pub fn set_forwarded_headers(
+    headers: &mut dyn HeaderEdits,
+    uri: &http::Uri,
+    from: Forwarded,
+) -> Result<()> {
+    if let Some(ip_value) = from.client_ip.and_then(ip_header_value) {
+        let forwarded_for = match (from.peer_trusted, headers.get(&X_FORWARDED_FOR), from.peer) {
+            (true, Some(prev), Some(peer)) => {
+                let mut v = Vec::with_capacity(prev.len() + 48);
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(peer.to_string().as_bytes());
+                HeaderValue::from_bytes(&v).ok()
+            }
+            _ => Some(ip_value.clone()),
+        };
+        if let Some(v) = forwarded_for {
+            headers.set(&X_FORWARDED_FOR, v)?;
+        }
+        headers.set(&X_REAL_IP, ip_value)?;
+    }
+    if !(from.peer_trusted && headers.get(&X_FORWARDED_PROTO).is_some()) {
+        let proto = HeaderValue::from_static(if from.tls { "https" } else { "http" });
+        headers.set(&X_FORWARDED_PROTO, proto)?;
+    }
+    if !(from.peer_trusted && headers.get(&X_FORWARDED_HOST).is_some()) {
+        // An HTTP/2 request may carry its host only as `:authority`.
+        let host = headers.get(&http::header::HOST).cloned().or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        match host {
+            Some(host) => headers.set(&X_FORWARDED_HOST, host)?,
+            None => headers.unset(&X_FORWARDED_HOST),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_header_values() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.10.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header_value(parsed).unwrap(), ip);
+        }
+    }
+
+    #[test]
+    fn edits_keep_the_request_whole_in_both_modes() {
+        for preserve_case in [false, true] {
+            let mut up = RequestHeader::build("POST", b"/a?b=1", None).unwrap();
+            up.insert_header("Host", "api.test").unwrap();
+            up.insert_header("X-Custom-Thing", "1").unwrap();
+            edit_request(&mut up, preserve_case, 2, |h, uri| {
+                assert_eq!(uri.path(), "/a");
+                h.set(&X_REQUEST_ID, HeaderValue::from_static("id-1"))?;
+                h.unset(&HeaderName::from_static("x-custom-thing"));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(up.method, "POST");
+            assert_eq!(up.raw_path(), b"/a?b=1");
+            assert_eq!(up.headers.get("x-request-id").unwrap(), "id-1");
+            assert!(up.headers.get("x-custom-thing").is_none());
+            assert_eq!(up.has_case(), preserve_case);
+            let mut wire = Vec::new();
+            up.header_to_h1_wire(&mut wire);
+            let wire = String::from_utf8(wire).unwrap();
+            assert!(wire.contains("Host: api.test\r\n"), "{wire}");
+        }
+    }
+
+    #[test]
+    fn an_unusual_reason_phrase_survives_a_response_edit() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.set_reason_phrase(Some("Fine")).unwrap();
+        edit_response(&mut resp, false, 1, |h| {
+            h.set(&X_REQUEST_ID, HeaderValue::from_static("id-2"))
+        })
+        .unwrap();
+        assert_eq!(resp.get_reason_phrase(), Some("Fine"));
+        assert_eq!(resp.headers.get("x-request-id").unwrap(), "id-2");
+        assert!(!resp.has_case());
+    }
+}
