@@ -8,6 +8,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod downstream;

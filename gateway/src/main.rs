@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: gateway::alloc::Allocator = gateway::alloc::Allocator;
 
 /// API gateway and reverse proxy: TLS, JWT checks, rate limits, health-checked load balancing
 /// across Docker Compose replicas, hot-reloaded YAML routing, Prometheus metrics.

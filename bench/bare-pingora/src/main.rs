@@ -14,7 +14,7 @@ use pingora::upstreams::peer::HttpPeer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: gateway::alloc::Allocator = gateway::alloc::Allocator;
 
 struct Bare {
     peers: Vec<HttpPeer>,
