@@ -1,17 +1,18 @@
 //! The access log: one JSON line per request, written off the request path.
 //!
-//! The request path hands a small record to a bounded queue (`try_send`: never waits); a
-//! dedicated thread formats and writes the lines through a buffer, flushing at least every
-//! 200 ms. When the queue is full the record is dropped and counted
-//! (`gateway_access_log_dropped_total`) rather than slowing requests down.
+//! The request path appends a small record to a bounded batch (one uncontended lock, no
+//! wake-up); a dedicated thread takes the whole batch every 20 ms, formats the lines and
+//! writes them with one system call. When the batch is full, the record is dropped and
+//! counted (`gateway_access_log_dropped_total`) rather than slowing requests down. (A queue
+//! that woke the writer for every record cost a thread wake-up per request.)
 
 use crate::config::AccessLogConfig;
 use http::{HeaderValue, Method};
 use prometheus::IntCounter;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 /// One request, as the access log records it.
@@ -20,8 +21,8 @@ pub struct AccessRecord {
     pub time: SystemTime,
     /// The request id.
     pub request_id: Option<HeaderValue>,
-    /// W3C trace id, when the request carried or got one.
-    pub trace_id: Option<HeaderValue>,
+    /// The W3C `traceparent` the request carried or got (its trace id is logged).
+    pub traceparent: Option<HeaderValue>,
     /// The client, after `trusted_proxies`.
     pub client_ip: Option<IpAddr>,
     /// Method.
@@ -54,97 +55,122 @@ pub struct AccessRecord {
     pub tls: Option<String>,
 }
 
-/// The JSON line of a record, serialised straight from borrowed fields (no intermediate
-/// `Value` tree: the writer thread formats tens of thousands of these a second).
-#[derive(serde::Serialize)]
-struct Line<'a> {
-    time: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trace_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_ip: Option<&'a str>,
-    method: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host: Option<&'a str>,
-    path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    route: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upstream: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    replica: Option<&'a str>,
-    status: u16,
-    bytes_in: usize,
-    bytes_out: usize,
-    duration_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upstream_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_limit: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls: Option<&'a str>,
-}
-
-/// Stack space for the addresses a line writes itself.
-struct Scratch {
-    client_ip: [u8; crate::text::IP_LEN],
-    replica: [u8; crate::text::SOCKET_LEN],
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        Scratch {
-            client_ip: [0; crate::text::IP_LEN],
-            replica: [0; crate::text::SOCKET_LEN],
-        }
-    }
-}
-
 impl AccessRecord {
-    fn line<'a>(&'a self, scratch: &'a mut Scratch) -> Line<'a> {
-        let Scratch { client_ip, replica } = scratch;
-        Line {
-            time: format_time(
-                self.time
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default(),
-            ),
-            request_id: header_text(&self.request_id),
-            trace_id: header_text(&self.trace_id),
-            client_ip: self.client_ip.map(|ip| crate::text::ip(ip, client_ip)),
-            method: self.method.as_str(),
-            host: self.host.as_deref(),
-            path: &self.path,
-            route: self.route.as_deref(),
-            upstream: self.upstream.as_deref(),
-            replica: self.replica.map(|r| crate::text::socket(r, replica)),
-            status: self.status,
-            bytes_in: self.bytes_in,
-            bytes_out: self.bytes_out,
-            duration_ms: millis(self.duration),
-            upstream_ms: self.upstream_duration.map(millis),
-            user: self.user.as_deref(),
-            rate_limit: self.rate_limit,
-            tls: self.tls.as_deref(),
+    /// Appends the record as one JSON line (with its newline) to `out`. Keys are written as
+    /// they are; every string value goes through [`put_str`]; numbers through `itoa`. (A
+    /// `serde` derive escaped every key and value piece by piece: ~6k instructions a line.)
+    fn write_line(&self, out: &mut Vec<u8>) {
+        let since_epoch = self
+            .time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(&format_time(since_epoch));
+        out.push(b'"');
+        if let Some(id) = header_text(&self.request_id) {
+            put_field(out, "request_id", id);
         }
+        let trace_id = self
+            .traceparent
+            .as_ref()
+            .and_then(|tp| tp.as_bytes().get(3..35));
+        if let Some(id) = trace_id.and_then(|id| std::str::from_utf8(id).ok()) {
+            put_field(out, "trace_id", id);
+        }
+        if let Some(ip) = self.client_ip {
+            put_field(
+                out,
+                "client_ip",
+                crate::text::ip(ip, &mut [0; crate::text::IP_LEN]),
+            );
+        }
+        put_field(out, "method", self.method.as_str());
+        if let Some(host) = &self.host {
+            put_field(out, "host", host);
+        }
+        put_field(out, "path", &self.path);
+        if let Some(route) = &self.route {
+            put_field(out, "route", route);
+        }
+        if let Some(upstream) = &self.upstream {
+            put_field(out, "upstream", upstream);
+        }
+        if let Some(replica) = self.replica {
+            let mut text = [0; crate::text::SOCKET_LEN];
+            put_field(out, "replica", crate::text::socket(replica, &mut text));
+        }
+        put_number(out, "status", self.status as u64);
+        put_number(out, "bytes_in", self.bytes_in as u64);
+        put_number(out, "bytes_out", self.bytes_out as u64);
+        put_millis(out, "duration_ms", self.duration);
+        if let Some(took) = self.upstream_duration {
+            put_millis(out, "upstream_ms", took);
+        }
+        if let Some(user) = &self.user {
+            put_field(out, "user", user);
+        }
+        if let Some(decision) = self.rate_limit {
+            put_field(out, "rate_limit", decision);
+        }
+        if let Some(tls) = &self.tls {
+            put_field(out, "tls", tls);
+        }
+        out.extend_from_slice(b"}\n");
     }
+}
+
+/// `,"key":"value"`; `key` is one of the literals above and needs no escaping.
+fn put_field(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    put_str(out, value);
+}
+
+/// A JSON string: copied as it is when nothing in it needs escaping (ids, addresses, most
+/// paths), else escaped by `serde_json`.
+fn put_str(out: &mut Vec<u8>, value: &str) {
+    let plain = value
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, value).is_err() {
+        // Writing into a Vec cannot fail; keep the line valid regardless.
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// `,"key":N`.
+fn put_number(out: &mut Vec<u8>, key: &str, value: u64) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+/// `,"key":M.mmm`: a duration in milliseconds with microsecond digits.
+fn put_millis(out: &mut Vec<u8>, key: &str, took: Duration) {
+    let micros = took.as_micros().min(u64::MAX as u128) as u64;
+    put_number(out, key, micros / 1000);
+    let fraction = micros % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ]);
 }
 
 fn header_text(v: &Option<HeaderValue>) -> Option<&str> {
     v.as_ref().and_then(|v| v.to_str().ok())
 }
 
-fn millis(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
-}
-
 /// RFC 3339 UTC with milliseconds, written digit by digit (`format!` cost ~3k instructions a
 /// line on the writer thread).
-fn format_time(since_epoch: Duration) -> String {
+fn format_time(since_epoch: Duration) -> [u8; 24] {
     let t = time::OffsetDateTime::UNIX_EPOCH + since_epoch;
     let (date, clock) = (t.date(), t.time());
     let mut out = *b"0000-00-00T00:00:00.000Z";
@@ -161,18 +187,30 @@ fn format_time(since_epoch: Duration) -> String {
     put(14, 2, u32::from(clock.minute()));
     put(17, 2, u32::from(clock.second()));
     put(20, 3, u32::from(clock.millisecond()));
-    // Digits, dashes, colons and letters: always UTF-8.
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+/// How often the writer takes the waiting records.
+const WRITE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Records waiting for the writer, shared with its thread.
+struct Batch {
+    records: Mutex<Vec<AccessRecord>>,
+    /// Set when the log is dropped (a reload without it, or with another one): the writer
+    /// writes what is left and ends.
+    closed: AtomicBool,
 }
 
 /// A running access log.
 pub struct AccessLog {
     /// What it was built from; an unchanged configuration keeps the same writer on reload.
     pub spec: AccessLogConfig,
-    queue: SyncSender<AccessRecord>,
+    batch: Arc<Batch>,
+    capacity: usize,
+    writer: std::thread::Thread,
     /// Log 1 request in `every` (1: all).
     every: u64,
-    counter: std::sync::atomic::AtomicU64,
+    counter: AtomicU64,
     dropped: IntCounter,
 }
 
@@ -193,53 +231,76 @@ impl AccessLog {
         if !(cfg.sample > 0.0 && cfg.sample <= 1.0) {
             return Err("access_log.sample: must be in (0, 1]".into());
         }
-        let (queue, rx) = sync_channel::<AccessRecord>(cfg.queue.max(1));
-        std::thread::Builder::new()
+        let batch = Arc::new(Batch {
+            records: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        });
+        let shared = batch.clone();
+        let writer = std::thread::Builder::new()
             .name("gateway-access-log".into())
-            .spawn(move || {
-                let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-                loop {
-                    match rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok(record) => {
-                            let _ =
-                                serde_json::to_writer(&mut out, &record.line(&mut Scratch::new()));
-                            let _ = out.write_all(b"\n");
-                        }
-                        Err(RecvTimeoutError::Timeout) => {
-                            let _ = out.flush();
-                        }
-                        Err(RecvTimeoutError::Disconnected) => {
-                            let _ = out.flush();
-                            return;
-                        }
-                    }
-                }
-            })
+            .spawn(move || write_batches(&shared, out))
             .map_err(|e| format!("access log thread: {e}"))?;
         Ok(Arc::new(AccessLog {
             spec: cfg.clone(),
-            queue,
+            batch,
+            capacity: cfg.queue.max(1),
+            writer: writer.thread().clone(),
             every: (1.0 / cfg.sample).round().max(1.0) as u64,
-            counter: std::sync::atomic::AtomicU64::new(0),
+            counter: AtomicU64::new(0),
             dropped: crate::metrics::METRICS.access_log_dropped.clone(),
         }))
     }
 
     /// Whether the next request is to be logged (sampling).
     pub fn wants(&self) -> bool {
-        self.every == 1
-            || self
-                .counter
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                % self.every
-                == 0
+        self.every == 1 || self.counter.fetch_add(1, Ordering::Relaxed) % self.every == 0
     }
 
-    /// Queues a record; never blocks.
+    /// Adds a record to the batch; never waits for the writer.
     pub fn log(&self, record: AccessRecord) {
-        match self.queue.try_send(record) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        let mut records = self
+            .batch
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if records.len() < self.capacity {
+            records.push(record);
+        } else {
+            drop(records);
+            self.dropped.inc();
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.batch.closed.store(true, Ordering::Release);
+        self.writer.unpark();
+    }
+}
+
+/// The writer thread: every [`WRITE_INTERVAL`], swaps the batch for an empty one and writes
+/// its lines in one go.
+fn write_batches(batch: &Batch, mut out: Box<dyn Write + Send>) {
+    let mut taken: Vec<AccessRecord> = Vec::new();
+    let mut lines: Vec<u8> = Vec::new();
+    loop {
+        std::thread::park_timeout(WRITE_INTERVAL);
+        let closed = batch.closed.load(Ordering::Acquire);
+        std::mem::swap(
+            &mut *batch.records.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut taken,
+        );
+        lines.clear();
+        for record in taken.drain(..) {
+            record.write_line(&mut lines);
+        }
+        if !lines.is_empty() {
+            let _ = out.write_all(&lines);
+            let _ = out.flush();
+        }
+        if closed {
+            return;
         }
     }
 }
@@ -268,19 +329,120 @@ mod tests {
         let _ = std::fs::remove_file(dir);
     }
 
+    fn record(path: &str) -> AccessRecord {
+        AccessRecord {
+            time: SystemTime::now(),
+            request_id: None,
+            traceparent: None,
+            client_ip: Some(IpAddr::from([127, 0, 0, 1])),
+            method: Method::GET,
+            host: Some("a.test".into()),
+            path: path.into(),
+            route: None,
+            upstream: None,
+            replica: None,
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 2,
+            duration: Duration::from_micros(1500),
+            upstream_duration: None,
+            user: None,
+            rate_limit: None,
+            tls: None,
+        }
+    }
+
+    fn lines_of(path: &std::path::Path, at_least: usize) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= at_least || std::time::Instant::now() > deadline {
+                return text
+                    .lines()
+                    .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn batches_are_written_whole_and_an_overflow_is_counted() {
+        let dir = std::env::temp_dir().join(format!("gw-access-batch-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let cfg = AccessLogConfig {
+            path: dir.to_string_lossy().into_owned(),
+            sample: 1.0,
+            queue: 8,
+        };
+        let log = AccessLog::start(&cfg).unwrap();
+        let dropped_before = crate::metrics::METRICS.access_log_dropped.get();
+        // Far more than the batch holds between two writes: the rest are dropped and counted.
+        for i in 0..2000 {
+            log.log(record(&format!("/burst/{i}")));
+        }
+        let dropped = crate::metrics::METRICS.access_log_dropped.get() - dropped_before;
+        assert!(dropped > 0, "nothing was dropped");
+        // Records already taken are written even when the log goes away at once.
+        drop(log);
+        let lines = lines_of(&dir, (2000 - dropped) as usize);
+        assert_eq!(lines.len() as u64, 2000 - dropped);
+        assert_eq!(lines[0]["path"], "/burst/0");
+        assert_eq!(lines[0]["client_ip"], "127.0.0.1");
+        assert_eq!(lines[0]["duration_ms"], 1.5);
+        let _ = std::fs::remove_file(dir);
+    }
+
+    #[test]
+    fn lines_are_json_whatever_the_text() {
+        let mut r = record("/a\"b\\c\u{1}d/é");
+        r.host = Some("h\nost".into());
+        r.user = Some("user \"quoted\"".into());
+        r.request_id = Some(HeaderValue::from_static("id-1"));
+        r.route = Some("all".into());
+        r.upstream = Some("b".into());
+        r.replica = Some("[::1]:8080".parse().unwrap());
+        r.upstream_duration = Some(Duration::from_micros(12_345_678));
+        r.rate_limit = Some("allowed");
+        r.tls = Some("TLSv1.3".into());
+        let mut out = Vec::new();
+        r.write_line(&mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");
+        assert_eq!(v["path"], "/a\"b\\c\u{1}d/é");
+        assert_eq!(v["host"], "h\nost");
+        assert_eq!(v["user"], "user \"quoted\"");
+        assert_eq!(v["request_id"], "id-1");
+        assert_eq!(v["replica"], "[::1]:8080");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["bytes_out"], 2);
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["upstream_ms"], 12345.678);
+        assert_eq!(v["rate_limit"], "allowed");
+        assert_eq!(v["tls"], "TLSv1.3");
+        assert_eq!(v.as_object().unwrap().len(), 17);
+        r.traceparent = Some(HeaderValue::from_static(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
+        out.clear();
+        r.write_line(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
     #[test]
     fn times_are_rfc3339() {
         assert_eq!(
-            format_time(Duration::from_millis(0)),
-            "1970-01-01T00:00:00.000Z"
+            &format_time(Duration::from_millis(0)),
+            b"1970-01-01T00:00:00.000Z"
         );
         assert_eq!(
-            format_time(Duration::from_millis(1_795_651_200_123)),
-            "2026-11-26T00:00:00.123Z"
+            &format_time(Duration::from_millis(1_795_651_200_123)),
+            b"2026-11-26T00:00:00.123Z"
         );
         assert_eq!(
-            format_time(Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00.000Z"
+            &format_time(Duration::from_secs(951_782_400)),
+            b"2000-02-29T00:00:00.000Z"
         );
     }
 }

@@ -509,21 +509,21 @@ async fn respond_auth_error(
 fn access_record(
     session: &Session,
     ctx: &RequestCtx,
+    user: Option<String>,
     status: u16,
     duration: std::time::Duration,
 ) -> AccessRecord {
     let req = session.req_header();
     let route = ctx.route().filter(|_| ctx.routed);
-    let trace_id = match &ctx.new_traceparent {
+    let traceparent = match &ctx.new_traceparent {
         Some(tp) => Some(tp),
         None => req.headers.get(&TRACEPARENT),
     }
-    .and_then(|tp| tp.as_bytes().get(3..35))
-    .and_then(|id| HeaderValue::from_bytes(id).ok());
+    .cloned();
     AccessRecord {
         time: std::time::SystemTime::now() - duration,
         request_id: ctx.request_id.clone(),
-        trace_id,
+        traceparent,
         client_ip: ctx.client_ip,
         method: req.method.clone(),
         host: request_host(req).map(str::to_string),
@@ -536,7 +536,7 @@ fn access_record(
         bytes_out: session.body_bytes_sent(),
         duration,
         upstream_duration: ctx.upstream_elapsed,
-        user: ctx.user.clone(),
+        user,
         rate_limit: ctx.limit_decision,
         tls: session
             .digest()
@@ -1156,9 +1156,11 @@ impl ProxyHttp for Gateway {
             session.body_bytes_sent(),
         );
         METRICS.in_flight.dec();
+        // The last phase: the subject moves into the log record.
+        let user = ctx.user.take();
         if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
             if log.wants() {
-                log.log(access_record(session, ctx, status, elapsed));
+                log.log(access_record(session, ctx, user, status, elapsed));
             }
         }
         if let (Some(span), Some(export)) = (ctx.span, crate::trace::export()) {
