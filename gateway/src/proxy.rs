@@ -1215,6 +1215,11 @@ mod tests {
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+        assert_eq!(strip_port("a.test:"), "a.test");
+        assert_eq!(strip_port("a.test:8x"), "a.test:8x");
+        assert_eq!(strip_port("fe80::1:80"), "fe80::1:80");
+        assert_eq!(strip_port(""), "");
     }
 
     #[test]
