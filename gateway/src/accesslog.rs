@@ -207,7 +207,7 @@ pub struct AccessLog {
     pub spec: AccessLogConfig,
     batch: Arc<Batch>,
     capacity: usize,
-    writer: std::thread::Thread,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Log 1 request in `every` (1: all).
     every: u64,
     counter: AtomicU64,
@@ -244,7 +244,7 @@ impl AccessLog {
             spec: cfg.clone(),
             batch,
             capacity: cfg.queue.max(1),
-            writer: writer.thread().clone(),
+            writer: Mutex::new(Some(writer)),
             every: (1.0 / cfg.sample).round().max(1.0) as u64,
             counter: AtomicU64::new(0),
             dropped: crate::metrics::METRICS.access_log_dropped.clone(),
@@ -270,12 +270,35 @@ impl AccessLog {
             self.dropped.inc();
         }
     }
+
+    /// At shutdown: has the writer write what is waiting and end, waiting at most `limit`
+    /// (an output that does not drain, such as a stuck pipe, must not hold up the exit).
+    pub fn finish(&self, limit: Duration) {
+        self.close();
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
+            let deadline = std::time::Instant::now() + limit;
+            while !writer.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.batch.closed.store(true, Ordering::Release);
+        if let Some(writer) = &*self.writer.lock().unwrap_or_else(PoisonError::into_inner) {
+            writer.thread().unpark();
+        }
+    }
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        self.batch.closed.store(true, Ordering::Release);
-        self.writer.unpark();
+        self.close();
     }
 }
 

@@ -150,6 +150,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     server.bootstrap();
     server.run(RunArgs::default());
     control.shutdown_timeout(std::time::Duration::from_millis(200));
+    if let Some(log) = &shared.load().access_log {
+        log.finish(std::time::Duration::from_secs(1));
+    }
     crate::trace::stop_export();
     info!("stopped");
     Ok(())

@@ -485,8 +485,11 @@ type Outcome = (Instant, Result<u16, String>);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_cleanly() {
     let backend = Backend::start("127.0.0.1", "b").await;
+    let logdir = tempfile::tempdir().unwrap();
+    let log = logdir.path().join("access.log");
     let mut gw = Gateway::start(&format!(
-        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        "access_log: {{ path: \"{}\" }}\nupstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        log.display(),
         backend.addr
     ))
     .await;
@@ -554,4 +557,16 @@ async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_
         outcomes.iter().any(|(_, r)| r.is_err()),
         "no request saw the listener closed"
     );
+    // Every answered request is in the access log, the last ones included: the writer
+    // writes what is waiting before the process exits.
+    let answered = outcomes
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(200)))
+        .count();
+    let logged = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"path\":\"/work\"") && l.contains("\"status\":200"))
+        .count();
+    assert_eq!(logged, answered, "access-log lines lost at shutdown");
 }
