@@ -57,29 +57,25 @@ impl HeaderEdits for HeaderMap {
     }
 }
 
-impl HeaderEdits for RequestHeader {
-    fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.headers.get(name)
-    }
-    fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
-        self.insert_header(name.clone(), value)
-    }
-    fn unset(&mut self, name: &HeaderName) {
-        self.remove_header(name);
-    }
+/// Pingora's request and response headers: edits go through `insert_header` and
+/// `remove_header`, which keep the case map in step.
+macro_rules! case_keeping_edits {
+    ($header:ty) => {
+        impl HeaderEdits for $header {
+            fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+                self.headers.get(name)
+            }
+            fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+                self.insert_header(name.clone(), value)
+            }
+            fn unset(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+        }
+    };
 }
-
-impl HeaderEdits for ResponseHeader {
-    fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.headers.get(name)
-    }
-    fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
-        self.insert_header(name.clone(), value)
-    }
-    fn unset(&mut self, name: &HeaderName) {
-        self.remove_header(name);
-    }
-}
+case_keeping_edits!(RequestHeader);
+case_keeping_edits!(ResponseHeader);
 
 /// Applies `edit` to the headers of the upstream request; `adds` is how many headers it may
 /// add, so the map grows once.

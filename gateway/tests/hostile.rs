@@ -382,73 +382,9 @@ routes:
     assert!(public.hits() >= 1);
 }
 
-/// An upstream that answers every request head at once (reading any `Content-Length` body
-/// and consuming chunked bodies up to their last chunk) and records each request line.
-async fn recording_upstream() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
-    let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match conn.read(&mut chunk).await {
-                            Ok(n) if n > 0 => {
-                                buf.extend_from_slice(&chunk[..n]);
-                                continue;
-                            }
-                            _ => return,
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    record
-                        .lock()
-                        .unwrap()
-                        .push(head.lines().next().unwrap_or("").to_string());
-                    buf.drain(..end + 4);
-                    let lower = head.to_ascii_lowercase();
-                    if lower.contains("transfer-encoding: chunked") {
-                        // Until the last chunk (a well-formed body ends with 0\r\n\r\n).
-                        while !buf.windows(5).any(|w| w == b"0\r\n\r\n") {
-                            match conn.read(&mut chunk).await {
-                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                                _ => return,
-                            }
-                        }
-                        let at = buf.windows(5).position(|w| w == b"0\r\n\r\n").unwrap();
-                        buf.drain(..at + 5);
-                    } else if let Some(len) = lower
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                    {
-                        while buf.len() < len {
-                            match conn.read(&mut chunk).await {
-                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                                _ => return,
-                            }
-                        }
-                        buf.drain(..len);
-                    }
-                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if conn.write_all(ok).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_protocol_violations_are_refused_and_smuggle_nothing() {
-    let (upstream, seen) = recording_upstream().await;
+    let (upstream, received) = recording_upstream(OK_RESPONSE).await;
     let gw = Gateway::start(&format!(
         "upstreams: {{ u: {{ targets: [\"{upstream}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n"
     ))
@@ -490,7 +426,13 @@ async fn raw_protocol_violations_are_refused_and_smuggle_nothing() {
         );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = seen.lock().unwrap().clone();
+    // The request line of every head that reached the upstream.
+    let seen: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| h.lines().next().unwrap_or("").to_string())
+        .collect();
     assert!(
         !seen.iter().any(|l| l.contains("/smuggled")),
         "a smuggled request reached the upstream: {seen:?}\n{outcomes:#?}"

@@ -605,3 +605,70 @@ pub async fn raw_request(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Stri
 pub fn loopback(n: u8) -> String {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)).to_string()
 }
+
+/// A plain `200 OK` answer for [`recording_upstream`].
+pub const OK_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+/// A raw upstream that answers every request head at once with `answer` (after reading any
+/// `Content-Length` body, or a chunked body up to its last chunk) and records each head whole,
+/// exactly as the gateway sent it.
+pub async fn recording_upstream(
+    answer: &'static [u8],
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk).await {
+                            Ok(n) if n > 0 => {
+                                buf.extend_from_slice(&chunk[..n]);
+                                continue;
+                            }
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    record.lock().unwrap().push(head.clone());
+                    buf.drain(..end + 4);
+                    let lower = head.to_ascii_lowercase();
+                    if lower.contains("transfer-encoding: chunked") {
+                        // Until the last chunk (a well-formed body ends with 0\r\n\r\n).
+                        while !buf.windows(5).any(|w| w == b"0\r\n\r\n") {
+                            match conn.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        let at = buf.windows(5).position(|w| w == b"0\r\n\r\n").unwrap();
+                        buf.drain(..at + 5);
+                    } else if let Some(len) = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                    {
+                        while buf.len() < len {
+                            match conn.read(&mut chunk).await {
+                                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        buf.drain(..len);
+                    }
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
