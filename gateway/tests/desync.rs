@@ -153,7 +153,7 @@ fn wire(id: usize, case: &Case, host: &str) -> Vec<u8> {
 
 /// An upstream that reads one request head per connection, records its `X-Desync-Case`,
 /// answers 200 with `Connection: close` at once and closes, never waiting for a body.
-async fn recording_upstream() -> (SocketAddr, Arc<Mutex<HashSet<usize>>>) {
+async fn case_recording_upstream() -> (SocketAddr, Arc<Mutex<HashSet<usize>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(HashSet::new()));
@@ -244,7 +244,7 @@ fn escape_cell(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desync_corpus_severe_cases_are_refused_and_never_forwarded() {
-    let (upstream, seen) = recording_upstream().await;
+    let (upstream, seen) = case_recording_upstream().await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  app: {{ targets: [\"{upstream}\"] }}\nroutes:\n  - {{ name: all, upstream: app, match: {{ path_prefix: / }} }}\n"
     ))
