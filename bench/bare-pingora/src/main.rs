@@ -1,6 +1,8 @@
 //! A bare Pingora proxy: round robin over the backends given on the command line, nothing else.
 //! Tuned as the gateway is (one thread, no work stealing, mimalloc, pool sized for the load), so
-//! that the gateway's own cost shows as a ratio to it.
+//! that the gateway's own cost shows as a ratio to it. Its upstream timeouts are the gateway's
+//! defaults (connect 2 s, read and write 30 s): every proxy in the run has some (nginx 60 s,
+//! HAProxy 30 s), and Pingora arms a timer for every upstream read that has to wait for one.
 //!
 //! `bare-pingora LISTEN BACKEND [BACKEND...]` (add `--h2c` to accept HTTP/2 with prior knowledge,
 //! `--tls CERT KEY` to terminate TLS with Pingora's rustls listener)
@@ -12,6 +14,7 @@ use pingora::proxy::{ProxyHttp, ProxyServiceBuilder, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::HttpPeer;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: gateway::alloc::Allocator = gateway::alloc::Allocator;
@@ -63,7 +66,10 @@ fn main() {
         .iter()
         .map(|a| {
             let mut p = HttpPeer::new(a.as_str(), false, String::new());
-            p.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+            p.options.idle_timeout = Some(Duration::from_secs(60));
+            p.options.connection_timeout = Some(Duration::from_secs(2));
+            p.options.read_timeout = Some(Duration::from_secs(30));
+            p.options.write_timeout = Some(Duration::from_secs(30));
             p
         })
         .collect();
