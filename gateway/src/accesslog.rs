@@ -55,6 +55,12 @@ pub struct AccessRecord {
     pub tls: Option<String>,
 }
 
+/// `,"key":` as one literal; the keys are the literals in `write_line` (no escaping needed).
+macro_rules! key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":").as_bytes()
+    };
+}
 impl AccessRecord {
     /// Appends the record as one JSON line (with its newline) to `out`. Keys are written as
     /// they are; every string value goes through [`put_str`]; numbers through `itoa`. (A
@@ -68,62 +74,64 @@ impl AccessRecord {
         out.extend_from_slice(&format_time(since_epoch));
         out.push(b'"');
         if let Some(id) = header_text(&self.request_id) {
-            put_field(out, "request_id", id);
+            put_field(out, key!("request_id"), id);
         }
         let trace_id = self
             .traceparent
             .as_ref()
             .and_then(|tp| tp.as_bytes().get(3..35));
         if let Some(id) = trace_id.and_then(|id| std::str::from_utf8(id).ok()) {
-            put_field(out, "trace_id", id);
+            put_field(out, key!("trace_id"), id);
         }
         if let Some(ip) = self.client_ip {
             put_field(
                 out,
-                "client_ip",
+                key!("client_ip"),
                 crate::text::ip(ip, &mut [0; crate::text::IP_LEN]),
             );
         }
-        put_field(out, "method", self.method.as_str());
+        put_field(out, key!("method"), self.method.as_str());
         if let Some(host) = &self.host {
-            put_field(out, "host", host);
+            put_field(out, key!("host"), host);
         }
-        put_field(out, "path", &self.path);
+        put_field(out, key!("path"), &self.path);
         if let Some(route) = &self.route {
-            put_field(out, "route", route);
+            put_field(out, key!("route"), route);
         }
         if let Some(upstream) = &self.upstream {
-            put_field(out, "upstream", upstream);
+            put_field(out, key!("upstream"), upstream);
         }
         if let Some(replica) = self.replica {
             let mut text = [0; crate::text::SOCKET_LEN];
-            put_field(out, "replica", crate::text::socket(replica, &mut text));
+            put_field(
+                out,
+                key!("replica"),
+                crate::text::socket(replica, &mut text),
+            );
         }
-        put_number(out, "status", self.status as u64);
-        put_number(out, "bytes_in", self.bytes_in as u64);
-        put_number(out, "bytes_out", self.bytes_out as u64);
-        put_millis(out, "duration_ms", self.duration);
+        put_number(out, key!("status"), self.status as u64);
+        put_number(out, key!("bytes_in"), self.bytes_in as u64);
+        put_number(out, key!("bytes_out"), self.bytes_out as u64);
+        put_millis(out, key!("duration_ms"), self.duration);
         if let Some(took) = self.upstream_duration {
-            put_millis(out, "upstream_ms", took);
+            put_millis(out, key!("upstream_ms"), took);
         }
         if let Some(user) = &self.user {
-            put_field(out, "user", user);
+            put_field(out, key!("user"), user);
         }
         if let Some(decision) = self.rate_limit {
-            put_field(out, "rate_limit", decision);
+            put_field(out, key!("rate_limit"), decision);
         }
         if let Some(tls) = &self.tls {
-            put_field(out, "tls", tls);
+            put_field(out, key!("tls"), tls);
         }
         out.extend_from_slice(b"}\n");
     }
 }
 
-/// `,"key":"value"`; `key` is one of the literals above and needs no escaping.
-fn put_field(out: &mut Vec<u8>, key: &str, value: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
+/// `,"key":"value"`.
+fn put_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
+    out.extend_from_slice(key);
     put_str(out, value);
 }
 
@@ -171,15 +179,13 @@ fn needs_escaping(bytes: &[u8]) -> bool {
 }
 
 /// `,"key":N`.
-fn put_number(out: &mut Vec<u8>, key: &str, value: u64) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
+fn put_number(out: &mut Vec<u8>, key: &[u8], value: u64) {
+    out.extend_from_slice(key);
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// `,"key":M.mmm`: a duration in milliseconds with microsecond digits.
-fn put_millis(out: &mut Vec<u8>, key: &str, took: Duration) {
+fn put_millis(out: &mut Vec<u8>, key: &[u8], took: Duration) {
     let micros = took.as_micros().min(u64::MAX as u128) as u64;
     put_number(out, key, micros / 1000);
     let fraction = micros % 1000;
