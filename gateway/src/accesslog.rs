@@ -61,6 +61,7 @@ macro_rules! key {
         concat!(",\"", $name, "\":").as_bytes()
     };
 }
+
 impl AccessRecord {
     /// Appends the record as one JSON line (with its newline) to `out`. Keys are written as
     /// they are; every string value goes through [`put_str`]; numbers through `itoa`. (A
@@ -148,9 +149,8 @@ fn put_str(out: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// Whether `bytes` holds a control character, `"`, `\\` or DEL. Eight bytes at a time: this
-/// check ran byte by byte over every field of every line and was about half of the writer's
-/// work.
+/// Whether `bytes` holds a control character, `"`, `\` or DEL. Eight bytes at a time: run
+/// byte by byte over every value of every line, this check was most of the writer's cost.
 fn needs_escaping(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
