@@ -13,7 +13,7 @@ use crate::proxy::Gateway;
 use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -123,24 +123,68 @@ impl Downstream {
     }
 
     /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), with the guard
-    /// re-armed before every request.
-    async fn serve_http1(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
-        let mut session = ServerSession::new_http1(stream);
-        if *shutdown.borrow() {
-            // Stop clients from reusing the connection once shutdown has begun.
-            session.set_keepalive(None);
-        } else {
-            session.set_keepalive(Some(60));
-        }
-        let mut result = self.proxy.process_new_http(session, shutdown).await;
-        while let Some((stream, settings)) = result.map(|r| r.consume()) {
-            let mut session = ServerSession::new_http1(rearm(stream));
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
+    /// re-armed before every request. Each request's session and Pingora's request future
+    /// (together ~19 KB) are made only once its first byte has arrived, so an idle keep-alive
+    /// connection holds neither.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        guard: Box<HeadGuard>,
+        keepalive: Duration,
+        shutdown: &ShutdownWatch,
+    ) {
+        // One shutdown waiter for the connection's life, rather than one per request.
+        let mut watch = shutdown.clone();
+        let mut shutting_down = std::pin::pin!(watch.changed());
+        let mut next = next_request(guard, false, shutdown, shutting_down.as_mut()).await;
+        let mut settings = None;
+        while let Some(stream) = next {
+            let mut session = ServerSession::new_http1(stream);
+            match settings {
+                Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
+                None => session.set_keepalive(Some(keepalive.as_secs().max(1))),
             }
-            result = self.proxy.process_new_http(session, shutdown).await;
+            if *shutdown.borrow() {
+                // Stop clients from reusing the connection once shutdown has begun.
+                session.set_keepalive(None);
+            }
+            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else {
+                return;
+            };
+            let stream;
+            (stream, settings) = reused.consume();
+            // Every client stream is wrapped in a guard (`process_new`); anything else is
+            // closed rather than served unguarded.
+            let Ok(guard) = stream.into_any().downcast::<HeadGuard>() else {
+                return;
+            };
+            next = next_request(guard, true, shutdown, shutting_down.as_mut()).await;
         }
     }
+}
+
+/// Waits for the first byte of the connection's next request (kept in the guard for Pingora to
+/// read) and gives the stream back; `None` when the client closed or went quiet, or shutdown
+/// began. Between requests (`between`) the wait is bounded by the keep-alive timeout; the first
+/// request's by the head deadline.
+async fn next_request(
+    mut guard: Box<HeadGuard>,
+    between: bool,
+    shutdown: &ShutdownWatch,
+    shutting_down: Pin<&mut impl Future>,
+) -> Option<Stream> {
+    if *shutdown.borrow() {
+        return None;
+    }
+    if between {
+        guard.phase = Phase::Idle(None);
+    }
+    let arrived = tokio::select! {
+        // The next request is usually there already: then the shutdown waiter is not polled.
+        biased;
+        read = guard.first_byte() => matches!(read, Ok(true)),
+        _ = shutting_down => false,
+    };
+    arrived.then_some(guard as Stream)
 }
 
 /// The TLS handshake of a connection on a TLS listener, within `limit` (a client that opens a
@@ -212,26 +256,6 @@ pub(crate) fn tls_version(rustls_name: &str) -> &str {
     }
 }
 
-/// Re-arms the guard of a connection that is about to read its next request.
-fn rearm(stream: Stream) -> Stream {
-    if !stream.as_any().is::<HeadGuard>() {
-        return stream;
-    }
-    match stream.into_any().downcast::<HeadGuard>() {
-        Ok(mut guard) => {
-            guard.phase = Phase::Idle;
-            guard
-        }
-        // Unreachable: the type was checked above.
-        Err(_) => unreachable_stream(),
-    }
-}
-
-#[cold]
-fn unreachable_stream() -> Stream {
-    unreachable!("HeadGuard downcast failed after a successful type check")
-}
-
 #[async_trait]
 impl ServerApp for Downstream {
     async fn process_new(
@@ -240,10 +264,13 @@ impl ServerApp for Downstream {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let listener = self.listener(&stream);
-        let header_timeout = self.runtime.load().limits.header_timeout.0;
+        let limits = self.runtime.load().limits;
+        let (header_timeout, keepalive) = (limits.header_timeout.0, limits.keepalive_timeout.0);
         let tls_listener = listener.and_then(|l| l.tls.as_ref());
         if let Some(tls) = tls_listener {
-            stream = match tls_handshake(&tls.acceptor, stream, header_timeout).await {
+            // Boxed: the handshake's state is several KB, and inline it would size this
+            // connection's future (held while the connection lives) to fit it.
+            stream = match Box::pin(tls_handshake(&tls.acceptor, stream, header_timeout)).await {
                 Ok(stream) => stream,
                 Err(reason) => {
                     tls.failures[reason].inc();
@@ -295,16 +322,18 @@ impl ServerApp for Downstream {
             Protocol::Http1 => Phase::Head(HeadState::new(Instant::now() + header_timeout)),
             Protocol::H2 | Protocol::H2c => Phase::Passing,
         };
-        let guarded: Stream = Box::new(HeadGuard {
+        let guarded = Box::new(HeadGuard {
             inner: stream,
             phase,
             header_timeout,
+            keepalive,
             sleep: None,
+            first: None,
             open,
             timeouts,
         });
         match protocol {
-            Protocol::Http1 => self.serve_http1(guarded, shutdown).await,
+            Protocol::Http1 => self.serve_http1(guarded, keepalive, shutdown).await,
             // Pingora's own loop: the h2 handshake and one task per stream.
             Protocol::H2 | Protocol::H2c => {
                 self.proxy.process_new(guarded, shutdown).await;
@@ -330,8 +359,9 @@ enum Protocol {
 enum Phase {
     /// Reading a request head that must be complete by the deadline.
     Head(HeadState),
-    /// Between requests: the deadline starts with the next request's first byte.
-    Idle,
+    /// Between requests, waiting for the next one's first byte until the keep-alive deadline
+    /// (set when the wait first has to block); the head deadline starts with that byte.
+    Idle(Option<Instant>),
     /// Head complete (body, response, upgraded or HTTP/2 traffic): bytes pass untouched.
     Passing,
 }
@@ -388,8 +418,13 @@ pub struct HeadGuard {
     inner: Stream,
     phase: Phase,
     header_timeout: Duration,
+    /// Longest wait for the next request on a keep-alive connection.
+    keepalive: Duration,
     /// The deadline's timer, made the first time a read has to wait, then reused.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The first byte of the next request, read (and scanned) while waiting for it; the next
+    /// read returns it first.
+    first: Option<u8>,
     open: Option<IntGauge>,
     timeouts: Option<IntCounter>,
 }
@@ -411,6 +446,41 @@ impl std::fmt::Debug for HeadGuard {
     }
 }
 
+impl HeadGuard {
+    /// Reads the first byte of a request and keeps it for the next read: true when one came,
+    /// false at end of stream. A head deadline in force applies (408 when it passes).
+    async fn first_byte(&mut self) -> io::Result<bool> {
+        let mut byte = [0u8; 1];
+        let read = std::future::poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut byte);
+            match Pin::new(&mut *self).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if read == 0 {
+            return Ok(false);
+        }
+        self.first = Some(byte[0]);
+        Ok(true)
+    }
+
+    /// Bookkeeping for bytes just read: the head deadline starts with a request's first byte,
+    /// and ends with the head.
+    fn saw(&mut self, new: &[u8]) {
+        if matches!(self.phase, Phase::Idle(_)) {
+            self.phase = Phase::Head(HeadState::new(Instant::now() + self.header_timeout));
+        }
+        if let Phase::Head(head) = &mut self.phase {
+            if head.scan(new) {
+                self.phase = Phase::Passing;
+            }
+        }
+    }
+}
+
 impl AsyncRead for HeadGuard {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -418,29 +488,33 @@ impl AsyncRead for HeadGuard {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        // A byte read while waiting for the request comes first; it has been scanned already.
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let new = &buf.filled()[before..];
-                if new.is_empty() {
-                    return Poll::Ready(Ok(()));
-                }
-                if matches!(this.phase, Phase::Idle) {
-                    this.phase = Phase::Head(HeadState::new(Instant::now() + this.header_timeout));
-                }
-                if let Phase::Head(head) = &mut this.phase {
-                    if head.scan(new) {
-                        this.phase = Phase::Passing;
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        if let Some(byte) = this.first.take() {
+            buf.put_slice(&[byte]);
+        }
+        let seen = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > seen {
+            this.saw(&buf.filled()[seen..]);
+        }
+        if buf.filled().len() > before {
+            // Bytes to hand over; an error or a wait after the kept byte comes with the next read.
+            return Poll::Ready(Ok(()));
+        }
+        match polled {
+            // End of stream, or an error.
+            Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
-                let Phase::Head(head) = &this.phase else {
-                    return Poll::Pending;
+                let keepalive = this.keepalive;
+                let deadline = match &mut this.phase {
+                    Phase::Head(head) => head.deadline,
+                    Phase::Idle(until) => *until.get_or_insert_with(|| Instant::now() + keepalive),
+                    Phase::Passing => return Poll::Pending,
                 };
-                let deadline = head.deadline;
                 let sleep = match &mut this.sleep {
                     Some(s) => {
                         if s.deadline() != deadline {
@@ -454,6 +528,11 @@ impl AsyncRead for HeadGuard {
                 };
                 if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
+                }
+                if matches!(this.phase, Phase::Idle(_)) {
+                    // Idle past the keep-alive timeout: the end of the connection, quietly.
+                    this.phase = Phase::Passing;
+                    return Poll::Ready(Ok(()));
                 }
                 // Too slow: say so if the socket takes it at once, then fail the read.
                 if let Some(t) = &this.timeouts {

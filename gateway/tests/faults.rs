@@ -483,6 +483,42 @@ async fn a_deleted_or_unreadable_config_file_keeps_the_gateway_serving() {
 type Outcome = (Instant, Result<u16, String>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let mut gw = Gateway::start(&format!(
+        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        backend.addr
+    ))
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    idle.write_all(b"GET /once HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains("\"/once\"") {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the answer");
+        text.extend_from_slice(&buf[..n]);
+    }
+    let term = Instant::now();
+    gw.signal(libc::SIGTERM);
+    // The idle connection is closed when shutdown begins, not when the grace period (1 s in
+    // these tests) ends.
+    let n = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf))
+        .await
+        .expect("idle connection still open 2 s after SIGTERM")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "got {:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        term.elapsed() < Duration::from_millis(800),
+        "closed {:?} after SIGTERM",
+        term.elapsed()
+    );
+    assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_cleanly() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let logdir = tempfile::tempdir().unwrap();

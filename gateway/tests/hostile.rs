@@ -176,6 +176,52 @@ routes: [ {{ name: all, upstream: b }} ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_at_the_keepalive_timeout() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "limits: {{ keepalive_timeout: 1s, header_timeout: 1s }}\nupstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        backend.addr
+    ))
+    .await;
+    let mut ka = TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = [0u8; 4096];
+    // Requests within the timeout reuse the connection, the head arriving in one piece or
+    // byte by byte (its first byte is read while the connection waits for it).
+    for (i, pause) in [0u64, 400, 700].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let head = format!("GET /r{i} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        if i == 2 {
+            for byte in head.as_bytes() {
+                ka.write_all(&[*byte]).await.unwrap();
+            }
+        } else {
+            ka.write_all(head.as_bytes()).await.unwrap();
+        }
+        // The backend echoes the path in its JSON body.
+        let mut text = String::new();
+        while !text.contains(&format!("\"/r{i}\"")) {
+            let n = tokio::time::timeout(Duration::from_secs(2), ka.read(&mut buf))
+                .await
+                .expect("response in time")
+                .unwrap();
+            assert!(n > 0, "request {i}: closed after {text:?}");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text:?}");
+    }
+    // Then idle past the timeout: closed without a word (no 408: no request had begun).
+    let started = Instant::now();
+    let (text, closed) = read_until_close(&mut ka, Duration::from_secs(4)).await;
+    assert!(closed && text.is_empty(), "got {text:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_get_413_before_reaching_the_upstream() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let gw = Gateway::start(&format!(

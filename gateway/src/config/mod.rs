@@ -296,13 +296,20 @@ pub struct LimitsConfig {
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
     /// Time a client has, from connecting, to send its first complete request head (HTTP/1);
-    /// slower connections are answered 408 and closed (slowloris). Later requests on a
-    /// keep-alive connection are bounded per read by Pingora (60s). Default 10s.
+    /// later heads on a keep-alive connection get the same from their first byte. Slower
+    /// connections are answered 408 and closed (slowloris). Default 10s.
     #[serde(
         default = "default_header_timeout",
-        deserialize_with = "limits::header_timeout"
+        deserialize_with = "limits::positive"
     )]
     pub header_timeout: Dur,
+    /// How long an HTTP/1 keep-alive connection may sit idle between requests before it is
+    /// closed (nginx's `keepalive_timeout`). Default 60s.
+    #[serde(
+        default = "default_keepalive_timeout",
+        deserialize_with = "limits::positive"
+    )]
+    pub keepalive_timeout: Dur,
 }
 
 impl Default for LimitsConfig {
@@ -312,6 +319,7 @@ impl Default for LimitsConfig {
             max_request_header_bytes: default_max_header_bytes(),
             max_request_body: None,
             header_timeout: default_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
         }
     }
 }
@@ -341,7 +349,7 @@ mod limits {
         Ok(size)
     }
 
-    pub fn header_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+    pub fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
         let t = Dur::deserialize(d)?;
         if t.0.is_zero() {
             return Err(D::Error::custom("must be more than 0s"));
@@ -358,6 +366,9 @@ fn default_max_header_bytes() -> ByteSize {
 }
 fn default_header_timeout() -> Dur {
     Dur::secs(10)
+}
+fn default_keepalive_timeout() -> Dur {
+    Dur::secs(60)
 }
 
 /// Graceful shutdown on SIGTERM.
@@ -1201,6 +1212,23 @@ mod tests {
         assert_eq!(c.shutdown.grace_period, Dur::secs(5));
         assert!(c.reload.watch);
         assert!(!c.h2c && !c.work_stealing && c.threads.is_none());
+        assert_eq!(
+            (c.limits.header_timeout, c.limits.keepalive_timeout),
+            (Dur::secs(10), Dur::secs(60))
+        );
+    }
+
+    #[test]
+    fn connection_timeouts_must_be_positive() {
+        for field in ["header_timeout", "keepalive_timeout"] {
+            let text = format!(
+                "upstreams:\n  u: {{ targets: [\"127.0.0.1:80\"] }}\nroutes:\n  - {{ name: u, upstream: u }}\nlimits:\n  {field}: 0s\n"
+            );
+            let e = parse(Path::new("t.yaml"), &text, &vars(&[])).unwrap_err();
+            assert_eq!(e.field, format!("limits.{field}"), "{e}");
+            assert_eq!(e.line, 6, "{e}");
+            assert!(e.message.contains("more than 0s"), "{e}");
+        }
     }
 
     #[test]
