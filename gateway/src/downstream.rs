@@ -1,11 +1,12 @@
 //! Client connections, between the listener and Pingora's HTTP layer: the TLS handshake
 //! (bounded by `limits.header_timeout`, counted by version and by reason of failure), a deadline
-//! for every HTTP/1 request head (slowloris), and the open-connection gauges by listener and
-//! protocol.
+//! for every HTTP/1 request head (slowloris), the idle wait between keep-alive requests
+//! (`limits.keepalive_timeout`), and the open-connection gauges by listener and protocol.
 //!
 //! [`Downstream`] is the listening service's application. It wraps each accepted stream in a
 //! [`HeadGuard`] and runs Pingora's HTTP/1 keep-alive loop itself, so that the guard is re-armed
-//! before every request; HTTP/2 connections go to Pingora's own loop (their heads are frames,
+//! before every request, and so that Pingora's per-request state is made only when a request's
+//! first byte has arrived; HTTP/2 connections go to Pingora's own loop (their heads are frames,
 //! bounded by the h2 settings).
 
 use crate::metrics::METRICS;

@@ -1220,19 +1220,23 @@ mod tests {
 
     #[test]
     fn ports_are_stripped() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:80"), "::1");
-        assert_eq!(strip_port("::1"), "::1");
-        assert_eq!(strip_port("[::1]"), "::1");
-        assert_eq!(strip_port("a.test:"), "a.test");
-        assert_eq!(strip_port("a.test:8x"), "a.test:8x");
-        assert_eq!(strip_port("fe80::1:80"), "fe80::1:80");
-        assert_eq!(strip_port(""), "");
-        assert_eq!(strip_port("["), "");
-        assert_eq!(strip_port("[::1"), "::1");
-        assert_eq!(strip_port("a:1:2"), "a:1:2");
-        assert_eq!(strip_port(":80"), "");
+        for (host, bare) in [
+            ("example.com:8080", "example.com"),
+            ("example.com", "example.com"),
+            ("[::1]:80", "::1"),
+            ("::1", "::1"),
+            ("[::1]", "::1"),
+            ("a.test:", "a.test"),
+            ("a.test:8x", "a.test:8x"),
+            ("fe80::1:80", "fe80::1:80"),
+            ("", ""),
+            ("[", ""),
+            ("[::1", "::1"),
+            ("a:1:2", "a:1:2"),
+            (":80", ""),
+        ] {
+            assert_eq!(strip_port(host), bare, "{host:?}");
+        }
     }
 
     #[test]
