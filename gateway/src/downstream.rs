@@ -639,6 +639,8 @@ impl GetSocketDigest for HeadGuard {
     }
 }
 
+/// Peeking is for protocol detection when a connection starts (Pingora's h2c check), before
+/// any request byte has been read and kept in the guard.
 #[async_trait]
 impl Peek for HeadGuard {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {

@@ -184,29 +184,21 @@ async fn idle_keep_alive_connections_are_closed_at_the_keepalive_timeout() {
     ))
     .await;
     let mut ka = TcpStream::connect(gw.http).await.unwrap();
-    let mut buf = [0u8; 4096];
     // Requests within the timeout reuse the connection, the head arriving in one piece or
     // byte by byte (its first byte is read while the connection waits for it).
-    for (i, pause) in [0u64, 400, 700].into_iter().enumerate() {
+    let requests = [(0, false), (400, false), (700, true)];
+    for (i, (pause, byte_by_byte)) in requests.into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let head = format!("GET /r{i} HTTP/1.1\r\nHost: a.test\r\n\r\n");
-        if i == 2 {
+        if byte_by_byte {
             for byte in head.as_bytes() {
                 ka.write_all(&[*byte]).await.unwrap();
             }
         } else {
             ka.write_all(head.as_bytes()).await.unwrap();
         }
-        // The backend echoes the path in its JSON body.
-        let mut text = String::new();
-        while !text.contains(&format!("\"/r{i}\"")) {
-            let n = tokio::time::timeout(Duration::from_secs(2), ka.read(&mut buf))
-                .await
-                .expect("response in time")
-                .unwrap();
-            assert!(n > 0, "request {i}: closed after {text:?}");
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        let text =
+            read_until_contains(&mut ka, &format!("\"/r{i}\""), Duration::from_secs(2)).await;
         assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text:?}");
     }
     // Then idle past the timeout: closed without a word (no 408: no request had begun).

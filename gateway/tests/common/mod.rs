@@ -601,6 +601,29 @@ pub async fn raw_request(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Stri
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads from an open connection until what came contains `needle` (the test backend echoes
+/// the path in its JSON body) and returns it all; panics when the connection closes first or
+/// `limit` passes.
+pub async fn read_until_contains(
+    s: &mut tokio::net::TcpStream,
+    needle: &str,
+    limit: Duration,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    while !text.contains(needle) {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in time, got {text:?}"))
+            .unwrap_or(0);
+        assert!(n > 0, "closed before {needle:?}, after {text:?}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text
+}
+
 /// An IP on loopback other than 127.0.0.1, so that replicas have distinct addresses.
 pub fn loopback(n: u8) -> String {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)).to_string()
