@@ -74,24 +74,22 @@ impl AccessRecord {
         out.extend_from_slice(b"{\"time\":\"");
         out.extend_from_slice(&format_time(since_epoch));
         out.push(b'"');
-        if let Some(id) = header_text(&self.request_id) {
-            put_field(out, key!("request_id"), id);
+        if let Some(id) = &self.request_id {
+            put_ascii_field(out, key!("request_id"), id.as_bytes());
         }
         let trace_id = self
             .traceparent
             .as_ref()
             .and_then(|tp| tp.as_bytes().get(3..35));
-        if let Some(id) = trace_id.and_then(|id| std::str::from_utf8(id).ok()) {
-            put_field(out, key!("trace_id"), id);
+        if let Some(id) = trace_id {
+            put_ascii_field(out, key!("trace_id"), id);
         }
         if let Some(ip) = self.client_ip {
-            put_field(
-                out,
-                key!("client_ip"),
-                crate::text::ip(ip, &mut [0; crate::text::IP_LEN]),
-            );
+            let mut text = [0; crate::text::IP_LEN];
+            put_own_field(out, key!("client_ip"), crate::text::ip(ip, &mut text));
         }
-        put_field(out, key!("method"), self.method.as_str());
+        // A method is a token (RFC 9110 §9.1): nothing to escape.
+        put_own_field(out, key!("method"), self.method.as_str().as_bytes());
         if let Some(host) = &self.host {
             put_field(out, key!("host"), host);
         }
@@ -104,7 +102,7 @@ impl AccessRecord {
         }
         if let Some(replica) = self.replica {
             let mut text = [0; crate::text::SOCKET_LEN];
-            put_field(
+            put_own_field(
                 out,
                 key!("replica"),
                 crate::text::socket(replica, &mut text),
@@ -121,7 +119,7 @@ impl AccessRecord {
             put_field(out, key!("user"), user);
         }
         if let Some(decision) = self.rate_limit {
-            put_field(out, key!("rate_limit"), decision);
+            put_own_field(out, key!("rate_limit"), decision.as_bytes());
         }
         if let Some(tls) = &self.tls {
             put_field(out, key!("tls"), tls);
@@ -136,15 +134,43 @@ fn put_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
     put_str(out, value);
 }
 
-/// A JSON string: copied as it is when nothing in it needs escaping (ids, addresses, most
-/// paths), else escaped by `serde_json`.
+/// `,"key":"value"` for text the gateway made itself (addresses, a method, its own words):
+/// nothing in it needs escaping, so it is not checked.
+fn put_own_field(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    out.extend_from_slice(key);
+    out.push(b'"');
+    out.extend_from_slice(value);
+    out.push(b'"');
+}
+
+/// `,"key":"value"` for a header's bytes; left out, as `HeaderValue::to_str` would refuse it,
+/// when they are not ASCII (checked a word at a time, where `to_str` goes byte by byte).
+fn put_ascii_field(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    if value.is_ascii() {
+        out.extend_from_slice(key);
+        put_text(out, value);
+    }
+}
+
+/// A JSON string.
 fn put_str(out: &mut Vec<u8>, value: &str) {
-    if !needs_escaping(value.as_bytes()) {
+    put_text(out, value.as_bytes());
+}
+
+/// A JSON string of UTF-8 `bytes`: copied as they are when nothing in them needs escaping
+/// (ids, addresses, most paths), else escaped by `serde_json`.
+fn put_text(out: &mut Vec<u8>, bytes: &[u8]) {
+    if !needs_escaping(bytes) {
         out.push(b'"');
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(bytes);
         out.push(b'"');
-    } else if serde_json::to_writer(&mut *out, value).is_err() {
-        // Writing into a Vec cannot fail; keep the line valid regardless.
+        return;
+    }
+    let escaped = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| serde_json::to_writer(&mut *out, text).ok());
+    if escaped.is_none() {
+        // Not reached (the bytes are UTF-8 and a Vec takes any write); the line stays valid.
         out.extend_from_slice(b"\"\"");
     }
 }
@@ -195,10 +221,6 @@ fn put_millis(out: &mut Vec<u8>, key: &[u8], took: Duration) {
         b'0' + (fraction / 10 % 10) as u8,
         b'0' + (fraction % 10) as u8,
     ]);
-}
-
-fn header_text(v: &Option<HeaderValue>) -> Option<&str> {
-    v.as_ref().and_then(|v| v.to_str().ok())
 }
 
 /// RFC 3339 UTC with milliseconds, written digit by digit (`format!` cost ~3k instructions a
@@ -514,6 +536,16 @@ mod tests {
         r.write_line(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        // Header bytes that are not ASCII are left out; a tab or quote is escaped.
+        r.request_id = Some(HeaderValue::from_bytes(b"id-\xff").unwrap());
+        r.traceparent = Some(HeaderValue::from_static(
+            "00-4bf92f3577b34da6\"3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
+        out.clear();
+        r.write_line(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");
+        assert!(v.get("request_id").is_none());
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6\"3ce929d0e0e4736");
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub fn edit_response(
 
 /// An IP address as a header value (formatted on the stack; one allocation for the value).
 pub fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
-    HeaderValue::from_str(crate::text::ip(ip, &mut [0; crate::text::IP_LEN])).ok()
+    HeaderValue::from_bytes(crate::text::ip(ip, &mut [0; crate::text::IP_LEN])).ok()
 }
 
 /// Who sent a request, for the forwarding headers.

@@ -9,8 +9,9 @@ pub const IP_LEN: usize = 45;
 /// Room for any socket address (`[v6]:65535`).
 pub const SOCKET_LEN: usize = IP_LEN + 8;
 
-/// Writes `ip` into `buf` and returns the text. IPv4 digit by digit; IPv6 through `Display`.
-pub fn ip(ip: IpAddr, buf: &mut [u8; IP_LEN]) -> &str {
+/// Writes `ip` into `buf` and returns the text: digits, dots, colons and hex letters, as bytes
+/// (no UTF-8 check needed by any caller). IPv4 digit by digit; IPv6 through `Display`.
+pub fn ip(ip: IpAddr, buf: &mut [u8; IP_LEN]) -> &[u8] {
     let n = match ip {
         IpAddr::V4(v4) => write_v4(v4.octets(), buf),
         IpAddr::V6(v6) => {
@@ -21,12 +22,11 @@ pub fn ip(ip: IpAddr, buf: &mut [u8; IP_LEN]) -> &str {
             }
         }
     };
-    // Digits, dots, colons and hex letters only.
-    std::str::from_utf8(&buf[..n]).unwrap_or_default()
+    &buf[..n]
 }
 
-/// Writes `addr` (`ip:port`, `[ip6]:port`) into `buf` and returns the text.
-pub fn socket(addr: SocketAddr, buf: &mut [u8; SOCKET_LEN]) -> &str {
+/// Writes `addr` (`ip:port`, `[ip6]:port`) into `buf` and returns the text, as [`ip`] does.
+pub fn socket(addr: SocketAddr, buf: &mut [u8; SOCKET_LEN]) -> &[u8] {
     let n = match addr {
         SocketAddr::V4(v4) => {
             let mut n = write_v4(v4.ip().octets(), buf);
@@ -42,7 +42,7 @@ pub fn socket(addr: SocketAddr, buf: &mut [u8; SOCKET_LEN]) -> &str {
             }
         }
     };
-    std::str::from_utf8(&buf[..n]).unwrap_or_default()
+    &buf[..n]
 }
 
 fn write_v4(octets: [u8; 4], buf: &mut [u8]) -> usize {
@@ -100,10 +100,10 @@ mod tests {
             "::ffff:255.255.255.255",
         ] {
             let addr: IpAddr = text.parse().unwrap();
-            assert_eq!(ip(addr, &mut [0; IP_LEN]), addr.to_string());
+            assert_eq!(ip(addr, &mut [0; IP_LEN]), addr.to_string().as_bytes());
             for port in [0, 1, 80, 8080, 65535] {
                 let sa = SocketAddr::new(addr, port);
-                assert_eq!(socket(sa, &mut [0; SOCKET_LEN]), sa.to_string());
+                assert_eq!(socket(sa, &mut [0; SOCKET_LEN]), sa.to_string().as_bytes());
             }
         }
     }
