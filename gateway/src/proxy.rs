@@ -301,23 +301,22 @@ fn client_ip(rt: &Runtime, req: &RequestHeader, peer: Option<IpAddr>) -> (Option
 /// allows that); the gateway refuses such requests instead, so it looks at the raw header,
 /// which is only needed when `Transfer-Encoding` is present.
 fn ambiguous_framing(headers: &http::HeaderMap, raw_head: impl FnOnce() -> Option<Bytes>) -> bool {
-    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    if let Some(length) = lengths.next() {
+    let ((length, lengths), (coding, codings)) = framing_fields(headers);
+    if let Some(length) = length {
         let digits = length.as_bytes();
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || lengths.next().is_some() {
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || lengths > 1 {
             return true;
         }
     }
-    let mut codings = headers.get_all(http::header::TRANSFER_ENCODING).iter();
-    let Some(coding) = codings.next() else {
+    let Some(coding) = coding else {
         return false;
     };
-    if codings.next().is_some()
+    if codings > 1
         || !coding
             .as_bytes()
             .trim_ascii()
             .eq_ignore_ascii_case(b"chunked")
-        || headers.contains_key(http::header::CONTENT_LENGTH)
+        || length.is_some()
     {
         return true;
     }
@@ -325,6 +324,40 @@ fn ambiguous_framing(headers: &http::HeaderMap, raw_head: impl FnOnce() -> Optio
         raw.split(|b| *b == b'\n')
             .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
     })
+}
+
+/// The first `Content-Length` and `Transfer-Encoding` values and how many of each there are
+/// (counted up to 2). A head of a few fields, the usual request, is read in one pass: cheaper
+/// than two hashed lookups (~130 instructions each).
+type FramingField<'a> = (Option<&'a http::HeaderValue>, usize);
+fn framing_fields(headers: &http::HeaderMap) -> (FramingField<'_>, FramingField<'_>) {
+    let (mut length, mut coding): (FramingField, FramingField) = ((None, 0), (None, 0));
+    if headers.len() <= 12 {
+        for (name, value) in headers {
+            let field = if name == http::header::CONTENT_LENGTH {
+                &mut length
+            } else if name == http::header::TRANSFER_ENCODING {
+                &mut coding
+            } else {
+                continue;
+            };
+            field.0 = field.0.or(Some(value));
+            field.1 += 1;
+        }
+        return (length, coding);
+    }
+    let first_two = |name| {
+        let mut values = headers.get_all(name).iter();
+        let first = values.next();
+        (
+            first,
+            usize::from(first.is_some()) + usize::from(values.next().is_some()),
+        )
+    };
+    (
+        first_two(http::header::CONTENT_LENGTH),
+        first_two(http::header::TRANSFER_ENCODING),
+    )
 }
 
 /// Why [`inspect_head`] refuses a request head.
@@ -1204,6 +1237,59 @@ impl ProxyHttp for Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_is_judged_alike_for_short_and_long_heads() {
+        // (fields, ambiguous without looking at the raw head)
+        let cases: [(&[(&str, &str)], bool); 9] = [
+            (&[], false),
+            (&[("content-length", "42")], false),
+            (&[("transfer-encoding", "chunked")], false),
+            (&[("content-length", "42"), ("content-length", "42")], true),
+            (&[("content-length", "42, 42")], true),
+            (&[("content-length", "")], true),
+            (&[("transfer-encoding", "gzip, chunked")], true),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                true,
+            ),
+            (
+                &[("transfer-encoding", "chunked"), ("content-length", "1")],
+                true,
+            ),
+        ];
+        for (fields, ambiguous) in cases {
+            // Padded past the one-pass limit, the lookups answer instead.
+            for padding in [0, 20] {
+                let mut headers = http::HeaderMap::new();
+                for i in 0..padding {
+                    headers.append(
+                        http::HeaderName::from_bytes(format!("x-pad-{i}").as_bytes()).unwrap(),
+                        http::HeaderValue::from_static("1"),
+                    );
+                }
+                for (name, value) in fields {
+                    headers.append(*name, http::HeaderValue::from_str(value).unwrap());
+                }
+                assert_eq!(
+                    ambiguous_framing(&headers, || None),
+                    ambiguous,
+                    "{fields:?} with {padding} more fields"
+                );
+            }
+        }
+        // A lone `chunked` is ambiguous only when the raw head also had a `Content-Length`.
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "transfer-encoding",
+            http::HeaderValue::from_static("chunked"),
+        );
+        let raw = Bytes::from_static(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n");
+        assert!(ambiguous_framing(&headers, || Some(raw)));
+    }
 
     #[test]
     fn request_ids() {
