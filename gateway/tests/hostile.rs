@@ -214,6 +214,35 @@ async fn idle_keep_alive_connections_are_closed_at_the_keepalive_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_get_the_first_answer_then_a_close() {
+    // HTTP/1.1 pipelining is not served (Pingora's default): the first request is answered and
+    // the connection closed at once, never left waiting, and nothing after the first request
+    // reaches an upstream; the client sends the rest again (RFC 9112 §9.3.2).
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        backend.addr
+    ))
+    .await;
+    let pipelined: [&[u8]; 2] = [
+        b"GET /p0 HTTP/1.1\r\nHost: a.test\r\n\r\nGET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"POST /p0 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhiGET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    ];
+    for (i, bytes) in pipelined.into_iter().enumerate() {
+        let mut s = TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let (text, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+        assert!(closed, "case {i}: left open after {text:?}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "case {i}: {text:?}");
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.contains("\"/p0\""),
+            "case {i}: {text:?}"
+        );
+        assert_eq!(backend.hits(), i + 1, "case {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_get_413_before_reaching_the_upstream() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let gw = Gateway::start(&format!(
