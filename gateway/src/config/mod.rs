@@ -1082,10 +1082,124 @@ pub fn parse(
     text: &str,
     vars: &std::collections::HashMap<String, String>,
 ) -> Result<Config, ConfigError> {
+    let config = deserialize(path, text, Some(vars)).map_err(|mut error| {
+        if let Some(message) = unredacted_message(path, text, vars, &error) {
+            error.message = message;
+        }
+        error
+    })?;
+    validate::validate(path, &config)?;
+    Ok(config)
+}
+
+/// Once a file uses `${VAR}` anywhere, the YAML library words every later error without its
+/// own text (`invalid interpolated scalar value`, `unknown variant `an interpolated
+/// variant``), so that no substituted value, a secret maybe, can show in it. The error's own
+/// words come back from a second parse of the text with the values written in (as the library
+/// itself resolves them), when that parse fails at the same place, the line of that place has
+/// no `${` of its own, and no substituted value shows in the words.
+fn unredacted_message(
+    path: &Path,
+    text: &str,
+    vars: &std::collections::HashMap<String, String>,
+    error: &ConfigError,
+) -> Option<String> {
+    if !error.message.contains("interpolated") {
+        return None;
+    }
+    let error_line = text
+        .lines()
+        .nth(usize::try_from(error.line).ok()?.checked_sub(1)?)?;
+    let at = error_line.get(usize::try_from(error.column).ok()?.checked_sub(1)?..)?;
+    if scalar_text(at).contains("${") {
+        return None;
+    }
+    let references = braced_references(text);
+    // Each reference resolved by the library: a list of the references as literal strings.
+    let list: String = references
+        .iter()
+        .map(|r| format!("- '{}'\n", r.replace('\'', "''")))
+        .collect();
+    let mut options = serde_saphyr::Options::default();
+    options.property_syntax = serde_saphyr::PropertySyntax::DockerCompose;
+    let values: Vec<String> =
+        serde_saphyr::from_str_with_options(&list, options.with_properties(vars.clone())).ok()?;
+    let mut written = text.to_string();
+    for (reference, value) in references.iter().zip(&values) {
+        written = written.replacen(reference.as_str(), value, 1);
+    }
+    let literal = deserialize(path, &written, None).err()?;
+    let leaks = values
+        .iter()
+        .any(|v| v.len() >= 3 && literal.message.contains(v.as_str()));
+    // Values written in earlier on the line move the column: the line and field must agree.
+    ((literal.line, &literal.field) == (error.line, &error.field) && !leaks)
+        .then_some(literal.message)
+}
+
+/// The scalar at the start of `at` (the rest of a line from an error's column): a quoted one
+/// to its closing quote, a plain one to the next flow delimiter or comment.
+fn scalar_text(at: &str) -> &str {
+    let end = match at.as_bytes().first() {
+        Some(&quote @ (b'"' | b'\'')) => at[1..]
+            .bytes()
+            .position(|b| b == quote)
+            .map_or(at.len(), |p| p + 2),
+        _ => at.find([',', '}', ']', '#']).unwrap_or(at.len()),
+    };
+    &at[..end]
+}
+
+/// The `${...}` references of `text` in order (nested ones inside their outer one), skipping
+/// `$$`.
+fn braced_references(text: &str) -> Vec<String> {
+    let bytes = text.as_bytes();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        match (bytes[i], bytes[i + 1]) {
+            (b'$', b'$') => i += 2,
+            (b'$', b'{') => {
+                let mut depth = 0;
+                let mut end = i + 1;
+                while end < bytes.len() {
+                    match bytes[end] {
+                        b'{' => depth += 1,
+                        b'}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    end += 1;
+                }
+                let Some(reference) = text.get(i..=end.min(bytes.len() - 1)) else {
+                    break;
+                };
+                found.push(reference.to_string());
+                i = end + 1;
+            }
+            _ => i += 1,
+        }
+    }
+    found
+}
+
+/// Parses `text` into a [`Config`], with `${VAR}` substitution from `vars` when given.
+fn deserialize(
+    path: &Path,
+    text: &str,
+    vars: Option<&std::collections::HashMap<String, String>>,
+) -> Result<Config, ConfigError> {
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
     options.property_syntax = serde_saphyr::PropertySyntax::DockerCompose;
-    let options = options.with_properties(vars.clone());
+    let options = match vars {
+        Some(vars) => options.with_properties(vars.clone()),
+        None => options,
+    };
     // serde_path_to_error tracks the field path (`routes[2].upstream`) the parser was in.
     let mut field = String::new();
     let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
@@ -1094,7 +1208,7 @@ pub fn parse(
             e.into_inner()
         })
     });
-    let config = parsed.map_err(|e| {
+    parsed.map_err(|e| {
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))
@@ -1106,9 +1220,7 @@ pub fn parse(
             field: clean_field_path(&field),
             message: one_line(&e.to_string()),
         }
-    })?;
-    validate::validate(path, &config)?;
-    Ok(config)
+    })
 }
 
 /// Drops the `.value` segments that `Spanned<T>` wrappers add to a serde path
@@ -1216,6 +1328,58 @@ mod tests {
             (c.limits.header_timeout, c.limits.keepalive_timeout),
             (Dur::secs(10), Dur::secs(60))
         );
+    }
+
+    #[test]
+    fn errors_keep_their_words_in_files_that_use_substitution() {
+        let text = "listeners:\n  http: { address: \"${ADDR:-127.0.0.1:8080}\" }\nupstreams:\n  u: { targets: [\"${HOST:-svc}:${PORT:-80}\"], balance: foo }\nroutes:\n  - { name: u, upstream: u }\nlimits:\n  header_timeout: 0s\n";
+        let e = parse(Path::new("t.yaml"), text, &vars(&[("PORT", "81")])).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (4, "upstreams.u.balance"),
+            "{e}"
+        );
+        assert!(e.message.contains("unknown variant `foo`"), "{e}");
+        let text = text.replace(", balance: foo", "");
+        let e = parse(Path::new("t.yaml"), &text, &vars(&[])).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (8, "limits.header_timeout"),
+            "{e}"
+        );
+        assert!(e.message.contains("more than 0s"), "{e}");
+        // An error in a substituted value never shows the value.
+        for (line, secret) in [
+            (
+                "  u: { targets: [\"127.0.0.1:80\"], balance: \"${BAL}\" }",
+                "hunter22",
+            ),
+            (
+                "  u: { targets: [\"127.0.0.1:80\"], timeouts: { connect: \"${T}\" } }",
+                "hunter2x",
+            ),
+            ("  u: { targets: [\"${T}\"] }", "hunter2:99999"),
+        ] {
+            let text = format!("upstreams:\n{line}\nroutes:\n  - {{ name: u, upstream: u }}\n");
+            let e = parse(
+                Path::new("t.yaml"),
+                &text,
+                &vars(&[("BAL", secret), ("T", secret)]),
+            )
+            .unwrap_err();
+            assert_eq!(e.line, 2, "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn braced_references_are_found_whole() {
+        assert_eq!(
+            braced_references("a: ${A}$${B} ${C:-${D}x} $$ ${E"),
+            ["${A}", "${C:-${D}x}", "${E"]
+        );
+        assert_eq!(scalar_text("foo }"), "foo ");
+        assert_eq!(scalar_text("\"a, ${B}\", c"), "\"a, ${B}\"");
     }
 
     #[test]
