@@ -116,8 +116,9 @@ pub struct ListenerConfig {
     /// `IP:PORT` to bind.
     pub address: Spanned<Addr>,
     /// Bytes of read buffer per client connection, held for the connection's life.
-    /// Default 16384 (Pingora's own default is 65536, which costs 64 KiB per idle keep-alive
-    /// connection).
+    /// Default 4096: Pingora's own 65536 cost 64 KiB per idle keep-alive connection; 16 KiB
+    /// saves a few reads on large uploads over TLS, for no CPU time measured
+    /// (`bench/README.md`).
     #[serde(default = "default_read_buffer")]
     pub read_buffer: usize,
     /// Terminate TLS on this listener.
@@ -180,7 +181,7 @@ pub struct ClientAuthConfig {
 }
 
 fn default_read_buffer() -> usize {
-    16 * 1024
+    4 * 1024
 }
 
 /// The admin listener.
