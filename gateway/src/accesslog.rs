@@ -52,7 +52,7 @@ pub struct AccessRecord {
     /// `allowed` or `limited` when the route has a rate limit.
     pub rate_limit: Option<&'static str>,
     /// TLS version of the client connection.
-    pub tls: Option<String>,
+    pub tls: Option<&'static str>,
 }
 
 /// `,"key":` as one literal; the keys are the literals in `write_line` (no escaping needed).
@@ -121,8 +121,8 @@ impl AccessRecord {
         if let Some(decision) = self.rate_limit {
             put_own_field(out, key!("rate_limit"), decision.as_bytes());
         }
-        if let Some(tls) = &self.tls {
-            put_field(out, key!("tls"), tls);
+        if let Some(tls) = self.tls {
+            put_own_field(out, key!("tls"), tls.as_bytes());
         }
         out.extend_from_slice(b"}\n");
     }
@@ -134,8 +134,8 @@ fn put_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
     put_str(out, value);
 }
 
-/// `,"key":"value"` for text the gateway made itself (addresses, a method, its own words):
-/// nothing in it needs escaping, so it is not checked.
+/// `,"key":"value"` for text the gateway made itself (addresses, a method, its own words, a
+/// TLS version): nothing in it needs escaping, so it is not checked.
 fn put_own_field(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.extend_from_slice(key);
     out.push(b'"');
@@ -512,7 +512,7 @@ mod tests {
         r.replica = Some("[::1]:8080".parse().unwrap());
         r.upstream_duration = Some(Duration::from_micros(12_345_678));
         r.rate_limit = Some("allowed");
-        r.tls = Some("TLSv1.3".into());
+        r.tls = Some("TLSv1.3");
         let mut out = Vec::new();
         r.write_line(&mut out);
         assert_eq!(out.last(), Some(&b'\n'));

@@ -248,12 +248,13 @@ fn handshake_failure(e: &pingora::Error) -> usize {
     }
 }
 
-/// The protocol version as people write it (rustls names them `TLSv1_3`).
-pub(crate) fn tls_version(rustls_name: &str) -> &str {
+/// The protocol version as people write it (rustls names them `TLSv1_3`); rustls negotiates
+/// no other.
+pub(crate) fn tls_version(rustls_name: &str) -> Option<&'static str> {
     match rustls_name {
-        "TLSv1_3" => "TLSv1.3",
-        "TLSv1_2" => "TLSv1.2",
-        other => other,
+        "TLSv1_3" => Some("TLSv1.3"),
+        "TLSv1_2" => Some("TLSv1.2"),
+        _ => None,
     }
 }
 
@@ -304,9 +305,8 @@ impl ServerApp for Downstream {
             l.accepted.inc();
             if let (Some(counters), Some(digest)) = (tls_listener, &tls) {
                 match tls_version(&digest.version) {
-                    "TLSv1.3" => counters.tls13.inc(),
-                    "TLSv1.2" => counters.tls12.inc(),
-                    // rustls negotiates nothing else.
+                    Some("TLSv1.3") => counters.tls13.inc(),
+                    Some("TLSv1.2") => counters.tls12.inc(),
                     _ => {}
                 }
             }

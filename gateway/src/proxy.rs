@@ -583,7 +583,7 @@ fn access_record(
         tls: session
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
-            .map(|s| crate::downstream::tls_version(&s.version).to_string()),
+            .and_then(|s| crate::downstream::tls_version(&s.version)),
     }
 }
 

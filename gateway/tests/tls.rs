@@ -156,8 +156,9 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
         &format!(", redirect_https: {}", https.port()),
         &listener,
         &format!(
-            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
-            backend.addr
+            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\naccess_log: {{ path: \"{}/access.log\" }}\n",
+            backend.addr,
+            d.display()
         ),
     )
     .await;
@@ -277,6 +278,40 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
             "no {handshakes} handshake counted:\n{metrics}"
         );
     }
+
+    // The access log names the version of each TLS request; plain HTTP has none.
+    let mut versions = Vec::new();
+    for _ in 0..50 {
+        let log = std::fs::read_to_string(d.join("access.log")).unwrap_or_default();
+        versions = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| {
+                (
+                    v["path"].as_str().unwrap_or("").to_string(),
+                    v["tls"].clone(),
+                )
+            })
+            .collect();
+        if versions.iter().any(|(_, tls)| tls == "TLSv1.2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        versions.iter().any(|(_, tls)| tls == "TLSv1.3"),
+        "{versions:?}"
+    );
+    assert!(
+        versions.iter().any(|(_, tls)| tls == "TLSv1.2"),
+        "{versions:?}"
+    );
+    assert!(
+        versions
+            .iter()
+            .any(|(path, tls)| path == "/a/b" && tls.is_null()),
+        "{versions:?}"
+    );
 
     // Rotation: a new certificate on disk is served to the next handshake.
     let before = std::fs::read(d.join("a.test.pem")).unwrap();
