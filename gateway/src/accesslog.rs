@@ -536,7 +536,7 @@ mod tests {
         r.write_line(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-        // Header bytes that are not ASCII are left out; a tab or quote is escaped.
+        // Header bytes that are not ASCII are left out; a quote is escaped.
         r.request_id = Some(HeaderValue::from_bytes(b"id-\xff").unwrap());
         r.traceparent = Some(HeaderValue::from_static(
             "00-4bf92f3577b34da6\"3ce929d0e0e4736-00f067aa0ba902b7-01",

@@ -600,7 +600,6 @@ impl AuthPolicy {
     }
 }
 
-/// A claim's value as a rate-limit key.
 /// The token of an `Authorization` value: `Bearer` in any case, one space, the token (spaces
 /// around it trimmed). On bytes: `HeaderValue::to_str` and a `char` split cost ~4 instructions
 /// a byte of a ~200-byte header.
@@ -613,6 +612,7 @@ fn bearer_token(value: &[u8]) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
+/// A claim's value as a rate-limit key.
 fn claim_key(claims: &Map<String, Value>, claim: &str) -> Option<u64> {
     match claims.get(claim)? {
         Value::String(s) => Some(crate::ratelimit::hash_value(s.as_bytes())),

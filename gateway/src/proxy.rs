@@ -326,10 +326,12 @@ fn ambiguous_framing(headers: &http::HeaderMap, raw_head: impl FnOnce() -> Optio
     })
 }
 
-/// The first `Content-Length` and `Transfer-Encoding` values and how many of each there are
-/// (counted up to 2). A head of a few fields, the usual request, is read in one pass: cheaper
-/// than two hashed lookups (~130 instructions each).
+/// A framing field's first value and how many values it has (more than one is all that
+/// matters).
 type FramingField<'a> = (Option<&'a http::HeaderValue>, usize);
+
+/// `Content-Length` and `Transfer-Encoding` of a head. A head of a few fields, the usual
+/// request, is read in one pass: cheaper than two hashed lookups (~130 instructions each).
 fn framing_fields(headers: &http::HeaderMap) -> (FramingField<'_>, FramingField<'_>) {
     let (mut length, mut coding): (FramingField, FramingField) = ((None, 0), (None, 0));
     if headers.len() <= 12 {

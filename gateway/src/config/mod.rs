@@ -1097,8 +1097,8 @@ pub fn parse(
 /// own text (`invalid interpolated scalar value`, `unknown variant `an interpolated
 /// variant``), so that no substituted value, a secret maybe, can show in it. The error's own
 /// words come back from a second parse of the text with the values written in (as the library
-/// itself resolves them), when that parse fails at the same place, the line of that place has
-/// no `${` of its own, and no substituted value shows in the words.
+/// itself resolves them), when that parse fails on the same line and field, the scalar there
+/// has no `${` of its own, and no substituted value shows in the words.
 fn unredacted_message(
     path: &Path,
     text: &str,
