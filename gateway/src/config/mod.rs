@@ -1329,6 +1329,7 @@ mod tests {
             (c.limits.header_timeout, c.limits.keepalive_timeout),
             (Dur::secs(10), Dur::secs(60))
         );
+        assert_eq!(c.listeners["http"].read_buffer, 4096);
     }
 
     #[test]
