@@ -628,6 +628,11 @@ fn status_message(status: u16) -> &'static str {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    /// No modules: the gateway passes bodies on as the upstream sent them, so it goes without
+    /// the disabled response-compression module Pingora adds to every request by default
+    /// (~0.7k instructions a request).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::default()
     }

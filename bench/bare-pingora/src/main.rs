@@ -1,8 +1,9 @@
 //! A bare Pingora proxy: round robin over the backends given on the command line, nothing else.
-//! Tuned as the gateway is (one thread, no work stealing, mimalloc, pool sized for the load), so
-//! that the gateway's own cost shows as a ratio to it. Its upstream timeouts are the gateway's
-//! defaults (connect 2 s, read and write 30 s): every proxy in the run has some (nginx 60 s,
-//! HAProxy 30 s), and Pingora arms a timer for every upstream read that has to wait for one.
+//! Tuned as the gateway is (one thread, no work stealing, mimalloc, pool sized for the load, no
+//! disabled compression module), so that the gateway's own cost shows as a ratio to it. Its
+//! upstream timeouts are the gateway's defaults (connect 2 s, read and write 30 s): every proxy
+//! in the run has some (nginx 60 s, HAProxy 30 s), and Pingora arms a timer for every upstream
+//! read that has to wait for one.
 //!
 //! `bare-pingora LISTEN BACKEND [BACKEND...]` (add `--h2c` to accept HTTP/2 with prior knowledge,
 //! `--tls CERT KEY` to terminate TLS with Pingora's rustls listener)
@@ -28,6 +29,8 @@ struct Bare {
 impl ProxyHttp for Bare {
     type CTX = ();
     fn new_ctx(&self) {}
+    /// Without Pingora's disabled compression module, as the gateway.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.peers.len();
