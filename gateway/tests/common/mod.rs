@@ -42,10 +42,15 @@ impl DeadPort {
 /// A port free on `ip` now, for a server the test starts next. Chosen below Linux's ephemeral
 /// range (32768 and up), where the outgoing connections of tests running in parallel take
 /// their ports: a port from `bind(0)` could be taken by one of those before the server binds.
+/// Never the same port twice in one test process: two calls in a row (a gateway's listener
+/// and its admin port) could otherwise draw the same free port.
 pub fn free_port(ip: &str) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..200 {
         let port = fastrand::u16(20_000..32_000);
-        if std::net::TcpListener::bind((ip, port)).is_ok() {
+        if !handed_out.contains(&port) && std::net::TcpListener::bind((ip, port)).is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
