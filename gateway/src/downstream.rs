@@ -127,12 +127,8 @@ impl Downstream {
     /// re-armed before every request. Each request's session and Pingora's request future
     /// (together ~19 KB) are made only once its first byte has arrived, so an idle keep-alive
     /// connection holds neither.
-    async fn serve_http1(
-        self: &Arc<Self>,
-        guard: Box<HeadGuard>,
-        keepalive: Duration,
-        shutdown: &ShutdownWatch,
-    ) {
+    async fn serve_http1(self: &Arc<Self>, guard: Box<HeadGuard>, shutdown: &ShutdownWatch) {
+        let keepalive = guard.keepalive.as_secs().max(1);
         // One shutdown waiter for the connection's life, rather than one per request.
         let mut watch = shutdown.clone();
         let mut shutting_down = std::pin::pin!(watch.changed());
@@ -142,7 +138,7 @@ impl Downstream {
             let mut session = ServerSession::new_http1(stream);
             match settings {
                 Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
-                None => session.set_keepalive(Some(keepalive.as_secs().max(1))),
+                None => session.set_keepalive(Some(keepalive)),
             }
             if *shutdown.borrow() {
                 // Stop clients from reusing the connection once shutdown has begun.
@@ -334,7 +330,7 @@ impl ServerApp for Downstream {
             timeouts,
         });
         match protocol {
-            Protocol::Http1 => self.serve_http1(guarded, keepalive, shutdown).await,
+            Protocol::Http1 => self.serve_http1(guarded, shutdown).await,
             // Pingora's own loop: the h2 handshake and one task per stream.
             Protocol::H2 | Protocol::H2c => {
                 self.proxy.process_new(guarded, shutdown).await;
@@ -454,11 +450,9 @@ impl HeadGuard {
         let mut byte = [0u8; 1];
         let read = std::future::poll_fn(|cx| {
             let mut buf = ReadBuf::new(&mut byte);
-            match Pin::new(&mut *self).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().len())),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            }
+            Pin::new(&mut *self)
+                .poll_read(cx, &mut buf)
+                .map_ok(|()| buf.filled().len())
         })
         .await?;
         if read == 0 {

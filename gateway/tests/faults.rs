@@ -440,11 +440,7 @@ async fn a_replica_killed_under_load_loses_no_get_and_sends_no_post_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_or_unreadable_config_file_keeps_the_gateway_serving() {
     let backend = Backend::start("127.0.0.1", "b").await;
-    let gw = Gateway::start(&format!(
-        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
-        backend.addr
-    ))
-    .await;
+    let gw = Gateway::start(&one_route_to(&backend, "")).await;
     let c = client();
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
 
@@ -485,11 +481,7 @@ type Outcome = (Instant, Result<u16, String>);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_idle_keep_alive_connections_at_once() {
     let backend = Backend::start("127.0.0.1", "b").await;
-    let mut gw = Gateway::start(&format!(
-        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
-        backend.addr
-    ))
-    .await;
+    let mut gw = Gateway::start(&one_route_to(&backend, "")).await;
     let mut idle = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     idle.write_all(b"GET /once HTTP/1.1\r\nHost: a.test\r\n\r\n")
         .await
@@ -518,10 +510,9 @@ async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_
     let backend = Backend::start("127.0.0.1", "b").await;
     let logdir = tempfile::tempdir().unwrap();
     let log = logdir.path().join("access.log");
-    let mut gw = Gateway::start(&format!(
-        "access_log: {{ path: \"{}\" }}\nupstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
-        log.display(),
-        backend.addr
+    let mut gw = Gateway::start(&one_route_to(
+        &backend,
+        &format!("access_log: {{ path: \"{}\" }}\n", log.display()),
     ))
     .await;
     // A new connection per request, so that every failure is a refused connection or a

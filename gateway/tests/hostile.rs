@@ -178,9 +178,9 @@ routes: [ {{ name: all, upstream: b }} ]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_are_closed_at_the_keepalive_timeout() {
     let backend = Backend::start("127.0.0.1", "b").await;
-    let gw = Gateway::start(&format!(
-        "limits: {{ keepalive_timeout: 1s, header_timeout: 1s }}\nupstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
-        backend.addr
+    let gw = Gateway::start(&one_route_to(
+        &backend,
+        "limits: { keepalive_timeout: 1s, header_timeout: 1s }\n",
     ))
     .await;
     let mut ka = TcpStream::connect(gw.http).await.unwrap();
@@ -219,11 +219,7 @@ async fn pipelined_requests_get_the_first_answer_then_a_close() {
     // the connection closed at once, never left waiting, and nothing after the first request
     // reaches an upstream; the client sends the rest again (RFC 9112 §9.3.2).
     let backend = Backend::start("127.0.0.1", "b").await;
-    let gw = Gateway::start(&format!(
-        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
-        backend.addr
-    ))
-    .await;
+    let gw = Gateway::start(&one_route_to(&backend, "")).await;
     let pipelined: [&[u8]; 2] = [
         b"GET /p0 HTTP/1.1\r\nHost: a.test\r\n\r\nGET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\n",
         b"POST /p0 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhiGET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\n",

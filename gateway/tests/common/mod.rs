@@ -629,6 +629,15 @@ pub async fn read_until_contains(
     text
 }
 
+/// A configuration with one upstream `b` (the one `backend`) and one route `r` to it, after the
+/// top-level lines in `extra` (each ending in a newline).
+pub fn one_route_to(backend: &Backend, extra: &str) -> String {
+    format!(
+        "{extra}upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
+        backend.addr
+    )
+}
+
 /// An IP on loopback other than 127.0.0.1, so that replicas have distinct addresses.
 pub fn loopback(n: u8) -> String {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)).to_string()
