@@ -3,18 +3,13 @@
 //! spread over the replicas. `scripts/test` installs PostgreSQL when it is missing.
 
 use serde_json::{json, Value};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+
+use common::free_port;
 
 /// The newest installed PostgreSQL's `bin` directory.
 fn pg_bin() -> PathBuf {
