@@ -1,40 +1,44 @@
-//! The access log: one JSON line per request, written off the request path.
+//! The access log: one JSON line per request, written to the file off the request path.
 //!
-//! The request path appends a small record to a bounded batch (one uncontended lock, no
-//! wake-up); a dedicated thread takes the whole batch every 20 ms, formats the lines and
-//! writes them with one system call. When the batch is full, the record is dropped and
+//! At the end of a request its line is formatted from borrowed fields into a buffer of the
+//! worker thread and appended to a bounded batch of bytes (one uncontended lock, no wake-up,
+//! no allocation once the buffers have grown); a dedicated thread takes the whole batch every
+//! 20 ms and writes it with one system call. When the batch is full, the line is dropped and
 //! counted (`gateway_access_log_dropped_total`) rather than slowing requests down. (A queue
-//! that woke the writer for every record cost a thread wake-up per request.)
+//! that woke the writer for every record cost a thread wake-up per request; records that
+//! owned their text and were formatted and freed on the writer thread cost two allocations
+//! and a cross-thread free per request.)
 
 use crate::config::AccessLogConfig;
 use http::{HeaderValue, Method};
 use prometheus::IntCounter;
+use std::cell::RefCell;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-/// One request, as the access log records it.
-pub struct AccessRecord {
+/// One request, as the access log records it: borrowed from the request, formatted at once.
+pub struct AccessRecord<'a> {
     /// When the request arrived.
     pub time: SystemTime,
     /// The request id.
-    pub request_id: Option<HeaderValue>,
+    pub request_id: Option<&'a HeaderValue>,
     /// The W3C `traceparent` the request carried or got (its trace id is logged).
-    pub traceparent: Option<HeaderValue>,
+    pub traceparent: Option<&'a HeaderValue>,
     /// The client, after `trusted_proxies`.
     pub client_ip: Option<IpAddr>,
     /// Method.
-    pub method: Method,
+    pub method: &'a Method,
     /// Host, without port.
-    pub host: Option<String>,
+    pub host: Option<&'a str>,
     /// Path as received (without the query).
-    pub path: String,
+    pub path: &'a str,
     /// The route taken.
-    pub route: Option<Arc<str>>,
+    pub route: Option<&'a str>,
     /// Its upstream.
-    pub upstream: Option<Arc<str>>,
+    pub upstream: Option<&'a str>,
     /// The replica of the last attempt.
     pub replica: Option<SocketAddr>,
     /// Status sent (0: none, the client went away).
@@ -48,7 +52,7 @@ pub struct AccessRecord {
     /// From sending upstream to its response header (last attempt).
     pub upstream_duration: Option<Duration>,
     /// The token's `sub`, when authenticated.
-    pub user: Option<String>,
+    pub user: Option<&'a str>,
     /// `allowed` or `limited` when the route has a rate limit.
     pub rate_limit: Option<&'static str>,
     /// TLS version of the client connection.
@@ -62,7 +66,7 @@ macro_rules! key {
     };
 }
 
-impl AccessRecord {
+impl AccessRecord<'_> {
     /// Appends the record as one JSON line (with its newline) to `out`. Keys are written as
     /// they are; string values go through [`put_text`], except text the gateway wrote itself
     /// ([`put_own_field`]); numbers through `itoa`. (A `serde` derive escaped every key and
@@ -75,13 +79,10 @@ impl AccessRecord {
         out.extend_from_slice(b"{\"time\":\"");
         out.extend_from_slice(&format_time(since_epoch));
         out.push(b'"');
-        if let Some(id) = &self.request_id {
+        if let Some(id) = self.request_id {
             put_ascii_field(out, key!("request_id"), id.as_bytes());
         }
-        let trace_id = self
-            .traceparent
-            .as_ref()
-            .and_then(|tp| tp.as_bytes().get(3..35));
+        let trace_id = self.traceparent.and_then(|tp| tp.as_bytes().get(3..35));
         if let Some(id) = trace_id {
             put_ascii_field(out, key!("trace_id"), id);
         }
@@ -91,14 +92,14 @@ impl AccessRecord {
         }
         // A method is a token (RFC 9110 §9.1): nothing to escape.
         put_own_field(out, key!("method"), self.method.as_str().as_bytes());
-        if let Some(host) = &self.host {
+        if let Some(host) = self.host {
             put_field(out, key!("host"), host);
         }
-        put_field(out, key!("path"), &self.path);
-        if let Some(route) = &self.route {
+        put_field(out, key!("path"), self.path);
+        if let Some(route) = self.route {
             put_field(out, key!("route"), route);
         }
-        if let Some(upstream) = &self.upstream {
+        if let Some(upstream) = self.upstream {
             put_field(out, key!("upstream"), upstream);
         }
         if let Some(replica) = self.replica {
@@ -116,7 +117,7 @@ impl AccessRecord {
         if let Some(took) = self.upstream_duration {
             put_millis(out, key!("upstream_ms"), took);
         }
-        if let Some(user) = &self.user {
+        if let Some(user) = self.user {
             put_field(out, key!("user"), user);
         }
         if let Some(decision) = self.rate_limit {
@@ -241,12 +242,27 @@ fn format_time(since_epoch: Duration) -> [u8; 24] {
     out
 }
 
-/// How often the writer takes the waiting records.
+/// How often the writer takes the waiting lines.
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Records waiting for the writer, shared with its thread.
+/// A batch buffer larger than this, grown by a burst, is let go once written.
+const RETAINED_BATCH: usize = 4 << 20;
+
+thread_local! {
+    /// The line being formatted, per worker thread; it keeps its capacity between requests.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Lines waiting for the writer.
+#[derive(Default)]
+struct Lines {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+/// Lines waiting for the writer, shared with its thread.
 struct Batch {
-    records: Mutex<Vec<AccessRecord>>,
+    lines: Mutex<Lines>,
     /// Set when the log is dropped (a reload without it, or with another one): the writer
     /// writes what is left and ends.
     closed: AtomicBool,
@@ -283,7 +299,7 @@ impl AccessLog {
             return Err("access_log.sample: must be in (0, 1]".into());
         }
         let batch = Arc::new(Batch {
-            records: Mutex::new(Vec::new()),
+            lines: Mutex::new(Lines::default()),
             closed: AtomicBool::new(false),
         });
         let shared = batch.clone();
@@ -307,19 +323,28 @@ impl AccessLog {
         self.every == 1 || self.counter.fetch_add(1, Ordering::Relaxed) % self.every == 0
     }
 
-    /// Adds a record to the batch; never waits for the writer.
-    pub fn log(&self, record: AccessRecord) {
-        let mut records = self
-            .batch
-            .records
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if records.len() < self.capacity {
-            records.push(record);
-        } else {
-            drop(records);
-            self.dropped.inc();
-        }
+    /// Formats the record's line and adds it to the batch; never waits for the writer.
+    pub fn log(&self, record: &AccessRecord) {
+        LINE.with(|line| {
+            // Not re-entered: nothing in formatting logs.
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
+            line.clear();
+            record.write_line(&mut line);
+            let mut lines = self
+                .batch
+                .lines
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if lines.count < self.capacity {
+                lines.bytes.extend_from_slice(&line);
+                lines.count += 1;
+            } else {
+                drop(lines);
+                self.dropped.inc();
+            }
+        });
     }
 
     /// At shutdown: has the writer write what is waiting and end, waiting at most `limit`
@@ -353,25 +378,26 @@ impl Drop for AccessLog {
     }
 }
 
-/// The writer thread: every [`WRITE_INTERVAL`], swaps the batch for an empty one and writes
-/// its lines in one go.
+/// The writer thread: every [`WRITE_INTERVAL`], swaps the batch for its spare (empty, with the
+/// capacity it had) and writes the lines in one go.
 fn write_batches(batch: &Batch, mut out: Box<dyn Write + Send>) {
-    let mut taken: Vec<AccessRecord> = Vec::new();
-    let mut lines: Vec<u8> = Vec::new();
+    let mut taken = Lines::default();
     loop {
         std::thread::park_timeout(WRITE_INTERVAL);
         let closed = batch.closed.load(Ordering::Acquire);
         std::mem::swap(
-            &mut *batch.records.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut *batch.lines.lock().unwrap_or_else(PoisonError::into_inner),
             &mut taken,
         );
-        lines.clear();
-        for record in taken.drain(..) {
-            record.write_line(&mut lines);
-        }
-        if !lines.is_empty() {
-            let _ = out.write_all(&lines);
+        if !taken.bytes.is_empty() {
+            let _ = out.write_all(&taken.bytes);
             let _ = out.flush();
+        }
+        taken.bytes.clear();
+        taken.count = 0;
+        // A burst's buffer is not kept for ever.
+        if taken.bytes.capacity() > RETAINED_BATCH {
+            taken.bytes = Vec::new();
         }
         if closed {
             return;
@@ -403,15 +429,15 @@ mod tests {
         let _ = std::fs::remove_file(dir);
     }
 
-    fn record(path: &str) -> AccessRecord {
+    fn record(path: &str) -> AccessRecord<'_> {
         AccessRecord {
             time: SystemTime::now(),
             request_id: None,
             traceparent: None,
             client_ip: Some(IpAddr::from([127, 0, 0, 1])),
-            method: Method::GET,
-            host: Some("a.test".into()),
-            path: path.into(),
+            method: &Method::GET,
+            host: Some("a.test"),
+            path,
             route: None,
             upstream: None,
             replica: None,
@@ -453,7 +479,7 @@ mod tests {
         let dropped_before = crate::metrics::METRICS.access_log_dropped.get();
         // Far more than the batch holds between two writes: the rest are dropped and counted.
         for i in 0..2000 {
-            log.log(record(&format!("/burst/{i}")));
+            log.log(&record(&format!("/burst/{i}")));
         }
         let dropped = crate::metrics::METRICS.access_log_dropped.get() - dropped_before;
         assert!(dropped > 0, "nothing was dropped");
@@ -500,11 +526,12 @@ mod tests {
     #[test]
     fn lines_are_json_whatever_the_text() {
         let mut r = record("/a\"b\\c\u{1}d/é");
-        r.host = Some("h\nost".into());
-        r.user = Some("user \"quoted\"".into());
-        r.request_id = Some(HeaderValue::from_static("id-1"));
-        r.route = Some("all".into());
-        r.upstream = Some("b".into());
+        r.host = Some("h\nost");
+        r.user = Some("user \"quoted\"");
+        let request_id = HeaderValue::from_static("id-1");
+        r.request_id = Some(&request_id);
+        r.route = Some("all");
+        r.upstream = Some("b");
         r.replica = Some("[::1]:8080".parse().unwrap());
         r.upstream_duration = Some(Duration::from_micros(12_345_678));
         r.rate_limit = Some("allowed");
@@ -525,18 +552,19 @@ mod tests {
         assert_eq!(v["rate_limit"], "allowed");
         assert_eq!(v["tls"], "TLSv1.3");
         assert_eq!(v.as_object().unwrap().len(), 17);
-        r.traceparent = Some(HeaderValue::from_static(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ));
+        let traceparent =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        r.traceparent = Some(&traceparent);
         out.clear();
         r.write_line(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         // Header bytes that are not ASCII are left out; a quote is escaped.
-        r.request_id = Some(HeaderValue::from_bytes(b"id-\xff").unwrap());
-        r.traceparent = Some(HeaderValue::from_static(
-            "00-4bf92f3577b34da6\"3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ));
+        let request_id = HeaderValue::from_bytes(b"id-\xff").unwrap();
+        r.request_id = Some(&request_id);
+        let traceparent =
+            HeaderValue::from_static("00-4bf92f3577b34da6\"3ce929d0e0e4736-00f067aa0ba902b7-01");
+        r.traceparent = Some(&traceparent);
         out.clear();
         r.write_line(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("a JSON line");

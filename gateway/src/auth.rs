@@ -62,8 +62,8 @@ struct KeySet {
     keys: Vec<VerifyKey>,
 }
 
-/// The claims a valid token carried, ready to forward.
-pub type ForwardedClaims = Vec<(HeaderName, HeaderValue)>;
+/// The claims a valid token carried, ready to forward (shared with the token cache).
+pub type ForwardedClaims = Arc<[(HeaderName, HeaderValue)]>;
 
 /// What a valid token yields.
 #[derive(Debug, Default, Clone)]
@@ -73,7 +73,7 @@ pub struct Verified {
     /// The rate-limit key claim's value, hashed, when one was asked for.
     pub limit_key: Option<u64>,
     /// The `sub` claim, for the access log.
-    pub subject: Option<String>,
+    pub subject: Option<Arc<str>>,
 }
 
 /// A compiled `auth` policy.
@@ -418,7 +418,7 @@ impl AuthPolicy {
         if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(token)) {
             if now <= hit.valid_until {
                 // No claim checks or header building again: clone the verdict (reference
-                // counts, one vector) and hash the route's key claim.
+                // counts) and hash the route's key claim.
                 return hit.outcome.clone().map(|mut v| {
                     v.limit_key = key_claim.and_then(|c| claim_key(&hit.claims, c));
                     v
@@ -498,10 +498,7 @@ impl AuthPolicy {
         Ok(Verified {
             forward,
             limit_key: key_claim.and_then(|c| claim_key(claims, c)),
-            subject: claims
-                .get("sub")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            subject: claims.get("sub").and_then(Value::as_str).map(Arc::from),
         })
     }
 
@@ -551,7 +548,7 @@ impl AuthPolicy {
                 out.push((header.clone(), v));
             }
         }
-        Ok(out)
+        Ok(out.into())
     }
 
     /// Starts the JWKS fetcher, if the policy has one and it is not running. Must run on the

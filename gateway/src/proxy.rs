@@ -94,7 +94,7 @@ pub struct RequestCtx {
     /// A route matched (`route` is meaningful), whatever happened next.
     routed: bool,
     /// The token's subject, for the access log.
-    user: Option<String>,
+    user: Option<Arc<str>>,
     /// The rate-limit decision, for the access log.
     limit_decision: Option<&'static str>,
     /// A `traceparent` to send upstream in place of the client's (none or invalid, or the
@@ -549,38 +549,35 @@ async fn respond_auth_error(
     .await
 }
 
-/// The access-log record of a finished request.
-fn access_record(
-    session: &Session,
-    ctx: &RequestCtx,
-    user: Option<String>,
+/// The access-log record of a finished request, borrowed from it.
+fn access_record<'a>(
+    session: &'a Session,
+    ctx: &'a RequestCtx,
     status: u16,
     duration: std::time::Duration,
-) -> AccessRecord {
+) -> AccessRecord<'a> {
     let req = session.req_header();
     let route = ctx.route().filter(|_| ctx.routed);
-    let traceparent = match &ctx.new_traceparent {
-        Some(tp) => Some(tp),
-        None => req.headers.get(&TRACEPARENT),
-    }
-    .cloned();
     AccessRecord {
         time: std::time::SystemTime::now() - duration,
-        request_id: ctx.request_id.clone(),
-        traceparent,
+        request_id: ctx.request_id.as_ref(),
+        traceparent: ctx
+            .new_traceparent
+            .as_ref()
+            .or_else(|| req.headers.get(&TRACEPARENT)),
         client_ip: ctx.client_ip,
-        method: req.method.clone(),
-        host: request_host(req).map(str::to_string),
-        path: req.uri.path().to_string(),
-        route: route.map(|r| r.name.clone()),
-        upstream: route.map(|r| r.upstream.name.clone()),
+        method: &req.method,
+        host: request_host(req),
+        path: req.uri.path(),
+        route: route.map(|r| &*r.name),
+        upstream: route.map(|r| &*r.upstream.name),
         replica: ctx.last_replica,
         status,
         bytes_in: session.body_bytes_read(),
         bytes_out: session.body_bytes_sent(),
         duration,
         upstream_duration: ctx.upstream_elapsed,
-        user,
+        user: ctx.user.as_deref(),
         rate_limit: ctx.limit_decision,
         tls: session
             .digest()
@@ -984,15 +981,15 @@ impl ProxyHttp for Gateway {
             tls: ctx.tls,
         };
         let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
-        let claims = &mut ctx.claims;
+        let claims = &ctx.claims;
         let (traceparent, keep_tracestate) = (&ctx.new_traceparent, ctx.keep_tracestate);
         edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
             // Identity headers come from verified tokens only, never from the client.
             for name in &rt.identity_headers {
                 headers.unset(name);
             }
-            for (name, value) in claims.drain(..) {
-                headers.set(&name, value)?;
+            for (name, value) in claims.iter() {
+                headers.set(name, value.clone())?;
             }
             if let Some(id) = request_id {
                 headers.set(&X_REQUEST_ID, id.clone())?;
@@ -1205,11 +1202,9 @@ impl ProxyHttp for Gateway {
             session.body_bytes_sent(),
         );
         METRICS.in_flight.dec();
-        // The last phase: the subject moves into the log record.
-        let user = ctx.user.take();
         if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
             if log.wants() {
-                log.log(access_record(session, ctx, user, status, elapsed));
+                log.log(&access_record(session, ctx, status, elapsed));
             }
         }
         if let (Some(span), Some(export)) = (ctx.span, crate::trace::export()) {
