@@ -510,9 +510,12 @@ impl AsyncRead for HeadGuard {
                     Phase::Idle(until) => *until.get_or_insert_with(|| Instant::now() + keepalive),
                     Phase::Passing => return Poll::Pending,
                 };
+                // A deadline earlier than the armed one re-arms the timer at once; a later one
+                // (every keep-alive wait starts later than the last) waits for the armed one to
+                // fire and re-arms then, so the timer is not moved for every request.
                 let sleep = match &mut this.sleep {
                     Some(s) => {
-                        if s.deadline() != deadline {
+                        if s.deadline() > deadline {
                             s.as_mut().reset(deadline);
                         }
                         s
@@ -521,8 +524,14 @@ impl AsyncRead for HeadGuard {
                         .sleep
                         .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                loop {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if sleep.deadline() >= deadline {
+                        break;
+                    }
+                    sleep.as_mut().reset(deadline);
                 }
                 if matches!(this.phase, Phase::Idle(_)) {
                     // Idle past the keep-alive timeout: the end of the connection, quietly.

@@ -25,7 +25,7 @@ use crate::ratelimit::{Decision, KeySource, LimitKey, RateLimitPolicy};
 use crate::routing::{normalize_path, PathError};
 use crate::runtime::Runtime;
 use crate::trace::{FinishedRequest, RequestSpan};
-use crate::upstream::{now_ms, Replica};
+use crate::upstream::{ms_at, now_ms, Replica};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -914,7 +914,8 @@ impl ProxyHttp for Gateway {
                 }
             }),
         };
-        let Some((replica, probe)) = up.pick(hash, ctx.tried(), now_ms()) else {
+        let now = std::time::Instant::now();
+        let Some((replica, probe)) = up.pick(hash, ctx.tried(), ms_at(now)) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy replica");
         };
         let mut peer = Box::new(replica.peer.clone());
@@ -935,7 +936,7 @@ impl ProxyHttp for Gateway {
         }
         ctx.attempts += 1;
         ctx.probe = probe;
-        ctx.upstream_started = Some(std::time::Instant::now());
+        ctx.upstream_started = Some(now);
         ctx.replica = Some(replica);
         Ok(peer)
     }

@@ -11,7 +11,7 @@ mod replica;
 
 pub use balance::ReplicaSet;
 pub use discovery::make_resolver;
-pub use replica::{now_ms, PassivePolicy, Replica};
+pub use replica::{ms_at, now_ms, PassivePolicy, Replica};
 
 use crate::config::{ActiveHealthConfig, Balance, DnsConfig, HashKey, Target, UpstreamConfig};
 use arc_swap::ArcSwap;

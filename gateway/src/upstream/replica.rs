@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 
 /// Milliseconds since the process started (monotonic); the time base of health state.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] for an instant already read (one clock read serves two uses).
+pub fn ms_at(at: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    at.saturating_duration_since(*START.get_or_init(Instant::now))
+        .as_millis() as u64
 }
 
 fn next_id() -> u64 {
