@@ -185,7 +185,9 @@ async fn idle_keep_alive_connections_are_closed_at_the_keepalive_timeout() {
     .await;
     let mut ka = TcpStream::connect(gw.http).await.unwrap();
     // Requests within the timeout reuse the connection, the head arriving in one piece or
-    // byte by byte (its first byte is read while the connection waits for it).
+    // byte by byte (its first byte is read while the connection waits for it). The third
+    // comes after the first idle wait's deadline: the timer armed then fires while the
+    // connection waits with a later deadline, and must wait on rather than close it.
     let requests = [(0, false), (400, false), (700, true)];
     for (i, (pause, byte_by_byte)) in requests.into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
