@@ -985,12 +985,15 @@ impl ProxyHttp for Gateway {
         let claims = &ctx.claims;
         let (traceparent, keep_tracestate) = (&ctx.new_traceparent, ctx.keep_tracestate);
         edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
-            // Identity headers come from verified tokens only, never from the client.
-            for name in &rt.identity_headers {
-                headers.unset(name);
-            }
+            // Identity headers come from verified tokens only, never from the client: a claim's
+            // header replaces whatever the client sent, and the others are removed.
             for (name, value) in claims.iter() {
                 headers.set(name, value.clone())?;
+            }
+            for name in &rt.identity_headers {
+                if !claims.iter().any(|(claimed, _)| claimed == name) {
+                    headers.unset(name);
+                }
             }
             if let Some(id) = request_id {
                 headers.set(&X_REQUEST_ID, id.clone())?;

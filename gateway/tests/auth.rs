@@ -347,6 +347,19 @@ routes:
     let r = get(&gw, "/ed", Some(&ed_token)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(echo(r).await["headers"]["x-user-id"], "e-1");
+    // A policy that forwards fewer claims replaces the client's copy of its own header and
+    // still removes the other policies' identity headers.
+    let r = client()
+        .get(gw.url("/ed"))
+        .bearer_auth(&ed_token)
+        .header("x-user-id", "spoofed")
+        .header("x-user-role", "admin")
+        .send()
+        .await
+        .unwrap();
+    let h = echo(r).await["headers"].clone();
+    assert_eq!(h["x-user-id"], "e-1");
+    assert!(h.get("x-user-role").is_none(), "{h}");
     let confused = encode(
         &Header::new(Algorithm::HS256),
         &json!({"sub": "e-1", "exp": now() + 600}),
