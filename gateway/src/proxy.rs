@@ -194,7 +194,12 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// The request's host without port: the URI authority (HTTP/2, absolute-form) or `Host`.
+/// `value` marked never to be added to HPACK's table (no effect on HTTP/1).
+fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
+}
+
 /// The setting of the listener a connection arrived on (`actual` is the connection's local
 /// address; a listener bound to 0.0.0.0 or [::] matches any address on its port).
 fn listener_setting<'a, T>(list: &'a [(SocketAddr, T)], actual: &SocketAddr) -> Option<&'a T> {
@@ -240,6 +245,7 @@ fn authority_conflict(req: &RequestHeader) -> bool {
         .eq_ignore_ascii_case(authority.as_str().as_bytes())
 }
 
+/// The request's host without port: the URI authority (HTTP/2, absolute-form) or `Host`.
 fn request_host(req: &RequestHeader) -> Option<&str> {
     if let Some(h) = req.uri.host() {
         return Some(h);
@@ -1076,12 +1082,16 @@ impl ProxyHttp for Gateway {
             if let Some(value) = hsts {
                 headers.set(&http::header::STRICT_TRANSPORT_SECURITY, value.clone())?;
             }
+            // Values that differ on every response are marked never-indexed, for HTTP/2: HPACK
+            // would add each to the connection's table, where none is used again, after
+            // comparing it with every earlier one (~0.7 µs a response for the request id).
             if let Some(id) = &ctx.request_id {
-                headers.set(&X_REQUEST_ID, id.clone())?;
+                headers.set(&X_REQUEST_ID, never_indexed(id.clone()))?;
             }
             if let Some((limit, remaining, reset)) = &ctx.quota {
                 headers.set(&RATELIMIT_POLICY, limit.policy_header.clone())?;
-                headers.set(&RATELIMIT, limit.state_header(*remaining, *reset))?;
+                let state = limit.state_header(*remaining, *reset);
+                headers.set(&RATELIMIT, never_indexed(state))?;
             }
             Ok(())
         })

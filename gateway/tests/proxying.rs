@@ -521,3 +521,125 @@ async fn header_names_go_out_in_canonical_case_unless_told_to_keep_them() {
         assert!(answer.contains("\r\nx-request-id: "), "{answer}");
     }
 }
+
+/// The HPACK representations of a header block, in order: `'i'` indexed, `'a'` literal added
+/// to the table, `'w'` literal without indexing, `'n'` literal never indexed (RFC 7541 §6).
+fn hpack_representations(block: &[u8]) -> String {
+    // An integer with an `n`-bit prefix starting at `block[*at]` (§5.1).
+    fn int(block: &[u8], at: &mut usize, n: u32) -> usize {
+        let mask = (1usize << n) - 1;
+        let mut value = block[*at] as usize & mask;
+        *at += 1;
+        if value == mask {
+            let mut shift = 0;
+            loop {
+                let b = block[*at] as usize;
+                *at += 1;
+                value += (b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        value
+    }
+    // A string literal (§5.2): skipped.
+    fn string(block: &[u8], at: &mut usize) {
+        let len = int(block, at, 7);
+        *at += len;
+    }
+    let mut kinds = String::new();
+    let mut at = 0;
+    while at < block.len() {
+        let first = block[at];
+        let (kind, prefix) = match first {
+            b if b & 0x80 != 0 => ('i', 7),
+            b if b & 0xc0 == 0x40 => ('a', 6),
+            b if b & 0xe0 == 0x20 => {
+                int(block, &mut at, 5); // a table size update
+                continue;
+            }
+            b if b & 0xf0 == 0x10 => ('n', 4),
+            _ => ('w', 4),
+        };
+        let name = int(block, &mut at, prefix);
+        if kind != 'i' {
+            if name == 0 {
+                string(block, &mut at);
+            }
+            string(block, &mut at);
+        }
+        kinds.push(kind);
+    }
+    kinds
+}
+
+/// Sends one HTTP/2 GET with prior knowledge on a raw connection and returns the header block
+/// of its response.
+async fn h2_response_block(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+                                                         // :method GET, :scheme http, then :path and :authority as literals without indexing.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 6]);
+    block.extend_from_slice(b"a.test");
+    out.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[1, 0x5, 0, 0, 0, 1]); // HEADERS, END_STREAM | END_HEADERS, stream 1
+    out.extend_from_slice(&block);
+    s.write_all(&out).await.unwrap();
+    let read = async {
+        let mut response = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            s.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            // HEADERS or CONTINUATION of stream 1, until END_HEADERS.
+            if stream == 1 && (head[3] == 1 || head[3] == 9) {
+                let mut fragment = &payload[..];
+                if head[3] == 1 && head[4] & 0x8 != 0 {
+                    let pad = fragment[0] as usize;
+                    fragment = &fragment[1..fragment.len() - pad];
+                }
+                if head[3] == 1 && head[4] & 0x20 != 0 {
+                    fragment = &fragment[5..];
+                }
+                response.extend_from_slice(fragment);
+                if head[4] & 0x4 != 0 {
+                    return response;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("a response header block")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_responses_keep_per_response_values_out_of_the_hpack_table() {
+    // A request id and a rate-limit state differ on every response: HPACK would add each to
+    // the connection's table (evicting what is worth keeping there) after comparing it with
+    // every earlier one. They go out as literals never indexed; the rest as HPACK chooses.
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "h2c: true\nrate_limits:\n  rl: {{ rate: 1000/s, burst: 1000 }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n  - {{ name: limited, upstream: b, rate_limit: rl, match: {{ path_prefix: /limited }} }}\n",
+        b.addr
+    ))
+    .await;
+    for (path, never_indexed) in [("/", 1), ("/limited", 2)] {
+        let kinds = hpack_representations(&h2_response_block(gw.http, path).await);
+        assert_eq!(
+            kinds.matches('n').count(),
+            never_indexed,
+            "{path}: representations {kinds:?}"
+        );
+        assert!(kinds.starts_with('i'), "{path}: {kinds:?}"); // :status 200
+    }
+}
