@@ -253,7 +253,7 @@ thread_local! {
     static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Lines waiting for the writer.
+/// Formatted lines, one after the other, and how many there are.
 #[derive(Default)]
 struct Lines {
     bytes: Vec<u8>,

@@ -513,17 +513,12 @@ impl AsyncRead for HeadGuard {
                 // A deadline earlier than the armed one re-arms the timer at once; a later one
                 // (every keep-alive wait starts later than the last) waits for the armed one to
                 // fire and re-arms then, so the timer is not moved for every request.
-                let sleep = match &mut this.sleep {
-                    Some(s) => {
-                        if s.deadline() > deadline {
-                            s.as_mut().reset(deadline);
-                        }
-                        s
-                    }
-                    None => this
-                        .sleep
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
-                };
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.deadline() > deadline {
+                    sleep.as_mut().reset(deadline);
+                }
                 loop {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
