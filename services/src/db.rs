@@ -39,8 +39,8 @@ pub async fn open(url: &str, schema: &[&str]) -> anyhow::Result<Db> {
 
 /// Runs `op` again (for up to ten seconds) while the database reports a race between replicas
 /// starting together: SQLite's "database is locked", or PostgreSQL's concurrent
-/// `CREATE TABLE IF NOT EXISTS`, which can fail on its catalogue's unique index or with
-/// "relation already exists".
+/// `CREATE TABLE IF NOT EXISTS`, which can fail on its catalogue's unique index, with
+/// "relation already exists" (42P07), or with the table's row type "already exists" (42710).
 async fn retry_while_locked<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
@@ -52,7 +52,7 @@ where
             Err(sqlx::Error::Database(e))
                 if (e.message().contains("locked")
                     || e.is_unique_violation()
-                    || e.code().as_deref() == Some("42P07"))
+                    || matches!(e.code().as_deref(), Some("42P07" | "42710")))
                     && std::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await
