@@ -4,7 +4,8 @@
 //! [`config`] (the YAML users write) → [`runtime`] (compiled, swapped atomically by [`reload`])
 //! → [`downstream`] (client connections: request-head deadline, connection metrics) →
 //! [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
-//! request phases, with [`headers`] for what they add) → [`server`] (process assembly) and [`admin`].
+//! request phases, with [`headers`] for what they add) → [`server`] (process assembly) and [`admin`];
+//! [`logging`] is the process log.
 
 pub mod accesslog;
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod downstream;
 pub mod headers;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

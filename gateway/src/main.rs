@@ -79,11 +79,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    gateway::logging::init();
 
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => match gateway::config::load(&cli.config) {
@@ -109,21 +105,5 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
-}
-
-/// `RUST_LOG` (default `info`), with rustls at `error` unless it names rustls: rustls logs a
-/// client's mistakes at `warn` (an IP address as SNI, an unexpected handshake message, a
-/// warning alert), so on a public port any client could write to the log at will. Failed
-/// handshakes are counted by reason instead (`gateway_tls_handshake_errors_total`).
-fn log_filter() -> tracing_subscriber::EnvFilter {
-    let spec = std::env::var("RUST_LOG").unwrap_or_default();
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .ok()
-        .filter(|_| !spec.is_empty())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    match "rustls=error".parse() {
-        Ok(quiet) if !spec.contains("rustls") => filter.add_directive(quiet),
-        _ => filter,
     }
 }

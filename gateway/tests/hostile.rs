@@ -554,3 +554,74 @@ routes:
     assert_eq!(admin.hits(), 0);
     assert_eq!(public.hits(), 2);
 }
+
+/// A client decides when its connection fails before a request begins: a hang-up in the middle
+/// of a head, a head that stalls past the deadline, a malformed head it does not wait to hear
+/// refused. None of that writes a log line (each would be a line a client writes at will, on the
+/// thread that serves traffic); a failing upstream still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_failures_before_a_request_write_no_log_lines() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dead = DeadPort::reserve();
+    let gw = Gateway::start(&format!(
+        r#"
+limits: {{ header_timeout: 1s }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+  gone: {{ targets: ["127.0.0.1:{}"], retries: 0 }}
+routes:
+  - {{ name: gone, upstream: gone, match: {{ path_prefix: /gone }} }}
+  - {{ name: all, upstream: b }}
+"#,
+        backend.addr, dead.port
+    ))
+    .await;
+
+    // Hang-ups in the middle of a head, on new and on kept-alive connections.
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"GET /x HT").await.unwrap();
+    }
+    let mut ka = TcpStream::connect(gw.http).await.unwrap();
+    ka.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = ka.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    ka.write_all(b"GET /y HTTP/1.1\r\nHo").await.unwrap();
+    drop(ka);
+    // Malformed heads, the client gone before the 400 is written.
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    // A head that stalls: 408 at the deadline.
+    let mut slow = TcpStream::connect(gw.http).await.unwrap();
+    slow.write_all(b"GET /x HTTP/1.1\r\n").await.unwrap();
+    let (text, closed) = read_until_close(&mut slow, Duration::from_secs(3)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 408"), "got {text:?}");
+
+    // The gateway still serves, and an upstream that refuses connections is logged.
+    let c = client();
+    assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(gw.url("/gone")).send().await.unwrap().status(), 502);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("Fail to proxy: Upstream") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = gw.log();
+    assert!(log.contains("Fail to proxy: Upstream"), "{log}");
+    assert!(!log.contains("Downstream"), "{log}");
+    assert!(!log.contains("failed to send error response"), "{log}");
+    assert!(
+        metric(
+            &gw,
+            "gateway_downstream_header_timeouts_total{listener=\"http\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
