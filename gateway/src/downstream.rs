@@ -316,7 +316,7 @@ impl ServerApp for Downstream {
             timeouts = Some(l.header_timeouts.clone());
         }
         let phase = match protocol {
-            Protocol::Http1 => Phase::Head(HeadState::new(Instant::now() + header_timeout)),
+            Protocol::Http1 => Phase::Head(HeadState::new(Some(Instant::now() + header_timeout))),
             Protocol::H2 | Protocol::H2c => Phase::Passing,
         };
         let guarded = Box::new(HeadGuard {
@@ -357,7 +357,7 @@ enum Phase {
     /// Reading a request head that must be complete by the deadline.
     Head(HeadState),
     /// Between requests, waiting for the next one's first byte until the keep-alive deadline
-    /// (set when the wait first has to block); the head deadline starts with that byte.
+    /// (set when the wait first has to block); the head's own deadline follows that byte.
     Idle(Option<Instant>),
     /// Head complete (body, response, upgraded or HTTP/2 traffic): bytes pass untouched.
     Passing,
@@ -366,13 +366,17 @@ enum Phase {
 /// The end-of-head search: a head ends at an empty line (`\n\n` or `\n\r\n`).
 #[derive(Debug)]
 struct HeadState {
-    deadline: Instant,
+    /// For the first request of a connection, from the connection's start; for later ones,
+    /// set when a read of the head first has to wait. A head that arrives whole (nearly
+    /// every one) never reads the clock; one that stalls gets its deadline within
+    /// microseconds of its first byte.
+    deadline: Option<Instant>,
     /// The previous byte seen ended a line (`\n`, possibly followed by `\r`).
     after_newline: bool,
 }
 
 impl HeadState {
-    fn new(deadline: Instant) -> HeadState {
+    fn new(deadline: Option<Instant>) -> HeadState {
         HeadState {
             deadline,
             after_newline: false,
@@ -462,11 +466,11 @@ impl HeadGuard {
         Ok(true)
     }
 
-    /// Bookkeeping for bytes just read: the head deadline starts with a request's first byte,
-    /// and ends with the head.
+    /// Bookkeeping for bytes just read: a request's first byte starts its head (the deadline
+    /// is set when a read of it first has to wait), and the end of the head ends it.
     fn saw(&mut self, new: &[u8]) {
         if matches!(self.phase, Phase::Idle(_)) {
-            self.phase = Phase::Head(HeadState::new(Instant::now() + self.header_timeout));
+            self.phase = Phase::Head(HeadState::new(None));
         }
         if let Phase::Head(head) = &mut self.phase {
             if head.scan(new) {
@@ -504,9 +508,11 @@ impl AsyncRead for HeadGuard {
             // End of stream, or an error.
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
-                let keepalive = this.keepalive;
+                let (keepalive, header_timeout) = (this.keepalive, this.header_timeout);
                 let deadline = match &mut this.phase {
-                    Phase::Head(head) => head.deadline,
+                    Phase::Head(head) => *head
+                        .deadline
+                        .get_or_insert_with(|| Instant::now() + header_timeout),
                     Phase::Idle(until) => *until.get_or_insert_with(|| Instant::now() + keepalive),
                     Phase::Passing => return Poll::Pending,
                 };
@@ -676,15 +682,14 @@ mod tests {
         assert_eq!(reason("tls connect error: tls handshake eof"), "closed");
         assert_eq!(reason("something new"), "other");
     }
-    use tokio::time::Instant;
 
     fn ends(chunks: &[&[u8]]) -> bool {
-        let mut h = HeadState::new(Instant::now());
+        let mut h = HeadState::new(None);
         chunks.iter().any(|c| h.scan(c))
     }
 
-    #[tokio::test]
-    async fn finds_the_end_of_a_head_across_reads() {
+    #[test]
+    fn finds_the_end_of_a_head_across_reads() {
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]));
         assert!(ends(&[b"GET / HTTP/1.1\nHost: a\n\n"]));
         assert!(ends(&[b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok"]));
