@@ -184,6 +184,31 @@ async fn next_request(
     arrived.then_some(guard as Stream)
 }
 
+/// Reads as much of a cleartext connection's start as it takes to tell HTTP/2 with prior
+/// knowledge (h2c) from HTTP/1, puts it back for the protocol to read, and says which it is
+/// (true for HTTP/2). An HTTP/1 request differs from the 24-byte preface within its first
+/// bytes (no method is `PRI`), so a short one, `GET / HTTP/1.0` and an empty line (18 bytes),
+/// is told at once; Pingora's own check waits for 24 bytes, and such a request would wait
+/// for the head deadline. `None` when the connection fails or is not TCP.
+async fn read_h2c_preface(stream: Stream) -> Option<(Stream, bool)> {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = stream.into_any().downcast::<L4Stream>().ok()?;
+    let mut start = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    let is_h2 = loop {
+        let read = tcp.read(&mut start[len..]).await.ok()?;
+        len += read;
+        if read == 0 || start[..len] != H2_PREFACE[..len] {
+            break false;
+        }
+        if len == start.len() {
+            break true;
+        }
+    };
+    tcp.rewind(&start[..len]);
+    Some((tcp, is_h2))
+}
+
 /// The TLS handshake of a connection on a TLS listener, within `limit` (a client that opens a
 /// connection and sends nothing holds it no longer than a slow request head). The error is
 /// the index of the reason in [`HANDSHAKE_FAILURES`].
@@ -280,13 +305,17 @@ impl ServerApp for Downstream {
         let mut protocol = Protocol::Http1;
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             protocol = Protocol::H2;
-        } else if self.h2c && tls.is_none() {
-            let mut preface = [0u8; H2_PREFACE.len()];
-            // Pingora peeks the same way (a stream that cannot peek is treated as HTTP/1), but
-            // without a bound: a client that sends nothing is cut off at the head deadline.
-            match tokio::time::timeout(header_timeout, stream.try_peek(&mut preface)).await {
-                Ok(Ok(true)) if preface == H2_PREFACE => protocol = Protocol::H2c,
-                Ok(_) => {}
+        } else if self.h2c && tls.is_none() && stream.as_any().is::<L4Stream>() {
+            // Bounded: a client that sends nothing is cut off at the head deadline.
+            match tokio::time::timeout(header_timeout, read_h2c_preface(stream)).await {
+                Ok(Some((read, is_h2))) => {
+                    stream = read;
+                    if is_h2 {
+                        protocol = Protocol::H2c;
+                    }
+                }
+                // A read error: the connection is gone.
+                Ok(None) => return None,
                 Err(_) => {
                     if let Some(l) = listener {
                         l.header_timeouts.inc();

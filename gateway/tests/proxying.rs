@@ -386,6 +386,30 @@ async fn http2_cleartext_and_websocket_upgrade() {
         gw.http.to_string().as_str()
     );
 
+    // HTTP/1 beside it: a request shorter than the 24-byte HTTP/2 preface is told apart at
+    // once and answered, not held until the head deadline (10 s).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut short = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    short.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let text = read_until_contains(&mut short, "\"path\":\"/\"", Duration::from_secs(2)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // A preface that arrives in pieces is still HTTP/2: the server's SETTINGS frame comes back.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut split = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    split.write_all(&preface[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    split.write_all(&preface[5..]).await.unwrap();
+    split
+        .write_all(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(2), split.read_exact(&mut frame))
+        .await
+        .expect("no answer to a split preface")
+        .unwrap();
+    assert_eq!(frame[3], 0x04, "not a SETTINGS frame: {frame:?}");
+
     // WebSocket through the gateway.
     let (mut sock, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.http))
         .await
