@@ -46,7 +46,8 @@ fn level_filter(spec: &str) -> EnvFilter {
 /// Drops Pingora's error lines about a client connection that failed before a request began:
 /// Pingora logs at `error`, unconditionally, a client that hangs up in the middle of a request
 /// head, one that stalls past the head deadline, one that sends a malformed head and leaves
-/// before the 400, and an HTTP/2 connection whose preface or settings are wrong. (Errors during a request go through the proxy's `suppress_error_log`.)
+/// before the 400, and an HTTP/2 connection that hangs up before its preface or sends a wrong
+/// one. (Errors during a request go through the proxy's `suppress_error_log`.)
 struct QuietClientErrors;
 
 impl<S: Subscriber> Layer<S> for QuietClientErrors {
