@@ -2,9 +2,10 @@
 //! client could write at will kept out. On a public port a client decides when a TLS handshake
 //! fails, when a request head stops half way and when it stalls; each such event written as a
 //! log line would be a line of the client's choosing, formatted and written on the thread that
-//! serves traffic. Those events are counted instead (`gateway_tls_handshake_errors_total`,
-//! `gateway_downstream_header_timeouts_total`), and `RUST_LOG` that names the library concerned
-//! (`rustls`, `pingora`) brings its lines back.
+//! serves traffic. Failed handshakes and stalled heads are counted instead
+//! (`gateway_tls_handshake_errors_total`, `gateway_downstream_header_timeouts_total`); a client
+//! that hangs up is not. `RUST_LOG` that names the library concerned (`rustls`, `pingora`)
+//! brings its lines back.
 
 use std::fmt::Write as _;
 use tracing::field::{Field, Visit};
@@ -97,8 +98,10 @@ impl Visit for Fields {
             "message" => {
                 let _ = write!(self.message, "{value:?}");
             }
+            // Text recorded through `Debug` comes quoted.
             "log.target" => {
                 let _ = write!(self.log_target, "{value:?}");
+                self.log_target.retain(|c| c != '"');
             }
             _ => {}
         }
