@@ -17,7 +17,8 @@ use pingora::server::{ExecutionPhase, RunArgs, Server};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tracing::info;
+use std::time::Duration;
+use tracing::{info, warn};
 
 /// Pingora's process settings for a configuration.
 fn server_conf(loaded: &LoadedConfig) -> ServerConf {
@@ -53,9 +54,56 @@ fn server_conf(loaded: &LoadedConfig) -> ServerConf {
     }
 }
 
+/// Tries for an address that another process holds at start, as nginx does (5 tries, 0.5 s
+/// apart).
+const ADDRESS_TRIES: u32 = 5;
+const ADDRESS_RETRY: Duration = Duration::from_millis(500);
+
+/// Fails, naming the field, when a listener or admin address cannot be bound: in use by another
+/// process (after [`ADDRESS_TRIES`]), or not an address of this host. Pingora would instead
+/// retry for 30 s and then stop the proxy service, while the process lived on and `/ready`
+/// kept answering 200 for a gateway that served nothing.
+fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
+    let c = &loaded.config;
+    let listeners = c
+        .listeners
+        .iter()
+        .map(|(name, l)| (format!("listeners.{name}.address"), &l.address));
+    let admin = c
+        .admin
+        .iter()
+        .map(|a| ("admin.address".to_string(), &a.address));
+    for (field, address) in listeners.chain(admin) {
+        let mut tries = 1;
+        loop {
+            // Bound and let go at once; std sets SO_REUSEADDR as Pingora does, so a port in
+            // TIME_WAIT is not taken for one in use.
+            match std::net::TcpListener::bind(address.value.0) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < ADDRESS_TRIES => {
+                    warn!(%field, address = %address.value.0, "address in use, trying again");
+                    std::thread::sleep(ADDRESS_RETRY);
+                    tries += 1;
+                }
+                Err(e) => {
+                    return Err(config::ConfigError {
+                        file: loaded.path.clone(),
+                        line: address.referenced.line(),
+                        column: address.referenced.column(),
+                        field,
+                        message: format!("cannot listen on {}: {e}", address.value.0),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the gateway with the configuration at `path` until shutdown.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_addresses(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bindings = Bindings::of(&loaded.config);
 
     // The control plane (discovery, health checks, reloads) runs on its own small runtime so

@@ -498,3 +498,51 @@ async fn files_written_beside_the_config_do_not_make_it_reread() {
     gw.wait_generation(3).await;
     assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 404);
 }
+
+/// An address another process holds stops the start with the field named, after a few tries
+/// (as nginx does), instead of a process that lives on and answers `/ready` while its proxy
+/// listener was never bound.
+#[test]
+fn a_listener_address_in_use_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let admin = free_port("127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listeners:\n  http: {{ address: \"127.0.0.1:{port}\" }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nupstreams:\n  b: {{ targets: [\"127.0.0.1:9\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n"
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(gateway_bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("the gateway kept running with its listener address in use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    let expected = format!("{}:2:", path.display());
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("listeners.http.address"), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    // It tried for a while first (5 tries, 0.5 s apart), and nothing answered meanwhile.
+    assert!(started.elapsed() >= Duration::from_secs(2), "{stderr}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", admin)).is_err());
+    drop(taken);
+}
