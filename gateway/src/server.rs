@@ -86,13 +86,12 @@ fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
                     tries += 1;
                 }
                 Err(e) => {
-                    return Err(config::ConfigError {
-                        file: loaded.path.clone(),
-                        line: address.referenced.line(),
-                        column: address.referenced.column(),
+                    return Err(config::ConfigError::at(
+                        &loaded.path,
+                        &address.referenced,
                         field,
-                        message: format!("cannot listen on {}: {e}", address.value.0),
-                    })
+                        format!("cannot listen on {}: {e}", address.value.0),
+                    ))
                 }
             }
         }

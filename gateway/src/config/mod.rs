@@ -47,6 +47,24 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error about the value at `at` in `file`.
+    pub fn at(
+        file: &Path,
+        at: &serde_saphyr::Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: at.line(),
+            column: at.column(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -18,13 +18,7 @@ impl Checker<'_> {
         field: impl Into<String>,
         message: impl Into<String>,
     ) -> ConfigError {
-        ConfigError {
-            file: self.file.to_path_buf(),
-            line: loc.line(),
-            column: loc.column(),
-            field: field.into(),
-            message: message.into(),
-        }
+        ConfigError::at(self.file, loc, field, message)
     }
 
     fn err_at<T>(
