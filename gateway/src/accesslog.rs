@@ -340,6 +340,7 @@ impl AccessLog {
             if lines.count < self.capacity {
                 lines.bytes.extend_from_slice(&line);
                 lines.count += 1;
+                prefetch_spare(&lines.bytes, line.len());
             } else {
                 drop(lines);
                 self.dropped.inc();
@@ -375,6 +376,26 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Asks the CPU to bring the batch's next `ahead` bytes into its cache, without waiting: the
+/// next line is copied there a request later. Each line lands on memory the thread has not
+/// touched since the batch was last written, tens of milliseconds earlier, and releasing the
+/// batch's lock waits for those stores (~0.2 µs a line by `perf`, most of the access log's cost
+/// on the worker thread).
+#[inline]
+fn prefetch_spare(bytes: &Vec<u8>, ahead: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let spare = bytes.capacity() - bytes.len();
+        let next = bytes.as_ptr().wrapping_add(bytes.len());
+        for offset in (0..ahead.min(spare)).step_by(64) {
+            // SAFETY: a prefetch is a hint: it reads nothing into the program and cannot fault,
+            // whatever the address; this one is inside the vector's allocation.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(offset).cast()) };
+        }
     }
 }
 
