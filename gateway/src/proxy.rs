@@ -784,9 +784,13 @@ impl ProxyHttp for Gateway {
                 return refuse_and_close(session, 400, "invalid path", &id).await;
             }
         };
-        let found = rt
+        // Without routes that name a host, the host is not looked up (~200 instructions).
+        let host = rt
             .router
-            .find(request_host(req), &path, &req.method, &req.headers);
+            .matches_hosts()
+            .then(|| request_host(req))
+            .flatten();
+        let found = rt.router.find(host, &path, &req.method, &req.headers);
         let Some(route) = found else {
             ctx.rt = Some(rt);
             respond_json(session, 404, status_message(404), Some(ctx.request_id())).await?;

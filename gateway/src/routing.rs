@@ -252,6 +252,12 @@ impl Router {
         Ok(router)
     }
 
+    /// Whether any route names a host. When none does, [`Router::find`] ignores the host, and
+    /// the caller need not look it up.
+    pub fn matches_hosts(&self) -> bool {
+        !self.exact_hosts.is_empty() || !self.wildcard_hosts.is_empty()
+    }
+
     /// Finds the route for a request. `host` is the Host/`:authority` without port, in any case.
     /// `path` must already be normalised ([`normalize_path`]).
     pub fn find(
@@ -261,9 +267,7 @@ impl Router {
         method: &Method,
         headers: &HeaderMap,
     ) -> Option<u32> {
-        if let Some(host) =
-            host.filter(|_| !self.exact_hosts.is_empty() || !self.wildcard_hosts.is_empty())
-        {
+        if let Some(host) = host.filter(|_| self.matches_hosts()) {
             let mut buf = [0u8; 253];
             if let Some(lower) = ascii_lower(host, &mut buf) {
                 if let Some(hit) = self
@@ -487,6 +491,7 @@ routes:
 "#,
         );
         let r = Router::new(&rs).unwrap();
+        assert!(r.matches_hosts());
         assert_eq!(find(&r, "x", "/", "GET"), Some(0));
         assert_eq!(
             find(&r, "x", "/apix", "GET"),
@@ -546,6 +551,7 @@ routes:
 "#,
         );
         let r = Router::new(&rs).unwrap();
+        assert!(!r.matches_hosts(), "no route names a host");
         let mut h = HeaderMap::new();
         assert_eq!(r.find(None, "/a", &Method::GET, &h), None);
         h.insert("x-env", "staging".parse().unwrap());
