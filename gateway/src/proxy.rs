@@ -63,7 +63,8 @@ impl Gateway {
 /// by then other requests have pushed the context out of the CPU's caches, and fields spread
 /// over its whole length cost a cache miss each (`perf` found two of them taking ~40 % of
 /// `upstream_response_filter`). The first 64 bytes serve the upstream response and the
-/// metrics, the next 64 the response headers, the next 64 the access log.
+/// metrics, the next 64 the response headers, the next 64 the access log. The context is
+/// allocated 16-byte aligned, so each group spans one cache line or two, never more.
 #[derive(Default)]
 #[repr(C)]
 pub struct RequestCtx {
