@@ -189,7 +189,8 @@ async fn next_request(
 /// (true for HTTP/2). An HTTP/1 request differs from the 24-byte preface within its first
 /// bytes (no method is `PRI`), so a short one, `GET / HTTP/1.0` and an empty line (18 bytes),
 /// is told at once; Pingora's own check waits for 24 bytes, and such a request would wait
-/// for the head deadline. `None` when the connection fails or is not TCP.
+/// for the head deadline. The caller has checked that the stream is Pingora's TCP stream;
+/// `None` when the connection fails.
 async fn read_h2c_preface(stream: Stream) -> Option<(Stream, bool)> {
     use tokio::io::AsyncReadExt;
     let mut tcp = stream.into_any().downcast::<L4Stream>().ok()?;
