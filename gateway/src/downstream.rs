@@ -31,7 +31,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -131,8 +131,11 @@ impl Downstream {
         let keepalive = guard.keepalive.as_secs().max(1);
         // One shutdown waiter for the connection's life, rather than one per request.
         let mut watch = shutdown.clone();
-        let mut shutting_down = std::pin::pin!(watch.changed());
-        let mut next = next_request(guard, false, shutdown, shutting_down.as_mut()).await;
+        let mut shutting_down = ShutdownWaiter {
+            changed: std::pin::pin!(watch.changed()),
+            waker: None,
+        };
+        let mut next = next_request(guard, false, shutdown, &mut shutting_down).await;
         let mut settings = None;
         while let Some(stream) = next {
             let mut session = ServerSession::new_http1(stream);
@@ -154,20 +157,29 @@ impl Downstream {
             let Ok(guard) = stream.into_any().downcast::<HeadGuard>() else {
                 return;
             };
-            next = next_request(guard, true, shutdown, shutting_down.as_mut()).await;
+            next = next_request(guard, true, shutdown, &mut shutting_down).await;
         }
     }
+}
+
+/// The connection's one wait for shutdown, and the task waker it was last polled with.
+struct ShutdownWaiter<'a, F> {
+    changed: Pin<&'a mut F>,
+    /// While the wait is polled with this waker, its registration holds: it is polled again
+    /// only once shutdown has begun, which saves a lock of the watch's waiter list each time
+    /// the wait for a request goes pending (twice a request under load, by callgrind).
+    waker: Option<Waker>,
 }
 
 /// Waits for the first byte of the connection's next request (kept in the guard for Pingora to
 /// read) and gives the stream back; `None` when the client closed or went quiet, or shutdown
 /// began. Between requests (`between`) the wait is bounded by the keep-alive timeout; the first
 /// request's by the head deadline.
-async fn next_request(
+async fn next_request<F: Future>(
     mut guard: Box<HeadGuard>,
     between: bool,
     shutdown: &ShutdownWatch,
-    shutting_down: Pin<&mut impl Future>,
+    shutting_down: &mut ShutdownWaiter<'_, F>,
 ) -> Option<Stream> {
     if *shutdown.borrow() {
         return None;
@@ -175,11 +187,30 @@ async fn next_request(
     if between {
         guard.phase = Phase::Idle(None);
     }
-    let arrived = tokio::select! {
-        // The next request is usually there already: then the shutdown waiter is not polled.
-        biased;
-        read = guard.first_byte() => matches!(read, Ok(true)),
-        _ = shutting_down => false,
+    let arrived = {
+        let mut first_byte = std::pin::pin!(guard.first_byte());
+        std::future::poll_fn(|cx| {
+            // The next request is usually there already: then the shutdown wait is not polled.
+            if let Poll::Ready(read) = first_byte.as_mut().poll(cx) {
+                return Poll::Ready(matches!(read, Ok(true)));
+            }
+            let registered = shutting_down
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            // A closed watch (`Err`) ends the wait as a shutdown does.
+            if registered && matches!(shutdown.has_changed(), Ok(false)) {
+                return Poll::Pending;
+            }
+            if shutting_down.changed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            if !registered {
+                shutting_down.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     };
     arrived.then_some(guard as Stream)
 }
@@ -355,6 +386,7 @@ impl ServerApp for Downstream {
             header_timeout,
             keepalive,
             sleep: None,
+            sleep_waker: None,
             first: None,
             open,
             timeouts,
@@ -453,6 +485,10 @@ pub struct HeadGuard {
     keepalive: Duration,
     /// The deadline's timer, made the first time a read has to wait, then reused.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The task waker the timer was last polled with. While reads come with this waker (they
+    /// do: the connection is one task), the timer's registration holds, and a read that has to
+    /// wait only checks whether the timer has fired instead of polling it again.
+    sleep_waker: Option<Waker>,
     /// The first byte of the next request, read (and scanned) while waiting for it; the next
     /// read returns it first.
     first: Option<u8>,
@@ -552,11 +588,22 @@ impl AsyncRead for HeadGuard {
                 let sleep = this
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                let mut registered = this
+                    .sleep_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()));
                 if sleep.deadline() > deadline {
                     sleep.as_mut().reset(deadline);
+                    registered = false;
+                }
+                if registered && !sleep.is_elapsed() {
+                    return Poll::Pending;
                 }
                 loop {
                     if sleep.as_mut().poll(cx).is_pending() {
+                        if !registered {
+                            this.sleep_waker = Some(cx.waker().clone());
+                        }
                         return Poll::Pending;
                     }
                     if sleep.deadline() >= deadline {
