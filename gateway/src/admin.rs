@@ -1,5 +1,5 @@
-//! The admin listener: `/health` (the process answers) and `/ready` (a runtime is loaded and
-//! the process is not draining) for orchestrators, `/metrics` for Prometheus, and read-only
+//! The admin listener: `/health` (the process answers) and `/ready` (a runtime is loaded, the
+//! client listeners are bound and the process is not draining) for orchestrators, `/metrics` for Prometheus, and read-only
 //! `/routes` and `/upstreams` (with each replica's health) as JSON.
 
 use crate::runtime::Runtime;
@@ -14,13 +14,23 @@ use std::sync::Arc;
 /// The admin HTTP app.
 pub struct Admin {
     runtime: Arc<ArcSwap<Runtime>>,
+    listeners_bound: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
 }
 
 impl Admin {
-    /// An admin app reading `runtime`; `draining` turns true on SIGTERM.
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, draining: Arc<AtomicBool>) -> Admin {
-        Admin { runtime, draining }
+    /// An admin app reading `runtime`; `listeners_bound` turns true once every client listener
+    /// is listening (see [`crate::listening`]), `draining` on SIGTERM.
+    pub fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        listeners_bound: Arc<AtomicBool>,
+        draining: Arc<AtomicBool>,
+    ) -> Admin {
+        Admin {
+            runtime,
+            listeners_bound,
+            draining,
+        }
     }
 }
 
@@ -44,6 +54,8 @@ impl ServeHttp for Admin {
                 let rt = self.runtime.load();
                 if self.draining.load(Ordering::Relaxed) {
                     json(503, "{\"status\":\"draining\"}\n".into())
+                } else if !self.listeners_bound.load(Ordering::Acquire) {
+                    json(503, "{\"status\":\"starting\"}\n".into())
                 } else {
                     json(
                         200,

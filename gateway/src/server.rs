@@ -61,8 +61,8 @@ const ADDRESS_RETRY: Duration = Duration::from_millis(500);
 
 /// Fails, naming the field, when a listener or admin address cannot be bound: in use by another
 /// process (after [`ADDRESS_TRIES`]), or not an address of this host. Pingora would instead
-/// retry for 30 s and then stop the proxy service, while the process lived on and `/ready`
-/// kept answering 200 for a gateway that served nothing.
+/// retry for 30 s and then stop the proxy service, while the process lived on. An address
+/// taken after this check is caught by [`crate::listening::watch`].
 fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
     let c = &loaded.config;
     let listeners = c
@@ -168,11 +168,25 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     }
     server.add_service(proxy);
 
+    // Pingora binds the listeners in its service threads; `/ready` waits for them, and a
+    // listener that cannot be bound ends the process rather than leaving it up without it.
+    let listeners_bound = Arc::new(AtomicBool::new(false));
+    let addresses = loaded
+        .config
+        .listeners
+        .iter()
+        .map(|(name, l)| (format!("listeners.{name}.address"), l.address.value.0))
+        .collect();
+    control.spawn(crate::listening::watch_or_exit(
+        addresses,
+        listeners_bound.clone(),
+    ));
+
     let draining = Arc::new(AtomicBool::new(false));
     if let Some(admin) = &loaded.config.admin {
         let mut svc = pingora::services::listening::Service::new(
             "admin".to_string(),
-            Admin::new(shared.clone(), draining.clone()),
+            Admin::new(shared.clone(), listeners_bound, draining.clone()),
         );
         svc.threads = Some(1);
         let addr = admin.address.value.0.to_string();

@@ -550,3 +550,142 @@ fn a_listener_address_in_use_stops_the_start() {
     assert!(started.elapsed() >= Duration::from_secs(2), "{stderr}");
     drop(taken);
 }
+
+/// A gateway whose client listener address was taken by this test after the start-up check
+/// and before Pingora bound it: the test stops the process (SIGSTOP) as soon as it logs its
+/// listeners, takes the address, and lets it go on. Returns the process, its admin address,
+/// the listener the test holds, and the log's path; `None` if the gateway bound first every
+/// time.
+fn start_with_address_taken_after_the_check(
+    dir: &std::path::Path,
+) -> Option<(
+    std::process::Child,
+    u16,
+    std::net::TcpListener,
+    std::path::PathBuf,
+)> {
+    for attempt in 0..5 {
+        let port = free_port("127.0.0.1");
+        let admin = free_port("127.0.0.1");
+        let path = dir.join(format!("gw{attempt}.yaml"));
+        let log_path = dir.join(format!("gw{attempt}.log"));
+        std::fs::write(
+            &path,
+            format!(
+                "listeners:\n  http: {{ address: \"127.0.0.1:{port}\" }}\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nupstreams:\n  b: {{ targets: [\"127.0.0.1:9\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(gateway_bin())
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("listening")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway never logged its listeners"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        let taken = std::net::TcpListener::bind(("127.0.0.1", port));
+        unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        match taken {
+            Ok(taken) => return Some((child, admin, taken, log_path)),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    None
+}
+
+/// `/ready`'s status and body, once the admin listener answers.
+fn ready(admin: u16) -> (u16, String) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut response = String::new();
+            s.read_to_string(&mut response).unwrap();
+            let status = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+            let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            return (status, body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the admin listener never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An address taken between the start-up check and Pingora's bind: `/ready` answers 503
+/// ("starting") while Pingora tries it, and once it gives up (30 tries, a second apart) the
+/// gateway exits with the listener named, instead of living on without it.
+#[test]
+fn a_listener_address_taken_after_the_check_keeps_ready_at_503_then_stops_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, admin, taken, log_path) = start_with_address_taken_after_the_check(dir.path())
+        .expect("the gateway bound its address first in every attempt");
+    let (status, body) = ready(admin);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"starting\""), "{body}");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the gateway kept running without its listener");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("field=listeners.http.address"), "{log}");
+    assert!(log.contains("still not bound"), "{log}");
+    drop(taken);
+}
+
+/// The same, with the address let go while Pingora still tries it: the listener is bound on
+/// its next try, and `/ready` turns 200.
+#[test]
+fn a_listener_address_freed_while_pingora_tries_it_makes_the_gateway_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, admin, taken, _) = start_with_address_taken_after_the_check(dir.path())
+        .expect("the gateway bound its address first in every attempt");
+    let port = taken.local_addr().unwrap().port();
+    assert_eq!(ready(admin).0, 503);
+    drop(taken);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready(admin).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the address was freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Ready means served: the listener is the gateway's.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert!(child.try_wait().unwrap().is_none());
+    let _ = child.kill();
+    let _ = child.wait();
+}
