@@ -1,7 +1,8 @@
 //! Client connections, between the listener and Pingora's HTTP layer: the TLS handshake
 //! (bounded by `limits.header_timeout`, counted by version and by reason of failure), a deadline
 //! for every HTTP/1 request head (slowloris), the idle wait between keep-alive requests
-//! (`limits.keepalive_timeout`), and the open-connection gauges by listener and protocol.
+//! (`limits.keepalive_timeout`), the open-connection gauges by listener and protocol, and
+//! small writes held so that a response's head goes out with its body in one send.
 //!
 //! [`Downstream`] is the listening service's application. It wraps each accepted stream in a
 //! [`HeadGuard`] and runs Pingora's HTTP/1 keep-alive loop itself, so that the guard is re-armed
@@ -31,7 +32,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -387,6 +388,7 @@ impl ServerApp for Downstream {
             keepalive,
             sleep: None,
             sleep_waker: None,
+            held: Vec::new(),
             first: None,
             open,
             timeouts,
@@ -492,6 +494,10 @@ pub struct HeadGuard {
     /// The first byte of the next request, read (and scanned) while waiting for it; the next
     /// read returns it first.
     first: Option<u8>,
+    /// Small writes held until the next flush, or until a larger write takes them along in
+    /// one vectored write: a response's head goes out with its body in one send (see
+    /// [`HELD_WRITES_MAX`]).
+    held: Vec<u8>,
     open: Option<IntGauge>,
     timeouts: Option<IntCounter>,
 }
@@ -635,13 +641,56 @@ impl AsyncRead for HeadGuard {
     }
 }
 
+impl HeadGuard {
+    /// Writes out the held bytes.
+    fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes up to this size (together) are held for the next flush or the next larger write.
+/// Pingora writes a response's head, then its body, and flushes at the end (at once after the
+/// head when the body is streamed); the stream under it buffers 1460 bytes, so a head and a
+/// larger body went out in two sends (over TLS, two records as well), each waking the client.
+const HELD_WRITES_MAX: usize = 4096;
+
 impl AsyncWrite for HeadGuard {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.held.is_empty() && buf.len() > HELD_WRITES_MAX {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if this.held.len() + buf.len() <= HELD_WRITES_MAX {
+            this.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        // The held bytes and this write together, in one vectored write when the stream
+        // takes them so.
+        while !this.held.is_empty() {
+            let both = [io::IoSlice::new(&this.held), io::IoSlice::new(buf)];
+            let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &both))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n > this.held.len() {
+                let of_buf = n - this.held.len();
+                this.held.clear();
+                return Poll::Ready(Ok(of_buf));
+            }
+            this.held.drain(..n);
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -649,7 +698,9 @@ impl AsyncWrite for HeadGuard {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -657,17 +708,23 @@ impl AsyncWrite for HeadGuard {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
 #[async_trait]
 impl Shutdown for HeadGuard {
     async fn shutdown(&mut self) {
+        // Held bytes go out first.
+        let _ = std::future::poll_fn(|cx| self.poll_write_held(cx)).await;
         self.inner.shutdown().await
     }
 }

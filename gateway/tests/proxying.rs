@@ -668,3 +668,66 @@ async fn http2_responses_keep_per_response_values_out_of_the_hpack_table() {
         assert!(kinds.starts_with('i'), "{path}: {kinds:?}"); // :status 200
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_writes_hold_back_no_streamed_chunk_and_lose_no_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The client stream holds small writes (a response's head) for the next flush or the next
+    // larger write. A chunked response's first chunk, then a pause: the head and the chunk
+    // reach the client at once, not when the response ends.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    let b = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"] }}\n  s: {{ targets: [\"{upstream_addr}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n  - {{ name: stream, upstream: s, match: {{ path: /stream }} }}\n",
+        b.addr
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET /stream HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let asked = std::time::Instant::now();
+    let text = read_until_contains(&mut s, "first", Duration::from_secs(5)).await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(1000),
+        "the first chunk came after {:?}: {text:?}",
+        asked.elapsed()
+    );
+    assert!(!text.contains("second"), "{text:?}");
+    read_until_contains(&mut s, "second", Duration::from_secs(5)).await;
+    server.abort();
+
+    // Content-Length bodies around what is held (4 KiB, a head with them) come whole.
+    let c = client();
+    for n in [0, 1, 3900, 4096, 4097, 16 * 1024, 64 * 1024 + 7] {
+        let r = c
+            .get(gw.url(&format!("/bytes?n={n}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().len(), n, "n = {n}");
+    }
+}

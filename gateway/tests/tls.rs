@@ -101,13 +101,26 @@ async fn served_names(addr: SocketAddr, sni: &str) -> Vec<String> {
         .collect()
 }
 
-/// A verifying client that trusts the development CA: a request over TLS, and the ALPN result.
+/// A verifying client that trusts the development CA: a request for `/x` over TLS, and the
+/// ALPN result.
 async fn https_get(
     addr: SocketAddr,
     ca: &Path,
     sni: &str,
     alpn: &[&[u8]],
 ) -> (Option<Vec<u8>>, String) {
+    let (alpn, bytes) = https_get_path(addr, ca, sni, alpn, "/x").await;
+    (alpn, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// [`https_get`] for `path`, with the response's bytes.
+async fn https_get_path(
+    addr: SocketAddr,
+    ca: &Path,
+    sni: &str,
+    alpn: &[&[u8]],
+    path: &str,
+) -> (Option<Vec<u8>>, Vec<u8>) {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).unwrap();
     for c in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -126,16 +139,78 @@ async fn https_get(
         .unwrap();
     let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     if negotiated.as_deref() == Some(b"h2") {
-        return (negotiated, String::new());
+        return (negotiated, Vec::new());
     }
     tls.write_all(
-        format!("GET /x HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
     .unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
-    (negotiated, String::from_utf8_lossy(&out).into_owned())
+    (negotiated, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_of_every_size_come_whole_over_tls() {
+    // The client stream holds a response's head for its body (one send, one record for both
+    // when they fit): sizes around what it holds, and around a TLS record, come whole.
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, &["a.test"]);
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let listener = format!(
+        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }} ] }} }}\n",
+        d.display()
+    );
+    let _gw = Gateway::start_with(
+        "",
+        &listener,
+        &format!(
+            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
+            backend.addr
+        ),
+    )
+    .await;
+    let ca = d.join("ca.pem");
+    for n in [
+        0,
+        1,
+        3900,
+        4096,
+        4097,
+        16 * 1024,
+        16 * 1024 + 1,
+        64 * 1024 + 7,
+    ] {
+        let (_, response) = https_get_path(
+            https,
+            &ca,
+            "a.test",
+            &[b"http/1.1"],
+            &format!("/bytes?n={n}"),
+        )
+        .await;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| {
+                panic!(
+                    "n = {n}: no head in {:?}",
+                    String::from_utf8_lossy(&response)
+                )
+            });
+        let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "n = {n}: {head}");
+        assert!(
+            head.contains(&format!("content-length: {n}\r\n")),
+            "n = {n}: {head}"
+        );
+        assert_eq!(response.len() - split - 4, n, "n = {n}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
