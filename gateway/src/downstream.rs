@@ -494,9 +494,9 @@ pub struct HeadGuard {
     /// The first byte of the next request, read (and scanned) while waiting for it; the next
     /// read returns it first.
     first: Option<u8>,
-    /// Small writes held until the next flush, or until a larger write takes them along in
-    /// one vectored write: a response's head goes out with its body in one send (see
-    /// [`HELD_WRITES_MAX`]).
+    /// A small write (a response's head) held until the next flush, or until a larger write
+    /// takes it along in one vectored write: a response's head goes out with its body in one
+    /// send (see [`HELD_WRITES_MAX`]).
     held: Vec<u8>,
     open: Option<IntGauge>,
     timeouts: Option<IntCounter>,
@@ -655,11 +655,16 @@ impl HeadGuard {
     }
 }
 
-/// Writes up to this size (together) are held for the next flush or the next larger write.
-/// Pingora writes a response's head, then its body, and flushes at the end (at once after the
-/// head when the body is streamed); the stream under it buffers 1460 bytes, so a head and a
-/// larger body went out in two sends (over TLS, two records as well), each waking the client.
+/// A write of up to this size, with nothing held, is held for the next flush or the next
+/// write. Pingora writes a response's head, then its body, and flushes at the end (at once
+/// after the head when the body is streamed); the stream under the guard buffers 1460 bytes,
+/// so a head and a larger body went out in two sends (over TLS, two records as well), each
+/// waking the client. Held, the head goes out with the body in one vectored write.
 const HELD_WRITES_MAX: usize = 4096;
+
+/// A held write and the next that together fit this are passed on one after the other, as
+/// they were written: the stream under the guard buffers them and sends them at the flush.
+const SMALL_RESPONSE_MAX: usize = 1460;
 
 impl AsyncWrite for HeadGuard {
     fn poll_write(
@@ -668,12 +673,19 @@ impl AsyncWrite for HeadGuard {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.held.is_empty() && buf.len() > HELD_WRITES_MAX {
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        if this.held.len() + buf.len() <= HELD_WRITES_MAX {
+        if this.held.is_empty() {
+            if buf.len() > HELD_WRITES_MAX {
+                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            }
             this.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
+        }
+        if this.held.len() + buf.len() <= SMALL_RESPONSE_MAX {
+            // A small response: its pieces go on as they were written, to be sent together
+            // at the flush by the stream under the guard. (Sent as one piece, over TLS as one
+            // record, a 13-byte response cost 0.5 µs more CPU time, all of it in the kernel.)
+            ready!(this.poll_write_held(cx))?;
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
         // The held bytes and this write together, in one vectored write when the stream
         // takes them so.
