@@ -166,15 +166,7 @@ async fn bodies_of_every_size_come_whole_over_tls() {
         "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }} ] }} }}\n",
         d.display()
     );
-    let _gw = Gateway::start_with(
-        "",
-        &listener,
-        &format!(
-            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\n",
-            backend.addr
-        ),
-    )
-    .await;
+    let _gw = Gateway::start_with("", &listener, &one_route_to(&backend, "")).await;
     let ca = d.join("ca.pem");
     for n in [
         0,
