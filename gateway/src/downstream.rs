@@ -134,7 +134,7 @@ impl Downstream {
         let mut watch = shutdown.clone();
         let mut shutting_down = ShutdownWaiter {
             changed: std::pin::pin!(watch.changed()),
-            waker: None,
+            polled_with: LastWaker::default(),
         };
         let mut next = next_request(guard, false, shutdown, &mut shutting_down).await;
         let mut settings = None;
@@ -163,13 +163,33 @@ impl Downstream {
     }
 }
 
-/// The connection's one wait for shutdown, and the task waker it was last polled with.
+/// The task waker a future was last polled with. A pending future wakes the waker of its
+/// last poll, so while polls come with the same one (a connection is one task) the future
+/// need not be polled again only to register it: checking whether it has fired is enough.
+/// The wait for a request goes pending twice a request under load (callgrind), and each
+/// needless poll re-registered the keep-alive timer and locked the shutdown watch's list of
+/// waiters.
+#[derive(Default)]
+struct LastWaker(Option<Waker>);
+
+impl LastWaker {
+    /// Whether the future was last polled with `cx`'s waker.
+    fn is(&self, cx: &Context<'_>) -> bool {
+        self.0.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+    }
+
+    /// Records `cx`'s waker after a poll with it.
+    fn set(&mut self, cx: &Context<'_>) {
+        if !self.is(cx) {
+            self.0 = Some(cx.waker().clone());
+        }
+    }
+}
+
+/// The connection's one wait for shutdown, and the waker it was last polled with.
 struct ShutdownWaiter<'a, F> {
     changed: Pin<&'a mut F>,
-    /// While the wait is polled with this waker, its registration holds: it is polled again
-    /// only once shutdown has begun, which saves a lock of the watch's waiter list each time
-    /// the wait for a request goes pending (twice a request under load, by callgrind).
-    waker: Option<Waker>,
+    polled_with: LastWaker,
 }
 
 /// Waits for the first byte of the connection's next request (kept in the guard for Pingora to
@@ -195,20 +215,14 @@ async fn next_request<F: Future>(
             if let Poll::Ready(read) = first_byte.as_mut().poll(cx) {
                 return Poll::Ready(matches!(read, Ok(true)));
             }
-            let registered = shutting_down
-                .waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()));
             // A closed watch (`Err`) ends the wait as a shutdown does.
-            if registered && matches!(shutdown.has_changed(), Ok(false)) {
+            if shutting_down.polled_with.is(cx) && matches!(shutdown.has_changed(), Ok(false)) {
                 return Poll::Pending;
             }
             if shutting_down.changed.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
-            if !registered {
-                shutting_down.waker = Some(cx.waker().clone());
-            }
+            shutting_down.polled_with.set(cx);
             Poll::Pending
         })
         .await
@@ -387,7 +401,7 @@ impl ServerApp for Downstream {
             header_timeout,
             keepalive,
             sleep: None,
-            sleep_waker: None,
+            sleep_polled_with: LastWaker::default(),
             held: Vec::new(),
             first: None,
             open,
@@ -487,10 +501,9 @@ pub struct HeadGuard {
     keepalive: Duration,
     /// The deadline's timer, made the first time a read has to wait, then reused.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// The task waker the timer was last polled with. While reads come with this waker (they
-    /// do: the connection is one task), the timer's registration holds, and a read that has to
-    /// wait only checks whether the timer has fired instead of polling it again.
-    sleep_waker: Option<Waker>,
+    /// The waker the timer was last polled with: a read that has to wait with the same one
+    /// only checks whether the timer has fired.
+    sleep_polled_with: LastWaker,
     /// The first byte of the next request, read (and scanned) while waiting for it; the next
     /// read returns it first.
     first: Option<u8>,
@@ -594,22 +607,15 @@ impl AsyncRead for HeadGuard {
                 let sleep = this
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                let mut registered = this
-                    .sleep_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()));
                 if sleep.deadline() > deadline {
+                    // Re-armed: polled again below.
                     sleep.as_mut().reset(deadline);
-                    registered = false;
-                }
-                if registered && !sleep.is_elapsed() {
+                } else if this.sleep_polled_with.is(cx) && !sleep.is_elapsed() {
                     return Poll::Pending;
                 }
                 loop {
                     if sleep.as_mut().poll(cx).is_pending() {
-                        if !registered {
-                            this.sleep_waker = Some(cx.waker().clone());
-                        }
+                        this.sleep_polled_with.set(cx);
                         return Poll::Pending;
                     }
                     if sleep.deadline() >= deadline {
