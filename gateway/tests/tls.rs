@@ -34,6 +34,27 @@ fn certs(dir: &Path, names: &[&str]) {
     );
 }
 
+/// A TLS listener `name` on a free loopback port serving the certificates `leaves` (as made by
+/// [`certs`] in `dir`), with more `tls` settings in `extra` (`, key: value` pairs): its
+/// address, and its line for `listeners:`.
+fn tls_listener(name: &str, dir: &Path, leaves: &[&str], extra: &str) -> (SocketAddr, String) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let certificates: Vec<String> = leaves
+        .iter()
+        .map(|leaf| {
+            let d = dir.display();
+            format!("{{ cert: \"{d}/{leaf}.pem\", key: \"{d}/{leaf}-key.pem\" }}")
+        })
+        .collect();
+    let line = format!(
+        "  {name}: {{ address: \"{addr}\", tls: {{ certificates: [ {} ]{extra} }} }}\n",
+        certificates.join(", ")
+    );
+    (addr, line)
+}
+
 /// Accepts any certificate and keeps the one it was shown, to see which one was served.
 #[derive(Debug, Default)]
 struct Recorder(Mutex<Option<CertificateDer<'static>>>);
@@ -159,13 +180,7 @@ async fn bodies_of_every_size_come_whole_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     certs(d, &["a.test"]);
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let listener = format!(
-        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }} ] }} }}\n",
-        d.display()
-    );
+    let (https, listener) = tls_listener("https", d, &["a.test"], "");
     let _gw = Gateway::start_with("", &listener, &one_route_to(&backend, "")).await;
     let ca = d.join("ca.pem");
     for n in [
@@ -212,12 +227,11 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
     let d = dir.path();
     certs(d, &["a.test"]);
     certs(d, &["b.test", "*.wild.test"]);
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let listener = format!(
-        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }}, {{ cert: \"{0}/b.test.pem\", key: \"{0}/b.test-key.pem\" }} ], hsts: \"max-age=600\", reload_interval: 100ms }} }}\n",
-        d.display()
+    let (https, listener) = tls_listener(
+        "https",
+        d,
+        &["a.test", "b.test"],
+        ", hsts: \"max-age=600\", reload_interval: 100ms",
     );
     let gw = Gateway::start_with(
         &format!(", redirect_https: {}", https.port()),
@@ -423,13 +437,8 @@ async fn client_certificates_and_bad_tls_config() {
     let d = dir.path();
     certs(d, &["server.test"]);
     certs(d, &["client.test"]);
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let listener = format!(
-        "  mtls: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/server.test.pem\", key: \"{0}/server.test-key.pem\" }} ], client_auth: {{ ca: \"{0}/ca.pem\" }} }} }}\n",
-        d.display()
-    );
+    let client_auth = format!(", client_auth: {{ ca: \"{}/ca.pem\" }}", d.display());
+    let (https, listener) = tls_listener("mtls", d, &["server.test"], &client_auth);
     let _gw = Gateway::start_with(
         "",
         &listener,
@@ -632,13 +641,7 @@ routes:
 async fn sslyze_finds_mozilla_intermediate_compliance() {
     let dir = tempfile::tempdir().unwrap();
     certs(dir.path(), &["localhost"]);
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let listener = format!(
-        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/localhost.pem\", key: \"{0}/localhost-key.pem\" }} ] }} }}\n",
-        dir.path().display()
-    );
+    let (https, listener) = tls_listener("https", dir.path(), &["localhost"], "");
     let _gw = Gateway::start_with(
         "",
         &listener,
@@ -736,13 +739,7 @@ async fn failed_handshakes_are_counted_and_silent_clients_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     certs(d, &["a.test"]);
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let listener = format!(
-        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{0}/a.test.pem\", key: \"{0}/a.test-key.pem\" }} ] }} }}\n",
-        d.display()
-    );
+    let (https, listener) = tls_listener("https", d, &["a.test"], "");
     let gw = Gateway::start_with(
         "",
         &listener,
