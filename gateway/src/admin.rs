@@ -1,6 +1,7 @@
 //! The admin listener: `/health` (the process answers) and `/ready` (a runtime is loaded, the
-//! client listeners are bound and the process is not draining) for orchestrators, `/metrics` for Prometheus, and read-only
-//! `/routes` and `/upstreams` (with each replica's health) as JSON.
+//! client listeners are bound and the process is not draining) for orchestrators, `/metrics`
+//! for Prometheus, and read-only `/routes` and `/upstreams` (with each replica's health) as
+//! JSON.
 
 use crate::runtime::Runtime;
 use arc_swap::ArcSwap;

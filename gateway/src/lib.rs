@@ -4,8 +4,8 @@
 //! [`config`] (the YAML users write) → [`runtime`] (compiled, swapped atomically by [`reload`])
 //! → [`downstream`] (client connections: request-head deadline, connection metrics) →
 //! [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
-//! request phases, with [`headers`] for what they add) → [`server`] (process assembly, with [`listening`] for when the listeners are bound) and
-//! [`admin`];
+//! request phases, with [`headers`] for what they add) → [`server`] (process assembly, with
+//! [`listening`] for when the listeners are bound) and [`admin`];
 //! [`logging`] is the process log.
 
 pub mod accesslog;
