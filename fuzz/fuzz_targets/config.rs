@@ -1,5 +1,6 @@
-//! Configuration text → parse, `${VAR}` substitution, validation, route compilation. Any input
-//! must end in a configuration or a `ConfigError`, never a panic or a hang.
+//! Configuration text → parse, `${VAR}` substitution, then `plan::compile` (every check and
+//! parse `gateway check` and `gateway run` make). Any input must end in a plan or a
+//! `ConfigError`, never a panic or a hang.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,9 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let vars: HashMap<String, String> = [("PORT".to_string(), "8080".to_string())].into();
     if let Ok(config) = gateway::config::parse(Path::new("fuzz.yaml"), text, &vars) {
-        let _ = gateway::routing::Router::new(&config.routes);
-        for route in &config.routes {
-            let _ = gateway::routing::compile_rewrite(route);
-        }
+        let _ = gateway::plan::compile(&gateway::config::LoadedConfig {
+            path: "fuzz.yaml".into(),
+            source_hash: 0,
+            config,
+        });
     }
 });

@@ -30,7 +30,7 @@ static RUNTIME: LazyLock<(tokio::runtime::Runtime, AuthPolicy)> = LazyLock::new(
         &Default::default(),
     )
     .expect("the fixed policy parses");
-    let policy = AuthPolicy::new("a", &config.auth["a"], &config.dns).expect("policy builds");
+    let policy = AuthPolicy::new("a", &config.auth["a"].value, &config.dns).expect("policy builds");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

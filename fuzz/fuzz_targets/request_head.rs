@@ -1,12 +1,14 @@
 //! The request-head handling the gateway adds on top of Pingora: bytes are parsed as Pingora
-//! parses them (httparse, 256 header slots, then `RequestHeader`), then run through the
-//! gateway's checks (framing, target form, path normalisation, request id, trace context,
-//! host). Nothing may panic; a head the gateway routes must have a path that starts with `/`
-//! and carries no control characters.
+//! parses them (httparse, 256 header slots, then `RequestHeader`), then run through
+//! `check_head`, the very function the request path calls (framing, size, authority, target
+//! form, path normalisation), and the request id, trace context and host readers. Nothing may
+//! panic; a head the gateway routes must have a path that starts with `/` and carries no
+//! control characters.
 #![no_main]
 
-use bytes::Bytes;
-use gateway::proxy::{inspect_head, HeadVerdict};
+use gateway::config::LimitsConfig;
+use gateway::proxy::client::{request_host, valid_request_id};
+use gateway::proxy::head::check_head;
 use libfuzzer_sys::fuzz_target;
 use pingora_http::RequestHeader;
 
@@ -34,8 +36,15 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     }
-    if let HeadVerdict::Route(path) = inspect_head(&req, Some(Bytes::copy_from_slice(&data[..end])))
-    {
+    if let Some(id) = req.headers.get("x-request-id") {
+        let _ = valid_request_id(id.as_bytes());
+    }
+    if let Some(tp) = req.headers.get("traceparent") {
+        let _ = gateway::trace::parse_traceparent(tp.as_bytes());
+    }
+    let _ = request_host(&req);
+    if let Ok(head) = check_head(&req, Some(&data[..end]), &LimitsConfig::default()) {
+        let path = head.path;
         assert!(path.starts_with('/'), "routed path {path:?}");
         assert!(
             !path.bytes().any(|b| b < 0x20 || b == 0x7f),

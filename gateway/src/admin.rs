@@ -73,12 +73,23 @@ impl ServeHttp for Admin {
                     .routes
                     .iter()
                     .map(|r| {
+                        use crate::policy::Policy;
+                        let policies = r.policies.policies();
+                        let jwt = policies.iter().find_map(|p| match p {
+                            Policy::Jwt(j) => Some(j),
+                            _ => None,
+                        });
+                        let limit = policies.iter().find_map(|p| match p {
+                            Policy::RateLimit(l) => Some(&*l.policy.name),
+                            _ => None,
+                        });
                         serde_json::json!({
                             "name": &*r.name,
                             "upstream": &*r.upstream.name,
-                            "auth": r.auth.as_ref().map(|a| &*a.name),
-                            "auth_optional": r.auth_optional,
-                            "rate_limit": r.rate_limit.as_ref().map(|l| &*l.name),
+                            "policies": policies.iter().map(Policy::kind).collect::<Vec<_>>(),
+                            "auth": jwt.map(|j| &*j.policy.name),
+                            "auth_optional": jwt.is_some_and(|j| j.optional),
+                            "rate_limit": limit,
                             "retries": r.retries,
                         })
                     })

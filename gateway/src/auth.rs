@@ -36,10 +36,8 @@ pub enum AuthError {
     NoKeys,
 }
 
-/// A token that verified: its claims, and until when (Unix seconds) that result stands.
+/// A token that verified: the policy's verdict, and until when (Unix seconds) it stands.
 struct CachedToken {
-    /// The claims, for rate-limit keys (which claim depends on the route).
-    claims: Map<String, Value>,
     /// The policy's verdict on the claims and the headers they become, worked out once.
     outcome: Result<Verified, AuthError>,
     valid_until: u64,
@@ -65,13 +63,17 @@ struct KeySet {
 /// The claims a valid token carried, ready to forward (shared with the token cache).
 pub type ForwardedClaims = Arc<[(HeaderName, HeaderValue)]>;
 
+/// A valid token's claims, for the policies that read them after the check (shared with the
+/// token cache).
+pub type TokenClaims = Arc<Map<String, Value>>;
+
 /// What a valid token yields.
 #[derive(Debug, Default, Clone)]
 pub struct Verified {
     /// Claims to send upstream as headers.
     pub forward: ForwardedClaims,
-    /// The rate-limit key claim's value, hashed, when one was asked for.
-    pub limit_key: Option<u64>,
+    /// Every claim of the token.
+    pub claims: Option<TokenClaims>,
     /// The `sub` claim, for the access log.
     pub subject: Option<Arc<str>>,
 }
@@ -382,14 +384,9 @@ impl AuthPolicy {
         None
     }
 
-    /// Checks `token`; on success returns the claims to forward and, when `key_claim` is
-    /// given, that claim's value hashed as a rate-limit key.
-    pub async fn verify(
-        &self,
-        token: &str,
-        key_claim: Option<&str>,
-    ) -> Result<Verified, AuthError> {
-        let outcome = self.check_token(token, key_claim).await;
+    /// Checks `token`; on success returns its claims and the headers they become.
+    pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let outcome = self.check_token(token).await;
         match &outcome {
             Ok(_) => self.metrics.ok.inc(),
             Err(AuthError::Missing) => self.metrics.missing.inc(),
@@ -406,11 +403,7 @@ impl AuthPolicy {
         outcome
     }
 
-    async fn check_token(
-        &self,
-        token: &str,
-        key_claim: Option<&str>,
-    ) -> Result<Verified, AuthError> {
+    async fn check_token(&self, token: &str) -> Result<Verified, AuthError> {
         if token.len() > 16 * 1024 {
             return Err(AuthError::Invalid("token too large"));
         }
@@ -418,11 +411,8 @@ impl AuthPolicy {
         if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(token)) {
             if now <= hit.valid_until {
                 // No claim checks or header building again: clone the verdict (reference
-                // counts) and hash the route's key claim.
-                return hit.outcome.clone().map(|mut v| {
-                    v.limit_key = key_claim.and_then(|c| claim_key(&hit.claims, c));
-                    v
-                });
+                // counts).
+                return hit.outcome.clone();
             }
         }
         let header = jsonwebtoken::decode_header(token)
@@ -448,17 +438,16 @@ impl AuthPolicy {
         for key in keys_for(&keys, &header) {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation) {
                 Ok(data) => {
-                    let verified = self.accept(&data.claims, key_claim);
+                    let exp = data.claims.get("exp").and_then(Value::as_u64);
+                    let verified = self.accept(data.claims);
                     if let (Some(cache), true) = (&self.cache, token.len() <= MAX_CACHED_TOKEN) {
                         // Remembered until the token expires (with the leeway the check
                         // allowed) or the TTL runs out, whichever comes first.
-                        let exp = data.claims.get("exp").and_then(Value::as_u64);
                         let until = exp
                             .map_or(u64::MAX, |e| e.saturating_add(self.leeway))
                             .min(now + self.cache_ttl);
                         let entry = CachedToken {
-                            outcome: self.accept(&data.claims, None),
-                            claims: data.claims,
+                            outcome: verified.clone(),
                             valid_until: until,
                         };
                         cache.insert(token.to_string(), Arc::new(entry));
@@ -489,16 +478,12 @@ impl AuthPolicy {
 
     /// The outcome for a token whose signature and times are good: claim requirements, then
     /// what goes upstream.
-    fn accept(
-        &self,
-        claims: &Map<String, Value>,
-        key_claim: Option<&str>,
-    ) -> Result<Verified, AuthError> {
-        let forward = self.authorize(claims)?;
+    fn accept(&self, claims: Map<String, Value>) -> Result<Verified, AuthError> {
+        let forward = self.authorize(&claims)?;
         Ok(Verified {
             forward,
-            limit_key: key_claim.and_then(|c| claim_key(claims, c)),
             subject: claims.get("sub").and_then(Value::as_str).map(Arc::from),
+            claims: Some(Arc::new(claims)),
         })
     }
 
@@ -607,15 +592,6 @@ fn bearer_token(value: &[u8]) -> Option<&str> {
     }
     let token = std::str::from_utf8(rest.trim_ascii()).ok()?;
     (!token.is_empty()).then_some(token)
-}
-
-/// A claim's value as a rate-limit key.
-fn claim_key(claims: &Map<String, Value>, claim: &str) -> Option<u64> {
-    match claims.get(claim)? {
-        Value::String(s) => Some(crate::ratelimit::hash_value(s.as_bytes())),
-        Value::Null => None,
-        other => Some(crate::ratelimit::hash_value(other.to_string().as_bytes())),
-    }
 }
 
 fn keys_for<'a>(

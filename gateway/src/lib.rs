@@ -1,12 +1,12 @@
 //! An API gateway and reverse proxy for Docker Compose microservice stacks, built on Pingora.
 //!
-//! The modules follow the request and its configuration:
-//! [`config`] (the YAML users write) → [`runtime`] (compiled, swapped atomically by [`reload`])
-//! → [`downstream`] (client connections: request-head deadline, connection metrics) →
-//! [`routing`] and [`upstream`] (replicas, discovery, balancing, health) → [`proxy`] (the
-//! request phases, with [`headers`] for what they add) → [`server`] (process assembly, with
-//! [`listening`] for when the listeners are bound) and [`admin`];
-//! [`logging`] is the process log.
+//! The modules follow the configuration and then the request (`docs/architecture.md` is the
+//! map): [`config`] (the YAML users write) → [`plan`] (`compile`: every check, no side effect;
+//! `activate`: the side effects) → [`runtime`] (what serves, swapped atomically by [`reload`])
+//! → [`downstream`] (client connections) → [`proxy`] (the request phases: head checks, routing
+//! with [`routing`], the route's [`policy`] pipeline, [`upstream`] replicas, [`headers`]) →
+//! [`server`] (process assembly, with [`listening`]) and [`admin`]; [`logging`] is the process
+//! log.
 
 pub mod accesslog;
 pub mod admin;
@@ -14,10 +14,13 @@ pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod downstream;
+pub mod hash;
 pub mod headers;
 pub mod listening;
 pub mod logging;
 pub mod metrics;
+pub mod plan;
+pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -82,13 +82,13 @@ fn main() -> ExitCode {
     gateway::logging::init();
 
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => match gateway::config::load(&cli.config) {
-            Ok(loaded) => {
+        Command::Check => match gateway::plan::load(&cli.config) {
+            Ok(plan) => {
                 println!(
                     "{}: configuration is valid ({} routes, {} upstreams)",
                     cli.config.display(),
-                    loaded.config.routes.len(),
-                    loaded.config.upstreams.len()
+                    plan.routes.len(),
+                    plan.upstreams.len()
                 );
                 ExitCode::SUCCESS
             }

@@ -82,22 +82,6 @@ type Limiter = RateLimiter<
     StateInformationMiddleware,
 >;
 
-/// Hashes header and claim values into keys. Fixed seeds: the same value is the same key in
-/// every runtime, so a reload that keeps a policy keeps its buckets.
-static HASHER: std::sync::LazyLock<ahash::RandomState> = std::sync::LazyLock::new(|| {
-    ahash::RandomState::with_seeds(
-        0x5851_f42d_4c95_7f2d,
-        0x1405_7b7e_f767_814f,
-        0x9e37_79b9_7f4a_7c15,
-        0xbf58_476d_1ce4_e5b9,
-    )
-});
-
-/// The key of a header or claim value.
-pub fn hash_value(bytes: &[u8]) -> u64 {
-    HASHER.hash_one(bytes)
-}
-
 /// A compiled rate-limit policy with its buckets.
 pub struct RateLimitPolicy {
     /// The policy's name.
@@ -252,7 +236,7 @@ impl RateLimitPolicy {
         }
         let key = match key {
             LimitKey::Ip(_) | LimitKey::Hash(_) if self.full.load(Ordering::Relaxed) => {
-                LimitKey::Slot(HASHER.hash_one(key) % OVERFLOW_SLOTS)
+                LimitKey::Slot(crate::hash::HASHER.hash_one(key) % OVERFLOW_SLOTS)
             }
             k => k,
         };

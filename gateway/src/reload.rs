@@ -1,10 +1,11 @@
 //! Hot reload: watch the configuration file's directory (rename- and symlink-swap-safe), poll
-//! its metadata as a fallback, reload on SIGHUP. Each reload parses, validates and builds a
-//! whole new runtime, then swaps it in at once; any failure keeps the running one.
+//! its metadata as a fallback, reload on SIGHUP. Each reload parses and compiles the file and
+//! activates a whole new runtime, then swaps it in at once; any failure keeps the running one.
 
 use crate::config::{self, ReloadConfig};
 use crate::metrics::METRICS;
-use crate::runtime::{self, Bindings, Runtime};
+use crate::plan;
+use crate::runtime::{Bindings, Runtime};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
@@ -71,13 +72,14 @@ impl ControlPlane {
     pub async fn reload(&self, force: bool) -> ReloadOutcome {
         let mut last_refused = self.serial.lock().await;
         let current = self.runtime.load_full();
-        let loaded = match config::read(&self.path).and_then(|text| {
-            let hash = config::hash_bytes(text.as_bytes());
+        let compiled = match config::read(&self.path).and_then(|text| {
+            let hash = crate::hash::content(text.as_bytes());
             // Bytes already running, or already refused: nothing to parse or report again.
             if !force && (hash == current.source_hash || *last_refused == Some(hash)) {
                 return Ok(None);
             }
             config::load_text(&self.path, text)
+                .and_then(|loaded| plan::compile(&loaded))
                 .map(Some)
                 .inspect_err(|_| *last_refused = Some(hash))
         }) {
@@ -90,10 +92,11 @@ impl ControlPlane {
             }
         };
         let generation = current.generation + 1;
-        let next = match runtime::build(&loaded, Some(&current), generation).await {
+        let source_hash = compiled.source_hash;
+        let next = match plan::activate(compiled, Some(&current), generation).await {
             Ok(rt) => rt,
             Err(e) => {
-                *last_refused = Some(loaded.source_hash);
+                *last_refused = Some(source_hash);
                 error!(
                     "configuration rejected, the running configuration stays: {}: {e}",
                     self.path.display()
@@ -108,7 +111,7 @@ impl ControlPlane {
                 self.path.display()
             );
         }
-        runtime::start_upstream_tasks(&next);
+        plan::start_tasks(&next);
         METRICS.config_applied(generation, next.source_hash);
         METRICS.reloads.with_label_values(&["applied"]).inc();
         self.runtime.store(Arc::new(next));

@@ -4,9 +4,10 @@
 use crate::admin::Admin;
 use crate::config::{self, LoadedConfig};
 use crate::downstream::Downstream;
+use crate::plan;
 use crate::proxy::Gateway;
 use crate::reload::ControlPlane;
-use crate::runtime::{self, Bindings};
+use crate::runtime::Bindings;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
@@ -102,6 +103,7 @@ fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
 /// Runs the gateway with the configuration at `path` until shutdown.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compiled = plan::compile(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
     check_addresses(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bindings = Bindings::of(&loaded.config);
 
@@ -114,13 +116,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the control-plane runtime")?;
     let first = control
-        .block_on(runtime::build(&loaded, None, 1))
+        .block_on(plan::activate(compiled, None, 1))
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     crate::metrics::METRICS.config_applied(first.generation, first.source_hash);
     let shared = Arc::new(ArcSwap::from_pointee(first));
     {
         let _in_runtime = control.enter();
-        runtime::start_upstream_tasks(&shared.load());
+        plan::start_tasks(&shared.load());
     }
     let plane = Arc::new(ControlPlane::new(
         path.to_path_buf(),

@@ -127,7 +127,32 @@ fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     Some(parsed.validity().not_after.timestamp())
 }
 
-fn build_table(listener: &str, certs: &[CertificateConfig]) -> Result<CertTable, String> {
+/// A listener's certificates read and parsed, not yet served: the pure half of a certificate
+/// change, made when a configuration is compiled. [`CertStore::install`] is the other half.
+pub struct LoadedCerts {
+    table: CertTable,
+    /// Expiry (Unix seconds) by certificate label, for the metric.
+    expiries: Vec<(String, i64)>,
+    certs: Vec<CertificateConfig>,
+    stamps: Vec<Stamp>,
+}
+
+impl LoadedCerts {
+    /// Reads and parses `certs`; any unreadable or mismatched pair is an error.
+    pub fn load(certs: &[CertificateConfig]) -> Result<LoadedCerts, String> {
+        // Stamped before reading: a file replaced while it is read is read again next poll.
+        let stamps = certs.iter().flat_map(files).map(|p| stamp(&p)).collect();
+        let (table, expiries) = build_table(certs)?;
+        Ok(LoadedCerts {
+            table,
+            expiries,
+            certs: certs.to_vec(),
+            stamps,
+        })
+    }
+}
+
+fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<(String, i64)>), String> {
     let mut table = CertTable::default();
     let mut expiries = Vec::new();
     for c in certs {
@@ -148,43 +173,39 @@ fn build_table(listener: &str, certs: &[CertificateConfig]) -> Result<CertTable,
         }
         table.default.get_or_insert(key);
     }
+    Ok((table, expiries))
+}
+
+fn record_expiries(listener: &str, expiries: &[(String, i64)]) {
     for (name, t) in expiries {
         crate::metrics::METRICS
             .cert_expiry
-            .with_label_values(&[listener, &name])
-            .set(t);
+            .with_label_values(&[listener, name])
+            .set(*t);
     }
-    Ok(table)
 }
 
 impl CertStore {
-    /// Loads a listener's certificates; any unreadable or mismatched pair is an error.
-    pub fn new(listener: &str, tls: &TlsConfig) -> Result<Arc<CertStore>, String> {
-        let table = build_table(listener, &tls.certificates)?;
-        let stamps = tls
-            .certificates
-            .iter()
-            .flat_map(files)
-            .map(|p| stamp(&p))
-            .collect();
-        Ok(Arc::new(CertStore {
+    /// A store serving `loaded` for the listener named `listener`.
+    pub fn new(listener: &str, loaded: LoadedCerts, poll: Duration) -> Arc<CertStore> {
+        record_expiries(listener, &loaded.expiries);
+        Arc::new(CertStore {
             listener: listener.to_string(),
-            table: ArcSwap::from_pointee(table),
-            source: Mutex::new((tls.certificates.clone(), stamps)),
-            poll_ms: AtomicU64::new(tls.reload_interval.0.as_millis() as u64),
+            table: ArcSwap::from_pointee(loaded.table),
+            source: Mutex::new((loaded.certs, loaded.stamps)),
+            poll_ms: AtomicU64::new(poll.as_millis().max(10) as u64),
             watching: AtomicBool::new(false),
-        }))
+        })
     }
 
-    /// Serves `certs` from now on (a configuration reload). On error nothing changes.
-    pub fn replace(&self, certs: &[CertificateConfig]) -> Result<(), String> {
-        let table = build_table(&self.listener, certs)?;
-        let stamps = certs.iter().flat_map(files).map(|p| stamp(&p)).collect();
-        self.table.store(Arc::new(table));
+    /// Serves `loaded` from now on (a configuration reload). Cannot fail: everything that can
+    /// was done when the certificates were loaded.
+    pub fn install(&self, loaded: LoadedCerts) {
+        record_expiries(&self.listener, &loaded.expiries);
+        self.table.store(Arc::new(loaded.table));
         if let Ok(mut source) = self.source.lock() {
-            *source = (certs.to_vec(), stamps);
+            *source = (loaded.certs, loaded.stamps);
         }
-        Ok(())
     }
 
     /// Reloads when a file changed since the last load. A broken pair is logged and the
@@ -198,8 +219,9 @@ impl CertStore {
         if now == old {
             return;
         }
-        match build_table(&self.listener, &certs) {
-            Ok(table) => {
+        match build_table(&certs) {
+            Ok((table, expiries)) => {
+                record_expiries(&self.listener, &expiries);
                 self.table.store(Arc::new(table));
                 info!(listener = %self.listener, "certificates reloaded");
             }
@@ -306,7 +328,7 @@ fn client_verifier(
 /// a bad file is an error here rather than a panic later), and a fingerprint of the set.
 pub fn load_ca(path: &str) -> Result<(Arc<pingora::protocols::tls::CaType>, u64), String> {
     let pem = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    let fingerprint = crate::ratelimit::hash_value(&pem);
+    let fingerprint = crate::hash::value(&pem);
     let mut certs = Vec::new();
     for der in rustls_pemfile::certs(&mut pem.as_slice()) {
         let der = der.map_err(|e| format!("{path}: {e}"))?;
@@ -323,16 +345,16 @@ pub fn load_ca(path: &str) -> Result<(Arc<pingora::protocols::tls::CaType>, u64)
     Ok((Arc::from(certs.into_boxed_slice()), fingerprint))
 }
 
-/// Checks a listener's TLS section without serving: every pair loads, the CA reads.
-pub fn check(listener: &str, tls: &TlsConfig) -> Result<(), String> {
+/// Compiles a listener's TLS section without serving: every pair loads, the client CA reads.
+pub fn load(tls: &TlsConfig) -> Result<LoadedCerts, String> {
     if tls.certificates.is_empty() {
         return Err("certificates: at least one is needed".into());
     }
-    CertStore::new(listener, tls)?;
+    let loaded = LoadedCerts::load(&tls.certificates)?;
     if let Some(c) = &tls.client_auth {
         client_verifier(c)?;
     }
-    Ok(())
+    Ok(loaded)
 }
 
 /// Writes a development CA (`ca.pem`, `ca-key.pem`) and a leaf certificate for `names`

@@ -810,3 +810,55 @@ async fn failed_handshakes_are_counted_and_silent_clients_cut_off() {
     assert!(!gw.log().contains("handshake error"), "{}", gw.log());
     assert!(!gw.log().contains("Illegal SNI"), "{}", gw.log());
 }
+
+/// A reload that changes a listener's certificate and then fails on a later step (the access
+/// log cannot be opened) is refused whole: the old certificate is still served, the
+/// configuration generation and the routes are unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_fails_after_a_certificate_change_leaves_the_old_one_served() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, &["a.test"]);
+    certs(d, &["b.test"]);
+    let (https, listener) = tls_listener("https", d, &["a.test"], "");
+    let body = |log: &str| {
+        format!(
+            "upstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b }}\naccess_log: {{ path: \"{log}\" }}\n",
+            backend.addr
+        )
+    };
+    let good_log = format!("{}/access.log", d.display());
+    let gw = Gateway::start_with("", &listener, &body(&good_log)).await;
+    assert_eq!(served_names(https, "b.test").await, ["a.test"]);
+    let generation = gw.generation().await;
+
+    // New certificate, and an access log in a directory that does not exist: the file is
+    // only opened when the configuration is activated, after the certificates are loaded.
+    let bad_log = format!("{}/missing-dir/access.log", d.display());
+    let text = gw.config_text(&body(&bad_log)).replace(
+        &format!("{}/a.test", d.display()),
+        &format!("{}/b.test", d.display()),
+    );
+    assert!(text.contains("b.test.pem"), "{text}");
+    gw.write_raw_config(&text);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("configuration rejected") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.log().contains("missing-dir"), "{}", gw.log());
+    assert_eq!(served_names(https, "b.test").await, ["a.test"]);
+    assert_eq!(gw.generation().await, generation);
+    let resp = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // The same certificate change with a good file is applied.
+    let text = gw.config_text(&body(&good_log)).replace(
+        &format!("{}/a.test", d.display()),
+        &format!("{}/b.test", d.display()),
+    );
+    gw.write_raw_config(&text);
+    gw.wait_generation(generation + 1).await;
+    assert_eq!(served_names(https, "b.test").await, ["b.test"]);
+}

@@ -1,15 +1,13 @@
 //! The configuration file: the types users write (documented field by field in
-//! `docs/configuration.md`), loading with `${VAR}` substitution, and validation.
+//! `docs/configuration.md`) and loading with `${VAR}` substitution. What the values mean
+//! together is checked by `plan::compile`.
 //!
 //! Loading never panics on input: every problem becomes a [`ConfigError`] that names the file,
-//! line, column and field. Validation runs over the whole file before anything is built, so a
-//! reload either applies completely or not at all.
+//! line, column and field.
 
 mod types;
-mod validate;
 
 pub use types::{Addr, ByteSize, Dur, Target};
-pub use validate::parse_cidr;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -114,10 +112,10 @@ pub struct Config {
     pub reload: ReloadConfig,
     /// The access log. Off when absent.
     #[serde(default)]
-    pub access_log: Option<AccessLogConfig>,
+    pub access_log: Option<Spanned<AccessLogConfig>>,
     /// Token checks (JWT), by policy name; routes name the policy they use.
     #[serde(default)]
-    pub auth: BTreeMap<String, AuthConfig>,
+    pub auth: BTreeMap<String, Spanned<AuthConfig>>,
     /// Rate-limit policies, by name; routes name the policy they use.
     #[serde(default)]
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
@@ -1065,11 +1063,11 @@ pub struct LoadedConfig {
     pub path: PathBuf,
     /// A hash of the file's bytes.
     pub source_hash: u64,
-    /// The parsed, validated configuration.
+    /// The parsed configuration.
     pub config: Config,
 }
 
-/// Reads, substitutes `${VAR}`, parses and validates a configuration file.
+/// Reads, substitutes `${VAR}` and parses a configuration file.
 pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     load_text(path, read(path)?)
 }
@@ -1085,17 +1083,17 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// Substitutes `${VAR}`, parses and validates `text`, read from `path`.
+/// Substitutes `${VAR}` and parses `text`, read from `path`.
 pub fn load_text(path: &Path, text: String) -> Result<LoadedConfig, ConfigError> {
     let config = parse(path, &text, &std::env::vars().collect())?;
     Ok(LoadedConfig {
         path: path.to_path_buf(),
-        source_hash: hash_bytes(text.as_bytes()),
+        source_hash: crate::hash::content(text.as_bytes()),
         config,
     })
 }
 
-/// Parses and validates configuration text. `vars` are the values for `${VAR}` substitution.
+/// Parses configuration text (the checks across fields are `plan::compile`'s). `vars` are the values for `${VAR}` substitution.
 pub fn parse(
     path: &Path,
     text: &str,
@@ -1107,7 +1105,6 @@ pub fn parse(
         }
         error
     })?;
-    validate::validate(path, &config)?;
     Ok(config)
 }
 
@@ -1266,16 +1263,6 @@ fn one_line(msg: &str) -> String {
         Some(i) => first[..i].to_string(),
         None => first.to_string(),
     }
-}
-
-/// FNV-1a, for change detection of file contents (not security).
-pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
 }
 
 #[cfg(test)]

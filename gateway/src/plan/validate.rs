@@ -1,18 +1,20 @@
 //! Checks that need the whole file: references between sections, values that parse as a type
-//! but make no sense together. Every error points at the offending field.
+//! but make no sense together. Every error points at the offending field. The policies'
+//! own settings are checked where they are compiled (`plan::compile`).
 
-use super::{Balance, Config, ConfigError, RouteConfig};
+use crate::config::{Balance, Config, ConfigError, RouteConfig};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-struct Checker<'a> {
-    file: &'a Path,
+/// Makes errors that point into one file.
+pub(super) struct Checker<'a> {
+    pub(super) file: &'a Path,
 }
 
 impl Checker<'_> {
-    fn err(
+    pub(super) fn err(
         &self,
         loc: &Location,
         field: impl Into<String>,
@@ -21,7 +23,7 @@ impl Checker<'_> {
         ConfigError::at(self.file, loc, field, message)
     }
 
-    fn err_at<T>(
+    pub(super) fn err_at<T>(
         &self,
         span: &Spanned<T>,
         field: impl Into<String>,
@@ -51,7 +53,11 @@ impl Checker<'_> {
         )
     }
 
-    fn err_nowhere(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err_nowhere(
+        &self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
             line: 0,
@@ -68,19 +74,6 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
 
     if config.threads == Some(0) {
         return Err(c.err_nowhere("threads", "must be at least 1"));
-    }
-    for (name, policy) in &config.auth {
-        // Compiling the policy checks it whole: key sources, files, algorithms, header names.
-        if let Err(e) = crate::auth::AuthPolicy::new(name, policy, &config.dns) {
-            let span = [&policy.jwks_url, &policy.secret, &policy.secret_file]
-                .into_iter()
-                .flatten()
-                .next();
-            return Err(match span {
-                Some(span) => c.err_at(span, format!("auth.{name}"), e),
-                None => c.err_nowhere(format!("auth.{name}"), e),
-            });
-        }
     }
     if let Some(traces) = &config.traces {
         let url = &traces.otlp_endpoint;
@@ -108,45 +101,17 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
-    for (name, policy) in &config.rate_limits {
-        if let Err(e) = crate::ratelimit::RateLimitPolicy::new(name, policy) {
-            let span = if e.starts_with("key") {
-                policy.key.as_ref().unwrap_or(&policy.rate)
-            } else {
-                &policy.rate
-            };
-            return Err(c.err_at(span, format!("rate_limits.{name}"), e));
-        }
-    }
     if config.listeners.is_empty() {
         return Err(c.err_nowhere("listeners", "at least one listener is needed"));
     }
     let mut bound: HashMap<std::net::SocketAddr, String> = HashMap::new();
     for (name, l) in &config.listeners {
-        if let Some(tls) = &l.tls {
-            if let Err(e) = crate::tls::check(name, tls) {
-                let at = tls
-                    .certificates
-                    .first()
-                    .map_or(&l.address.referenced, |c| &c.cert.referenced);
-                return Err(c.err(at, format!("listeners.{name}.tls"), e));
-            }
-            if l.redirect_https.is_some() {
-                return Err(c.err_at(
-                    &l.address,
-                    format!("listeners.{name}.redirect_https"),
-                    "only a plain (non-TLS) listener redirects to HTTPS",
-                ));
-            }
-            if let Some(hsts) = &tls.hsts {
-                if http::HeaderValue::from_str(hsts).is_err() {
-                    return Err(c.err_at(
-                        &l.address,
-                        format!("listeners.{name}.tls.hsts"),
-                        "not a valid header value",
-                    ));
-                }
-            }
+        if l.tls.is_some() && l.redirect_https.is_some() {
+            return Err(c.err_at(
+                &l.address,
+                format!("listeners.{name}.redirect_https"),
+                "only a plain (non-TLS) listener redirects to HTTPS",
+            ));
         }
         if !(1024..=1 << 20).contains(&l.read_buffer) {
             return Err(c.err_at(
@@ -171,9 +136,6 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
                 format!("address already used by listener `{other}`"),
             ));
         }
-    }
-    for (i, cidr) in config.trusted_proxies.iter().enumerate() {
-        parse_cidr(&cidr.value).map_err(|m| c.err_at(cidr, format!("trusted_proxies[{i}]"), m))?;
     }
     if config.reload.poll_interval.0.is_zero() {
         return Err(c.err_nowhere("reload.poll_interval", "must be greater than zero"));

@@ -1,0 +1,250 @@
+//! Activation: a compiled [`Plan`] becomes a [`Runtime`]. What did not change is taken over
+//! from the previous runtime (upstreams with their health, policies with their keys and
+//! buckets, the access log, the certificate stores); the rest is made here. Every step that can
+//! fail runs before the one step that changes running state (new certificates in a store), so
+//! an activation either applies whole or changes nothing.
+
+use super::{ListenerPlan, Plan, PolicyPlan, RoutePlan};
+use crate::auth::AuthPolicy;
+use crate::metrics::RouteMetrics;
+use crate::policy::{BodyLimit, Hsts, HttpsRedirect, Jwt, Pipeline, Policy, RateLimit};
+use crate::ratelimit::RateLimitPolicy;
+use crate::runtime::{Route, Runtime};
+use crate::tls::CertStore;
+use crate::upstream::{make_resolver, Upstream};
+use hickory_resolver::TokioResolver;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use tracing::warn;
+
+/// Listener pipelines by bound address, and certificate stores by listener name.
+type Listeners = (
+    Vec<(SocketAddr, Pipeline)>,
+    BTreeMap<String, Arc<CertStore>>,
+);
+
+/// Makes the runtime a plan describes. Upstreams whose definition did not change are taken
+/// over from `previous`; new ones resolve their host names once before this returns, so the
+/// new runtime starts with replicas. On error nothing running has changed.
+pub async fn activate(
+    plan: Plan,
+    previous: Option<&Runtime>,
+    generation: u64,
+) -> Result<Runtime, String> {
+    let config = &plan.config;
+    let resolver = resolver(&plan, previous)?;
+
+    let mut upstreams = BTreeMap::new();
+    for (name, spec) in plan.upstreams {
+        let kept = previous
+            .and_then(|p| p.upstreams.get(&name))
+            .filter(|u| u.spec == spec)
+            .cloned();
+        let up = match kept {
+            Some(u) => u,
+            None => {
+                let u = Upstream::new(&name, spec);
+                if let (true, Some(r)) = (u.needs_discovery(), &resolver) {
+                    let errors = u.refresh(r).await;
+                    if !errors.is_empty() {
+                        warn!(upstream = %name, errors = ?errors, "could not resolve every target; will retry on the refresh interval");
+                    }
+                }
+                u
+            }
+        };
+        upstreams.insert(name, up);
+    }
+
+    let mut auth = BTreeMap::new();
+    let mut identity_headers: Vec<http::HeaderName> = Vec::new();
+    for (name, compiled) in plan.auth {
+        let kept = previous
+            .and_then(|p| p.auth.get(&name))
+            .filter(|a| a.spec == compiled.spec)
+            .cloned();
+        let policy = match kept {
+            Some(p) => p,
+            None => {
+                // Keys fetched before the runtime serves, so the first requests find them.
+                compiled.fetch_now(resolver.as_ref()).await;
+                compiled
+            }
+        };
+        for (_, header) in &policy.forward {
+            if !identity_headers.contains(header) {
+                identity_headers.push(header.clone());
+            }
+        }
+        auth.insert(name, policy);
+    }
+
+    let mut rate_limits = BTreeMap::new();
+    for (name, compiled) in plan.rate_limits {
+        let kept = previous
+            .and_then(|p| p.rate_limits.get(&name))
+            .filter(|l| l.spec == compiled.spec)
+            .cloned();
+        rate_limits.insert(name, kept.unwrap_or(compiled));
+    }
+
+    let mut routes = Vec::with_capacity(plan.routes.len());
+    for (index, r) in plan.routes.into_iter().enumerate() {
+        routes.push(route(r, index, &upstreams, &auth, &rate_limits)?);
+    }
+
+    let access_log = match (
+        &plan.access_log,
+        previous.and_then(|p| p.access_log.as_ref()),
+    ) {
+        (None, _) => None,
+        (Some(cfg), Some(running)) if running.spec == *cfg => Some(running.clone()),
+        (Some(cfg), _) => Some(crate::accesslog::AccessLog::start(cfg)?),
+    };
+
+    // Last, and unable to fail: the certificates go live.
+    let (listeners, tls_stores) = listeners(plan.listeners, previous);
+
+    Ok(Runtime {
+        generation,
+        source_hash: plan.source_hash,
+        router: plan.router,
+        routes,
+        upstreams,
+        auth,
+        rate_limits,
+        tls_stores,
+        listeners,
+        unmatched: RouteMetrics::new("(none)"),
+        access_log,
+        identity_headers,
+        trusted_proxies: plan.trusted_proxies,
+        forwarding: config.forwarding,
+        limits: config.limits,
+        bindings: plan.bindings,
+        resolver,
+        dns: config.dns.clone(),
+    })
+}
+
+/// The resolver discovery and key fetches use: the previous one while the DNS settings are
+/// the same, a new one when some name needs resolving, else none.
+fn resolver(plan: &Plan, previous: Option<&Runtime>) -> Result<Option<TokioResolver>, String> {
+    let config = &plan.config;
+    if let Some(r) = previous
+        .filter(|p| p.dns == config.dns)
+        .and_then(|p| p.resolver.clone())
+    {
+        return Ok(Some(r));
+    }
+    let needs_resolver = config
+        .upstreams
+        .values()
+        .any(|u| u.targets.value.iter().any(|t| t.ip().is_none()))
+        || config.auth.values().any(|a| {
+            a.value.jwks_url.as_ref().is_some_and(|u| {
+                crate::auth::JwksUrl::parse(&u.value)
+                    .is_ok_and(|u| u.host.parse::<IpAddr>().is_err())
+            })
+        });
+    if !needs_resolver {
+        return Ok(None);
+    }
+    make_resolver(&config.dns)
+        .map(Some)
+        .map_err(|e| format!("dns: {e}"))
+}
+
+/// A route with its policies resolved to the running objects they name.
+fn route(
+    r: RoutePlan,
+    index: usize,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    auth: &BTreeMap<String, Arc<AuthPolicy>>,
+    rate_limits: &BTreeMap<String, Arc<RateLimitPolicy>>,
+) -> Result<Route, String> {
+    let missing = |kind: &str, name: &str| format!("route {}: no {kind} `{name}`", r.name);
+    let upstream = upstreams
+        .get(&r.upstream)
+        .cloned()
+        .ok_or_else(|| missing("upstream", &r.upstream))?;
+    let mut policies = Vec::with_capacity(r.policies.len());
+    for p in &r.policies {
+        policies.push(match p {
+            PolicyPlan::BodyLimit(max) => Policy::BodyLimit(BodyLimit { max: *max }),
+            PolicyPlan::Jwt { policy, optional } => Policy::Jwt(Jwt {
+                policy: auth
+                    .get(policy)
+                    .cloned()
+                    .ok_or_else(|| missing("auth policy", policy))?,
+                optional: *optional,
+            }),
+            PolicyPlan::RateLimit(name) => Policy::RateLimit(RateLimit {
+                policy: rate_limits
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| missing("rate limit", name))?,
+                route: index as u32,
+            }),
+        });
+    }
+    Ok(Route {
+        retries: r.retries.unwrap_or_else(|| upstream.retries()),
+        metrics: RouteMetrics::new(&r.name),
+        name: r.name.into(),
+        upstream,
+        rewrite: r.rewrite,
+        timeouts: r.timeouts,
+        policies: Pipeline::new(policies),
+    })
+}
+
+/// The listeners' pipelines (only those with policies), and their certificate stores with the
+/// plan's certificates installed: the same stores live on from runtime to runtime, since
+/// Pingora holds them as the listeners' resolvers.
+fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners {
+    let mut pipelines = Vec::new();
+    let mut stores = BTreeMap::new();
+    for l in plans {
+        let mut policies = Vec::new();
+        if let Some(port) = l.redirect_https {
+            policies.push(Policy::HttpsRedirect(HttpsRedirect { port }));
+        }
+        if let Some(value) = l.hsts {
+            policies.push(Policy::Hsts(Hsts { value }));
+        }
+        if !policies.is_empty() {
+            pipelines.push((l.address, Pipeline::new(policies)));
+        }
+        let Some((certs, poll)) = l.tls else { continue };
+        let store = match previous.and_then(|p| p.tls_stores.get(&l.name)) {
+            Some(store) => {
+                store.install(certs);
+                store.set_poll_interval(poll);
+                store.clone()
+            }
+            None => CertStore::new(&l.name, certs, poll),
+        };
+        stores.insert(l.name, store);
+    }
+    (pipelines, stores)
+}
+
+/// Starts the background tasks of every part of `rt` that does not run them yet: upstream
+/// discovery and health checks, JWKS refresh, rate-limit cleanup, certificate watching. Must
+/// be called on the control-plane Tokio runtime.
+pub fn start_tasks(rt: &Runtime) {
+    for u in rt.upstreams.values() {
+        u.spawn_tasks(rt.resolver.clone());
+    }
+    for a in rt.auth.values() {
+        a.spawn_tasks(rt.resolver.clone());
+    }
+    for l in rt.rate_limits.values() {
+        l.spawn_tasks();
+    }
+    for store in rt.tls_stores.values() {
+        store.spawn_watch();
+    }
+}

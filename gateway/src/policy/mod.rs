@@ -1,0 +1,184 @@
+//! Policies: what the gateway does to a request besides routing and forwarding it.
+//!
+//! A route (and a listener, for what applies before routing) compiles into a [`Pipeline`]: an
+//! ordered list of [`Policy`] values, one enum variant per kind, matched in a loop (no vtable,
+//! no allocation per request). Each policy may act in four places:
+//!
+//! - `on_request`: pass, or refuse with an [`Answer`] (written by `proxy::answer`, the one
+//!   writer of the gateway's own answers). What a policy learns (a token's claims, a rate-limit
+//!   quota) it leaves on the request context for the policies after it and the later phases.
+//! - the request body: a policy that needs it arms it on the context (`body_limit`).
+//! - `on_upstream_request`: headers added to or removed from what goes upstream.
+//! - `on_response`: headers added to or removed from what goes to the client.
+//!
+//! A pipeline knows at compile time how many headers its policies may add and whether any of
+//! them edits the upstream request or the response, so a route without policies pays nothing.
+//! `docs/architecture.md` walks through adding a policy.
+
+mod body_limit;
+mod hsts;
+mod https_redirect;
+mod jwt;
+mod rate_limit;
+
+pub use body_limit::BodyLimit;
+pub use hsts::Hsts;
+pub use https_redirect::HttpsRedirect;
+pub use jwt::Jwt;
+pub use rate_limit::RateLimit;
+
+use crate::headers::HeaderEdits;
+use crate::proxy::answer::Answer;
+use crate::proxy::context::RequestCtx;
+use pingora::proxy::Session;
+
+/// One compiled policy.
+pub enum Policy {
+    /// Plain-HTTP requests answered with a redirect to HTTPS (listener).
+    HttpsRedirect(HttpsRedirect),
+    /// `Strict-Transport-Security` on TLS responses (listener).
+    Hsts(Hsts),
+    /// Request body size (413).
+    BodyLimit(BodyLimit),
+    /// JWT bearer tokens (401/403/503).
+    Jwt(Jwt),
+    /// Rate limit (429).
+    RateLimit(RateLimit),
+}
+
+impl Policy {
+    /// Passes the request on, or refuses it.
+    async fn on_request(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
+        match self {
+            Policy::HttpsRedirect(p) => p.on_request(session, ctx),
+            Policy::Hsts(_) => Ok(()),
+            Policy::BodyLimit(p) => p.on_request(session, ctx),
+            Policy::Jwt(p) => p.on_request(session, ctx).await,
+            Policy::RateLimit(p) => p.on_request(session, ctx).await,
+        }
+    }
+
+    /// Edits the headers that go upstream.
+    fn on_upstream_request(
+        &self,
+        headers: &mut dyn HeaderEdits,
+        ctx: &RequestCtx,
+    ) -> pingora::Result<()> {
+        match self {
+            Policy::Jwt(p) => p.on_upstream_request(headers, ctx),
+            _ => Ok(()),
+        }
+    }
+
+    /// Edits the headers that go to the client.
+    fn on_response(&self, headers: &mut dyn HeaderEdits, ctx: &RequestCtx) -> pingora::Result<()> {
+        match self {
+            Policy::Hsts(p) => p.on_response(headers, ctx),
+            Policy::RateLimit(p) => p.on_response(headers, ctx),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `on_upstream_request` does anything (the headers it adds, a token's claims,
+    /// are counted per request).
+    fn edits_upstream(&self) -> bool {
+        matches!(self, Policy::Jwt(_))
+    }
+
+    /// Headers `on_response` may add.
+    fn response_headers(&self) -> usize {
+        match self {
+            Policy::Hsts(_) => 1,
+            Policy::RateLimit(_) => 2,
+            _ => 0,
+        }
+    }
+
+    /// The policy's kind, as the configuration and `/routes` name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Policy::HttpsRedirect(_) => "https_redirect",
+            Policy::Hsts(_) => "hsts",
+            Policy::BodyLimit(_) => "body_limit",
+            Policy::Jwt(_) => "auth",
+            Policy::RateLimit(_) => "rate_limit",
+        }
+    }
+}
+
+/// A route's or a listener's policies, in the order they run.
+#[derive(Default)]
+pub struct Pipeline {
+    policies: Box<[Policy]>,
+    /// Headers the response phase may add.
+    response_headers: usize,
+    /// Some policy edits the upstream request.
+    edits_upstream: bool,
+}
+
+impl Pipeline {
+    /// A pipeline running `policies` in order.
+    pub fn new(policies: Vec<Policy>) -> Pipeline {
+        Pipeline {
+            response_headers: policies.iter().map(Policy::response_headers).sum(),
+            edits_upstream: policies.iter().any(Policy::edits_upstream),
+            policies: policies.into_boxed_slice(),
+        }
+    }
+
+    /// The policies, in order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Whether there is nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Runs every policy on the request until one refuses it.
+    pub async fn on_request(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
+        for policy in self.policies.iter() {
+            policy.on_request(session, ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether some policy edits the upstream request.
+    pub fn edits_upstream(&self) -> bool {
+        self.edits_upstream
+    }
+
+    /// Lets every policy edit the headers that go upstream.
+    pub fn on_upstream_request(
+        &self,
+        headers: &mut dyn HeaderEdits,
+        ctx: &RequestCtx,
+    ) -> pingora::Result<()> {
+        if self.edits_upstream {
+            for policy in self.policies.iter() {
+                policy.on_upstream_request(headers, ctx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many headers the response phase may add (0: it edits nothing).
+    pub fn response_headers(&self) -> usize {
+        self.response_headers
+    }
+
+    /// Lets every policy edit the headers that go to the client.
+    pub fn on_response(
+        &self,
+        headers: &mut dyn HeaderEdits,
+        ctx: &RequestCtx,
+    ) -> pingora::Result<()> {
+        if self.response_headers > 0 {
+            for policy in self.policies.iter() {
+                policy.on_response(headers, ctx)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! Every answer the gateway writes itself: refusals from the head checks and the policies,
+//! redirects, `404 no route`, and the upstream failures of `fail_to_proxy`. One writer, so
+//! every such answer carries the request id, the JSON error shape and the right connection
+//! handling.
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// How long the body of a request refused with 413 is read and discarded after the answer.
+const BODY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// What happens to the client connection after the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Kept for the next request.
+    KeepAlive,
+    /// Closed: after a malformed head nothing that follows on it can be trusted, and a
+    /// client waiting on `Expect: 100-continue` would otherwise wait for nothing.
+    Close,
+    /// The request body the client sends anyway is read and discarded for a while (nginx's
+    /// lingering close), then the connection is reused or, past that, closed.
+    DrainBody,
+}
+
+/// An answer the gateway writes instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The status code.
+    pub status: u16,
+    /// The JSON error's message; `None` for an answer with an empty body (a redirect).
+    pub message: Option<Cow<'static, str>>,
+    /// Headers besides `Content-Type`, `Content-Length` and `X-Request-Id`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The connection after it.
+    pub after: After,
+}
+
+impl Answer {
+    /// A JSON error answer; the connection is kept.
+    pub fn error(status: u16, message: impl Into<Cow<'static, str>>) -> Answer {
+        Answer {
+            status,
+            message: Some(message.into()),
+            headers: Vec::new(),
+            after: After::KeepAlive,
+        }
+    }
+
+    /// A JSON error answer with the standard message for `status`.
+    pub fn status(status: u16) -> Answer {
+        Answer::error(status, message_for(status))
+    }
+
+    /// An answer with no body (redirects).
+    pub fn empty(status: u16) -> Answer {
+        Answer {
+            status,
+            message: None,
+            headers: Vec::new(),
+            after: After::KeepAlive,
+        }
+    }
+
+    /// The answer with one more header.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Answer {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The answer, then what happens to the connection.
+    pub fn then(mut self, after: After) -> Answer {
+        self.after = after;
+        self
+    }
+
+    /// The JSON body: `{"error":…,"status":…,"request_id":…}`.
+    fn body(&self, request_id: Option<&HeaderValue>) -> Option<Bytes> {
+        let message = self.message.as_deref()?;
+        let id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
+        let status = self.status;
+        Some(Bytes::from(format!(
+            "{{\"error\":\"{}\",\"status\":{status},\"request_id\":\"{id}\"}}\n",
+            json_escaped(message)
+        )))
+    }
+}
+
+/// The standard message of the gateway's own error answers.
+pub fn message_for(status: u16) -> &'static str {
+    match status {
+        400 => "bad request",
+        404 => "no route",
+        408 => "request timeout",
+        413 => "request body too large",
+        431 => "request header fields too large",
+        502 => "bad gateway",
+        503 => "no healthy upstream",
+        504 => "upstream timeout",
+        _ => "error",
+    }
+}
+
+/// `s` as the inside of a JSON string (messages are the gateway's own; this keeps them valid
+/// JSON whatever they say).
+fn json_escaped(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Writes `answer` to the client, with `request_id` in the body and as `X-Request-Id`.
+pub async fn write(
+    session: &mut Session,
+    answer: &Answer,
+    request_id: Option<&HeaderValue>,
+) -> Result<()> {
+    match answer.after {
+        After::KeepAlive => {}
+        After::Close => session.set_keepalive(None),
+        After::DrainBody => {
+            let downstream = session.as_downstream_mut();
+            downstream.set_close_on_response_before_downstream_finish(false);
+            downstream.set_total_drain_timeout(Some(BODY_DRAIN_LIMIT));
+        }
+    }
+    let body = answer.body(request_id);
+    let mut resp = ResponseHeader::build(answer.status, Some(3 + answer.headers.len()))?;
+    if body.is_some() {
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    }
+    resp.insert_header(
+        http::header::CONTENT_LENGTH,
+        body.as_ref().map_or(0, Bytes::len),
+    )?;
+    if let (Some(id), true) = (request_id, body.is_some()) {
+        resp.insert_header("X-Request-Id", id.clone())?;
+    }
+    for (name, value) in &answer.headers {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
+    match body {
+        Some(body) => {
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await
+        }
+        None => session.write_response_header(Box::new(resp), true).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_body_carries_the_request_id_and_stays_json() {
+        let id = HeaderValue::from_static("abc");
+        let body = Answer::status(404).body(Some(&id)).unwrap();
+        assert_eq!(
+            &body[..],
+            b"{\"error\":\"no route\",\"status\":404,\"request_id\":\"abc\"}\n"
+        );
+        let odd = Answer::error(400, "a \"quoted\"\nthing")
+            .body(None)
+            .unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&odd).unwrap();
+        assert_eq!(parsed["error"], "a \"quoted\"\nthing");
+        assert!(Answer::empty(308).body(Some(&id)).is_none());
+    }
+}

@@ -1,0 +1,521 @@
+//! The request path: Pingora's `ProxyHttp` phases, top to bottom. Each phase delegates:
+//!
+//! 1. `request_filter`: settle who the client is ([`client`]), check the head ([`head`]), run
+//!    the listener's policies (HTTPS redirect), find the route (404 when none), run the
+//!    route's policies ([`crate::policy`]: body limit, token, rate limit). Every answer the
+//!    gateway writes itself goes through [`answer`].
+//! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
+//! 3. `upstream_request_filter`: rewrite the path, the policies' upstream headers (a token's
+//!    claims), identity headers removed, the forwarding headers.
+//! 4. `upstream_response_filter` / `response_filter`: note success; the request id and the
+//!    policies' response headers (HSTS, rate-limit state).
+//! 5. `fail_to_connect` / `error_while_proxy`: passive health and the retry decision.
+//! 6. `fail_to_proxy`: the JSON error answer (502/503/504) with the request id.
+//! 7. `logging`: release the replica, metrics, access log, span.
+
+pub mod answer;
+pub mod client;
+pub mod context;
+pub mod head;
+
+use crate::accesslog::AccessRecord;
+use crate::config::HashKey;
+use crate::headers::{
+    edit_request, edit_response, set_forwarded_headers, Forwarded, ADDED_REQUEST_HEADERS,
+    TRACEPARENT, TRACESTATE, X_REQUEST_ID,
+};
+use crate::metrics::METRICS;
+use crate::policy::BodyLimit;
+use crate::runtime::Runtime;
+use crate::trace::FinishedRequest;
+use crate::upstream::ms_at;
+use answer::Answer;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use client::{cookie_value, never_indexed, request_host};
+use context::{RequestCtx, TRIED_CAP};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// The proxy. One instance serves every listener; the runtime inside is swapped on reload.
+pub struct Gateway {
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl Gateway {
+    /// A proxy serving whatever runtime `runtime` holds.
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Gateway {
+        Gateway { runtime }
+    }
+}
+
+/// Everything `request_filter` decides before the request goes upstream: `Ok` to forward it,
+/// `Err` with the answer to write instead.
+async fn admit(rt: &Runtime, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
+    let raw_head = session
+        .as_downstream()
+        .as_http1()
+        .map(|h1| h1.get_headers_raw_bytes());
+    let path = match head::check_head(session.req_header(), raw_head.as_deref(), &rt.limits) {
+        // Owned from here: the policies below may borrow the session mutably.
+        Ok(head) => head.path,
+        Err(refused) => return Err(refused.answer()),
+    };
+
+    if !rt.listeners.is_empty() {
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+        ctx.listener = local.and_then(|l| rt.listener_of(&l));
+        if let Some(i) = ctx.listener {
+            rt.listeners[i as usize].1.on_request(session, ctx).await?;
+        }
+    }
+
+    let req = session.req_header();
+    // Without routes that name a host, the host is not looked up (~200 instructions).
+    let host = rt
+        .router
+        .matches_hosts()
+        .then(|| request_host(req))
+        .flatten();
+    let Some(index) = rt.router.find(host, &path, &req.method, &req.headers) else {
+        return Err(Answer::status(404));
+    };
+    let route = &rt.routes[index as usize];
+    ctx.route = index as usize;
+    ctx.routed = true;
+    ctx.new_path = match route.rewrite.apply(&path) {
+        Some(p) => Some(p),
+        None => match path {
+            Cow::Owned(p) => Some(p),
+            Cow::Borrowed(_) => None,
+        },
+    };
+    route.policies.on_request(session, ctx).await
+}
+
+/// The access-log record of a finished request, borrowed from it.
+fn access_record<'a>(
+    session: &'a Session,
+    ctx: &'a RequestCtx,
+    status: u16,
+    duration: std::time::Duration,
+) -> AccessRecord<'a> {
+    let req = session.req_header();
+    let route = ctx.route().filter(|_| ctx.routed);
+    AccessRecord {
+        time: std::time::SystemTime::now() - duration,
+        request_id: ctx.request_id.as_ref(),
+        traceparent: ctx
+            .new_traceparent
+            .as_ref()
+            .or_else(|| req.headers.get(&TRACEPARENT)),
+        client_ip: ctx.client_ip,
+        method: &req.method,
+        host: request_host(req),
+        path: req.uri.path(),
+        route: route.map(|r| &*r.name),
+        upstream: route.map(|r| &*r.upstream.name),
+        replica: ctx.last_replica,
+        status,
+        bytes_in: session.body_bytes_read(),
+        bytes_out: session.body_bytes_sent(),
+        duration,
+        upstream_duration: ctx.upstream_elapsed,
+        user: ctx.user.as_deref(),
+        rate_limit: ctx.limit_decision,
+        tls: session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|s| crate::downstream::tls_version(&s.version)),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    /// Boxed: Pingora keeps the context by value in its request future, in more than one slot,
+    /// and copies that future once a request into the box `async_trait` makes (`bench/README.md`
+    /// has the cost of the inline context).
+    type CTX = Box<RequestCtx>;
+
+    /// No modules: the gateway passes bodies on as the upstream sent them, so it goes without
+    /// the disabled response-compression module Pingora adds to every request by default.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    fn new_ctx(&self) -> Box<RequestCtx> {
+        Box::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.started = Some(std::time::Instant::now());
+        METRICS.in_flight.inc();
+        let rt = self.runtime.load_full();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        client::identify(&rt, session.req_header(), peer, ctx);
+        let admitted = admit(&rt, session, ctx).await;
+        ctx.rt = Some(rt);
+        match admitted {
+            Ok(()) => Ok(false),
+            Err(refused) => {
+                // Bodiless answers (redirects) carry no request id.
+                let id = refused.message.as_ref().map(|_| ctx.request_id().clone());
+                answer::write(session, &refused, id.as_ref()).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.release_replica();
+        let Some(route) = ctx.route() else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no route state");
+        };
+        let up = &route.upstream;
+        let req = session.req_header();
+        let mut ip_buf = [0u8; 16];
+        let hash: Option<&[u8]> = match up.hash_key() {
+            None => None,
+            Some(HashKey::Path) => Some(req.uri.path().as_bytes()),
+            Some(HashKey::Header(name)) => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
+            Some(HashKey::Cookie(name)) => cookie_value(req, name),
+            Some(HashKey::ClientIp) => ctx.client_ip.map(|ip| match ip {
+                IpAddr::V4(v4) => {
+                    ip_buf[..4].copy_from_slice(&v4.octets());
+                    &ip_buf[..4]
+                }
+                IpAddr::V6(v6) => {
+                    ip_buf = v6.octets();
+                    &ip_buf[..]
+                }
+            }),
+        };
+        let now = std::time::Instant::now();
+        let Some((replica, probe)) = up.pick(hash, ctx.tried(), ms_at(now)) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy replica");
+        };
+        let mut peer = Box::new(replica.peer.clone());
+        let t = &route.timeouts;
+        if let Some(d) = t.connect {
+            peer.options.connection_timeout = Some(d.0);
+        }
+        if let Some(d) = t.read {
+            peer.options.read_timeout = Some(d.0);
+        }
+        if let Some(d) = t.write {
+            peer.options.write_timeout = Some(d.0);
+        }
+        replica.begin_request();
+        if ctx.tried_len < TRIED_CAP {
+            ctx.tried[ctx.tried_len] = replica.id;
+            ctx.tried_len += 1;
+        }
+        ctx.attempts += 1;
+        ctx.probe = probe;
+        ctx.upstream_started = Some(now);
+        ctx.replica = Some(replica);
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(path) = ctx.new_path.as_deref() {
+            let uri = match up.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            up.set_uri(uri.parse().map_err(|_| {
+                Error::explain(
+                    ErrorType::HTTPStatus(400),
+                    "rewritten path is not a valid URI",
+                )
+            })?);
+        }
+        let Some(rt) = ctx.rt.as_ref() else {
+            return Ok(());
+        };
+        let Some(route) = rt.routes.get(ctx.route).filter(|_| ctx.routed) else {
+            return Ok(());
+        };
+        let forwarding = rt.forwarding;
+        let request_id = ctx.request_id.as_ref().filter(|_| forwarding.request_id);
+        if !forwarding.x_forwarded
+            && request_id.is_none()
+            && ctx.new_traceparent.is_none()
+            && !route.policies.edits_upstream()
+            && rt.identity_headers.is_empty()
+        {
+            return Ok(());
+        }
+        let from = Forwarded {
+            client_ip: ctx.client_ip,
+            peer: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            peer_trusted: ctx.peer_trusted,
+            tls: ctx.tls,
+        };
+        let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
+        let ctx: &RequestCtx = ctx;
+        edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
+            route.policies.on_upstream_request(headers, ctx)?;
+            // Identity headers come from verified tokens only, never from the client: the
+            // headers a token's claims did not set are removed.
+            for name in &rt.identity_headers {
+                if !ctx.claims.iter().any(|(claimed, _)| claimed == name) {
+                    headers.unset(name);
+                }
+            }
+            if let Some(id) = request_id {
+                headers.set(&X_REQUEST_ID, id.clone())?;
+            }
+            if let Some(tp) = &ctx.new_traceparent {
+                // A trace state without a valid parent belongs to no trace.
+                if !ctx.keep_tracestate {
+                    headers.unset(&TRACESTATE);
+                }
+                headers.set(&TRACEPARENT, tp.clone())?;
+            }
+            if forwarding.x_forwarded {
+                set_forwarded_headers(headers, uri, from)?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        if let Some(route) = ctx.route() {
+            let m = &route.upstream.metrics;
+            m.response(resp.status.as_u16());
+            if let Some(took) = ctx.upstream_elapsed {
+                m.duration.observe(took.as_secs_f64());
+            }
+        }
+        if let Some(r) = &ctx.replica {
+            r.report_success();
+            ctx.verdict = true;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        BodyLimit::on_body(ctx, body.as_ref())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let Some(rt) = ctx.rt.as_ref() else {
+            return Ok(());
+        };
+        let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
+        let route = rt.routes.get(ctx.route).filter(|_| ctx.routed);
+        let adds = usize::from(ctx.request_id.is_some())
+            + listener.map_or(0, |p| p.response_headers())
+            + route.map_or(0, |r| r.policies.response_headers());
+        if adds == 0 {
+            return Ok(());
+        }
+        let ctx: &RequestCtx = ctx;
+        edit_response(resp, rt.forwarding.preserve_header_case, adds, |headers| {
+            if let Some(listener) = listener {
+                listener.on_response(headers, ctx)?;
+            }
+            // Values that differ on every response are marked never-indexed, for HTTP/2: HPACK
+            // would add each to the connection's table, where none is used again.
+            if let Some(id) = &ctx.request_id {
+                headers.set(&X_REQUEST_ID, never_indexed(id.clone()))?;
+            }
+            if let Some(route) = route {
+                route.policies.on_response(headers, ctx)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the upstream: always safe to try another replica.
+        if let Some(route) = ctx.route() {
+            let m = &route.upstream.metrics;
+            match e.etype() {
+                ErrorType::ConnectTimedout => m.timeouts.inc(),
+                _ => m.connect_errors.inc(),
+            }
+        }
+        ctx.report_failure();
+        let retry = ctx.may_retry();
+        ctx.count_retry(retry);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let upstream_side = *e.esource() == ErrorSource::Upstream;
+        // A pooled connection the upstream had closed: not the replica's fault.
+        let stale_pooled = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
+        if let (true, Some(route)) = (upstream_side && !stale_pooled, ctx.route()) {
+            let m = &route.upstream.metrics;
+            match e.etype() {
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    m.timeouts.inc()
+                }
+                _ => m.other_errors.inc(),
+            }
+        }
+        if upstream_side && !stale_pooled {
+            ctx.report_failure();
+        }
+        let body_sent =
+            session.as_ref().body_bytes_read() > 0 || session.as_ref().retry_buffer_truncated();
+        let safe = upstream_side
+            && session.req_header().method.is_idempotent()
+            && !body_sent
+            && session.response_written().is_none();
+        if safe && stale_pooled && ctx.tried_len > 0 {
+            // Retrying the same replica on a fresh connection is fine.
+            ctx.tried_len -= 1;
+        }
+        let retry = safe && ctx.may_retry();
+        ctx.count_retry(retry);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                match e.esource() {
+                    ErrorSource::Downstream => 408,
+                    _ => 504,
+                }
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        // Pingora 0.9 drops the client connection after a failed proxy attempt whatever this
+        // hook answers, so the response must say `Connection: close`: a client that believed
+        // the connection would stay open races its next request against the close and gets a
+        // reset instead of an answer.
+        if code > 0 && session.response_written().is_none() {
+            let refused = Answer::status(code).then(answer::After::Close);
+            let id = ctx.request_id().clone();
+            let _ = answer::write(session, &refused, Some(&id)).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        ctx.release_replica();
+        let Some(started) = ctx.started else { return };
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route_metrics = match (&ctx.rt, ctx.route()) {
+            (_, Some(route)) if ctx.routed => &route.metrics,
+            (Some(rt), _) => &rt.unmatched,
+            (None, _) => {
+                METRICS.in_flight.dec();
+                return;
+            }
+        };
+        let elapsed = started.elapsed();
+        route_metrics.record(
+            &session.req_header().method,
+            status,
+            elapsed.as_secs_f64(),
+            session.body_bytes_read(),
+            session.body_bytes_sent(),
+        );
+        METRICS.in_flight.dec();
+        if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
+            if log.wants() {
+                log.log(&access_record(session, ctx, status, elapsed));
+            }
+        }
+        if let (Some(span), Some(export)) = (ctx.span, crate::trace::export()) {
+            if span.sampled {
+                let end = std::time::SystemTime::now();
+                let req = session.req_header();
+                let route = ctx.route().filter(|_| ctx.routed);
+                export.record(&FinishedRequest {
+                    span,
+                    start: end - elapsed,
+                    end,
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    route: route.map(|r| &*r.name),
+                    upstream: route.map(|r| &*r.upstream.name),
+                    replica: ctx.last_replica,
+                    status,
+                    client_ip: ctx.client_ip,
+                    request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                    host: request_host(req),
+                });
+            }
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
+        // Client-side hang-ups are routine; upstream trouble is logged.
+        *e.esource() == ErrorSource::Downstream
+    }
+}

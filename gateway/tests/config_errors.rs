@@ -1,0 +1,246 @@
+//! `gateway check` and `gateway run` agree on every broken configuration: one file per check
+//! the compile step makes, plus the configuration fuzz seeds. Both refuse it, with the same
+//! `FILE:LINE:COLUMN: field: reason`.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A configuration that passes, on free loopback ports, with `extra` sections appended and
+/// `routes` as the route list.
+fn config(extra: &str, routes: &str) -> String {
+    format!(
+        "threads: 1\nlisteners:\n  http: {{ address: \"127.0.0.1:{}\" }}\nadmin: {{ address: \"127.0.0.1:{}\" }}\nupstreams:\n  u: {{ targets: [\"127.0.0.1:{}\"] }}\n{extra}routes:\n{routes}",
+        free_port("127.0.0.1"),
+        free_port("127.0.0.1"),
+        DeadPort::reserve().port,
+    )
+}
+
+const ROUTE: &str = "  - { name: r, upstream: u }\n";
+
+/// (what is wrong, the file, the field the error must name).
+fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
+    let d = dir.display();
+    vec![
+        ("unknown field", config("colour: blue\n", ROUTE), "colour"),
+        (
+            "route to an upstream that does not exist",
+            config("", "  - { name: r, upstream: nope }\n"),
+            "routes[0].upstream",
+        ),
+        (
+            "route to an auth policy that does not exist",
+            config("", "  - { name: r, upstream: u, auth: nope }\n"),
+            "routes[0].auth",
+        ),
+        (
+            "route to a rate limit that does not exist",
+            config("", "  - { name: r, upstream: u, rate_limit: nope }\n"),
+            "routes[0].rate_limit",
+        ),
+        (
+            "a rate that does not parse",
+            config("rate_limits:\n  l: { rate: often }\n", ROUTE),
+            "rate_limits.l.rate",
+        ),
+        (
+            "a rate-limit key that does not parse",
+            config("rate_limits:\n  l: { rate: 10/s, key: bogus }\n", ROUTE),
+            "rate_limits.l.key",
+        ),
+        (
+            "a claim key on a route without auth",
+            config(
+                "rate_limits:\n  l: { rate: 10/s, key: \"jwt:sub\" }\n",
+                "  - { name: r, upstream: u, rate_limit: l }\n",
+            ),
+            "routes[0].rate_limit",
+        ),
+        (
+            "a path regex that does not compile",
+            config("", "  - { name: r, upstream: u, match: { path_regex: \"(\" } }\n"),
+            "routes[0].match.path_regex",
+        ),
+        (
+            "a path that does not start with /",
+            config("", "  - { name: r, upstream: u, match: { path: api } }\n"),
+            "routes[0].match.path",
+        ),
+        (
+            "a header name that is not one",
+            config(
+                "",
+                "  - { name: r, upstream: u, match: { headers: [ { name: \"a b\" } ] } }\n",
+            ),
+            "routes[0].match.headers[0]",
+        ),
+        (
+            "a route name used twice",
+            config("", &format!("{ROUTE}{ROUTE}")),
+            "routes[1].name",
+        ),
+        (
+            "a certificate file that does not exist",
+            config("", ROUTE).replace(
+                "admin:",
+                &format!(
+                    "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{d}/none.pem\", key: \"{d}/none-key.pem\" }} ] }} }}\nadmin:",
+                    free_port("127.0.0.1")
+                ),
+            ),
+            "listeners.https.tls",
+        ),
+        (
+            "an HSTS value that is not a header value",
+            config("", ROUTE).replace(
+                "admin:",
+                &format!(
+                    "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{d}/t.test.pem\", key: \"{d}/t.test-key.pem\" }} ], hsts: \"a\\u0001b\" }} }}\nadmin:",
+                    free_port("127.0.0.1")
+                ),
+            ),
+            "listeners.https.tls.hsts",
+        ),
+        (
+            "a redirect on a TLS listener",
+            config("", ROUTE).replace(
+                "admin:",
+                &format!(
+                    "  https: {{ address: \"127.0.0.1:{}\", redirect_https: 443, tls: {{ certificates: [ {{ cert: \"{d}/t.test.pem\", key: \"{d}/t.test-key.pem\" }} ] }} }}\nadmin:",
+                    free_port("127.0.0.1")
+                ),
+            ),
+            "listeners.https.redirect_https",
+        ),
+        (
+            "a trusted proxy that is not a CIDR",
+            config("trusted_proxies: [\"10.0.0.0/33\"]\n", ROUTE),
+            "trusted_proxies[0]",
+        ),
+        (
+            "an access-log sample out of range",
+            config("access_log: { sample: 2.0 }\n", ROUTE),
+            "access_log.sample",
+        ),
+        (
+            "an auth policy without a key",
+            config("auth:\n  a: { issuer: x }\n", ROUTE),
+            "auth.a",
+        ),
+        (
+            "a JWKS URL that is not http(s)",
+            config("auth:\n  a: { jwks_url: \"ftp://keys.test/jwks\" }\n", ROUTE),
+            "auth.a",
+        ),
+        (
+            "a listener read buffer out of range",
+            config("", ROUTE).replace(
+                "\" }\nadmin:",
+                "\", read_buffer: 12 }\nadmin:",
+            ),
+            "listeners.http.read_buffer",
+        ),
+    ]
+}
+
+/// What `gateway ARGS -c FILE` printed on standard error and whether it succeeded; a
+/// process still running after 15 s is killed and reported as having served.
+fn gateway(command: &str, file: &Path) -> (bool, String) {
+    let mut child = Command::new(gateway_bin())
+        .args([command, "-c"])
+        .arg(file)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            return (
+                status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (true, "still running".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The configuration error in `stderr`: its `FILE:LINE:COLUMN: field: reason` line.
+fn error_line<'a>(stderr: &'a str, file: &Path) -> Option<&'a str> {
+    let file = file.to_str().unwrap();
+    stderr.lines().find_map(|l| {
+        let at = l.find(file)?;
+        Some(&l[at..])
+    })
+}
+
+#[test]
+fn check_and_run_refuse_every_broken_file_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["certs", "--dir"])
+        .arg(dir.path())
+        .arg("t.test")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut files = Vec::new();
+    for (i, (what, text, field)) in corpus(dir.path()).into_iter().enumerate() {
+        let path = dir.path().join(format!("broken-{i}.yaml"));
+        std::fs::write(&path, &text).unwrap();
+        files.push((what.to_string(), path, Some(field)));
+    }
+    // The fuzz seeds, as they are: whatever `check` says of them, `run` must say too.
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/config");
+    for entry in std::fs::read_dir(&seeds).unwrap() {
+        let path = entry.unwrap().path();
+        files.push((format!("seed {}", path.display()), path, None));
+    }
+    assert!(files.len() > 19);
+    for (what, path, field) in files {
+        let (check_ok, check_err) = gateway("check", &path);
+        if check_ok {
+            // A seed that is valid: nothing to compare without serving on its fixed ports.
+            assert!(field.is_none(), "{what}: `check` accepted it");
+            continue;
+        }
+        let check_line = error_line(&check_err, &path)
+            .unwrap_or_else(|| panic!("{what}: no error line in {check_err:?}"));
+        let position = check_line[path.to_str().unwrap().len()..].to_string();
+        let mut parts = position.splitn(4, ':');
+        assert_eq!(parts.next(), Some(""), "{what}: {check_line}");
+        let line: u64 = parts.next().and_then(|l| l.parse().ok()).unwrap_or(0);
+        let column: u64 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!(
+            line > 0 && column > 0,
+            "{what}: no position in {check_line}"
+        );
+        if let Some(field) = field {
+            assert!(
+                parts
+                    .next()
+                    .and_then(|rest| rest.trim_start().split(": ").next())
+                    == Some(field),
+                "{what}: expected field {field} in {check_line}"
+            );
+        }
+        let (run_ok, run_err) = gateway("run", &path);
+        assert!(!run_ok, "{what}: `run` served a file `check` refused");
+        assert_eq!(
+            error_line(&run_err, &path),
+            Some(check_line),
+            "{what}: run said {run_err:?}"
+        );
+    }
+}
