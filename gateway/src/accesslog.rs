@@ -69,8 +69,8 @@ macro_rules! key {
 impl AccessRecord<'_> {
     /// Appends the record as one JSON line (with its newline) to `out`. Keys are written as
     /// they are; string values go through [`put_text`], except text the gateway wrote itself
-    /// ([`put_own_field`]); numbers through `itoa`. (A `serde` derive escaped every key and
-    /// value piece by piece: ~6k instructions a line.)
+    /// ([`put_own_field`]); numbers through `itoa`: cheaper than a `serde` derive, which escapes
+    /// every key and value piece by piece (`bench/README.md`, access-log rows).
     fn write_line(&self, out: &mut Vec<u8>) {
         let since_epoch = self
             .time
@@ -220,8 +220,8 @@ fn put_millis(out: &mut Vec<u8>, key: &[u8], took: Duration) {
     ]);
 }
 
-/// RFC 3339 UTC with milliseconds, written digit by digit (`format!` cost ~3k instructions a
-/// line on the writer thread).
+/// RFC 3339 UTC with milliseconds, written digit by digit (cheaper than `format!` on the
+/// writer thread; `bench/README.md`).
 fn format_time(since_epoch: Duration) -> [u8; 24] {
     let t = time::OffsetDateTime::UNIX_EPOCH + since_epoch;
     let (date, clock) = (t.date(), t.time());
@@ -382,8 +382,7 @@ impl Drop for AccessLog {
 /// Asks the CPU to bring the batch's next `ahead` bytes into its cache, without waiting: the
 /// next line is copied there a request later. Each line lands on memory the thread has not
 /// touched since the batch was last written, tens of milliseconds earlier, and releasing the
-/// batch's lock waits for those stores (~0.2 µs a line by `perf`, about half of the access
-/// log's cost on the worker thread).
+/// batch's lock waits for those stores (the prefetch row of `bench/README.md`).
 #[inline]
 fn prefetch_spare(bytes: &Vec<u8>, ahead: usize) {
     #[cfg(target_arch = "x86_64")]

@@ -3,7 +3,7 @@
 //! The `mimalloc` crate's allocator passes every request to `mi_malloc_aligned`. In mimalloc
 //! 3 that takes the plain allocation path only when the rounded size is a power of two; any
 //! other size, such as most of Pingora's boxed futures and buffers, goes through the aligned
-//! over-allocating path: about 4,500 instructions per proxied request. A request whose
+//! over-allocating path (the allocator row of `bench/README.md`). A request whose
 //! alignment mimalloc's size classes already give (at most 16, and dividing the size, as C's
 //! `malloc` guarantees for any object of that size) is sent to `mi_malloc`; the rest keep the
 //! aligned calls. The same change is proposed upstream as mimalloc_rust pull request 170.

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hickory_resolver::TokioResolver;
 use http::{HeaderName, HeaderValue};
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -78,12 +78,33 @@ pub struct Verified {
     pub subject: Option<Arc<str>>,
 }
 
+/// What defines an `auth` policy, as compiled: its static keys by content (a key file
+/// rewritten with a new key makes another spec), its key set's address, its claim rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSpec {
+    /// Hash of every static key: algorithm, `kid` and bytes.
+    static_keys: u64,
+    jwks: Option<(JwksUrl, crate::config::JwksConfig)>,
+    issuer: Vec<String>,
+    audience: Vec<String>,
+    leeway: u64,
+    require_exp: bool,
+    required_claims: Vec<String>,
+    claims: Vec<(String, Vec<String>)>,
+    forward: Vec<(String, HeaderName)>,
+    cookie: Option<String>,
+    token_cache: usize,
+    token_cache_ttl: u64,
+    dns: DnsConfig,
+}
+
 /// A compiled `auth` policy.
 pub struct AuthPolicy {
     /// The policy's name.
     pub name: Arc<str>,
-    /// What it was built from; unchanged policies (and their fetched keys) survive reloads.
-    pub spec: (AuthConfig, DnsConfig),
+    /// What it checks, as compiled; a policy with the same spec (and its fetched keys)
+    /// survives reloads.
+    pub spec: AuthSpec,
     keys: ArcSwap<KeySet>,
     jwks: Option<Arc<JwksSource>>,
     /// Validations by algorithm, shared by the keys of that algorithm.
@@ -115,6 +136,8 @@ struct JwksSource {
     fetched: watch::Sender<u64>,
     /// When the last fetch started (ms since `epoch`), for the refetch rate limit.
     last_attempt_ms: AtomicU64,
+    /// Hash of the last document whose skipped keys were reported.
+    last_document: AtomicU64,
     epoch: Instant,
 }
 
@@ -235,6 +258,8 @@ impl AuthPolicy {
         };
 
         let mut keys = Vec::new();
+        // Every static key's algorithm, kid and bytes, for the spec.
+        let mut key_material: Vec<u8> = Vec::new();
         let secret = match (&cfg.secret, &cfg.secret_file) {
             (Some(_), Some(_)) => return Err("use `secret` or `secret_file`, not both".into()),
             (Some(s), None) => Some(s.value.as_bytes().to_vec()),
@@ -260,6 +285,8 @@ impl AuthPolicy {
                     .collect::<Result<Vec<_>, _>>()?
             };
             for alg in algorithms {
+                key_material.extend_from_slice(format!("{alg:?}\0").as_bytes());
+                key_material.extend_from_slice(&secret);
                 if !is_hmac(alg) {
                     return Err(format!(
                         "algorithms: {alg:?} cannot be used with a shared secret"
@@ -276,6 +303,8 @@ impl AuthPolicy {
             let alg = parse_algorithm(&pk.algorithm)?;
             let pem =
                 std::fs::read(&pk.file).map_err(|e| format!("public_keys {}: {e}", pk.file))?;
+            key_material.extend_from_slice(format!("{alg:?}\0{:?}\0", pk.kid).as_bytes());
+            key_material.extend_from_slice(&pem);
             let key = match alg {
                 Algorithm::RS256
                 | Algorithm::RS384
@@ -305,7 +334,27 @@ impl AuthPolicy {
             .as_ref()
             .map(|u| JwksUrl::parse(&u.value))
             .transpose()?;
-        let jwks = match jwks_url {
+        let claim_values: Vec<(String, Vec<String>)> = cfg
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_slice().to_vec()))
+            .collect();
+        let spec_of = |forward: &[(String, HeaderName)]| AuthSpec {
+            static_keys: crate::hash::content(&key_material),
+            jwks: jwks_url.clone().map(|u| (u, cfg.jwks.clone())),
+            issuer: cfg.issuer.as_slice().to_vec(),
+            audience: cfg.audience.as_slice().to_vec(),
+            leeway,
+            require_exp: cfg.require_exp,
+            required_claims: cfg.required_claims.clone(),
+            claims: claim_values.clone(),
+            forward: forward.to_vec(),
+            cookie: cfg.cookie.clone(),
+            token_cache: cfg.token_cache,
+            token_cache_ttl: cfg.token_cache_ttl.0.as_secs(),
+            dns: dns.clone(),
+        };
+        let jwks = match jwks_url.clone() {
             Some(url) => Some(Arc::new(JwksSource {
                 tls: match url.tls {
                     true => Some(jwks_tls(cfg.jwks.ca.as_deref())?),
@@ -330,6 +379,7 @@ impl AuthPolicy {
                 wake: Notify::new(),
                 fetched: watch::channel(0).0,
                 last_attempt_ms: AtomicU64::new(0),
+                last_document: AtomicU64::new(0),
                 epoch: Instant::now(),
             })),
             None => None,
@@ -345,16 +395,12 @@ impl AuthPolicy {
         }
         Ok(AuthPolicy {
             name: name.into(),
-            spec: (cfg.without_locations(), dns.clone()),
+            spec: spec_of(&forward),
             keys: ArcSwap::from_pointee(KeySet { keys }),
             jwks,
             validations,
             required_claims: cfg.required_claims.clone(),
-            claim_values: cfg
-                .claims
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_slice().to_vec()))
-                .collect(),
+            claim_values,
             forward,
             cookie: cfg.cookie.clone(),
             cache: (cfg.token_cache > 0).then(|| quick_cache::sync::Cache::new(cfg.token_cache)),
@@ -548,6 +594,20 @@ impl AuthPolicy {
         tokio::spawn(jwks_loop(Arc::downgrade(self), source, resolver));
     }
 
+    /// Counts and logs the keys a JWKS document had that the gateway skipped, once per
+    /// document: a document fetched again unchanged is not reported again.
+    fn report_skipped(&self, body: &[u8], skipped: &[(Option<String>, SkippedKey)]) {
+        let Some(jwks) = &self.jwks else { return };
+        let hash = crate::hash::content(body);
+        if jwks.last_document.swap(hash, Ordering::AcqRel) == hash {
+            return;
+        }
+        for (kid, reason) in skipped {
+            self.metrics.skipped_key(*reason);
+            warn!(policy = %self.name, kid = kid.as_deref().unwrap_or("(none)"), reason = reason.label(), "JWKS key skipped; the other keys are used");
+        }
+    }
+
     /// Fetches the JWKS once now (used when a runtime is built, so that the first requests
     /// find keys). Failures are logged; stale keys are kept.
     pub async fn fetch_now(&self, resolver: Option<&TokioResolver>) {
@@ -558,7 +618,9 @@ impl AuthPolicy {
         );
         match fetch_jwks(&jwks.url, jwks.tls.as_ref(), resolver, jwks.timeout).await {
             Ok(body) => match parse_jwks(&body, &self.validations) {
-                Ok(keys) if !keys.is_empty() => {
+                Ok(judged) if !judged.keys.is_empty() => {
+                    self.report_skipped(&body, &judged.skipped);
+                    let keys = judged.keys;
                     let count = keys.len();
                     self.keys.store(Arc::new(KeySet { keys }));
                     // A key that left the set must stop vouching for tokens at once.
@@ -567,7 +629,8 @@ impl AuthPolicy {
                     }
                     info!(policy = %self.name, keys = count, "JWKS loaded");
                 }
-                Ok(_) => {
+                Ok(judged) => {
+                    self.report_skipped(&body, &judged.skipped);
                     warn!(policy = %self.name, "JWKS has no usable keys; keeping the previous keys")
                 }
                 Err(e) => {
@@ -583,8 +646,7 @@ impl AuthPolicy {
 }
 
 /// The token of an `Authorization` value: `Bearer` in any case, one space, the token (spaces
-/// around it trimmed). On bytes: `HeaderValue::to_str` and a `char` split cost ~4 instructions
-/// a byte of a ~200-byte header.
+/// around it trimmed). On bytes: `HeaderValue::to_str` and a `char` split cost more per byte.
 fn bearer_token(value: &[u8]) -> Option<&str> {
     let (scheme, rest) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
@@ -755,57 +817,142 @@ where
     }
 }
 
-/// The usable keys of a JWKS document, each pinned to its algorithm: the `alg` the key names,
-/// or the one its type implies (EC P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA, RSA → RS256).
+/// Why a key of a JWKS document is not used. Keys are judged one by one: one the gateway
+/// cannot use is skipped, and the rest of the document still counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkippedKey {
+    /// A key type, algorithm or curve the gateway does not support (ES512, X25519, an
+    /// encryption algorithm, an unknown `kty`).
+    Unsupported,
+    /// `use` other than `sig`, or `key_ops` without `verify`.
+    NotForVerifying,
+    /// A symmetric key (`kty: oct`, or an HMAC `alg`): never taken from a JWKS.
+    Symmetric,
+    /// An `alg` that contradicts the key's type or curve (`ES256` on a P-384 key).
+    Mismatch,
+    /// Key material that does not decode.
+    Invalid,
+}
+
+impl SkippedKey {
+    /// Every reason, for the metric's labels.
+    pub const ALL: [SkippedKey; 5] = [
+        SkippedKey::Unsupported,
+        SkippedKey::NotForVerifying,
+        SkippedKey::Symmetric,
+        SkippedKey::Mismatch,
+        SkippedKey::Invalid,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SkippedKey::Unsupported => "unsupported",
+            SkippedKey::NotForVerifying => "not_for_verifying",
+            SkippedKey::Symmetric => "symmetric",
+            SkippedKey::Mismatch => "mismatch",
+            SkippedKey::Invalid => "invalid",
+        }
+    }
+}
+
+/// A JWKS document judged: the keys taken, and each skipped key's `kid` and reason.
+struct JudgedKeys {
+    keys: Vec<VerifyKey>,
+    skipped: Vec<(Option<String>, SkippedKey)>,
+}
+
+/// Reads a JWKS document. Only a document that is not JSON or has no `keys` array is an
+/// error (the previous keys stay); each key is judged on its own.
 fn parse_jwks(
     body: &[u8],
     validations: &[(Algorithm, Arc<Validation>)],
-) -> Result<Vec<VerifyKey>, String> {
-    let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWKS: {e}"))?;
-    let mut keys = Vec::new();
-    for jwk in &set.keys {
-        if jwk
-            .common
-            .public_key_use
-            .as_ref()
-            .is_some_and(|u| !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Signature))
-        {
-            continue;
-        }
-        let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
-            (Some(a), _) => match key_algorithm(*a) {
-                Some(a) => a,
-                None => continue,
-            },
-            (None, AlgorithmParameters::EllipticCurve(ec)) => match ec.curve {
-                EllipticCurve::P256 => Algorithm::ES256,
-                EllipticCurve::P384 => Algorithm::ES384,
-                _ => continue,
-            },
-            (None, AlgorithmParameters::OctetKeyPair(okp)) => match okp.curve {
-                EllipticCurve::Ed25519 => Algorithm::EdDSA,
-                _ => continue,
-            },
-            (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
-            // Symmetric keys are never taken from a JWKS document.
-            (None, AlgorithmParameters::OctetKey(_)) => continue,
-        };
-        if is_hmac(alg) || matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
-            continue;
-        }
-        let Ok(key) = DecodingKey::from_jwk(jwk) else {
-            continue;
-        };
-        let Some((_, validation)) = validations.iter().find(|(a, _)| *a == alg) else {
-            continue;
-        };
-        keys.push(VerifyKey {
-            kid: jwk.common.key_id.clone(),
-            key,
-            validation: validation.clone(),
-        });
+) -> Result<JudgedKeys, String> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<Value>,
     }
-    Ok(keys)
+    let doc: Document = serde_json::from_slice(body).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut judged = JudgedKeys {
+        keys: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for value in doc.keys {
+        let kid = value.get("kid").and_then(Value::as_str).map(str::to_string);
+        match judge_key(value, validations) {
+            Ok(key) => judged.keys.push(key),
+            Err(reason) => judged.skipped.push((kid, reason)),
+        }
+    }
+    Ok(judged)
+}
+
+/// One key of a JWKS document, taken or refused with the reason.
+fn judge_key(
+    value: Value,
+    validations: &[(Algorithm, Arc<Validation>)],
+) -> Result<VerifyKey, SkippedKey> {
+    let jwk: Jwk = serde_json::from_value(value).map_err(|_| SkippedKey::Unsupported)?;
+    let not_sig = jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Signature));
+    let no_verify = jwk
+        .common
+        .key_operations
+        .as_ref()
+        .is_some_and(|ops| !ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify));
+    if not_sig || no_verify {
+        return Err(SkippedKey::NotForVerifying);
+    }
+    // What the key's type and curve allow: one algorithm for a curve, RS256 by default for RSA.
+    let by_key = match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Some(Algorithm::ES256),
+            EllipticCurve::P384 => Some(Algorithm::ES384),
+            _ => return Err(SkippedKey::Unsupported),
+        },
+        AlgorithmParameters::OctetKeyPair(okp) => match okp.curve {
+            EllipticCurve::Ed25519 => Some(Algorithm::EdDSA),
+            _ => return Err(SkippedKey::Unsupported),
+        },
+        AlgorithmParameters::RSA(_) => None,
+        AlgorithmParameters::OctetKey(_) => return Err(SkippedKey::Symmetric),
+    };
+    let alg = match jwk.common.key_algorithm {
+        Some(a) => key_algorithm(a).ok_or(SkippedKey::Unsupported)?,
+        None => by_key.unwrap_or(Algorithm::RS256),
+    };
+    if is_hmac(alg) {
+        return Err(SkippedKey::Symmetric);
+    }
+    let rsa = matches!(
+        alg,
+        Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512
+    );
+    let fits = match by_key {
+        Some(curve_alg) => curve_alg == alg,
+        None => rsa,
+    };
+    if !fits {
+        return Err(SkippedKey::Mismatch);
+    }
+    let key = DecodingKey::from_jwk(&jwk).map_err(|_| SkippedKey::Invalid)?;
+    let (_, validation) = validations
+        .iter()
+        .find(|(a, _)| *a == alg)
+        .ok_or(SkippedKey::Unsupported)?;
+    Ok(VerifyKey {
+        kid: jwk.common.key_id.clone(),
+        key,
+        validation: validation.clone(),
+    })
 }
 
 fn key_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
@@ -916,6 +1063,63 @@ mod tests {
             Arc::new(Validation::new(Algorithm::HS256)),
         )];
         let body = br#"{"keys":[{"kty":"oct","k":"c2VjcmV0","alg":"HS256"}]}"#;
-        assert!(parse_jwks(body, &validations).unwrap().is_empty());
+        let judged = parse_jwks(body, &validations).unwrap();
+        assert!(judged.keys.is_empty());
+        assert_eq!(judged.skipped, [(None, SkippedKey::Symmetric)]);
+    }
+
+    /// A P-256 public key (x, y) and an Ed25519 one (x), from RFC 7515 A.3 and RFC 8037 A.2.
+    const EC_X: &str = "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU";
+    const EC_Y: &str = "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0";
+    const ED_X: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+
+    #[test]
+    fn jwks_keys_are_judged_one_by_one() {
+        let all = [
+            Algorithm::ES256,
+            Algorithm::ES384,
+            Algorithm::EdDSA,
+            Algorithm::RS256,
+        ];
+        let validations: Vec<_> = all
+            .iter()
+            .map(|a| (*a, Arc::new(Validation::new(*a))))
+            .collect();
+        let body = format!(
+            r#"{{"keys":[
+              {{"kid":"good-ec","kty":"EC","crv":"P-256","x":"{EC_X}","y":"{EC_Y}","alg":"ES256","use":"sig"}},
+              {{"kid":"good-ed","kty":"OKP","crv":"Ed25519","x":"{ED_X}"}},
+              {{"kid":"es512","kty":"EC","crv":"P-521","x":"{EC_X}","y":"{EC_Y}","alg":"ES512"}},
+              {{"kid":"x25519","kty":"OKP","crv":"X25519","x":"{ED_X}"}},
+              {{"kid":"enc","kty":"EC","crv":"P-256","x":"{EC_X}","y":"{EC_Y}","use":"enc"}},
+              {{"kid":"ops","kty":"EC","crv":"P-256","x":"{EC_X}","y":"{EC_Y}","key_ops":["sign"]}},
+              {{"kid":"mismatch","kty":"EC","crv":"P-256","x":"{EC_X}","y":"{EC_Y}","alg":"ES384"}},
+              {{"kid":"rsa-oaep","kty":"RSA","n":"AQAB","e":"AQAB","alg":"RSA-OAEP"}},
+              {{"kid":"unknown-kty","kty":"XYZ"}}
+            ]}}"#
+        );
+        let judged = parse_jwks(body.as_bytes(), &validations).unwrap();
+        let taken: Vec<_> = judged.keys.iter().map(|k| k.kid.clone().unwrap()).collect();
+        assert_eq!(taken, ["good-ec", "good-ed"]);
+        let skipped: Vec<_> = judged
+            .skipped
+            .iter()
+            .map(|(kid, why)| (kid.clone().unwrap(), *why))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("es512".to_string(), SkippedKey::Unsupported),
+                ("x25519".to_string(), SkippedKey::Unsupported),
+                ("enc".to_string(), SkippedKey::NotForVerifying),
+                ("ops".to_string(), SkippedKey::NotForVerifying),
+                ("mismatch".to_string(), SkippedKey::Mismatch),
+                ("rsa-oaep".to_string(), SkippedKey::Unsupported),
+                ("unknown-kty".to_string(), SkippedKey::Unsupported),
+            ]
+        );
+        // Not JSON, or no `keys`: the document is refused whole.
+        assert!(parse_jwks(b"<html>", &validations).is_err());
+        assert!(parse_jwks(br#"{"key":[]}"#, &validations).is_err());
     }
 }

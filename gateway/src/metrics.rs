@@ -42,6 +42,7 @@ pub struct Metrics {
     dns_refreshes: IntCounterVec,
     auth: IntCounterVec,
     auth_refusals: IntCounterVec,
+    jwks_skipped: IntCounterVec,
     ratelimit: IntCounterVec,
     /// Configuration reloads by result (`applied`, `rejected`).
     pub reloads: IntCounterVec,
@@ -239,6 +240,12 @@ impl Metrics {
                 &r,
                 "gateway_auth_refusals_total",
                 "Tokens refused (results invalid and forbidden), by reason",
+                &["policy", "reason"],
+            ),
+            jwks_skipped: counter(
+                &r,
+                "gateway_jwks_keys_skipped_total",
+                "Keys of fetched JWKS documents the gateway could not use, by reason (once per document)",
                 &["policy", "reason"],
             ),
             ratelimit: counter(
@@ -442,6 +449,8 @@ pub struct AuthMetrics {
     pub no_keys: IntCounter,
     /// Refusals by reason, in the order of [`AUTH_REFUSALS`].
     refusals: [IntCounter; AUTH_REFUSALS.len()],
+    /// JWKS keys skipped, by [`crate::auth::SkippedKey`] (as `usize`).
+    skipped: [IntCounter; crate::auth::SkippedKey::ALL.len()],
 }
 
 /// Why a token is refused: the message the client gets, and the metric's `reason` label.
@@ -476,7 +485,17 @@ impl AuthMetrics {
             no_keys: a("no_keys"),
             refusals: AUTH_REFUSALS
                 .map(|(_, reason)| METRICS.auth_refusals.with_label_values(&[policy, reason])),
+            skipped: crate::auth::SkippedKey::ALL.map(|why| {
+                METRICS
+                    .jwks_skipped
+                    .with_label_values(&[policy, why.label()])
+            }),
         }
+    }
+
+    /// Counts a JWKS key the policy could not use.
+    pub fn skipped_key(&self, why: crate::auth::SkippedKey) {
+        self.skipped[why as usize].inc();
     }
 
     /// Counts a refusal by its message (every message the token check gives is in

@@ -74,7 +74,7 @@ pub enum Decision {
 }
 
 /// The buckets: governor's sharded map, hashed with `ahash` (randomly seeded per policy)
-/// instead of the standard library's SipHash, ~250 instructions a request less.
+/// instead of the standard library's SipHash (cheaper per request; `bench/README.md`).
 type Limiter = RateLimiter<
     LimitKey,
     DashMapStateStore<LimitKey, ahash::RandomState>,
@@ -82,12 +82,25 @@ type Limiter = RateLimiter<
     StateInformationMiddleware,
 >;
 
+/// What defines a rate-limit policy's counting, as compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitSpec {
+    count: u32,
+    period: Duration,
+    burst: u32,
+    key: KeySource,
+    missing: MissingKey,
+    max_keys: usize,
+    redis: Option<crate::config::RedisLimitConfig>,
+}
+
 /// A compiled rate-limit policy with its buckets.
 pub struct RateLimitPolicy {
     /// The policy's name.
     pub name: Arc<str>,
-    /// What it was built from; an unchanged policy (and its buckets) survives reloads.
-    pub spec: RateLimitConfig,
+    /// What it counts, as compiled; a policy with the same spec (and its buckets) survives
+    /// reloads.
+    pub spec: RateLimitSpec,
     /// Where the key comes from.
     pub key: KeySource,
     limiter: Limiter,
@@ -196,7 +209,15 @@ impl RateLimitPolicy {
                 .map_err(|_| "name: not usable in a header".to_string())?;
         Ok(RateLimitPolicy {
             name: name.into(),
-            spec: cfg.without_locations(),
+            spec: RateLimitSpec {
+                count,
+                period,
+                burst,
+                key: key.clone(),
+                missing: cfg.missing_key,
+                max_keys: cfg.max_keys,
+                redis: cfg.redis.clone(),
+            },
             key,
             limiter: RateLimiter::dashmap_with_hasher(quota, ahash::RandomState::new())
                 .with_middleware::<StateInformationMiddleware>(),

@@ -214,7 +214,8 @@ fn anchored(re: &str) -> String {
 
 impl Router {
     /// Compiles the routes of a validated configuration. Route `i` of the result is `routes[i]`.
-    pub fn new(routes: &[RouteConfig]) -> Result<Router, regex::Error> {
+    /// A regex that does not compile is an error with the index of its route.
+    pub fn new(routes: &[RouteConfig]) -> Result<Router, (usize, regex::Error)> {
         let mut router = Router {
             exact_hosts: HashMap::default(),
             wildcard_hosts: HashMap::default(),
@@ -223,7 +224,9 @@ impl Router {
         };
         for (i, r) in routes.iter().enumerate() {
             let id = i as u32;
-            router.conds.push(compile_conditions(&r.matcher)?);
+            router
+                .conds
+                .push(compile_conditions(&r.matcher).map_err(|e| (i, e))?);
             let m = &r.matcher;
             if m.hosts.is_empty() {
                 add_route(&mut router.any_host, m, id);
@@ -239,14 +242,23 @@ impl Router {
                 add_route(table, m, id);
             }
         }
+        // The regexes of a table are compiled together: an error there (a size limit) is
+        // put on the first route with a regex.
+        let first_regex = routes
+            .iter()
+            .position(|r| r.matcher.path_regex.is_some())
+            .unwrap_or(0);
         let conds = std::mem::take(&mut router.conds);
-        router.any_host.finish(&conds)?;
+        router
+            .any_host
+            .finish(&conds)
+            .map_err(|e| (first_regex, e))?;
         for t in router
             .exact_hosts
             .values_mut()
             .chain(router.wildcard_hosts.values_mut())
         {
-            t.finish(&conds)?;
+            t.finish(&conds).map_err(|e| (first_regex, e))?;
         }
         router.conds = conds;
         Ok(router)

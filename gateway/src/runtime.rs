@@ -64,6 +64,7 @@ impl Bindings {
         Bindings {
             listeners: config
                 .listeners
+                .value
                 .iter()
                 .map(|(k, v)| {
                     let tls = v.tls.as_ref().map(|t| (t.http2, t.client_auth.clone()));
@@ -72,7 +73,7 @@ impl Bindings {
                 .collect(),
             admin: config.admin.as_ref().map(|a| a.address.value.0),
             h2c: config.h2c,
-            threads: config.threads,
+            threads: config.threads.as_ref().map(|t| t.value),
             pool: config.upstream_keepalive_pool,
             traces: config.traces.clone(),
         }

@@ -28,6 +28,8 @@ fn server_conf(loaded: &LoadedConfig) -> ServerConf {
     let tmp = std::env::temp_dir();
     let threads = c
         .threads
+        .as_ref()
+        .map(|t| t.value)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     ServerConf {
         threads,
@@ -68,6 +70,7 @@ fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
     let c = &loaded.config;
     let listeners = c
         .listeners
+        .value
         .iter()
         .map(|(name, l)| (format!("listeners.{name}.address"), &l.address));
     let admin = c
@@ -129,7 +132,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         shared.clone(),
         bindings,
     ));
-    control.spawn(plane.watch(loaded.config.reload.clone()));
+    control.spawn(plane.watch(loaded.config.reload.value.clone()));
 
     if let Some(traces) = &loaded.config.traces {
         crate::trace::start_export(traces)
@@ -146,7 +149,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     proxy.server_options = Some(server_options);
     proxy.handle_init_modules();
     let mut listeners = Vec::new();
-    for (name, l) in &loaded.config.listeners {
+    for (name, l) in &loaded.config.listeners.value {
         let tls = match (&l.tls, shared.load().tls_stores.get(name)) {
             (Some(tls), Some(store)) => {
                 Some(crate::tls::settings(store.clone(), tls).map_err(|e| {
@@ -159,7 +162,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     }
     let app = Downstream::new(proxy, shared.clone(), listeners, loaded.config.h2c);
     let mut proxy = pingora::services::listening::Service::new("gateway".to_string(), app);
-    for (name, l) in &loaded.config.listeners {
+    for (name, l) in &loaded.config.listeners.value {
         let addr = l.address.value.0.to_string();
         // TLS listeners are bound as TCP: the service makes the handshake itself (bounded,
         // counted), see `downstream`.
@@ -176,6 +179,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let addresses = loaded
         .config
         .listeners
+        .value
         .iter()
         .map(|(name, l)| (format!("listeners.{name}.address"), l.address.value.0))
         .collect();

@@ -1,5 +1,5 @@
 //! Small text writers for the request path and the access-log thread: addresses written into
-//! stack buffers without `core::fmt` (about 1k instructions each through `Display`).
+//! stack buffers without `core::fmt`, which costs more through `Display` (`bench/README.md`).
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};

@@ -137,6 +137,54 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "auth.a",
         ),
         (
+            "no threads",
+            config("", ROUTE).replace("threads: 1", "threads: 0"),
+            "threads",
+        ),
+        (
+            "no listener",
+            config("", ROUTE)
+                .lines()
+                .filter(|l| !l.starts_with("  http:"))
+                .map(|l| match l {
+                    "listeners:" => "listeners: {}\n".to_string(),
+                    l => format!("{l}\n"),
+                })
+                .collect(),
+            "listeners",
+        ),
+        (
+            "a reload poll interval of zero",
+            config("reload: { poll_interval: 0s }\n", ROUTE),
+            "reload.poll_interval",
+        ),
+        (
+            "a discovery interval of zero",
+            config("", ROUTE).replace("\"] }\n", "\"], discovery: { refresh: 0s } }\n"),
+            "upstreams.u.discovery.refresh",
+        ),
+        (
+            "health checks that never rise",
+            config("", ROUTE).replace(
+                "\"] }\n",
+                "\"], health: { active: { path: /health, rise: 0 } } }\n",
+            ),
+            "upstreams.u.health.active",
+        ),
+        (
+            "passive health that never ejects",
+            config("", ROUTE).replace(
+                "\"] }\n",
+                "\"], health: { passive: { max_fails: 0 } } }\n",
+            ),
+            "upstreams.u.health.passive",
+        ),
+        (
+            "an upstream timeout of zero",
+            config("", ROUTE).replace("\"] }\n", "\"], timeouts: { read: 0s } }\n"),
+            "upstreams.u.timeouts",
+        ),
+        (
             "a listener read buffer out of range",
             config("", ROUTE).replace(
                 "\" }\nadmin:",
@@ -207,7 +255,7 @@ fn check_and_run_refuse_every_broken_file_alike() {
         let path = entry.unwrap().path();
         files.push((format!("seed {}", path.display()), path, None));
     }
-    assert!(files.len() > 19);
+    assert!(files.len() > 26);
     for (what, path, field) in files {
         let (check_ok, check_err) = gateway("check", &path);
         if check_ok {

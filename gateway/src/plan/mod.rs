@@ -109,9 +109,15 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
     validate::validate(file, config)?;
     let c = validate::Checker { file };
 
-    // The validator has checked every regex and rewrite; these cannot fail after it.
-    let router = Router::new(&config.routes)
-        .map_err(|e| c.err_nowhere("routes", format!("route table: {e}")))?;
+    let router = Router::new(&config.routes).map_err(|(i, e)| {
+        let route = &config.routes[i];
+        let at = route
+            .matcher
+            .path_regex
+            .as_ref()
+            .map_or(&route.name.referenced, |r| &r.referenced);
+        c.err(at, format!("routes[{i}].match"), e.to_string())
+    })?;
     let auth = compile_auth(&c, config)?;
     let rate_limits = compile_rate_limits(&c, config)?;
     let mut routes = Vec::with_capacity(config.routes.len());
@@ -219,8 +225,8 @@ fn compile_listeners(
     c: &validate::Checker,
     config: &Config,
 ) -> Result<Vec<ListenerPlan>, ConfigError> {
-    let mut out = Vec::with_capacity(config.listeners.len());
-    for (name, l) in &config.listeners {
+    let mut out = Vec::with_capacity(config.listeners.value.len());
+    for (name, l) in &config.listeners.value {
         let tls = match &l.tls {
             Some(tls) => Some(compile_tls(c, name, &l.address.referenced, tls)?),
             None => None,

@@ -2,7 +2,7 @@
 //! but make no sense together. Every error points at the offending field. The policies'
 //! own settings are checked where they are compiled (`plan::compile`).
 
-use crate::config::{Balance, Config, ConfigError, RouteConfig};
+use crate::config::{Balance, Config, ConfigError, HealthConfig, RouteConfig};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 use std::collections::{BTreeSet, HashMap};
@@ -52,28 +52,14 @@ impl Checker<'_> {
             format!("no {kind} named `{}` (defined: {defined})", name.value),
         )
     }
-
-    pub(super) fn err_nowhere(
-        &self,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError {
-            file: self.file.to_path_buf(),
-            line: 0,
-            column: 0,
-            field: field.into(),
-            message: message.into(),
-        }
-    }
 }
 
 /// Validates a parsed configuration as a whole.
 pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
     let c = Checker { file };
 
-    if config.threads == Some(0) {
-        return Err(c.err_nowhere("threads", "must be at least 1"));
+    if let Some(threads) = config.threads.as_ref().filter(|t| t.value == 0) {
+        return Err(c.err_at(threads, "threads", "must be at least 1"));
     }
     if let Some(traces) = &config.traces {
         let url = &traces.otlp_endpoint;
@@ -101,11 +87,15 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
-    if config.listeners.is_empty() {
-        return Err(c.err_nowhere("listeners", "at least one listener is needed"));
+    if config.listeners.value.is_empty() {
+        return Err(c.err_at(
+            &config.listeners,
+            "listeners",
+            "at least one listener is needed",
+        ));
     }
     let mut bound: HashMap<std::net::SocketAddr, String> = HashMap::new();
-    for (name, l) in &config.listeners {
+    for (name, l) in &config.listeners.value {
         if l.tls.is_some() && l.redirect_https.is_some() {
             return Err(c.err_at(
                 &l.address,
@@ -137,8 +127,12 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
-    if config.reload.poll_interval.0.is_zero() {
-        return Err(c.err_nowhere("reload.poll_interval", "must be greater than zero"));
+    if config.reload.value.poll_interval.0.is_zero() {
+        return Err(c.err_at(
+            &config.reload,
+            "reload.poll_interval",
+            "must be greater than zero",
+        ));
     }
 
     for (name, u) in &config.upstreams {
@@ -167,43 +161,22 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             }
             _ => {}
         }
-        if u.discovery.refresh.0.is_zero() {
-            return Err(c.err_nowhere(field("discovery.refresh"), "must be greater than zero"));
+        if u.discovery.value.refresh.0.is_zero() {
+            return Err(c.err_at(
+                &u.discovery,
+                field("discovery.refresh"),
+                "must be greater than zero",
+            ));
         }
-        if let Some(a) = &u.health.active {
-            if !a.path.starts_with('/') {
-                return Err(c.err_nowhere(field("health.active.path"), "must start with `/`"));
-            }
-            if a.rise == 0 || a.fall == 0 {
-                return Err(
-                    c.err_nowhere(field("health.active"), "rise and fall must be at least 1")
-                );
-            }
-            if a.interval.0.is_zero() || a.timeout.0.is_zero() {
-                return Err(c.err_nowhere(
-                    field("health.active"),
-                    "interval and timeout must be greater than zero",
-                ));
-            }
-            if let Some(s) = a.expected_status.iter().find(|s| !(100..=599).contains(*s)) {
-                return Err(c.err_nowhere(
-                    field("health.active.expected_status"),
-                    format!("{s} is not an HTTP status"),
-                ));
-            }
-        }
-        if let Some(p) = &u.health.passive {
-            if p.max_fails == 0 || p.fail_timeout.0.is_zero() {
-                return Err(c.err_nowhere(
-                    field("health.passive"),
-                    "max_fails and fail_timeout must be greater than zero (or set `passive: null`)",
-                ));
-            }
-        }
-        let t = &u.timeouts;
+        check_health(&c, &u.health, field)?;
+        let t = &u.timeouts.value;
         if t.connect.0.is_zero() || t.read.0.is_zero() || t.write.0.is_zero() || t.idle.0.is_zero()
         {
-            return Err(c.err_nowhere(field("timeouts"), "timeouts must be greater than zero"));
+            return Err(c.err_at(
+                &u.timeouts,
+                field("timeouts"),
+                "timeouts must be greater than zero",
+            ));
         }
     }
 
@@ -215,6 +188,50 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
                 &r.name,
                 format!("routes[{i}].name"),
                 format!("route name `{}` is used twice", r.name.value),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An upstream's health checks; errors point at its `health` section.
+fn check_health(
+    c: &Checker,
+    health: &Spanned<HealthConfig>,
+    field: impl Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if let Some(a) = &health.value.active {
+        if !a.path.starts_with('/') {
+            return Err(c.err_at(health, field("health.active.path"), "must start with `/`"));
+        }
+        if a.rise == 0 || a.fall == 0 {
+            return Err(c.err_at(
+                health,
+                field("health.active"),
+                "rise and fall must be at least 1",
+            ));
+        }
+        if a.interval.0.is_zero() || a.timeout.0.is_zero() {
+            return Err(c.err_at(
+                health,
+                field("health.active"),
+                "interval and timeout must be greater than zero",
+            ));
+        }
+        if let Some(s) = a.expected_status.iter().find(|s| !(100..=599).contains(*s)) {
+            return Err(c.err_at(
+                health,
+                field("health.active.expected_status"),
+                format!("{s} is not an HTTP status"),
+            ));
+        }
+    }
+    if let Some(p) = &health.value.passive {
+        if p.max_fails == 0 || p.fail_timeout.0.is_zero() {
+            return Err(c.err_at(
+                health,
+                field("health.passive"),
+                "max_fails and fail_timeout must be greater than zero (or set `passive: null`)",
             ));
         }
     }

@@ -78,7 +78,8 @@ async fn admit(rt: &Runtime, session: &mut Session, ctx: &mut RequestCtx) -> Res
     }
 
     let req = session.req_header();
-    // Without routes that name a host, the host is not looked up (~200 instructions).
+    // Without routes that name a host, the host is not looked up (host-lookup row of the
+    // bench README).
     let host = rt
         .router
         .matches_hosts()

@@ -38,7 +38,16 @@ pub struct UpstreamSpec {
     timeouts: crate::config::TimeoutsConfig,
     retries: u32,
     dns: DnsConfig,
-    tls: Option<crate::config::UpstreamTlsConfig>,
+    tls: Option<UpstreamTls>,
+}
+
+/// An upstream's TLS settings, as compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UpstreamTls {
+    sni: Option<String>,
+    /// The CA file replicas' certificates must chain to (else the system's).
+    ca: Option<String>,
+    verify: bool,
 }
 
 impl UpstreamSpec {
@@ -62,7 +71,7 @@ impl UpstreamSpec {
         peer.options.verify_cert = tls.verify;
         peer.options.verify_hostname = tls.verify;
         if let Some(ca) = &tls.ca {
-            match crate::tls::load_ca(&ca.value) {
+            match crate::tls::load_ca(ca) {
                 Ok((certs, fingerprint)) => {
                     peer.options.ca = Some(certs);
                     // Pingora's connection pool does not tell trust stores apart: a connection
@@ -82,16 +91,20 @@ impl UpstreamSpec {
             targets: cfg.targets.value.clone(),
             balance: cfg.balance.value,
             hash_key: cfg.hash_key.clone(),
-            refresh: cfg.discovery.refresh.0,
-            active: cfg.health.active.clone(),
-            passive: cfg.health.passive.as_ref().map(|p| PassivePolicy {
+            refresh: cfg.discovery.value.refresh.0,
+            active: cfg.health.value.active.clone(),
+            passive: cfg.health.value.passive.as_ref().map(|p| PassivePolicy {
                 max_fails: p.max_fails,
                 fail_timeout: p.fail_timeout.0,
             }),
-            timeouts: cfg.timeouts,
+            timeouts: cfg.timeouts.value,
             retries: cfg.retries,
             dns: dns.clone(),
-            tls: cfg.tls.as_ref().map(|t| t.without_locations()),
+            tls: cfg.tls.as_ref().map(|t| UpstreamTls {
+                sni: t.sni.clone(),
+                ca: t.ca.as_ref().map(|c| c.value.clone()),
+                verify: t.verify,
+            }),
         }
     }
 }

@@ -1,0 +1,88 @@
+//! `listeners` and `admin`: where the gateway listens, and TLS.
+
+use super::*;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A client-facing listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `IP:PORT` to bind.
+    pub address: Spanned<Addr>,
+    /// Bytes of read buffer per client connection, held for the connection's life.
+    /// Default 4096: Pingora's own 65536 cost 64 KiB per idle keep-alive connection; 16 KiB
+    /// saves a few reads on large uploads over TLS, for no CPU time measured
+    /// (`bench/README.md`).
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer: usize,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Answer every request on this (plain) listener with a 308 to `https://` on this port.
+    #[serde(default)]
+    pub redirect_https: Option<u16>,
+}
+
+/// TLS on a listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate/key pairs; the first is also the default (no SNI, unknown name).
+    pub certificates: Vec<CertificateConfig>,
+    /// Offer HTTP/2 in ALPN. Default true.
+    #[serde(default = "yes")]
+    pub http2: bool,
+    /// `Strict-Transport-Security` value added to responses on this listener
+    /// (e.g. `max-age=31536000; includeSubDomains`). None: not sent.
+    #[serde(default)]
+    pub hsts: Option<String>,
+    /// Ask clients for certificates signed by a CA.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+    /// How often the certificate files are checked for changes. Default 2s.
+    #[serde(default = "default_cert_poll")]
+    pub reload_interval: Dur,
+}
+
+fn default_cert_poll() -> Dur {
+    Dur::secs(2)
+}
+
+/// A certificate chain and its private key (PEM files).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Certificate chain, leaf first.
+    pub cert: Spanned<String>,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Spanned<String>,
+    /// Server names it answers for. Default: the certificate's DNS subjectAltNames
+    /// (`*.example.com` covers one label).
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// Client certificates.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// PEM file of the CAs client certificates must chain to.
+    pub ca: String,
+    /// Refuse clients without a certificate. Default true; false makes it optional (a
+    /// certificate that is presented must still verify).
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn default_read_buffer() -> usize {
+    4 * 1024
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:PORT` to bind; keep it on loopback or an internal network.
+    pub address: Spanned<Addr>,
+}

@@ -1,0 +1,193 @@
+//! The policies routes name: `auth` (JWT) and `rate_limits`.
+
+use super::*;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+
+/// A rate-limit policy (GCRA).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained rate: `N/s`, `N/m` or `N/h`.
+    pub rate: Spanned<String>,
+    /// Requests allowed at once on top of the steady rate. Default: N.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// `client_ip` (default), `route`, `header:NAME` or `jwt:CLAIM`.
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+    /// What happens to a request without a key (no header, no token): `shared` (all such
+    /// requests share one bucket, the default) or `reject` (400).
+    #[serde(default)]
+    pub missing_key: MissingKey,
+    /// Keys tracked before new keys share overflow buckets. Default 100000.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+    /// Share the limit between gateway instances through Redis. None: count in this process.
+    #[serde(default)]
+    pub redis: Option<RedisLimitConfig>,
+}
+
+/// A rate limit kept in Redis.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLimitConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// When Redis cannot answer in time: `open` lets requests through (the default), `closed`
+    /// refuses them with 503.
+    #[serde(default)]
+    pub on_error: FailMode,
+    /// Longest wait for Redis per request. Default 50ms.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Dur,
+    /// Prefix of the keys written. Default `gateway:rl:`.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+}
+
+fn default_redis_timeout() -> Dur {
+    Dur::millis(50)
+}
+fn default_redis_prefix() -> String {
+    "gateway:rl:".into()
+}
+
+/// What a shared rate limit does when its store is unavailable.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Let requests through.
+    #[default]
+    Open,
+    /// Refuse them (503).
+    Closed,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+/// What a rate limit does with a request that has no key.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// Count all such requests under one shared key.
+    #[default]
+    Shared,
+    /// Refuse them with 400.
+    Reject,
+}
+
+/// A JWT policy: where its keys come from and what a token must satisfy.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `http://host:port/path` of a JWKS document (host names resolved like targets).
+    #[serde(default)]
+    pub jwks_url: Option<Spanned<String>>,
+    /// JWKS caching.
+    #[serde(default)]
+    pub jwks: JwksConfig,
+    /// HMAC secret (at least 32 bytes), usually `${JWT_SECRET}`.
+    #[serde(default)]
+    pub secret: Option<Spanned<String>>,
+    /// File holding the HMAC secret (a trailing newline is ignored).
+    #[serde(default)]
+    pub secret_file: Option<Spanned<String>>,
+    /// Algorithms accepted with the secret. Default `[HS256]`.
+    #[serde(default)]
+    pub algorithms: Vec<Spanned<String>>,
+    /// PEM public keys, each pinned to an algorithm.
+    #[serde(default)]
+    pub public_keys: Vec<PublicKeyConfig>,
+    /// Accepted `iss` values (one or a list). Empty: not checked.
+    #[serde(default)]
+    pub issuer: OneOrMany,
+    /// Accepted `aud` values (one or a list; a token must name one). Empty: not checked.
+    #[serde(default)]
+    pub audience: OneOrMany,
+    /// Clock skew allowed on `exp` and `nbf`. Default 30s.
+    #[serde(default)]
+    pub leeway: Option<Dur>,
+    /// Refuse tokens without `exp`. Default true.
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+    /// Claims that must be present (403 otherwise).
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Claim → allowed values (a string claim must be one; an array claim must contain one);
+    /// 403 otherwise.
+    #[serde(default)]
+    pub claims: BTreeMap<String, OneOrMany>,
+    /// Claim → header it is sent upstream in. Clients' own copies of these headers are always
+    /// removed, on every route.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Also take the token from this cookie when there is no `Authorization` header.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Verified tokens remembered, so a signature is checked once per token, not once per
+    /// request. Default 10000; 0 turns the cache off.
+    #[serde(default = "default_token_cache")]
+    pub token_cache: usize,
+    /// How long a verified token is remembered (never past its `exp`). Default 60s.
+    #[serde(default = "default_token_cache_ttl")]
+    pub token_cache_ttl: Dur,
+}
+
+fn default_token_cache() -> usize {
+    10_000
+}
+fn default_token_cache_ttl() -> Dur {
+    Dur::secs(60)
+}
+
+/// JWKS caching.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    /// How often the document is fetched again. Default 5m.
+    #[serde(default)]
+    pub refresh: Option<Dur>,
+    /// A token with an unknown `kid` triggers a refetch at most this often. Default 30s.
+    #[serde(default)]
+    pub min_refetch_interval: Option<Dur>,
+    /// Time allowed for one fetch. Default 2s.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// For an `https://` URL: PEM file of the CAs its certificate must chain to. Default: the
+    /// system's CAs.
+    #[serde(default)]
+    pub ca: Option<String>,
+}
+
+/// A PEM public key.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyConfig {
+    /// PEM file.
+    pub file: String,
+    /// The one algorithm it verifies (`RS256`, `ES256`, `EdDSA`, ...).
+    pub algorithm: String,
+    /// Key id; tokens naming another `kid` are not checked with it.
+    #[serde(default)]
+    pub kid: Option<String>,
+}
+
+/// One string or a list of strings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single value.
+    One(String),
+    /// Several values.
+    Many(Vec<String>),
+}
+
+impl Default for OneOrMany {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
+}

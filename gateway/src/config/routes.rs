@@ -1,0 +1,96 @@
+//! `routes`: what a route matches and where it sends traffic.
+
+use super::*;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// Per-route overrides of the upstream's timeouts.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    /// TCP connect.
+    #[serde(default)]
+    pub connect: Option<Dur>,
+    /// Wait for response bytes.
+    #[serde(default)]
+    pub read: Option<Dur>,
+    /// Wait while writing the request.
+    #[serde(default)]
+    pub write: Option<Dur>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: Spanned<String>,
+    /// What requests this route takes. Empty: every request.
+    #[serde(rename = "match", default)]
+    pub matcher: MatchConfig,
+    /// The upstream that serves it.
+    pub upstream: Spanned<String>,
+    /// Remove the matched `path_prefix` before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the matched path (prefix, exact path, or regex with `$1` captures).
+    #[serde(default)]
+    pub rewrite: Option<Spanned<String>>,
+    /// Overrides of the upstream's timeouts.
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+    /// Overrides the upstream's `retries`.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// The `auth` policy requests must pass. None: no token check.
+    #[serde(default)]
+    pub auth: Option<Spanned<String>>,
+    /// With `auth`: let requests without a token through (unauthenticated), while a token that
+    /// is present must be valid and has its claims forwarded.
+    #[serde(default)]
+    pub auth_optional: bool,
+    /// The rate-limit policy requests are counted under. None: no limit.
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<String>>,
+    /// Overrides `limits.max_request_body` for this route.
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
+}
+
+/// Request matching conditions; all given conditions must hold.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Host names: exact (`api.example.com`) or wildcard (`*.example.com`).
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    /// Exact path.
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// Path prefix, matched on segment boundaries (`/api` takes `/api` and `/api/x`, not `/apix`).
+    #[serde(default)]
+    pub path_prefix: Option<Spanned<String>>,
+    /// Regular expression over the whole path (anchored).
+    #[serde(default)]
+    pub path_regex: Option<Spanned<String>>,
+    /// Methods (`GET`, `POST`, ...). Empty: any.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    /// Header conditions.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+/// One header condition: present, equal to `value`, or matching `regex`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    /// Header name (case-insensitive).
+    pub name: Spanned<String>,
+    /// Exact value.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Regular expression over the value (anchored).
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
+}

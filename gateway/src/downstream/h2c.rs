@@ -1,0 +1,32 @@
+//! HTTP/2 with prior knowledge (h2c) told from HTTP/1 on a cleartext connection.
+
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads as much of a cleartext connection's start as it takes to tell HTTP/2 with prior
+/// knowledge (h2c) from HTTP/1, puts it back for the protocol to read, and says which it is
+/// (true for HTTP/2). An HTTP/1 request differs from the 24-byte preface within its first
+/// bytes (no method is `PRI`), so a short one, `GET / HTTP/1.0` and an empty line (18 bytes),
+/// is told at once; Pingora's own check waits for 24 bytes, and such a request would wait
+/// for the head deadline. The caller has checked that the stream is Pingora's TCP stream;
+/// `None` when the connection fails.
+pub(super) async fn read_h2c_preface(stream: Stream) -> Option<(Stream, bool)> {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = stream.into_any().downcast::<L4Stream>().ok()?;
+    let mut start = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    let is_h2 = loop {
+        let read = tcp.read(&mut start[len..]).await.ok()?;
+        len += read;
+        if read == 0 || start[..len] != H2_PREFACE[..len] {
+            break false;
+        }
+        if len == start.len() {
+            break true;
+        }
+    };
+    tcp.rewind(&start[..len]);
+    Some((tcp, is_h2))
+}
