@@ -35,6 +35,18 @@ impl Admin {
     }
 }
 
+/// What `/ready` still waits for: the upstreams whose first round of active health checks
+/// has not answered (bounded by the check timeout).
+fn first_checks_pending(rt: &Runtime) -> Option<Vec<String>> {
+    let waiting: Vec<String> = rt
+        .upstreams
+        .iter()
+        .filter(|(_, u)| !u.first_checks_done())
+        .map(|(name, _)| format!("upstream {name}: first health checks"))
+        .collect();
+    (!waiting.is_empty()).then_some(waiting)
+}
+
 fn json(status: u16, body: String) -> Response<Vec<u8>> {
     let body = body.into_bytes();
     Response::builder()
@@ -57,6 +69,13 @@ impl ServeHttp for Admin {
                     json(503, "{\"status\":\"draining\"}\n".into())
                 } else if !self.listeners_bound.load(Ordering::Acquire) {
                     json(503, "{\"status\":\"starting\"}\n".into())
+                } else if let Some(waiting) = first_checks_pending(&rt) {
+                    json(
+                        503,
+                        serde_json::json!({ "status": "starting", "waiting_for": waiting })
+                            .to_string()
+                            + "\n",
+                    )
                 } else {
                     json(
                         200,

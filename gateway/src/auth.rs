@@ -216,11 +216,18 @@ impl AuthPolicy {
             v.leeway = leeway;
             v.validate_exp = true;
             v.validate_nbf = true;
-            v.required_spec_claims = if cfg.require_exp {
-                HashSet::from(["exp".to_string()])
-            } else {
-                HashSet::new()
-            };
+            // A claim the policy checks must be there: without these, a token that leaves out
+            // `iss` or `aud` would pass a policy that names them.
+            v.required_spec_claims = HashSet::new();
+            if cfg.require_exp {
+                v.required_spec_claims.insert("exp".to_string());
+            }
+            if !cfg.issuer.as_slice().is_empty() {
+                v.required_spec_claims.insert("iss".to_string());
+            }
+            if !cfg.audience.as_slice().is_empty() {
+                v.required_spec_claims.insert("aud".to_string());
+            }
             let issuers = cfg.issuer.as_slice();
             if !issuers.is_empty() {
                 v.set_issuer(issuers);
@@ -290,6 +297,18 @@ impl AuthPolicy {
                 if !is_hmac(alg) {
                     return Err(format!(
                         "algorithms: {alg:?} cannot be used with a shared secret"
+                    ));
+                }
+                // RFC 7518 section 3.2: a key at least as long as the hash output.
+                let least = match alg {
+                    Algorithm::HS384 => 48,
+                    Algorithm::HS512 => 64,
+                    _ => 32,
+                };
+                if secret.len() < least {
+                    return Err(format!(
+                        "secret: {alg:?} needs at least {least} bytes (RFC 7518 section 3.2); this one has {}",
+                        secret.len()
                     ));
                 }
                 keys.push(VerifyKey {
@@ -463,6 +482,9 @@ impl AuthPolicy {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token or unsupported algorithm"))?;
+        if lists_critical(token) {
+            return Err(AuthError::Invalid("token lists critical extensions"));
+        }
         let mut keys = self.keys.load_full();
         if !keys_for(&keys, &header).any(|_| true) {
             if let Some(jwks) = &self.jwks {
@@ -654,6 +676,20 @@ fn bearer_token(value: &[u8]) -> Option<&str> {
     }
     let token = std::str::from_utf8(rest.trim_ascii()).ok()?;
     (!token.is_empty()).then_some(token)
+}
+
+/// Whether a token's header lists critical extensions (`crit`, RFC 7515 section 4.1.11). The
+/// gateway understands none, so such a token must be refused.
+fn lists_critical(token: &str) -> bool {
+    use base64::Engine;
+    let head = token.split('.').next().unwrap_or("");
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(head) else {
+        return false;
+    };
+    // Parsed only when the name appears at all.
+    memchr::memmem::find(&bytes, b"\"crit\"").is_some()
+        && serde_json::from_slice::<Map<String, Value>>(&bytes)
+            .is_ok_and(|h| h.contains_key("crit"))
 }
 
 fn keys_for<'a>(

@@ -28,7 +28,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve traffic (the default).
-    Run,
+    Run {
+        /// Take the listening sockets over from a running gateway with the same configuration
+        /// file (a zero-downtime binary upgrade): start this, then send the running process
+        /// SIGQUIT; it hands over its sockets, drains and exits.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the configuration and exit: 0 when valid, 1 with file:line:column otherwise.
     Check,
     /// Make development certificates: a local CA (reused when DIR has one) and a leaf
@@ -81,7 +87,7 @@ fn main() -> ExitCode {
     }
     gateway::logging::init();
 
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { upgrade: false }) {
         Command::Check => match gateway::plan::load(&cli.config) {
             Ok(plan) => {
                 println!(
@@ -98,7 +104,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Healthcheck { .. } | Command::Certs { .. } => ExitCode::SUCCESS,
-        Command::Run => match gateway::server::run(&cli.config) {
+        Command::Run { upgrade } => match gateway::server::run(&cli.config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -454,7 +454,7 @@ pub struct AuthMetrics {
 }
 
 /// Why a token is refused: the message the client gets, and the metric's `reason` label.
-pub const AUTH_REFUSALS: [(&str, &str); 13] = [
+pub const AUTH_REFUSALS: [(&str, &str); 14] = [
     ("token too large", "too_large"),
     ("malformed token or unsupported algorithm", "malformed"),
     ("malformed token", "malformed_claims"),
@@ -469,6 +469,7 @@ pub const AUTH_REFUSALS: [(&str, &str); 13] = [
     ("token lacks a required claim", "missing_registered_claim"),
     ("bad signature", "signature"),
     ("algorithm not allowed", "algorithm"),
+    ("token lists critical extensions", "critical_header"),
     ("a required claim is missing", "missing_claim"),
     ("a claim does not have an allowed value", "claim_value"),
 ];

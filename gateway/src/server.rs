@@ -15,11 +15,23 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, RunArgs, Server};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
+
+/// The socket listeners are handed over on for an upgrade: `process.upgrade_socket`, else one
+/// named after the configuration file's absolute path, so that an old and a new process started
+/// with the same file find each other.
+fn upgrade_socket(loaded: &LoadedConfig) -> PathBuf {
+    if let Some(path) = &loaded.config.process.upgrade_socket {
+        return path.clone();
+    }
+    let file = std::fs::canonicalize(&loaded.path).unwrap_or_else(|_| loaded.path.clone());
+    let key = crate::hash::content(file.as_os_str().as_encoded_bytes());
+    std::env::temp_dir().join(format!("gateway-{key:016x}-upgrade.sock"))
+}
 
 /// Pingora's process settings for a configuration.
 fn server_conf(loaded: &LoadedConfig) -> ServerConf {
@@ -43,13 +55,7 @@ fn server_conf(loaded: &LoadedConfig) -> ServerConf {
             .unwrap_or_else(|| tmp.join(format!("gateway-{pid}.pid")))
             .to_string_lossy()
             .into_owned(),
-        upgrade_sock: c
-            .process
-            .upgrade_socket
-            .clone()
-            .unwrap_or_else(|| tmp.join(format!("gateway-{pid}-upgrade.sock")))
-            .to_string_lossy()
-            .into_owned(),
+        upgrade_sock: upgrade_socket(loaded).to_string_lossy().into_owned(),
         // Retries are decided per route in the proxy; this is only Pingora's outer fail-safe.
         max_retries: 16,
         upstream_keepalive_pool_size: c.upstream_keepalive_pool,
@@ -103,11 +109,15 @@ fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
     Ok(())
 }
 
-/// Runs the gateway with the configuration at `path` until shutdown.
-pub fn run(path: &Path) -> anyhow::Result<()> {
+/// Runs the gateway with the configuration at `path` until shutdown. With `upgrade`, the
+/// listening sockets are taken over from the running gateway of the same file instead of bound.
+pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let loaded = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let compiled = plan::compile(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
-    check_addresses(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !upgrade {
+        // In an upgrade the running process holds the addresses, and hands them over.
+        check_addresses(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     let bindings = Bindings::of(&loaded.config);
 
     // The control plane (discovery, health checks, reloads) runs on its own small runtime so
@@ -140,7 +150,14 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         info!(endpoint = %traces.otlp_endpoint.value, "exporting spans");
     }
 
-    let mut server = Server::new_with_opt_and_conf(None, server_conf(&loaded));
+    let opt = upgrade.then(|| pingora::server::configuration::Opt {
+        upgrade: true,
+        ..Default::default()
+    });
+    if upgrade {
+        info!(socket = %upgrade_socket(&loaded).display(), "upgrade: waiting for the running gateway's listeners (send it SIGQUIT)");
+    }
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&loaded));
     let conf = server.configuration.clone();
 
     let mut server_options = HttpServerOptions::default();
@@ -160,7 +177,14 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         };
         listeners.push((name.clone(), l.address.value.0, tls));
     }
-    let app = Downstream::new(proxy, shared.clone(), listeners, loaded.config.h2c);
+    let handing_over = Arc::new(AtomicBool::new(false));
+    let app = Downstream::new(
+        proxy,
+        shared.clone(),
+        listeners,
+        loaded.config.h2c,
+        handing_over.clone(),
+    );
     let mut proxy = pingora::services::listening::Service::new("gateway".to_string(), app);
     for (name, l) in &loaded.config.listeners.value {
         let addr = l.address.value.0.to_string();
@@ -204,6 +228,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let mut phases = server.watch_execution_phase();
     control.spawn(async move {
         while let Ok(phase) = phases.recv().await {
+            if matches!(phase, ExecutionPhase::GracefulUpgradeTransferringFds) {
+                info!("upgrade: handing the listeners to the new process");
+                handing_over.store(true, Ordering::Relaxed);
+            }
             if matches!(
                 phase,
                 ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownStarted

@@ -804,3 +804,146 @@ routes:
     // And the real token still works.
     assert_eq!(get(&gw, "/", Some(&good)).await.status(), 200);
 }
+
+/// A policy that checks `iss` and `aud` refuses a token that leaves either out; a token whose
+/// header lists critical extensions is refused; an HS384 secret shorter than 48 bytes is
+/// refused by `check` with its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_claims_must_be_present_and_critical_headers_are_refused() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let ed = EdKey::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ed.pem");
+    std::fs::write(&pem, &ed.pem).unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  users:
+    public_keys: [ {{ file: "{}", algorithm: EdDSA }} ]
+    issuer: test
+    audience: api
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: users, upstream: b, auth: users }}
+"#,
+        pem.display(),
+        backend.addr
+    ))
+    .await;
+    let full = json!({"sub": "u", "iss": "test", "aud": "api", "exp": now() + 600});
+    assert_eq!(
+        get(&gw, "/", Some(&ed.sign(None, &full))).await.status(),
+        200
+    );
+    for missing in ["iss", "aud"] {
+        let mut partial = full.clone();
+        partial.as_object_mut().unwrap().remove(missing);
+        let (status, challenge) =
+            refused(get(&gw, "/", Some(&ed.sign(None, &partial))).await).await;
+        assert_eq!(status, 401, "without {missing}");
+        assert!(challenge.contains("invalid_token"), "{challenge}");
+    }
+    // Critical extensions: refused, even with a good signature over them.
+    let crit = ed_token_with_header(
+        &ed,
+        &json!({"alg": "EdDSA", "typ": "JWT", "crit": ["exp"], "exp": 1}),
+        &full,
+    );
+    let (status, challenge) = refused(get(&gw, "/", Some(&crit)).await).await;
+    assert_eq!(status, 401);
+    assert!(challenge.contains("critical extensions"), "{challenge}");
+    // The same header without `crit` passes, so the refusal is the extension's.
+    let plain = ed_token_with_header(&ed, &json!({"alg": "EdDSA", "typ": "JWT"}), &full);
+    assert_eq!(get(&gw, "/", Some(&plain)).await.status(), 200);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics
+            .contains("gateway_auth_refusals_total{policy=\"users\",reason=\"critical_header\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A JWKS document with keys the gateway cannot use (ES512, X25519, an encryption key) is
+/// still read: its usable keys verify, a key the issuer removed stops verifying, and each
+/// skipped key is counted once per document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unusable_key_does_not_poison_a_jwks_document() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let (k1, k2) = (EdKey::new(), EdKey::new());
+    let odd = json!([
+        {"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "p521",
+         "x": "AHKZLLOsCOzz5cY97ewNUajB957y-C-U88c3v13nmGZx6sYl_oJXu9A5RkTKqjqvjyekWF-7ytDyRXYgCF5cj0Kt",
+         "y": "AdymlHvOiLxXkEhayXQnNCvDX4h9htZaCJN34kfmC6pV5OhQHiraVySsUdaQkAgDPrwQrJmbnX9cwlGfP-HqHZR1"},
+        {"kty": "OKP", "crv": "X25519", "kid": "x25519", "x": k1.x},
+        {"kty": "OKP", "crv": "Ed25519", "use": "enc", "kid": "enc", "x": k1.x},
+    ]);
+    let doc = |keys: Vec<Value>| {
+        let mut all = odd.as_array().unwrap().clone();
+        all.extend(keys);
+        json!({ "keys": all }).to_string()
+    };
+    let jwks = JwksServer::start(doc(vec![k1.jwk("k1")])).await;
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  users:
+    jwks_url: "http://{}/jwks.json"
+    jwks: {{ refresh: 1h, min_refetch_interval: 200ms, timeout: 1s }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: users, upstream: b, auth: users }}
+"#,
+        jwks.addr, backend.addr
+    ))
+    .await;
+    let claims = json!({"sub": "u", "exp": now() + 600});
+    // The first document's usable key verifies: no 503 for good.
+    assert_eq!(
+        get(&gw, "/", Some(&k1.sign(Some("k1"), &claims)))
+            .await
+            .status(),
+        200
+    );
+
+    // The issuer rotates k1 out and k2 in, the odd keys still there.
+    jwks.set(doc(vec![k2.jwk("k2")]));
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(
+        get(&gw, "/", Some(&k2.sign(Some("k2"), &claims)))
+            .await
+            .status(),
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(
+        get(&gw, "/", Some(&k1.sign(Some("k1"), &claims)))
+            .await
+            .status(),
+        401
+    );
+
+    // Two documents, three skipped keys each: counted once per document.
+    let metrics = gw.metrics().await;
+    let skipped = |reason: &str| {
+        let line =
+            format!("gateway_jwks_keys_skipped_total{{policy=\"users\",reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map(|v| v.trim().to_string())
+    };
+    assert_eq!(skipped("unsupported").as_deref(), Some("4"), "{metrics}");
+    assert_eq!(
+        skipped("not_for_verifying").as_deref(),
+        Some("2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        gw.log().matches("JWKS key skipped").count(),
+        6,
+        "{}",
+        gw.log()
+    );
+}

@@ -627,3 +627,94 @@ routes:
             >= 1.0
     );
 }
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request without `Host`, or with two, gets 400 and is not
+/// forwarded; HTTP/1.0 may leave `Host` out. A head that a bare-LF empty line ends early is
+/// refused whole and the connection closed, so the fields behind it are never read as a body
+/// or a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_required_and_a_bare_lf_does_not_cut_a_head_short() {
+    let (upstream, received) = recording_upstream(OK_RESPONSE).await;
+    let gw = Gateway::start(&format!(
+        "upstreams: {{ u: {{ targets: [\"{upstream}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n"
+    ))
+    .await;
+    assert_eq!(
+        status_of(gw.http, b"GET /nohost HTTP/1.1\r\n\r\n").await,
+        (400, true)
+    );
+    assert_eq!(
+        status_of(
+            gw.http,
+            b"GET /twohosts HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n"
+        )
+        .await
+        .0,
+        400
+    );
+    let cut = b"GET /cut HTTP/1.1\r\nHost: a.test\r\n\nX-Behind: 1\r\n\r\n";
+    assert_eq!(status_of(gw.http, cut).await, (400, true));
+    let all_lf = b"GET /alllf HTTP/1.1\nHost: a.test\n\n";
+    assert_eq!(status_of(gw.http, all_lf).await, (400, true));
+    // What passes: HTTP/1.0 without Host, HTTP/1.1 with one.
+    assert_eq!(
+        status_of(gw.http, b"GET /old HTTP/1.0\r\n\r\n").await.0,
+        200
+    );
+    assert_eq!(
+        status_of(gw.http, b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| h.lines().next().unwrap_or("").to_string())
+        .collect();
+    for refused in ["/nohost", "/twohosts", "/cut", "/alllf", "X-Behind"] {
+        assert!(
+            !seen.iter().any(|l| l.contains(refused)),
+            "{refused}: {seen:?}"
+        );
+    }
+    assert!(seen.iter().any(|l| l.contains("/old")), "{seen:?}");
+}
+
+/// With h2c on, a connection that starts the HTTP/2 preface and breaks it, or ends inside it,
+/// is closed without an HTTP/1 answer (RFC 9113 section 3.4); an HTTP/1 request still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_http2_preface_is_closed_not_read_as_http1() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        "h2c: true\nupstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: all, upstream: b }} ]\n",
+        backend.addr
+    ))
+    .await;
+    for broken in [
+        &b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"[..],
+        b"PRI * HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"PRI ",
+    ] {
+        let mut s = TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(broken).await.unwrap();
+        if broken.len() == 4 {
+            // Ends inside the preface.
+            s.shutdown().await.unwrap();
+        }
+        let (text, closed) = read_until_close(&mut s, Duration::from_secs(2)).await;
+        assert!(
+            closed && text.is_empty(),
+            "{broken:?}: {text:?} closed={closed}"
+        );
+    }
+    assert_eq!(
+        status_of(gw.http, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(backend.hits(), 1);
+}

@@ -689,3 +689,234 @@ fn a_listener_address_freed_while_pingora_tries_it_makes_the_gateway_ready() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// One stream of load for the upgrade test: requests until `stop`, counting successes and
+/// failures (with the first few errors).
+#[derive(Default)]
+struct LoadCount {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    errors: Mutex<Vec<String>>,
+}
+
+impl LoadCount {
+    fn record(&self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut errors = self.errors.lock().unwrap();
+                if errors.len() < 5 {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+/// An HTTPS request on a new connection, verified against the development CA.
+async fn https_once(
+    addr: std::net::SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("localhost".to_string()).unwrap();
+    let mut s = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    s.write_all(b"GET /tls HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    match out.starts_with(b"HTTP/1.1 200") {
+        true => Ok(()),
+        false => Err(format!("answer: {:?}", String::from_utf8_lossy(&out))),
+    }
+}
+
+/// A process started by the test, killed when the test ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nginx-style binary upgrade: a second gateway started with `run --upgrade` takes the
+/// listening sockets over from the running one, which on SIGQUIT hands them over, drains and
+/// exits. Under continuous load (HTTP/1 keep-alive, new connections, TLS) no request fails and
+/// no connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_loses_no_request() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let certs = tempfile::tempdir().unwrap();
+    let made = Command::new(gateway_bin())
+        .args(["certs", "--dir"])
+        .arg(certs.path())
+        .arg("localhost")
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let https: std::net::SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let d = certs.path().display();
+    let listener = format!(
+        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{d}/localhost.pem\", key: \"{d}/localhost-key.pem\" }} ] }} }}\n"
+    );
+    let mut old = Gateway::start_with(
+        "",
+        &listener,
+        &format!("upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: all, upstream: b }} ]\n", backend.addr),
+    )
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(certs.path().join("ca.pem")).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<LoadCount>> = (0..3).map(|_| Arc::default()).collect();
+    let mut tasks = Vec::new();
+    // Keep-alive: one pooled client.
+    {
+        let (stop, count, url) = (stop.clone(), counts[0].clone(), old.url("/keepalive"));
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.get(&url).send().await;
+                count.record(match r {
+                    Ok(r) if r.status() == 200 => {
+                        r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    Ok(r) => Err(format!("status {}", r.status())),
+                    Err(e) => Err(format!("{e:?}")),
+                });
+            }
+        }));
+    }
+    // A new connection for every request.
+    {
+        let (stop, count, addr) = (stop.clone(), counts[1].clone(), old.http);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let text = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    raw_request_result(
+                        addr,
+                        b"GET /fresh HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                    ),
+                )
+                .await
+                .unwrap_or_else(|_| Err("timeout".into()));
+                count.record(text.and_then(|t| match t.starts_with("HTTP/1.1 200") {
+                    true => Ok(()),
+                    false => Err(format!("answer: {t:?}")),
+                }));
+            }
+        }));
+    }
+    // TLS, a handshake per request.
+    {
+        let (stop, count, tls) = (stop.clone(), counts[2].clone(), tls.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                count.record(https_once(https, &tls).await);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The new binary (the same one here) starts in upgrade mode, then the old one is told.
+    let new_log = old.dir.path().join("new.log");
+    let new = Reaped(
+        Command::new(gateway_bin())
+            .args(["run", "--upgrade", "-c"])
+            .arg(&old.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&new_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old_pid = old.pid();
+    old.signal(libc::SIGQUIT);
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = old.wait_exit(Duration::from_secs(15));
+        (old, status)
+    });
+    let (old, status) = exited.await.unwrap();
+    assert!(
+        status.is_some(),
+        "the old gateway did not exit:\n{}",
+        old.log()
+    );
+    // Load goes on against the new process alone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let new_text = std::fs::read_to_string(&new_log).unwrap_or_default();
+    for (kind, count) in ["keep-alive", "new connections", "TLS"].iter().zip(&counts) {
+        let (ok, failed) = (
+            count.ok.load(Ordering::Relaxed),
+            count.failed.load(Ordering::Relaxed),
+        );
+        assert!(ok > 20, "{kind}: only {ok} requests");
+        assert_eq!(
+            failed,
+            0,
+            "{kind}: {failed} of {} failed: {:?}\nold ({old_pid}):\n{}\nnew:\n{new_text}",
+            ok + failed,
+            count.errors.lock().unwrap(),
+            old.log()
+        );
+    }
+    // The new process serves, and answers /ready on the admin address it took over.
+    let r = client()
+        .get(format!("http://{}/ready", old.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{new_text}");
+    assert!(new_text.contains("listeners bound"), "{new_text}");
+    drop(new);
+}
+
+/// Sends raw bytes on a new connection and returns the answer, or why there was none.
+async fn raw_request_result(addr: std::net::SocketAddr, bytes: &[u8]) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_all(bytes)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

@@ -312,3 +312,69 @@ async fn passive_ejection_then_half_open_probe() {
     let s = spread(&gw, 10, None).await;
     assert_eq!(s.len(), 2, "{s:?}");
 }
+
+/// With active checks, a replica that appears in DNS beside healthy ones takes no traffic
+/// until `rise` checks pass (a scaled-up container still starting gets none); at start,
+/// `/ready` waits for the first round of checks, whose verdict decides alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round() {
+    let bs = replicas(3).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    // r4 is down at start: the first round takes it out before any request.
+    bs[2].set_health(503);
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.4"]);
+    let health = "    health:\n      active: { path: /health, interval: 300ms, timeout: 200ms, rise: 3, fall: 3 }\n";
+    let gw = Gateway::start(&service(&dns, "round_robin", health, port)).await;
+    let s = spread(&gw, 10, None).await;
+    assert_eq!(
+        s.get("r2"),
+        Some(&10),
+        "a replica failing its first check got traffic: {s:?}"
+    );
+
+    // r3 appears while r2 is healthy, and is not up yet: no traffic to it.
+    bs[1].set_health(503);
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = spread(&gw, 20, None).await;
+    assert_eq!(s.get("r2"), Some(&20), "{s:?}");
+    // r3 comes up: after `rise` passing checks it takes its share.
+    bs[1].set_health(200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !spread(&gw, 10, None).await.contains_key("r3") {
+        assert!(Instant::now() < deadline, "r3 never joined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // `/ready` waits for the first round: a replica whose check hangs holds it for the check
+    // timeout, and the answer says what it waits for.
+    let hanging = tokio::net::TcpListener::bind(format!("{}:0", loopback(9)))
+        .await
+        .unwrap();
+    let hang_addr = hanging.local_addr().unwrap();
+    let gw2 = Gateway::start_unready(&format!(
+        "upstreams:\n  slow:\n    targets: [\"{hang_addr}\"]\n    health:\n      active: {{ path: /health, interval: 10s, timeout: 2s }}\nroutes:\n  - {{ name: all, upstream: slow }}\n"
+    ));
+    let started = Instant::now();
+    let mut saw_waiting = false;
+    loop {
+        match client()
+            .get(format!("http://{}/ready", gw2.admin))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => break,
+            Ok(r) if r.status() == 503 => {
+                let body = r.text().await.unwrap();
+                saw_waiting |= body.contains("upstream slow: first health checks");
+            }
+            _ => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", gw2.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_waiting, "{}", gw2.log());
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    drop(hanging);
+}

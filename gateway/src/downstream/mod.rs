@@ -42,9 +42,11 @@ use prometheus::{IntCounter, IntGauge};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use tokio::time::Instant;
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
 /// What the service needs to know of one listener: its TLS acceptor, and its metric handles,
 /// resolved once at start.
@@ -74,6 +76,8 @@ pub struct Downstream {
     runtime: Arc<ArcSwap<Runtime>>,
     listeners: Vec<ListenerHandles>,
     h2c: bool,
+    /// The shutdown under way hands the listeners to a new process (an upgrade).
+    handing_over: Arc<AtomicBool>,
 }
 
 impl Downstream {
@@ -84,6 +88,7 @@ impl Downstream {
         runtime: Arc<ArcSwap<Runtime>>,
         listeners: impl IntoIterator<Item = (String, SocketAddr, Option<TlsSettings>)>,
         h2c: bool,
+        handing_over: Arc<AtomicBool>,
     ) -> Downstream {
         let listeners = listeners
             .into_iter()
@@ -117,6 +122,7 @@ impl Downstream {
             runtime,
             listeners,
             h2c,
+            handing_over,
         }
     }
 
@@ -141,7 +147,14 @@ impl Downstream {
             changed: std::pin::pin!(watch.changed()),
             polled_with: LastWaker::default(),
         };
-        let mut next = next_request(guard, false, shutdown, &mut shutting_down).await;
+        let mut next = next_request(
+            guard,
+            false,
+            shutdown,
+            &mut shutting_down,
+            &self.handing_over,
+        )
+        .await;
         let mut settings = None;
         while let Some(stream) = next {
             let mut session = ServerSession::new_http1(stream);
@@ -163,7 +176,14 @@ impl Downstream {
             let Ok(guard) = stream.into_any().downcast::<HeadGuard>() else {
                 return;
             };
-            next = next_request(guard, true, shutdown, &mut shutting_down).await;
+            next = next_request(
+                guard,
+                true,
+                shutdown,
+                &mut shutting_down,
+                &self.handing_over,
+            )
+            .await;
         }
     }
 }
@@ -174,21 +194,34 @@ struct ShutdownWaiter<'a, F> {
     polled_with: LastWaker,
 }
 
+/// When an upgrade hands the listeners to a new process, how long a connection of the old one
+/// still waits for its next request, which is answered with `Connection: close`: a client that
+/// sends one just then gets an answer instead of a reset, and its next connection goes to the
+/// new process. (A plain shutdown closes idle connections at once: no one takes over.)
+const DRAIN_WINDOW: Duration = Duration::from_secs(1);
+
 /// Waits for the first byte of the connection's next request (kept in the guard for Pingora to
 /// read) and gives the stream back; `None` when the client closed or went quiet, or shutdown
-/// began. Between requests (`between`) the wait is bounded by the keep-alive timeout; the first
-/// request's by the head deadline.
+/// began (for an upgrade: and no request came within [`DRAIN_WINDOW`]). Between requests (`between`) the wait is
+/// bounded by the keep-alive timeout; the first request's by the head deadline.
 async fn next_request<F: Future>(
     mut guard: Box<HeadGuard>,
     between: bool,
     shutdown: &ShutdownWatch,
     shutting_down: &mut ShutdownWaiter<'_, F>,
+    handing_over: &AtomicBool,
 ) -> Option<Stream> {
-    if *shutdown.borrow() {
+    let draining = || handing_over.load(Ordering::Relaxed);
+    if *shutdown.borrow() && !draining() {
         return None;
     }
     if between {
         guard.phase = Phase::Idle(None);
+    }
+    // Made only once shutdown has begun: the usual wait pays nothing for it.
+    let mut drain: Option<Pin<Box<Sleep>>> = None;
+    if *shutdown.borrow() {
+        drain = Some(Box::pin(tokio::time::sleep(DRAIN_WINDOW)));
     }
     let arrived = {
         let mut first_byte = std::pin::pin!(guard.first_byte());
@@ -197,12 +230,23 @@ async fn next_request<F: Future>(
             if let Poll::Ready(read) = first_byte.as_mut().poll(cx) {
                 return Poll::Ready(matches!(read, Ok(true)));
             }
+            if let Some(window) = drain.as_mut() {
+                return window.as_mut().poll(cx).map(|_| false);
+            }
             // A closed watch (`Err`) ends the wait as a shutdown does.
             if shutting_down.polled_with.is(cx) && matches!(shutdown.has_changed(), Ok(false)) {
                 return Poll::Pending;
             }
             if shutting_down.changed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
+                if !draining() {
+                    return Poll::Ready(false);
+                }
+                let mut window = Box::pin(tokio::time::sleep(DRAIN_WINDOW));
+                if window.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                drain = Some(window);
+                return Poll::Pending;
             }
             shutting_down.polled_with.set(cx);
             Poll::Pending

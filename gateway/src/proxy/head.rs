@@ -29,6 +29,8 @@ pub enum HeadRefusal {
     TooLarge,
     /// An HTTP/2 `Host` that names another host than `:authority` (400).
     AuthorityConflict,
+    /// HTTP/1.1 without `Host`, or more than one `Host` (400).
+    BadHost,
     /// A target routing cannot see as the upstream would, or a path that does not normalise
     /// (400).
     BadTarget,
@@ -41,6 +43,7 @@ impl HeadRefusal {
             HeadRefusal::AmbiguousFraming => (400, "ambiguous message framing"),
             HeadRefusal::TooLarge => (431, "request header fields too large"),
             HeadRefusal::AuthorityConflict => (400, "Host does not match :authority"),
+            HeadRefusal::BadHost => (400, "exactly one Host header is required"),
             HeadRefusal::BadTarget => (400, "invalid path"),
         };
         Answer::error(status, message).then(After::Close)
@@ -55,8 +58,12 @@ pub fn check_head<'a>(
     raw_head: Option<&[u8]>,
     limits: &LimitsConfig,
 ) -> Result<Head<'a>, HeadRefusal> {
-    if ambiguous_framing(&req.headers, raw_head) {
+    let fields = head_fields(&req.headers);
+    if ambiguous_framing(&fields, raw_head) || bare_lf_end(raw_head) {
         return Err(HeadRefusal::AmbiguousFraming);
+    }
+    if bad_host(req, &fields) {
+        return Err(HeadRefusal::BadHost);
     }
     if header_too_large(req, raw_head, limits) {
         return Err(HeadRefusal::TooLarge);
@@ -104,8 +111,8 @@ fn header_too_large(req: &RequestHeader, raw_head: Option<&[u8]>, limits: &Limit
 /// `Content-Length` of a request that also has `Transfer-Encoding` while parsing (RFC 9112
 /// allows that); the gateway refuses such requests instead, so it looks at the raw header,
 /// which is only needed when `Transfer-Encoding` is present.
-pub(crate) fn ambiguous_framing(headers: &http::HeaderMap, raw_head: Option<&[u8]>) -> bool {
-    let ((length, lengths), (coding, codings)) = framing_fields(headers);
+fn ambiguous_framing(fields: &HeadFields, raw_head: Option<&[u8]>) -> bool {
+    let ((length, lengths), (coding, codings)) = (fields.length, fields.coding);
     if let Some(length) = length {
         let digits = length.as_bytes();
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || lengths > 1 {
@@ -130,27 +137,40 @@ pub(crate) fn ambiguous_framing(headers: &http::HeaderMap, raw_head: Option<&[u8
     })
 }
 
-/// A framing field's first value and how many values it has (more than one is all that
-/// matters).
-type FramingField<'a> = (Option<&'a http::HeaderValue>, usize);
+/// A field's first value and how many values it has (more than one is all that matters).
+type CountedField<'a> = (Option<&'a http::HeaderValue>, usize);
 
-/// `Content-Length` and `Transfer-Encoding` of a head. A head of a few fields, the usual
-/// request, is read in one pass: cheaper than two hashed lookups.
-fn framing_fields(headers: &http::HeaderMap) -> (FramingField<'_>, FramingField<'_>) {
-    let (mut length, mut coding): (FramingField, FramingField) = ((None, 0), (None, 0));
+/// The fields the head checks read: `Content-Length`, `Transfer-Encoding` and `Host`.
+#[derive(Clone, Copy)]
+struct HeadFields<'a> {
+    length: CountedField<'a>,
+    coding: CountedField<'a>,
+    host: CountedField<'a>,
+}
+
+/// The fields of a head the checks read. A head of a few fields, the usual request, is read in
+/// one pass: cheaper than three hashed lookups.
+fn head_fields(headers: &http::HeaderMap) -> HeadFields<'_> {
+    let mut fields = HeadFields {
+        length: (None, 0),
+        coding: (None, 0),
+        host: (None, 0),
+    };
     if headers.len() <= 12 {
         for (name, value) in headers {
             let field = if name == http::header::CONTENT_LENGTH {
-                &mut length
+                &mut fields.length
             } else if name == http::header::TRANSFER_ENCODING {
-                &mut coding
+                &mut fields.coding
+            } else if name == http::header::HOST {
+                &mut fields.host
             } else {
                 continue;
             };
             field.0 = field.0.or(Some(value));
             field.1 += 1;
         }
-        return (length, coding);
+        return fields;
     }
     let first_two = |name| {
         let mut values = headers.get_all(name).iter();
@@ -160,10 +180,23 @@ fn framing_fields(headers: &http::HeaderMap) -> (FramingField<'_>, FramingField<
             usize::from(first.is_some()) + usize::from(values.next().is_some()),
         )
     };
-    (
-        first_two(http::header::CONTENT_LENGTH),
-        first_two(http::header::TRANSFER_ENCODING),
-    )
+    HeadFields {
+        length: first_two(http::header::CONTENT_LENGTH),
+        coding: first_two(http::header::TRANSFER_ENCODING),
+        host: first_two(http::header::HOST),
+    }
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request without `Host`, or any request with more than
+/// one, is answered 400. (HTTP/1.0 may leave it out; HTTP/2 carries `:authority`.)
+fn bad_host(req: &RequestHeader, fields: &HeadFields) -> bool {
+    fields.host.1 > 1 || (fields.host.1 == 0 && req.version == http::Version::HTTP_11)
+}
+
+/// An HTTP/1 head whose blank line is not CRLF CRLF: a bare LF ended it, so what the client
+/// meant as more header fields would be read as the body or the next request.
+fn bare_lf_end(raw_head: Option<&[u8]>) -> bool {
+    raw_head.is_some_and(|raw| !raw.ends_with(b"\r\n\r\n"))
 }
 
 /// An HTTP/2 request whose `Host` names another host than its `:authority` (RFC 9113 section
@@ -257,7 +290,7 @@ mod tests {
                     headers.append(*name, http::HeaderValue::from_str(value).unwrap());
                 }
                 assert_eq!(
-                    ambiguous_framing(&headers, None),
+                    ambiguous_framing(&head_fields(&headers), None),
                     ambiguous,
                     "{fields:?} with {padding} more fields"
                 );
@@ -270,6 +303,6 @@ mod tests {
             http::HeaderValue::from_static("chunked"),
         );
         let raw = Bytes::from_static(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n");
-        assert!(ambiguous_framing(&headers, Some(&raw[..])));
+        assert!(ambiguous_framing(&head_fields(&headers), Some(&raw[..])));
     }
 }

@@ -121,6 +121,8 @@ pub struct Upstream {
     /// addresses of a target whose lookup fails.
     origins: ArcSwap<Vec<(SocketAddr, usize)>>,
     tasks_started: AtomicBool,
+    /// A first round of active checks has answered (always true without active checks).
+    first_round_done: AtomicBool,
     /// Metric handles.
     pub metrics: crate::metrics::UpstreamMetrics,
 }
@@ -129,6 +131,7 @@ impl Upstream {
     /// A new upstream with its literal-IP targets in place; host names are resolved by
     /// [`Upstream::refresh`].
     pub fn new(name: &str, spec: UpstreamSpec) -> Arc<Upstream> {
+        let spec_has_no_checks = spec.active.is_none();
         let mut peer_template = HttpPeer::new("127.0.0.1:1", spec.tls.is_some(), spec.sni());
         spec.apply_tls(&mut peer_template);
         let t = &spec.timeouts;
@@ -143,6 +146,7 @@ impl Upstream {
             set: ArcSwap::from_pointee(ReplicaSet::empty()),
             origins: ArcSwap::from_pointee(Vec::new()),
             tasks_started: AtomicBool::new(false),
+            first_round_done: AtomicBool::new(spec_has_no_checks),
             metrics: crate::metrics::UpstreamMetrics::new(name),
         });
         let literal: Vec<(SocketAddr, usize)> = up
@@ -199,6 +203,13 @@ impl Upstream {
         self.spec.passive.as_ref()
     }
 
+    /// Whether the first round of active checks has answered (true without active checks):
+    /// until then `/ready` waits, so a gateway started in front of a half-up stack does not
+    /// send traffic to replicas that are not up.
+    pub fn first_checks_done(&self) -> bool {
+        self.first_round_done.load(Ordering::Acquire)
+    }
+
     /// Whether any target is a host name (and so needs discovery).
     pub fn needs_discovery(&self) -> bool {
         self.spec.targets.iter().any(|t| t.ip().is_none())
@@ -217,16 +228,26 @@ impl Upstream {
             self.origins.store(Arc::new(addrs));
             return;
         }
+        // With active checks, a replica that appears beside checked, healthy ones takes no
+        // traffic before `rise` checks pass (a scaled-up container that is still starting).
+        let join_unchecked = self.spec.active.is_some()
+            && old
+                .replicas
+                .iter()
+                .any(|r| r.is_active_healthy() && !r.awaiting_first_check());
         let replicas: Vec<Arc<Replica>> = addrs
             .iter()
             .map(
                 |(addr, target)| match old.replicas.iter().find(|r| r.addr == *addr) {
                     Some(r) => r.clone(),
-                    None => Arc::new(Replica::new(
-                        *addr,
-                        self.spec.targets[*target].weight,
-                        Some(&self.peer_template),
-                    )),
+                    None => {
+                        let weight = self.spec.targets[*target].weight;
+                        let template = Some(&self.peer_template);
+                        Arc::new(match join_unchecked {
+                            true => Replica::joining(*addr, weight, template),
+                            false => Replica::new(*addr, weight, template),
+                        })
+                    }
                 },
             )
             .collect();
@@ -370,6 +391,9 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
         let handles: Vec<_> = probes.map(tokio::spawn).collect();
         for h in handles {
             let _ = h.await;
+        }
+        if let Some(up) = weak.upgrade() {
+            up.first_round_done.store(true, Ordering::Release);
         }
     }
 }

@@ -44,8 +44,12 @@ pub struct Replica {
     pub weight: u32,
     /// Connection settings for this replica (address and upstream timeouts).
     pub peer: HttpPeer,
-    /// Verdict of active health checks (true until a check says otherwise).
+    /// Verdict of active health checks: true until a check says otherwise for a replica of
+    /// the start (or of a set with no healthy replica), false until `rise` checks pass for one
+    /// that joins a set that has healthy replicas.
     active_healthy: AtomicBool,
+    /// No check has given a verdict yet and the first one decides alone (a start-up replica).
+    first_check_decides: AtomicBool,
     /// Consecutive check results that disagree with `active_healthy`.
     active_streak: AtomicU32,
     /// Failures in the current passive window.
@@ -62,6 +66,21 @@ pub struct Replica {
 impl Replica {
     /// A healthy replica. `template` carries the upstream's connection options.
     pub fn new(addr: SocketAddr, weight: u32, template: Option<&HttpPeer>) -> Replica {
+        Replica::with_state(addr, weight, template, true)
+    }
+
+    /// A replica that joins a set whose other replicas are checked and healthy: it takes no
+    /// traffic until `rise` active checks pass.
+    pub fn joining(addr: SocketAddr, weight: u32, template: Option<&HttpPeer>) -> Replica {
+        Replica::with_state(addr, weight, template, false)
+    }
+
+    fn with_state(
+        addr: SocketAddr,
+        weight: u32,
+        template: Option<&HttpPeer>,
+        healthy: bool,
+    ) -> Replica {
         let peer = match template {
             Some(t) => {
                 let mut p = t.clone();
@@ -75,7 +94,8 @@ impl Replica {
             addr,
             weight: weight.max(1),
             peer,
-            active_healthy: AtomicBool::new(true),
+            active_healthy: AtomicBool::new(healthy),
+            first_check_decides: AtomicBool::new(healthy),
             active_streak: AtomicU32::new(0),
             fails: AtomicU32::new(0),
             window_start_ms: AtomicU64::new(0),
@@ -164,9 +184,19 @@ impl Replica {
         false
     }
 
-    /// Records one active check result with rise/fall thresholds.
-    /// Returns `Some(new_state)` when the verdict flips.
+    /// A start-up replica whose first active check has not answered yet.
+    pub fn awaiting_first_check(&self) -> bool {
+        self.first_check_decides.load(Ordering::Relaxed)
+    }
+
+    /// Records one active check result with rise/fall thresholds; the first check of a
+    /// start-up replica decides alone. Returns `Some(new_state)` when the verdict flips.
     pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if self.first_check_decides.swap(false, Ordering::Relaxed) {
+            self.active_healthy.store(ok, Ordering::Relaxed);
+            self.active_streak.store(0, Ordering::Relaxed);
+            return (!ok).then_some(false);
+        }
         let healthy = self.active_healthy.load(Ordering::Relaxed);
         if ok == healthy {
             self.active_streak.store(0, Ordering::Relaxed);
@@ -260,8 +290,31 @@ mod tests {
     }
 
     #[test]
+    fn the_first_check_of_a_start_up_replica_decides_alone() {
+        let up = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
+        assert!(up.awaiting_first_check() && up.is_available(0));
+        assert_eq!(up.record_check(false, 2, 3), Some(false));
+        assert!(!up.awaiting_first_check() && !up.is_available(0));
+        let fine = Replica::new("127.0.0.1:2".parse().unwrap(), 1, None);
+        assert_eq!(fine.record_check(true, 2, 3), None);
+        assert!(fine.is_available(0));
+    }
+
+    #[test]
+    fn a_joining_replica_waits_for_rise_passes() {
+        let r = Replica::joining("127.0.0.1:1".parse().unwrap(), 1, None);
+        assert!(!r.is_available(0) && !r.awaiting_first_check());
+        assert_eq!(r.record_check(true, 2, 3), None);
+        assert!(!r.is_available(0));
+        assert_eq!(r.record_check(true, 2, 3), Some(true));
+        assert!(r.is_available(0));
+    }
+
+    #[test]
     fn rise_and_fall() {
         let r = Replica::new("127.0.0.1:1".parse().unwrap(), 1, None);
+        // The first check decides alone; thresholds apply from the second.
+        assert_eq!(r.record_check(true, 2, 3), None);
         assert_eq!(r.record_check(false, 2, 3), None);
         assert_eq!(r.record_check(false, 2, 3), None);
         assert_eq!(

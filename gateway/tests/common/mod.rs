@@ -421,9 +421,26 @@ impl Gateway {
         Gateway::start_with("", "", body).await
     }
 
+    /// Like [`Gateway::start`], without waiting for `/ready`.
+    pub fn start_unready(body: &str) -> Gateway {
+        let mut gw = Gateway::new_in_tempdir("", "");
+        gw.write_config(body);
+        gw.spawn();
+        gw
+    }
+
     /// Like [`Gateway::start`], with `http_settings` added to the `http` listener (`, key:
     /// value` pairs) and `extra_listeners` (lines such as `  https: { ... }`) after it.
     pub async fn start_with(http_settings: &str, extra_listeners: &str, body: &str) -> Gateway {
+        let mut gw = Gateway::new_in_tempdir(http_settings, extra_listeners);
+        gw.write_config(body);
+        gw.spawn();
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// A gateway not yet started, with its files in a new temporary directory.
+    fn new_in_tempdir(http_settings: &str, extra_listeners: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
             .parse()
@@ -433,7 +450,7 @@ impl Gateway {
             .unwrap();
         let config_path = dir.path().join("gateway.yaml");
         let log_path = dir.path().join("gateway.log");
-        let gw = Gateway {
+        Gateway {
             child: None,
             dir,
             http,
@@ -442,12 +459,7 @@ impl Gateway {
             log_path,
             extra_listeners: extra_listeners.to_string(),
             http_settings: http_settings.to_string(),
-        };
-        gw.write_config(body);
-        let mut gw = gw;
-        gw.spawn();
-        gw.wait_ready().await;
-        gw
+        }
     }
 
     /// The full configuration text for `body`.
