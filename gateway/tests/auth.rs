@@ -72,6 +72,13 @@ impl EdKey {
         encode(&header, claims, &EncodingKey::from_ed_der(&self.pkcs8)).unwrap()
     }
 
+    /// The public key as a PEM file `ed.pem` in `dir`.
+    fn write_pem(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("ed.pem");
+        std::fs::write(&path, &self.pem).unwrap();
+        path
+    }
+
     fn jwk(&self, kid: &str) -> Value {
         json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": self.x})
     }
@@ -131,6 +138,24 @@ impl JwksServer {
     }
 }
 
+/// One route to `backend` behind an `auth` policy `users` whose keys come from `jwks`, which
+/// is fetched again for an unknown `kid` at most every `min_refetch`.
+fn one_jwks_route(jwks: &JwksServer, backend: &Backend, min_refetch: &str) -> String {
+    format!(
+        r#"
+auth:
+  users:
+    jwks_url: "http://{}/jwks.json"
+    jwks: {{ refresh: 1h, min_refetch_interval: {min_refetch}, timeout: 1s }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+routes:
+  - {{ name: users, upstream: b, auth: users }}
+"#,
+        jwks.addr, backend.addr
+    )
+}
+
 async fn get(gw: &Gateway, path: &str, token: Option<&str>) -> reqwest::Response {
     let mut r = client().get(gw.url(path));
     if let Some(t) = token {
@@ -159,8 +184,7 @@ async fn tokens_are_checked_and_claims_forwarded() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let ed = EdKey::new();
     let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("ed.pem");
-    std::fs::write(&pem, &ed.pem).unwrap();
+    let pem = ed.write_pem(dir.path());
     let gw = Gateway::start(&format!(
         r#"
 auth:
@@ -678,20 +702,7 @@ async fn hostile_tokens_are_refused_and_their_urls_never_fetched() {
     let jwks = JwksServer::start(json!({"keys": [issuer.jwk("k1")]}).to_string()).await;
     // The attacker's own key server: a token pointing at it must not make the gateway call.
     let evil = JwksServer::start(json!({"keys": [attacker.jwk("k1")]}).to_string()).await;
-    let gw = Gateway::start(&format!(
-        r#"
-auth:
-  users:
-    jwks_url: "http://{}/jwks.json"
-    jwks: {{ refresh: 1h, min_refetch_interval: 1h, timeout: 1s }}
-upstreams:
-  b: {{ targets: ["{}"] }}
-routes:
-  - {{ name: users, upstream: b, auth: users }}
-"#,
-        jwks.addr, backend.addr
-    ))
-    .await;
+    let gw = Gateway::start(&one_jwks_route(&jwks, &backend, "1h")).await;
     let claims = json!({"sub": "u", "exp": now() + 600});
     let good = issuer.sign(Some("k1"), &claims);
     assert_eq!(get(&gw, "/", Some(&good)).await.status(), 200);
@@ -806,15 +817,14 @@ routes:
 }
 
 /// A policy that checks `iss` and `aud` refuses a token that leaves either out; a token whose
-/// header lists critical extensions is refused; an HS384 secret shorter than 48 bytes is
-/// refused by `check` with its position.
+/// header lists critical extensions is refused. (An HS384 secret shorter than 48 bytes is in
+/// `config_errors.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checked_claims_must_be_present_and_critical_headers_are_refused() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let ed = EdKey::new();
     let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("ed.pem");
-    std::fs::write(&pem, &ed.pem).unwrap();
+    let pem = ed.write_pem(dir.path());
     let gw = Gateway::start(&format!(
         r#"
 auth:
@@ -884,20 +894,7 @@ async fn one_unusable_key_does_not_poison_a_jwks_document() {
         json!({ "keys": all }).to_string()
     };
     let jwks = JwksServer::start(doc(vec![k1.jwk("k1")])).await;
-    let gw = Gateway::start(&format!(
-        r#"
-auth:
-  users:
-    jwks_url: "http://{}/jwks.json"
-    jwks: {{ refresh: 1h, min_refetch_interval: 200ms, timeout: 1s }}
-upstreams:
-  b: {{ targets: ["{}"] }}
-routes:
-  - {{ name: users, upstream: b, auth: users }}
-"#,
-        jwks.addr, backend.addr
-    ))
-    .await;
+    let gw = Gateway::start(&one_jwks_route(&jwks, &backend, "200ms")).await;
     let claims = json!({"sub": "u", "exp": now() + 600});
     // The first document's usable key verifies: no 503 for good.
     assert_eq!(

@@ -132,6 +132,14 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "auth.a",
         ),
         (
+            "an HS384 secret shorter than the hash",
+            config(
+                "auth:\n  a: { secret: \"0123456789abcdef0123456789abcdef\", algorithms: [HS384] }\n",
+                ROUTE,
+            ),
+            "auth.a",
+        ),
+        (
             "a JWKS URL that is not http(s)",
             config("auth:\n  a: { jwks_url: \"ftp://keys.test/jwks\" }\n", ROUTE),
             "auth.a",
@@ -255,7 +263,7 @@ fn check_and_run_refuse_every_broken_file_alike() {
         let path = entry.unwrap().path();
         files.push((format!("seed {}", path.display()), path, None));
     }
-    assert!(files.len() > 26);
+    assert!(files.len() > 27);
     for (what, path, field) in files {
         let (check_ok, check_err) = gateway("check", &path);
         if check_ok {

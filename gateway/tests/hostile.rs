@@ -35,6 +35,21 @@ async fn status_of(addr: SocketAddr, head: &[u8]) -> (u16, bool) {
     (code, closed)
 }
 
+/// The request line of every head a recording upstream received.
+fn request_lines(received: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| h.lines().next().unwrap_or("").to_string())
+        .collect()
+}
+
+/// One route for everything, to `upstream`.
+fn all_to(upstream: SocketAddr) -> String {
+    format!("upstreams: {{ u: {{ targets: [\"{upstream}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n")
+}
+
 /// A connection that has had one request answered (200) and stays open for the next.
 async fn kept_alive_after_one_request(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -456,10 +471,7 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_protocol_violations_are_refused_and_smuggle_nothing() {
     let (upstream, received) = recording_upstream(OK_RESPONSE).await;
-    let gw = Gateway::start(&format!(
-        "upstreams: {{ u: {{ targets: [\"{upstream}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n"
-    ))
-    .await;
+    let gw = Gateway::start(&all_to(upstream)).await;
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
     let heads: &[(&str, String)] = &[
         ("obs-fold", "GET /fold HTTP/1.1\r\nHost: a.test\r\nX-A: one\r\n two\r\n\r\n".into()),
@@ -498,12 +510,7 @@ async fn raw_protocol_violations_are_refused_and_smuggle_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The request line of every head that reached the upstream.
-    let seen: Vec<String> = received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|h| h.lines().next().unwrap_or("").to_string())
-        .collect();
+    let seen = request_lines(&received);
     assert!(
         !seen.iter().any(|l| l.contains("/smuggled")),
         "a smuggled request reached the upstream: {seen:?}\n{outcomes:#?}"
@@ -635,10 +642,7 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_is_required_and_a_bare_lf_does_not_cut_a_head_short() {
     let (upstream, received) = recording_upstream(OK_RESPONSE).await;
-    let gw = Gateway::start(&format!(
-        "upstreams: {{ u: {{ targets: [\"{upstream}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n"
-    ))
-    .await;
+    let gw = Gateway::start(&all_to(upstream)).await;
     assert_eq!(
         status_of(gw.http, b"GET /nohost HTTP/1.1\r\n\r\n").await,
         (400, true)
@@ -668,12 +672,7 @@ async fn host_is_required_and_a_bare_lf_does_not_cut_a_head_short() {
         200
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen: Vec<String> = received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|h| h.lines().next().unwrap_or("").to_string())
-        .collect();
+    let seen = request_lines(&received);
     for refused in ["/nohost", "/twohosts", "/cut", "/alllf", "X-Behind"] {
         assert!(
             !seen.iter().any(|l| l.contains(refused)),
