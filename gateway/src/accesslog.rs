@@ -110,7 +110,12 @@ impl AccessRecord<'_> {
                 crate::text::socket(replica, &mut text),
             );
         }
-        put_number(out, key!("status"), self.status as u64);
+        // 0: the client left before an answer; logged as nginx does, 499.
+        let status = match self.status {
+            0 => CLIENT_CLOSED_STATUS,
+            s => s,
+        };
+        put_number(out, key!("status"), status as u64);
         put_number(out, key!("bytes_in"), self.bytes_in as u64);
         put_number(out, key!("bytes_out"), self.bytes_out as u64);
         put_millis(out, key!("duration_ms"), self.duration);
@@ -219,6 +224,9 @@ fn put_millis(out: &mut Vec<u8>, key: &[u8], took: Duration) {
         b'0' + (fraction % 10) as u8,
     ]);
 }
+
+/// The access log's status for a request whose client left before it was answered (nginx's).
+pub const CLIENT_CLOSED_STATUS: u16 = 499;
 
 /// RFC 3339 UTC with milliseconds, written digit by digit (cheaper than `format!` on the
 /// writer thread; `bench/README.md`).

@@ -22,6 +22,10 @@ const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// The class of a request whose client left before it was answered (nginx logs these as 499).
+const CLIENT_CLOSED: &str = "client_closed";
+/// The request classes: the status classes, then [`CLIENT_CLOSED`].
+const REQUEST_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", CLIENT_CLOSED];
 
 /// All metric families of the process.
 pub struct Metrics {
@@ -332,9 +336,9 @@ impl Metrics {
 pub struct RouteMetrics {
     route: String,
     /// By method, then status class; each made on first use.
-    requests: [[OnceLock<IntCounter>; 5]; 8],
+    requests: [[OnceLock<IntCounter>; REQUEST_CLASSES.len()]; 8],
     /// The same for the latency histogram.
-    duration: [[OnceLock<Histogram>; 5]; 8],
+    duration: [[OnceLock<Histogram>; REQUEST_CLASSES.len()]; 8],
     request_bytes: IntCounter,
     response_bytes: IntCounter,
 }
@@ -371,19 +375,23 @@ impl RouteMetrics {
             http::Method::OPTIONS => 6,
             _ => 7,
         };
-        let c = usize::from(status / 100).clamp(1, 5) - 1;
+        // Status 0: nothing was answered, the client left first.
+        let c = match status {
+            0 => REQUEST_CLASSES.len() - 1,
+            _ => usize::from(status / 100).clamp(1, 5) - 1,
+        };
         self.requests[m][c]
             .get_or_init(|| {
                 METRICS
                     .requests
-                    .with_label_values(&[&self.route, METHODS[m], CLASSES[c]])
+                    .with_label_values(&[&self.route, METHODS[m], REQUEST_CLASSES[c]])
             })
             .inc();
         self.duration[m][c]
             .get_or_init(|| {
                 METRICS
                     .duration
-                    .with_label_values(&[&self.route, METHODS[m], CLASSES[c]])
+                    .with_label_values(&[&self.route, METHODS[m], REQUEST_CLASSES[c]])
             })
             .observe(seconds);
         self.request_bytes.inc_by(bytes_in as u64);
@@ -550,5 +558,16 @@ mod tests {
             "gateway_requests_total{method=\"other\",route=\"unit-test-route\",status_class=\"5xx\"} 1"
         ));
         assert!(text.contains("gateway_response_body_bytes_total{route=\"unit-test-route\"} 20"));
+    }
+
+    #[test]
+    fn a_client_that_left_has_its_own_class() {
+        let r = RouteMetrics::new("unit-test-left");
+        r.record(&http::Method::GET, 0, 0.5, 0, 0);
+        let text = METRICS.render();
+        assert!(text.contains(
+            "gateway_requests_total{method=\"GET\",route=\"unit-test-left\",status_class=\"client_closed\"} 1"
+        ), "{text}");
+        assert!(!text.contains("route=\"unit-test-left\",status_class=\"1xx\""));
     }
 }

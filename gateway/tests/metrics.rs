@@ -608,3 +608,52 @@ routes: [ {{ name: api, upstream: b }} ]
     );
     assert!(collector.posts.load(std::sync::atomic::Ordering::SeqCst) >= 1);
 }
+
+/// A client that hangs up before its answer is counted in its own class, `client_closed`, not
+/// as 1xx, and logged with status 499 (as nginx logs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_is_counted_as_client_closed() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        "upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: all, upstream: b }} ]\naccess_log: {{ path: \"{}\" }}\n",
+        backend.addr,
+        log.display()
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET /slow?sleep=1000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(s);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("/slow")) {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["status"], 499, "{line}");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        value(
+            &metrics,
+            "gateway_requests_total{method=\"GET\",route=\"all\",status_class=\"client_closed\"}"
+        ),
+        1.0
+    );
+    assert!(
+        !metrics.contains("route=\"all\",status_class=\"1xx\""),
+        "{metrics}"
+    );
+}
