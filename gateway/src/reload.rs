@@ -105,9 +105,11 @@ impl ControlPlane {
                 return ReloadOutcome::Rejected(e);
             }
         };
-        if next.bindings != self.startup_bindings {
+        let restart_only = next.bindings.changes_from(&self.startup_bindings);
+        if !restart_only.is_empty() {
             warn!(
-                "listeners (address, buffer, TLS on/off, ALPN, client certificates), admin address, h2c, threads, the upstream pool size or span export changed in {}: restart required for those; everything else (certificates included) is applied",
+                changed = %restart_only.join(", "),
+                "{}: restart required for these fields; everything else (certificates included) is applied",
                 self.path.display()
             );
         }
@@ -115,8 +117,14 @@ impl ControlPlane {
         METRICS.config_applied(generation, next.source_hash);
         METRICS.reloads.with_label_values(&["applied"]).inc();
         self.runtime.store(Arc::new(next));
-        *last_refused = None;
-        info!(generation, "configuration reloaded");
+        if last_refused.take().is_some() {
+            info!(
+                generation,
+                "configuration valid again after a rejected one: reloaded"
+            );
+        } else {
+            info!(generation, "configuration reloaded");
+        }
         ReloadOutcome::Applied(generation)
     }
 

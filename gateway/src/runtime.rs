@@ -59,6 +59,69 @@ pub struct Bindings {
 }
 
 impl Bindings {
+    /// The restart-only fields that differ from `started` (what the process was started with),
+    /// named as in the file; empty when a reload can apply everything.
+    pub fn changes_from(&self, started: &Bindings) -> Vec<String> {
+        let mut changed = Vec::new();
+        for name in self.listeners.keys().chain(started.listeners.keys()) {
+            let field = |f: &str| format!("listeners.{name}{f}");
+            match (self.listeners.get(name), started.listeners.get(name)) {
+                (Some(_), None) => changed.push(field(" (added)")),
+                (None, Some(_)) => changed.push(field(" (removed)")),
+                (Some(now), Some(then)) => {
+                    if now.0 != then.0 {
+                        changed.push(field(".address"));
+                    }
+                    if now.1 != then.1 {
+                        changed.push(field(".read_buffer"));
+                    }
+                    match (&now.2, &then.2) {
+                        (Some(a), Some(b)) => {
+                            if a.0 != b.0 {
+                                changed.push(field(".tls.http2"));
+                            }
+                            if a.1 != b.1 {
+                                changed.push(field(".tls.client_auth"));
+                            }
+                        }
+                        (None, None) => {}
+                        _ => changed.push(field(".tls")),
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        changed.dedup();
+        /// Span export as written, without the file positions.
+        fn traces(
+            t: &Option<crate::config::TracesConfig>,
+        ) -> Option<(&str, &str, usize, u64, u64)> {
+            t.as_ref().map(|t| {
+                let timeout = t.timeout.0.as_nanos() as u64;
+                let (endpoint, service) = (t.otlp_endpoint.value.as_str(), t.service_name.as_str());
+                (
+                    endpoint,
+                    service,
+                    t.max_queue,
+                    timeout,
+                    t.sample_ratio.to_bits(),
+                )
+            })
+        }
+        for (field, differs) in [
+            ("admin.address", self.admin != started.admin),
+            ("h2c", self.h2c != started.h2c),
+            ("threads", self.threads != started.threads),
+            ("upstream_keepalive_pool", self.pool != started.pool),
+            ("traces", traces(&self.traces) != traces(&started.traces)),
+        ] {
+            if differs {
+                changed.push(field.to_string());
+            }
+        }
+        changed
+    }
+
     /// The bindings a configuration asks for.
     pub fn of(config: &Config) -> Bindings {
         Bindings {
