@@ -109,6 +109,37 @@ fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
     Ok(())
 }
 
+/// How long no request may be in flight before a draining gateway exits: a connection whose
+/// request has just arrived is counted a moment later.
+const DRAINED_FOR: Duration = Duration::from_millis(100);
+
+/// Ends the process once no request has been in flight for [`DRAINED_FOR`], rather than at
+/// the end of the grace period (which still bounds the drain). The access log and span export
+/// are flushed first.
+async fn exit_when_drained(runtime: Arc<ArcSwap<crate::runtime::Runtime>>) {
+    let mut idle_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if crate::metrics::METRICS.in_flight.get() > 0 {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= DRAINED_FOR {
+            break;
+        }
+    }
+    // Blocking waits for the writers, off the runtime's scheduling.
+    tokio::task::block_in_place(|| {
+        if let Some(log) = &runtime.load().access_log {
+            log.finish(Duration::from_secs(1));
+        }
+        crate::trace::stop_export();
+    });
+    info!("drained: no request in flight; stopped");
+    std::process::exit(0);
+}
+
 /// Runs the gateway with the configuration at `path` until shutdown. With `upgrade`, the
 /// listening sockets are taken over from the running gateway of the same file instead of bound.
 pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
@@ -226,18 +257,20 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
 
     let mut phases = server.watch_execution_phase();
+    let finished = shared.clone();
     control.spawn(async move {
         while let Ok(phase) = phases.recv().await {
             if matches!(phase, ExecutionPhase::GracefulUpgradeTransferringFds) {
                 info!("upgrade: handing the listeners to the new process");
                 handing_over.store(true, Ordering::Relaxed);
             }
-            if matches!(
-                phase,
-                ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownStarted
-            ) {
+            let terminating = matches!(phase, ExecutionPhase::GracefulTerminate);
+            let stopping = terminating || matches!(phase, ExecutionPhase::ShutdownStarted);
+            if stopping && !draining.swap(true, Ordering::Relaxed) {
                 info!("shutting down: draining in-flight requests");
-                draining.store(true, Ordering::Relaxed);
+            }
+            if terminating && !handing_over.load(Ordering::Relaxed) {
+                tokio::spawn(exit_when_drained(finished.clone()));
             }
         }
     });

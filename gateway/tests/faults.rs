@@ -592,3 +592,55 @@ async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_
         .count();
     assert_eq!(logged, answered, "access-log lines lost at shutdown");
 }
+
+/// SIGTERM with nothing in flight exits at once, not at the end of the grace period; a request
+/// in flight is still answered first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_when_the_last_request_is_answered() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let routes = one_route_to(&backend, "");
+    let mut idle = Gateway::start(&routes).await;
+    // A long grace period, so that exiting at its end would show.
+    idle.write_raw_config(
+        &idle
+            .config_text(&routes)
+            .replace("grace_period: 1s", "grace_period: 20s"),
+    );
+    idle.wait_generation(2).await;
+    let term = Instant::now();
+    idle.signal(libc::SIGTERM);
+    assert!(
+        idle.wait_exit(Duration::from_secs(5)).is_some(),
+        "{}",
+        idle.log()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        term.elapsed()
+    );
+    assert_eq!(
+        idle.log().matches("shutting down: draining").count(),
+        1,
+        "{}",
+        idle.log()
+    );
+
+    let mut busy = Gateway::start(&routes).await;
+    let slow = tokio::spawn(client().get(busy.url("/slow?sleep=700")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term = Instant::now();
+    busy.signal(libc::SIGTERM);
+    let answer = slow.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(
+        busy.wait_exit(Duration::from_secs(5)).is_some(),
+        "{}",
+        busy.log()
+    );
+    assert!(
+        term.elapsed() >= Duration::from_millis(400),
+        "took {:?}",
+        term.elapsed()
+    );
+}
