@@ -6,6 +6,7 @@ mod common;
 mod db;
 mod orders;
 mod payments;
+mod peers;
 mod products;
 mod stack;
 mod users;
@@ -121,12 +122,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Orders { service } => {
             let (listen, url) = service.resolve("orders", 3003);
             let db = orders::open_db(&url).await?;
-            common::serve("order-service", listen, orders::router(db)).await
+            let peers = peers::Peers::from_env()?;
+            common::serve("order-service", listen, orders::router(db, peers)).await
         }
         Command::Payments { service } => {
             let (listen, url) = service.resolve("payments", 3004);
             let db = payments::open_db(&url).await?;
-            common::serve("payment-service", listen, payments::router(db)).await
+            let peers = peers::Peers::from_env()?;
+            common::serve("payment-service", listen, payments::router(db, peers)).await
         }
         Command::Stack(args) => stack::run(args).await,
         Command::Healthcheck { .. } => Ok(()),

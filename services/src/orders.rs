@@ -1,7 +1,9 @@
-//! order-service: a signed-in user creates orders and reads their own.
+//! order-service: a signed-in user creates orders and reads their own. Prices, existence and
+//! stock come from the product service, never from the client.
 
 use crate::common::{new_id, now_rfc3339, ApiError, ApiJson, ApiResult, Identity};
 use crate::db::{self, Db};
+use crate::peers::Peers;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -23,16 +25,31 @@ pub async fn open_db(url: &str) -> anyhow::Result<Db> {
     db::open(url, SCHEMA).await
 }
 
-/// The order service's routes, on `db`.
-pub fn router(db: Db) -> Router {
+/// The order service's routes, on `db`, pricing orders through the product service.
+pub fn router(db: Db, peers: Peers) -> Router {
     Router::new()
         .route("/api/orders", get(list).post(create))
         .route("/api/orders/{id}", get(one))
-        .with_state(db)
+        .with_state(OrderService { db, peers })
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Clone)]
+struct OrderService {
+    db: Db,
+    peers: Peers,
+}
+
+/// A line of an order as the client asks for it: what and how many, no price.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WantedItem {
+    product_id: String,
+    quantity: i64,
+}
+
+/// A line of an order as recorded, priced from the catalogue.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Item {
     product_id: String,
     quantity: i64,
@@ -42,7 +59,7 @@ struct Item {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct NewOrder {
-    items: Vec<Item>,
+    items: Vec<WantedItem>,
     #[serde(default = "default_currency")]
     currency: String,
 }
@@ -51,14 +68,13 @@ fn default_currency() -> String {
     "EUR".into()
 }
 
-fn validate(order: &NewOrder) -> Result<i64, ApiError> {
+fn validate(order: &NewOrder) -> Result<(), ApiError> {
     if order.items.is_empty() || order.items.len() > 100 {
         return Err(ApiError::bad_request("items: 1 to 100 required"));
     }
     if order.currency.len() != 3 || !order.currency.chars().all(|c| c.is_ascii_uppercase()) {
         return Err(ApiError::bad_request("currency: a three-letter code"));
     }
-    let mut total: i64 = 0;
     for (i, item) in order.items.iter().enumerate() {
         if item.product_id.is_empty() || item.product_id.len() > 64 {
             return Err(ApiError::bad_request(format!(
@@ -70,14 +86,46 @@ fn validate(order: &NewOrder) -> Result<i64, ApiError> {
                 "items[{i}].quantity: 1 to 1000"
             )));
         }
-        if !(0..=100_000_000).contains(&item.unit_price_cents) {
-            return Err(ApiError::bad_request(format!(
-                "items[{i}].unitPriceCents: 0 to 100000000"
-            )));
-        }
-        total += item.quantity * item.unit_price_cents;
     }
-    Ok(total)
+    Ok(())
+}
+
+/// Prices every line from the product service: the product must exist and have the quantity
+/// in stock. Returns the priced lines and the total.
+async fn price(peers: &Peers, wanted: &[WantedItem]) -> Result<(Vec<Item>, i64), ApiError> {
+    let mut items = Vec::with_capacity(wanted.len());
+    let mut total: i64 = 0;
+    for (i, want) in wanted.iter().enumerate() {
+        let url = format!("{}/api/products/{}", peers.products, want.product_id);
+        let Some(product) = peers.get("product service", &url, &[]).await? else {
+            return Err(ApiError::bad_request(format!(
+                "items[{i}].productId: no product `{}`",
+                want.product_id
+            )));
+        };
+        let (Some(unit), Some(stock)) = (
+            product["priceCents"].as_i64(),
+            product["inventory"].as_i64(),
+        ) else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "product service answered without a price",
+            ));
+        };
+        if stock < want.quantity {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("items[{i}]: only {stock} of `{}` in stock", want.product_id),
+            ));
+        }
+        total += want.quantity * unit;
+        items.push(Item {
+            product_id: want.product_id.clone(),
+            quantity: want.quantity,
+            unit_price_cents: unit,
+        });
+    }
+    Ok((items, total))
 }
 
 type OrderRow = (String, String, String, i64, String, String, String);
@@ -94,13 +142,14 @@ fn order_json(row: OrderRow) -> Value {
 const COLUMNS: &str = "id, user_id, items, total_cents, currency, status, created_at";
 
 async fn create(
-    State(db): State<Db>,
+    State(s): State<OrderService>,
     who: Identity,
     ApiJson(order): ApiJson<NewOrder>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let total = validate(&order)?;
+    validate(&order)?;
+    let (items, total) = price(&s.peers, &order.items).await?;
     let id = new_id();
-    let items = serde_json::to_string(&order.items).map_err(anyhow::Error::from)?;
+    let items = serde_json::to_string(&items).map_err(anyhow::Error::from)?;
     let row: OrderRow = sqlx::query_as(&format!(
         "INSERT INTO orders ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, 'pending', $6) RETURNING {COLUMNS}"
     ))
@@ -110,13 +159,16 @@ async fn create(
     .bind(total)
     .bind(&order.currency)
     .bind(now_rfc3339())
-    .fetch_one(&db)
+    .fetch_one(&s.db)
     .await?;
     tracing::info!(order = %id, user = %who.user_id, total, "order created");
     Ok((StatusCode::CREATED, Json(order_json(row))))
 }
 
-async fn list(State(db): State<Db>, who: Identity) -> ApiResult<Json<Value>> {
+async fn list(
+    State(OrderService { db, .. }): State<OrderService>,
+    who: Identity,
+) -> ApiResult<Json<Value>> {
     let rows: Vec<OrderRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT 100"
     ))
@@ -128,7 +180,7 @@ async fn list(State(db): State<Db>, who: Identity) -> ApiResult<Json<Value>> {
 }
 
 async fn one(
-    State(db): State<Db>,
+    State(OrderService { db, .. }): State<OrderService>,
     who: Identity,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {

@@ -5,9 +5,13 @@
 //! that the only insert whichever replica the retries reach. A repeat with the same key and
 //! the same parameters gets the original payment back (`Idempotent-Replayed: true`); the same
 //! key with different parameters is refused with 422, as Stripe does.
+//!
+//! A charge is for an order of the caller's, asked of the order service with the caller's
+//! identity (someone else's order is not found), and must be for the order's total.
 
 use crate::common::{new_id, now_rfc3339, ApiError, ApiJson, ApiResult, Identity};
 use crate::db::{self, Db};
+use crate::peers::Peers;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -31,12 +35,42 @@ pub async fn open_db(url: &str) -> anyhow::Result<Db> {
     db::open(url, SCHEMA).await
 }
 
-/// The payment service's routes, on `db`.
-pub fn router(db: Db) -> Router {
+/// The payment service's routes, on `db`, checking orders with the order service.
+pub fn router(db: Db, peers: Peers) -> Router {
     Router::new()
         .route("/api/payments", post(charge))
         .route("/api/payments/{id}", get(one))
-        .with_state(db)
+        .with_state(PaymentService { db, peers })
+}
+
+#[derive(Clone)]
+struct PaymentService {
+    db: Db,
+    peers: Peers,
+}
+
+/// The order a charge is for must be the caller's and the charge its total, in its currency.
+async fn check_order(peers: &Peers, who: &Identity, c: &Charge) -> Result<(), ApiError> {
+    let url = format!("{}/api/orders/{}", peers.orders, c.order_id);
+    let identity = [
+        ("x-user-id", who.user_id.as_str()),
+        ("x-user-role", who.role.as_str()),
+    ];
+    let Some(order) = peers.get("order service", &url, &identity).await? else {
+        return Err(ApiError::not_found("no such order"));
+    };
+    let total = order["totalCents"].as_i64();
+    if total != Some(c.amount_cents) || order["currency"].as_str() != Some(c.currency.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "amountCents and currency must be the order's total: {} {}",
+                total.unwrap_or_default(),
+                order["currency"].as_str().unwrap_or("")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -66,7 +100,7 @@ fn payment_json(row: &PaymentRow) -> Value {
 }
 
 async fn charge(
-    State(db): State<Db>,
+    State(PaymentService { db, peers }): State<PaymentService>,
     who: Identity,
     headers: HeaderMap,
     ApiJson(c): ApiJson<Charge>,
@@ -87,6 +121,7 @@ async fn charge(
     if c.currency.len() != 3 || !c.currency.chars().all(|ch| ch.is_ascii_uppercase()) {
         return Err(ApiError::bad_request("currency: a three-letter code"));
     }
+    check_order(&peers, &who, &c).await?;
     let inserted: Option<PaymentRow> = sqlx::query_as(&format!(
         "INSERT INTO payments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 'captured', $7)
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
@@ -129,7 +164,7 @@ async fn charge(
 }
 
 async fn one(
-    State(db): State<Db>,
+    State(PaymentService { db, .. }): State<PaymentService>,
     who: Identity,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {

@@ -267,6 +267,13 @@ async fn inventory(
     Path(id): Path<String>,
     ApiJson(change): ApiJson<InventoryChange>,
 ) -> ApiResult<Json<Value>> {
+    // Checked at the edge too (the gateway's `admins` policy); the service does not rely on it.
+    if who.role != "admin" {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "changing the catalogue needs the admin role",
+        ));
+    }
     if !(0..=MAX_INVENTORY).contains(&change.quantity) {
         return Err(ApiError::bad_request(format!(
             "quantity: 0 to {MAX_INVENTORY}"

@@ -184,6 +184,9 @@ async fn start_all(
                 .arg("--listen")
                 .arg(format!("{ip}:{port}"))
                 .env("DATABASE_URL", &db)
+                // Services call each other by name (orders → products, payments → orders)
+                // through the stack's DNS, as in Compose.
+                .env("DNS_SERVER", dns.to_string())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -49,6 +49,10 @@ pub struct TokenSettings {
     /// Token lifetime in seconds.
     #[arg(long, env = "JWT_TTL_SECONDS", default_value_t = 3600)]
     pub ttl_seconds: u64,
+    /// E-mail addresses whose accounts get the `admin` role when they register (comma-separated):
+    /// how the first administrator is made.
+    #[arg(long, env = "ADMIN_EMAILS", value_delimiter = ',', default_value = "")]
+    pub admin_emails: Vec<String>,
 }
 
 struct UserService {
@@ -232,17 +236,27 @@ async fn register(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     validate(&r)?;
     let email = r.email.trim().to_lowercase();
+    let role = match s
+        .settings
+        .admin_emails
+        .iter()
+        .any(|a| a.trim().eq_ignore_ascii_case(&email))
+    {
+        true => "admin",
+        false => "user",
+    };
     let hash = hash_password(r.password).await?;
     let id = new_id();
     let inserted = sqlx::query(
         "INSERT INTO users (id, email, password_hash, first_name, last_name, role, created_at)
-         VALUES ($1, $2, $3, $4, $5, 'user', $6)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&id)
     .bind(&email)
     .bind(&hash)
     .bind(r.first_name.trim())
     .bind(r.last_name.trim())
+    .bind(role)
     .bind(now_rfc3339())
     .execute(&s.db)
     .await;
@@ -256,11 +270,13 @@ async fn register(
         }
         Err(e) => return Err(e.into()),
     }
-    tracing::info!(user_id = %id, "user registered");
-    let (token, expires_in) = s.token(&id, "user")?;
+    tracing::info!(user_id = %id, role, "user registered");
+    let (token, expires_in) = s.token(&id, role)?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "userId": id, "email": email, "token": token, "expiresIn": expires_in })),
+        Json(json!({
+            "userId": id, "email": email, "role": role, "token": token, "expiresIn": expires_in,
+        })),
     ))
 }
 

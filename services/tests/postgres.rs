@@ -117,9 +117,15 @@ struct Replica {
 
 impl Replica {
     fn start(service: &str, db: &str) -> Replica {
+        Replica::start_with(service, db, &[])
+    }
+
+    /// A replica with more environment (where its peer services are).
+    fn start_with(service: &str, db: &str, env: &[(&str, &str)]) -> Replica {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_services"))
             .args([service, "--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().copied())
             .env("DATABASE_URL", db)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -163,8 +169,20 @@ async fn replicas_share_state_through_postgres() {
     })
     .collect();
     let mut r: Vec<Replica> = starts.into_iter().map(|t| t.join().unwrap()).collect();
-    let (pay2, pay1) = (r.pop().unwrap(), r.pop().unwrap());
+    let (_, _) = (r.pop().unwrap(), r.pop().unwrap());
     let (prod2, prod1) = (r.pop().unwrap(), r.pop().unwrap());
+    // Orders price from the product service, payments check the order service: replicas
+    // that call each other by URL.
+    let orders = Replica::start_with(
+        "orders",
+        &pg.url,
+        &[("PRODUCT_SERVICE_URL", prod1.base.as_str())],
+    );
+    let pay_env = [("ORDER_SERVICE_URL", orders.base.as_str())];
+    let (pay1, pay2) = (
+        Replica::start_with("payments", &pg.url, &pay_env),
+        Replica::start_with("payments", &pg.url, &pay_env),
+    );
     let (users2, users1) = (r.pop().unwrap(), r.pop().unwrap());
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
 
@@ -226,6 +244,7 @@ async fn replicas_share_state_through_postgres() {
     let r = c
         .put(prod1.url("/api/products/p-2001/inventory"))
         .header("x-user-id", "u")
+        .header("x-user-role", "admin")
         .json(&set)
         .send()
         .await
@@ -242,6 +261,7 @@ async fn replicas_share_state_through_postgres() {
         tasks.push(tokio::spawn(async move {
             c.put(format!("{url}/api/products/p-2001/inventory"))
                 .header("x-user-id", "u")
+                .header("x-user-role", "admin")
                 .json(&json!({"operation": "subtract", "quantity": 1}))
                 .send()
                 .await
@@ -266,6 +286,22 @@ async fn replicas_share_state_through_postgres() {
         .unwrap();
     assert_eq!(product["inventory"], 0);
 
+    // An order is priced from the catalogue; the client names no price.
+    let order: Value = c
+        .post(orders.url("/api/orders"))
+        .header("x-user-id", "u")
+        .json(&json!({"items": [{"productId": "p-1001", "quantity": 2}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let total = order["totalCents"].as_i64().unwrap();
+    let price = order["items"][0]["unitPriceCents"].as_i64().unwrap();
+    assert_eq!(total, 2 * price, "{order}");
+    let order_id = order["orderId"].as_str().unwrap().to_string();
+
     // One Idempotency-Key sent 20 times at once over both replicas: one charge.
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -274,13 +310,13 @@ async fn replicas_share_state_through_postgres() {
         } else {
             pay2.url("/api/payments")
         };
-        let c = c.clone();
+        let (c, order_id) = (c.clone(), order_id.clone());
         tasks.push(tokio::spawn(async move {
             let r = c
                 .post(url)
                 .header("x-user-id", "u")
                 .header("idempotency-key", "same-key")
-                .json(&json!({"orderId": "o-1", "amountCents": 500}))
+                .json(&json!({"orderId": order_id, "amountCents": total}))
                 .send()
                 .await
                 .unwrap();
@@ -308,4 +344,24 @@ async fn replicas_share_state_through_postgres() {
     );
     let ids: std::collections::HashSet<_> = results.iter().map(|(_, id)| id.clone()).collect();
     assert_eq!(ids.len(), 1, "{results:?}");
+
+    // A charge must be the order's total, and for an order of the caller's.
+    let charge = |user: &'static str, key: &'static str, amount: i64| {
+        c.post(pay1.url("/api/payments"))
+            .header("x-user-id", user)
+            .header("idempotency-key", key)
+            .json(&json!({"orderId": order_id, "amountCents": amount}))
+            .send()
+    };
+    assert_eq!(charge("u", "cheap", 1).await.unwrap().status(), 422);
+    assert_eq!(
+        charge("mallory", "theirs", total).await.unwrap().status(),
+        404
+    );
+    // The order service down: a clear 503, no charge.
+    drop(orders);
+    let r = charge("u", "down", total).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "order service unavailable", "{body}");
 }

@@ -40,6 +40,8 @@ impl Stack {
         let admin = format!("127.0.0.1:{}", free_port());
         let https = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(&services)
+            // The first administrator: this address gets the admin role when it registers.
+            .env("ADMIN_EMAILS", "admin@example.com")
             .args([
                 "stack",
                 "--replicas",
@@ -479,7 +481,7 @@ async fn the_local_stack_end_to_end() {
         .unwrap();
     assert_eq!(r.status(), 403);
     // Orders and payments through the gateway.
-    let order = json!({"items": [{"productId": "p-1001", "quantity": 2, "unitPriceCents": 11900}]});
+    let order = json!({"items": [{"productId": "p-1001", "quantity": 2}]});
     let (status, created) = json_of(
         c.post(stack.url("/api/orders"))
             .bearer_auth(&token)
@@ -494,6 +496,27 @@ async fn the_local_stack_end_to_end() {
         (201, Some(user_id.as_str())),
         "{created}"
     );
+    // The price is the catalogue's, whatever the client says.
+    assert_eq!(created["totalCents"], 23800, "{created}");
+    let forged = json!({"items": [{"productId": "p-1001", "quantity": 1, "unitPriceCents": 1}]});
+    let r = c
+        .post(stack.url("/api/orders"))
+        .bearer_auth(&token)
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    // A price from the client is not a field an order takes.
+    assert_eq!(r.status(), 422);
+    let unknown = json!({"items": [{"productId": "p-nope", "quantity": 1}]});
+    let r = c
+        .post(stack.url("/api/orders"))
+        .bearer_auth(&token)
+        .json(&unknown)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     let (status, mine) = json_of(
         c.get(stack.url("/api/orders"))
             .bearer_auth(&token)
@@ -513,7 +536,17 @@ async fn the_local_stack_end_to_end() {
     };
     assert_eq!(pay("through-gateway").await.unwrap().status(), 201);
     assert_eq!(pay("through-gateway").await.unwrap().status(), 200);
-    // Writing to the catalogue needs a token; reading it does not.
+    // Less than the order's total is refused.
+    let r = c
+        .post(stack.url("/api/payments"))
+        .bearer_auth(&token)
+        .header("idempotency-key", "one-cent")
+        .json(&json!({"orderId": created["orderId"], "amountCents": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    // Writing to the catalogue needs an administrator's token; reading it needs none.
     let stock = json!({"operation": "add", "quantity": 1});
     let r = c
         .put(stack.url("/api/products/p-1001/inventory"))
@@ -529,6 +562,30 @@ async fn the_local_stack_end_to_end() {
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 403, "a user's token changed the catalogue");
+    let admin = json!({"email": "admin@example.com", "password": "correct horse", "firstName": "A", "lastName": "D"});
+    // On a replica directly: the gateway's login rate limit is spent by now.
+    let (status, body) = json_of(
+        c.post(stack.replica(1, 1, 3001, "/api/users/register"))
+            .json(&admin)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["role"].as_str()),
+        (201, Some("admin")),
+        "{body}"
+    );
+    let admin_token = body["token"].as_str().unwrap().to_string();
+    let r = c
+        .put(stack.url("/api/products/p-1001/inventory"))
+        .bearer_auth(&admin_token)
+        .json(&stock)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Inventory never goes below zero, whichever replica is asked.
@@ -536,6 +593,7 @@ async fn the_local_stack_end_to_end() {
     let change = |n: u8, op: &str, q: i64| {
         c.put(inv(n))
             .header("x-user-id", &user_id)
+            .header("x-user-role", "admin")
             .json(&json!({"operation": op, "quantity": q}))
             .send()
     };
@@ -564,9 +622,18 @@ async fn the_local_stack_end_to_end() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // The service checks the role itself too.
+    let r = c
+        .put(inv(1))
+        .header("x-user-id", &user_id)
+        .json(&json!({"operation": "set", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
 
     // Orders: created on one replica, read on another, invisible to other users.
-    let order = json!({"items": [{"productId": "p-3005", "quantity": 1, "unitPriceCents": 29900}]});
+    let order = json!({"items": [{"productId": "p-3005", "quantity": 1}]});
     let (status, created) = json_of(
         c.post(stack.replica(3, 1, 3003, "/api/orders"))
             .header("x-user-id", &user_id)
