@@ -686,8 +686,10 @@ fn lists_critical(token: &str) -> bool {
     let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(head) else {
         return false;
     };
-    // Parsed only when the name appears at all.
-    memchr::memmem::find(&bytes, b"\"crit\"").is_some()
+    // Parsed only when the name can appear: written out, or behind a JSON escape.
+    let may_name_it =
+        memchr::memmem::find(&bytes, b"crit").is_some() || memchr::memchr(b'\\', &bytes).is_some();
+    may_name_it
         && serde_json::from_slice::<Map<String, Value>>(&bytes)
             .is_ok_and(|h| h.contains_key("crit"))
 }

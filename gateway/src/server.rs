@@ -28,7 +28,9 @@ fn upgrade_socket(loaded: &LoadedConfig) -> PathBuf {
     if let Some(path) = &loaded.config.process.upgrade_socket {
         return path.clone();
     }
-    let file = std::fs::canonicalize(&loaded.path).unwrap_or_else(|_| loaded.path.clone());
+    // Absolute, but symlinks not followed: a mounted configuration's `..data` link changes
+    // its target on every update, and the old and new process must agree.
+    let file = std::path::absolute(&loaded.path).unwrap_or_else(|_| loaded.path.clone());
     let key = crate::hash::content(file.as_os_str().as_encoded_bytes());
     std::env::temp_dir().join(format!("gateway-{key:016x}-upgrade.sock"))
 }
@@ -109,18 +111,34 @@ fn check_addresses(loaded: &LoadedConfig) -> Result<(), config::ConfigError> {
     Ok(())
 }
 
-/// How long no request may be in flight before a draining gateway exits: a connection whose
+/// How long nothing may be in flight before a draining gateway exits: a connection whose
 /// request has just arrived is counted a moment later.
 const DRAINED_FOR: Duration = Duration::from_millis(100);
 
-/// Ends the process once no request has been in flight for [`DRAINED_FOR`], rather than at
-/// the end of the grace period (which still bounds the drain). The access log and span export
-/// are flushed first.
+/// Client connections still open, and requests in flight. Idle keep-alive connections are
+/// closed when a drain begins, so what stays open is a connection reading its request head or
+/// being answered.
+fn still_busy() -> bool {
+    use prometheus::core::Collector;
+    let m = &crate::metrics::METRICS;
+    let open: f64 = m
+        .connections
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|metric| metric.get_gauge().get_value())
+        .sum();
+    m.in_flight.get() > 0 || open > 0.0
+}
+
+/// Ends the process once no client connection has been open and no request in flight for
+/// [`DRAINED_FOR`], rather than at the end of the grace period (which still bounds the drain).
+/// The access log and span export are flushed first.
 async fn exit_when_drained(runtime: Arc<ArcSwap<crate::runtime::Runtime>>) {
     let mut idle_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        if crate::metrics::METRICS.in_flight.get() > 0 {
+        if still_busy() {
             idle_since = None;
             continue;
         }

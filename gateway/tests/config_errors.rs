@@ -53,6 +53,11 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "rate_limits.l.key",
         ),
         (
+            "a burst of zero",
+            config("rate_limits:\n  l: { rate: 10/s, burst: 0 }\n", ROUTE),
+            "rate_limits.l",
+        ),
+        (
             "a claim key on a route without auth",
             config(
                 "rate_limits:\n  l: { rate: 10/s, key: \"jwt:sub\" }\n",
@@ -263,7 +268,7 @@ fn check_and_run_refuse_every_broken_file_alike() {
         let path = entry.unwrap().path();
         files.push((format!("seed {}", path.display()), path, None));
     }
-    assert!(files.len() > 27);
+    assert!(files.len() > 28);
     for (what, path, field) in files {
         let (check_ok, check_err) = gateway("check", &path);
         if check_ok {

@@ -318,7 +318,7 @@ async fn passive_ejection_then_half_open_probe() {
 /// `/ready` waits for the first round of checks, whose verdict decides alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round() {
-    let bs = replicas(3).await;
+    let bs = replicas(4).await;
     let port = bs[0].addr.port();
     let dns = Dns::start().await;
     // r4 is down at start: the first round takes it out before any request.
@@ -345,6 +345,20 @@ async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round(
     while !spread(&gw, 10, None).await.contains_key("r3") {
         assert!(Instant::now() < deadline, "r3 never joined");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every replica replaced at once (a recreated container with a new address): the new one
+    // is checked as at start, so the upstream is never left with nothing to send to.
+    dns.set("svc.test", &["127.0.0.5"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client().get(gw.url("/x")).send().await.unwrap();
+        assert_ne!(r.status(), 503, "no replica to send to after the swap");
+        if echo(r).await["backend"] == "r5" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "r5 never took traffic");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // `/ready` waits for the first round: a replica whose check hangs holds it for the check
@@ -376,5 +390,16 @@ async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round(
     }
     assert!(saw_waiting, "{}", gw2.log());
     assert!(started.elapsed() >= Duration::from_millis(1500));
+    // A reload that changes the upstream's definition does not make a serving gateway unready.
+    gw2.write_config(&format!(
+        "upstreams:\n  slow:\n    targets: [\"{hang_addr}\"]\n    retries: 0\n    health:\n      active: {{ path: /health, interval: 10s, timeout: 2s }}\nroutes:\n  - {{ name: all, upstream: slow }}\n"
+    ));
+    gw2.wait_generation(2).await;
+    let r = client()
+        .get(format!("http://{}/ready", gw2.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     drop(hanging);
 }

@@ -128,7 +128,7 @@ pub struct Config {
     pub auth: BTreeMap<String, Spanned<AuthConfig>>,
     /// Rate-limit policies, by name; routes name the policy they use.
     #[serde(default)]
-    pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    pub rate_limits: BTreeMap<String, Spanned<RateLimitConfig>>,
     /// Named groups of replicas that routes send traffic to.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The route table, matched by the precedence in `docs/routing.md`.

@@ -220,8 +220,9 @@ pub struct ProcessConfig {
     /// Pid file. Default: `gateway-<pid>.pid` in the temp directory.
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
-    /// Socket used to hand listeners to a new process on upgrade. Default:
-    /// `gateway-<pid>-upgrade.sock` in the temp directory (set it explicitly to use upgrades).
+    /// Socket on which a running gateway hands its listeners to a new one (`run --upgrade`).
+    /// Default: `gateway-<hash of the configuration file's absolute path>-upgrade.sock` in the
+    /// temp directory, the same for every process started with the same file.
     #[serde(default)]
     pub upgrade_socket: Option<PathBuf>,
 }

@@ -13,7 +13,8 @@ pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// for the head deadline. A connection that starts the preface (`PRI `) and then breaks it, or
 /// ends inside it, is closed (RFC 9113 section 3.4), never handed to the HTTP/1 parser. The
 /// caller has checked that the stream is Pingora's TCP stream; `None` when the connection
-/// fails or is closed.
+/// fails or breaks the preface (a connection closed before its first byte is `Some(false)`,
+/// and HTTP/1 sees the end of stream).
 pub(super) async fn read_h2c_preface(stream: Stream) -> Option<(Stream, bool)> {
     use tokio::io::AsyncReadExt;
     let mut tcp = stream.into_any().downcast::<L4Stream>().ok()?;

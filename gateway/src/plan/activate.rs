@@ -45,6 +45,9 @@ pub async fn activate(
             Some(u) => u,
             None => {
                 let u = Upstream::new(&name, spec);
+                if previous.is_some_and(|p| p.upstreams.contains_key(&name)) {
+                    u.replaces_a_serving_one();
+                }
                 if let (true, Some(r)) = (u.needs_discovery(), &resolver) {
                     let errors = u.refresh(r).await;
                     if !errors.is_empty() {

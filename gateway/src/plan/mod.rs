@@ -205,7 +205,8 @@ fn compile_rate_limits(
     config: &Config,
 ) -> Result<BTreeMap<String, Arc<RateLimitPolicy>>, ConfigError> {
     let mut out = BTreeMap::new();
-    for (name, policy) in &config.rate_limits {
+    for (name, spanned) in &config.rate_limits {
+        let policy = &spanned.value;
         let field = format!("rate_limits.{name}");
         crate::ratelimit::parse_rate(&policy.rate.value)
             .map_err(|e| c.err_at(&policy.rate, format!("{field}.rate"), e))?;
@@ -213,9 +214,10 @@ fn compile_rate_limits(
             crate::ratelimit::parse_key(&key.value)
                 .map_err(|e| c.err_at(key, format!("{field}.key"), e))?;
         }
-        // Rate and key parse: what is left to fail is the Redis URL and the name.
-        let built =
-            RateLimitPolicy::new(name, policy).map_err(|e| c.err_at(&policy.rate, field, e))?;
+        // Rate and key parse; what can still fail (`burst`, `max_keys`, `redis.url`, a rate too
+        // fast to count, a name unusable in a header) names its field in the message, at the
+        // policy's position.
+        let built = RateLimitPolicy::new(name, policy).map_err(|e| c.err_at(spanned, field, e))?;
         out.insert(name.clone(), Arc::new(built));
     }
     Ok(out)

@@ -279,6 +279,7 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
             return Err(c.dangling(limit, field("rate_limit"), "rate limit", known));
         };
         let by_claim = policy
+            .value
             .key
             .as_ref()
             .is_some_and(|k| k.value.starts_with("jwt:"));

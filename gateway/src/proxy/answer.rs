@@ -1,7 +1,7 @@
 //! Every answer the gateway writes itself: refusals from the head checks and the policies,
 //! redirects, `404 no route`, and the upstream failures of `fail_to_proxy`. One writer, so
-//! every such answer carries the request id, the JSON error shape and the right connection
-//! handling.
+//! every such answer carries the JSON error shape with the request id (a redirect, with no
+//! body, carries neither) and the right connection handling.
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};

@@ -210,6 +210,12 @@ impl Upstream {
         self.first_round_done.load(Ordering::Acquire)
     }
 
+    /// Readiness does not wait for this upstream's first checks: it replaces one that was
+    /// already serving (a reload that changed its definition).
+    pub fn replaces_a_serving_one(&self) {
+        self.first_round_done.store(true, Ordering::Release);
+    }
+
     /// Whether any target is a host name (and so needs discovery).
     pub fn needs_discovery(&self) -> bool {
         self.spec.targets.iter().any(|t| t.ip().is_none())
@@ -230,11 +236,14 @@ impl Upstream {
         }
         // With active checks, a replica that appears beside checked, healthy ones takes no
         // traffic before `rise` checks pass (a scaled-up container that is still starting).
+        // Only replicas that stay count: one that replaces all the old ones (a recreated
+        // container) is checked as at start, or the set would have no replica to send to.
         let join_unchecked = self.spec.active.is_some()
-            && old
-                .replicas
-                .iter()
-                .any(|r| r.is_active_healthy() && !r.awaiting_first_check());
+            && old.replicas.iter().any(|r| {
+                addrs.iter().any(|(a, _)| *a == r.addr)
+                    && r.is_active_healthy()
+                    && !r.awaiting_first_check()
+            });
         let replicas: Vec<Arc<Replica>> = addrs
             .iter()
             .map(
