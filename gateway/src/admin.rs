@@ -105,6 +105,7 @@ impl ServeHttp for Admin {
                         serde_json::json!({
                             "name": &*r.name,
                             "upstream": &*r.upstream.name,
+                            "match": &r.matcher,
                             "policies": policies.iter().map(Policy::kind).collect::<Vec<_>>(),
                             "auth": jwt.map(|j| &*j.policy.name),
                             "auth_optional": jwt.is_some_and(|j| j.optional),
@@ -131,16 +132,25 @@ impl ServeHttp for Admin {
                             .replicas
                             .iter()
                             .map(|r| {
+                                let (state, reason) = r.state(now, up.active_checks());
                                 serde_json::json!({
                                     "address": r.addr.to_string(),
                                     "weight": r.weight,
                                     "available": r.is_available(now),
+                                    "state": state,
+                                    "reason": reason,
+                                    "in_flight": r.outstanding(),
                                 })
                             })
                             .collect();
                         (
                             name.clone(),
-                            serde_json::json!({ "balance": format!("{:?}", up.balance()), "replicas": replicas }),
+                            serde_json::json!({
+                                "targets": up.targets(),
+                                "balance": up.balance().name(),
+                                "active_checks": up.active_checks(),
+                                "replicas": replicas,
+                            }),
                         )
                     })
                     .collect();

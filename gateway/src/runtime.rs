@@ -32,6 +32,8 @@ pub struct Route {
     pub retries: u32,
     /// Its policies, in the order they run.
     pub policies: Pipeline,
+    /// What it matches, for the admin views.
+    pub matcher: serde_json::Value,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }

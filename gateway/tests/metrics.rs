@@ -404,6 +404,11 @@ routes:
     assert_eq!(routes["routes"][0]["name"], "private");
     assert_eq!(routes["routes"][0]["auth"], "hs");
     assert_eq!(routes["routes"][0]["rate_limit"], "rl");
+    assert_eq!(routes["routes"][0]["match"]["path_prefix"], "/private");
+    assert_eq!(
+        routes["routes"][0]["policies"],
+        serde_json::json!(["auth", "rate_limit"])
+    );
     let ups: serde_json::Value = c
         .get(format!("http://{}/upstreams", gw.admin))
         .send()
@@ -417,6 +422,13 @@ routes:
         b.addr.to_string()
     );
     assert_eq!(ups["upstreams"]["b"]["replicas"][0]["available"], true);
+    assert_eq!(ups["upstreams"]["b"]["replicas"][0]["state"], "healthy");
+    assert_eq!(ups["upstreams"]["b"]["replicas"][0]["in_flight"], 0);
+    assert_eq!(ups["upstreams"]["b"]["balance"], "round_robin");
+    assert_eq!(
+        ups["upstreams"]["b"]["targets"],
+        serde_json::json!([b.addr.to_string()])
+    );
 }
 
 /// An OTLP/HTTP collector: keeps the spans of every export it receives, or, when `hang`, takes

@@ -339,6 +339,28 @@ async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let s = spread(&gw, 20, None).await;
     assert_eq!(s.get("r2"), Some(&20), "{s:?}");
+    // The admin view says why r3 takes nothing.
+    let view: serde_json::Value = client()
+        .get(format!("http://{}/upstreams", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r3 = view["upstreams"]["svc"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["address"].as_str().unwrap().starts_with("127.0.0.3:"))
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (r3["available"].as_bool(), r3["state"].as_str()),
+        (Some(false), Some("unhealthy")),
+        "{r3}"
+    );
+    assert_eq!(view["upstreams"]["svc"]["balance"], "round_robin");
     // r3 comes up: after `rise` passing checks it takes its share.
     bs[1].set_health(200);
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -94,3 +94,43 @@ pub struct HeaderMatchConfig {
     #[serde(default)]
     pub regex: Option<Spanned<String>>,
 }
+
+impl MatchConfig {
+    /// What the route matches, for the admin views (fields left out are not matched on).
+    pub fn describe(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        let list = |v: &[Spanned<String>]| {
+            serde_json::Value::from(v.iter().map(|s| s.value.clone()).collect::<Vec<_>>())
+        };
+        if !self.hosts.is_empty() {
+            out.insert("hosts".into(), list(&self.hosts));
+        }
+        for (key, value) in [
+            ("path", &self.path),
+            ("path_prefix", &self.path_prefix),
+            ("path_regex", &self.path_regex),
+        ] {
+            if let Some(v) = value {
+                out.insert(key.into(), v.value.clone().into());
+            }
+        }
+        if !self.methods.is_empty() {
+            out.insert("methods".into(), list(&self.methods));
+        }
+        if !self.headers.is_empty() {
+            let headers = self.headers.iter().map(|h| {
+                let mut one = serde_json::Map::new();
+                one.insert("name".into(), h.name.value.clone().into());
+                if let Some(v) = &h.value {
+                    one.insert("value".into(), v.clone().into());
+                }
+                if let Some(r) = &h.regex {
+                    one.insert("regex".into(), r.value.clone().into());
+                }
+                serde_json::Value::Object(one)
+            });
+            out.insert("headers".into(), headers.collect::<Vec<_>>().into());
+        }
+        serde_json::Value::Object(out)
+    }
+}

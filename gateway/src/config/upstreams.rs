@@ -93,6 +93,18 @@ pub enum Balance {
     Random,
 }
 
+impl Balance {
+    /// The name as the configuration writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastRequests => "least_requests",
+            Balance::ConsistentHash => "consistent_hash",
+            Balance::Random => "random",
+        }
+    }
+}
+
 /// The request property `consistent_hash` hashes.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

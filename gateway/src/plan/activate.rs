@@ -200,6 +200,7 @@ fn route(
         rewrite: r.rewrite,
         timeouts: r.timeouts,
         policies: Pipeline::new(policies),
+        matcher: r.matcher,
     })
 }
 

@@ -68,6 +68,8 @@ pub struct RoutePlan {
     pub retries: Option<u32>,
     /// Policies, in the order they run.
     pub policies: Vec<PolicyPlan>,
+    /// What it matches, for the admin views.
+    pub matcher: serde_json::Value,
 }
 
 /// A compiled route policy.
@@ -144,6 +146,7 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
             timeouts: r.timeouts,
             retries: r.retries,
             policies,
+            matcher: r.matcher.describe(),
         });
     }
     let upstreams = config

@@ -188,6 +188,23 @@ impl Upstream {
         self.spec.balance
     }
 
+    /// The targets as configured (`host:port`, with `weight` when not 1).
+    pub fn targets(&self) -> Vec<String> {
+        self.spec
+            .targets
+            .iter()
+            .map(|t| match t.weight {
+                1 => format!("{}:{}", t.host, t.port),
+                w => format!("{}:{} weight={w}", t.host, t.port),
+            })
+            .collect()
+    }
+
+    /// Whether active health checks are on.
+    pub fn active_checks(&self) -> bool {
+        self.spec.active.is_some()
+    }
+
     /// What `consistent_hash` hashes.
     pub fn hash_key(&self) -> Option<&HashKey> {
         self.spec.hash_key.as_ref()

@@ -184,6 +184,32 @@ impl Replica {
         false
     }
 
+    /// The replica's state for the admin views, and why: `healthy`, `waiting` (for its first
+    /// check, or for `rise` passes), `unhealthy` (failing active checks), `ejected` (passive
+    /// checks, resting), `probing` (its rest is over; the next request tests it).
+    /// `active_checks` says whether its upstream runs active checks at all.
+    pub fn state(&self, now_ms: u64, active_checks: bool) -> (&'static str, &'static str) {
+        if active_checks && self.awaiting_first_check() {
+            return ("waiting", "waiting for its first active check");
+        }
+        if !self.is_active_healthy() {
+            return match self.active_streak.load(Ordering::Relaxed) {
+                0 => ("unhealthy", "failing active checks"),
+                _ => ("waiting", "passing active checks, not yet `rise` in a row"),
+            };
+        }
+        if self.is_ejected(now_ms) {
+            return match self.is_resting(now_ms) {
+                true => ("probing", "rest over: one probe request is in flight"),
+                false => ("ejected", "ejected by passive checks, resting"),
+            };
+        }
+        if self.is_resting(now_ms) {
+            return ("probing", "rest over: the next request is a probe");
+        }
+        ("healthy", "")
+    }
+
     /// A start-up replica whose first active check has not answered yet.
     pub fn awaiting_first_check(&self) -> bool {
         self.first_check_decides.load(Ordering::Relaxed)
