@@ -98,6 +98,57 @@ impl Children {
         });
     }
 
+    /// Runs a service replica made by `spawn`, and starts it again when it exits on its own:
+    /// after 1 s, doubling up to 30 s while it keeps dying within a minute of its start. The
+    /// stack stays up while a replica is down, as Compose's `restart: unless-stopped` keeps a
+    /// service; the other replicas take its traffic meanwhile.
+    fn adopt_restarting<F>(&mut self, name: String, spawn: F) -> anyhow::Result<()>
+    where
+        F: Fn() -> std::io::Result<Child> + Send + 'static,
+    {
+        let mut child = spawn().with_context(|| format!("starting {name}"))?;
+        let mut stop = self.stop.subscribe();
+        self.tasks.spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let started = Instant::now();
+                tokio::select! {
+                    status = child.wait() => {
+                        let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                        if started.elapsed() > Duration::from_secs(60) {
+                            backoff = Duration::from_secs(1);
+                        }
+                        eprintln!("{name} exited ({status}); restarting it in {}s", backoff.as_secs());
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.changed() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        match spawn() {
+                            Ok(c) => child = c,
+                            Err(e) => {
+                                eprintln!("{name}: cannot start again: {e}");
+                                return;
+                            }
+                        }
+                    }
+                    _ = stop.changed() => {
+                        if let Some(pid) = child.id() {
+                            // SAFETY: signals a child this task owns and has not reaped.
+                            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                        }
+                        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                            eprintln!("{name} did not stop in time; killing it");
+                            let _ = child.kill().await;
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
     /// SIGTERM to every process, SIGKILL to those still running ten seconds later.
     async fn stop_all(&mut self) {
         let _ = self.stop.send(true);
@@ -105,7 +156,7 @@ impl Children {
     }
 }
 
-/// Runs the stack until Ctrl-C or until one of its processes dies.
+/// Runs the stack until Ctrl-C or until the gateway dies; a replica that dies is restarted.
 pub async fn run(args: StackArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let gateway = match &args.gateway {
@@ -178,21 +229,31 @@ async fn start_all(
             .unwrap_or_else(|| format!("sqlite://{}/{service}.db?mode=rwc", data.display()));
         for (i, ip) in table[*dns_name].iter().enumerate() {
             let name = format!("{dns_name}-{}", i + 1);
-            let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-            let child = Command::new(exe)
-                .arg(service)
-                .arg("--listen")
-                .arg(format!("{ip}:{port}"))
-                .env("DATABASE_URL", &db)
-                // Services call each other by name (orders → products, payments → orders)
-                // through the stack's DNS, as in Compose.
-                .env("DNS_SERVER", dns.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {name}"))?;
-            children.adopt(name, child);
+            let log_path = logs.join(format!("{name}.log"));
+            std::fs::File::create(&log_path)?;
+            let (exe, db, service, listen) = (
+                exe.to_path_buf(),
+                db.clone(),
+                *service,
+                format!("{ip}:{port}"),
+            );
+            let spawn = move || {
+                // Appended to across restarts.
+                let log = std::fs::OpenOptions::new().append(true).open(&log_path)?;
+                Command::new(&exe)
+                    .arg(service)
+                    .arg("--listen")
+                    .arg(&listen)
+                    .env("DATABASE_URL", &db)
+                    // Services call each other by name (orders → products, payments →
+                    // orders) through the stack's DNS, as in Compose.
+                    .env("DNS_SERVER", dns.to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+            };
+            children.adopt_restarting(name, spawn)?;
             if i == 0 {
                 // The first replica creates the schema (and the user service its signing key);
                 // the others start once it is up and find them in place.

@@ -14,6 +14,21 @@ mod common;
 
 use common::free_port;
 
+/// The process started with `--listen ADDR`, found in `/proc`.
+fn pid_listening_on(addr: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"--listen" && w[1] == addr.as_bytes())
+                .then_some(pid)
+        })
+}
+
 /// A running stack; stopped (SIGTERM) when dropped.
 struct Stack {
     child: Child,
@@ -261,6 +276,33 @@ async fn the_local_stack_end_to_end() {
         seen.insert(r.headers()["x-replica"].to_str().unwrap().to_string());
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // Failover: a product replica killed, requests keep succeeding on the others, and the
+    // stack starts it again.
+    let listen = format!("{}.2.2:3002", stack.net);
+    let pid = pid_listening_on(&listen).expect("the product replica's process");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for _ in 0..30 {
+        let r = c
+            .get(stack.url("/api/products?limit=1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let back = c.get(stack.replica(2, 2, 3002, "/health")).send().await;
+        if back.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed replica was not started again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_ne!(pid_listening_on(&listen), Some(pid));
 
     // Register through the gateway; the token is EdDSA-signed and verifies against the JWKS.
     let registration = json!({"email": "Ada@Example.com", "password": "correct horse", "firstName": "Ada", "lastName": "Lovelace"});
