@@ -35,15 +35,23 @@ impl Admin {
     }
 }
 
-/// What `/ready` still waits for: the upstreams whose first round of active health checks
-/// has not answered (bounded by the check timeout).
+/// What `/ready` still waits for at start, each bounded by its timeout: an upstream's first
+/// DNS lookup (`dns.timeout`), then its first round of active health checks (the check
+/// timeout); an auth policy's first JWKS fetch (`jwks.timeout`).
 fn first_checks_pending(rt: &Runtime) -> Option<Vec<String>> {
-    let waiting: Vec<String> = rt
-        .upstreams
-        .iter()
-        .filter(|(_, u)| !u.first_checks_done())
-        .map(|(name, _)| format!("upstream {name}: first health checks"))
-        .collect();
+    let mut waiting: Vec<String> = Vec::new();
+    for (name, u) in &rt.upstreams {
+        if !u.first_lookup_done() {
+            waiting.push(format!("upstream {name}: first DNS lookup"));
+        } else if !u.first_checks_done() {
+            waiting.push(format!("upstream {name}: first health checks"));
+        }
+    }
+    for (name, a) in &rt.auth {
+        if !a.first_fetch_done() {
+            waiting.push(format!("auth {name}: first JWKS fetch"));
+        }
+    }
     (!waiting.is_empty()).then_some(waiting)
 }
 

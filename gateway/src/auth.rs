@@ -630,6 +630,12 @@ impl AuthPolicy {
         }
     }
 
+    /// Whether the policy's keys are in place or a first fetch has been tried (always true
+    /// without a JWKS): until then `/ready` says it waits for it.
+    pub fn first_fetch_done(&self) -> bool {
+        self.jwks.as_ref().is_none_or(|j| *j.fetched.borrow() > 0)
+    }
+
     /// Fetches the JWKS once now (used when a runtime is built, so that the first requests
     /// find keys). Failures are logged; stale keys are kept.
     pub async fn fetch_now(&self, resolver: Option<&TokioResolver>) {
@@ -718,6 +724,11 @@ async fn jwks_loop(
     resolver: Option<TokioResolver>,
 ) {
     let mut backoff = Duration::from_secs(1);
+    // A policy made at start has not fetched yet: the first fetch is at once.
+    if *source.fetched.borrow() == 0 {
+        let Some(policy) = weak.upgrade() else { return };
+        policy.fetch_now(resolver.as_ref()).await;
+    }
     loop {
         let loaded = match weak.upgrade() {
             Some(policy) => !policy.keys.load().keys.is_empty(),

@@ -74,11 +74,26 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// Reads a certificate chain and its key; checks that they belong together.
+/// A certificate or key file that cannot be read; a missing one says how development files
+/// are made.
+fn missing(path: &str, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return format!("{path}: {e}");
+    }
+    let dir = Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or(".".into(), |d| d.display().to_string());
+    format!(
+        "{path}: no such file. For development, `gateway certs --dir {dir} localhost 127.0.0.1` makes a CA and a certificate for localhost"
+    )
+}
+
 fn load_pair(c: &CertificateConfig) -> Result<(Arc<CertifiedKey>, Vec<String>), String> {
     let cert_path = &c.cert.value;
     let key_path = &c.key.value;
     let certs: Vec<CertificateDer<'static>> = {
-        let pem = std::fs::read(cert_path).map_err(|e| format!("{cert_path}: {e}"))?;
+        let pem = std::fs::read(cert_path).map_err(|e| missing(cert_path, &e))?;
         rustls_pemfile::certs(&mut pem.as_slice())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("{cert_path}: {e}"))?
@@ -87,7 +102,7 @@ fn load_pair(c: &CertificateConfig) -> Result<(Arc<CertifiedKey>, Vec<String>), 
         return Err(format!("{cert_path}: no certificate in the file"));
     }
     let key: PrivateKeyDer<'static> = {
-        let pem = std::fs::read(key_path).map_err(|e| format!("{key_path}: {e}"))?;
+        let pem = std::fs::read(key_path).map_err(|e| missing(key_path, &e))?;
         rustls_pemfile::private_key(&mut pem.as_slice())
             .map_err(|e| format!("{key_path}: {e}"))?
             .ok_or_else(|| format!("{key_path}: no private key in the file"))?

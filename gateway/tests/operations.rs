@@ -932,3 +932,48 @@ async fn raw_request_result(addr: std::net::SocketAddr, bytes: &[u8]) -> Result<
         .map_err(|e| format!("read: {e}"))?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
+
+/// The shipped `gateway.yaml` on a fresh clone: refused once, naming the missing certificate
+/// and the command that makes a development one.
+#[test]
+fn the_shipped_file_without_a_certificate_says_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway.yaml");
+    std::fs::copy(shipped, &path).unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("listeners.https.tls: certs/localhost.pem: no such file"),
+        "{err}"
+    );
+    assert!(
+        err.contains("`gateway certs --dir certs localhost 127.0.0.1`"),
+        "{err}"
+    );
+    // After the command it names, the file is valid.
+    let made = Command::new(gateway_bin())
+        .args(["certs", "--dir", "certs", "localhost", "127.0.0.1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let out = Command::new(gateway_bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

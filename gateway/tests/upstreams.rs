@@ -425,3 +425,61 @@ async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round(
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     drop(hanging);
 }
+
+/// Start-up never waits for DNS: with a name server that does not answer, the listeners and the
+/// admin port are up at once, `/ready` says what it waits for, the lookup gives up at
+/// `dns.timeout` (not the resolver's retries added up), and requests for the upstream with no
+/// replica get a quick 503 that is not logged as an ERROR. When DNS answers, replicas come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_does_not_wait_for_dns() {
+    let bs = replicas(1).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    dns.set("svc.test", &["127.0.0.2"]);
+    dns.set_mode(DnsMode::Silent);
+    let gw = Gateway::start_unready(&format!(
+        "dns: {{ nameservers: [\"{}\"], timeout: 1s }}\nupstreams:\n  svc:\n    targets: [\"svc.test:{port}\"]\n    discovery: {{ refresh: 500ms }}\nroutes:\n  - {{ name: all, upstream: svc }}\n",
+        dns.addr
+    ));
+    let started = Instant::now();
+    let mut waiting_said = false;
+    let ready_after = loop {
+        if let Ok(r) = client()
+            .get(format!("http://{}/ready", gw.admin))
+            .send()
+            .await
+        {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            waiting_said |= body.contains("upstream svc: first DNS lookup");
+            if status == 200 {
+                break started.elapsed();
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(waiting_said, "{}", gw.log());
+    assert!(
+        ready_after < Duration::from_millis(2500),
+        "ready only after {ready_after:?}: the lookup outlived dns.timeout\n{}",
+        gw.log()
+    );
+    // No replica yet: a quick 503, counted, not an ERROR line.
+    let asked = Instant::now();
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(asked.elapsed() < Duration::from_millis(500));
+    assert!(!gw.log().contains(" ERROR "), "{}", gw.log());
+    // DNS answers again: the replica is found on the next refresh.
+    dns.set_mode(DnsMode::Normal);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let r = client().get(gw.url("/x")).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

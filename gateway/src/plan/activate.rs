@@ -48,7 +48,11 @@ pub async fn activate(
                 if previous.is_some_and(|p| p.upstreams.contains_key(&name)) {
                     u.replaces_a_serving_one();
                 }
-                if let (true, Some(r)) = (u.needs_discovery(), &resolver) {
+                // At start nothing waits for DNS: discovery runs in the background and
+                // `/ready` says what it waits for. A reload resolves before it swaps, so a
+                // running gateway never serves an upstream with no replicas yet.
+                if let (true, true, Some(r)) = (previous.is_some(), u.needs_discovery(), &resolver)
+                {
                     let errors = u.refresh(r).await;
                     if !errors.is_empty() {
                         warn!(upstream = %name, errors = ?errors, "could not resolve every target; will retry on the refresh interval");
@@ -70,8 +74,11 @@ pub async fn activate(
         let policy = match kept {
             Some(p) => p,
             None => {
-                // Keys fetched before the runtime serves, so the first requests find them.
-                compiled.fetch_now(resolver.as_ref()).await;
+                // On a reload, keys are fetched before the runtime serves, so the first
+                // requests find them; at start, in the background (`/ready` waits for it).
+                if previous.is_some() {
+                    compiled.fetch_now(resolver.as_ref()).await;
+                }
                 compiled
             }
         };

@@ -516,7 +516,13 @@ impl ProxyHttp for Gateway {
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
-        // Client-side hang-ups are routine; upstream trouble is logged.
+        // Client-side hang-ups are routine; upstream trouble is logged. An answer the gateway
+        // chose itself (503 with no replica to send to, 413 for a body over the limit) is
+        // counted in the request metrics, and is no operator's error to act on per request.
+        if let ErrorType::HTTPStatus(code) = e.etype() {
+            tracing::debug!(status = code, error = %e, "request answered by the gateway");
+            return true;
+        }
         *e.esource() == ErrorSource::Downstream
     }
 }

@@ -123,6 +123,10 @@ pub struct Upstream {
     tasks_started: AtomicBool,
     /// A first round of active checks has answered (always true without active checks).
     first_round_done: AtomicBool,
+    /// A first DNS lookup has answered or failed (always true without host-name targets).
+    first_lookup_done: AtomicBool,
+    /// Woken when the first lookup is done: the health checks start on its replicas at once.
+    looked_up: Arc<tokio::sync::Notify>,
     /// Metric handles.
     pub metrics: crate::metrics::UpstreamMetrics,
 }
@@ -132,6 +136,7 @@ impl Upstream {
     /// [`Upstream::refresh`].
     pub fn new(name: &str, spec: UpstreamSpec) -> Arc<Upstream> {
         let spec_has_no_checks = spec.active.is_none();
+        let spec_has_no_names = spec.targets.iter().all(|t| t.ip().is_some());
         let mut peer_template = HttpPeer::new("127.0.0.1:1", spec.tls.is_some(), spec.sni());
         spec.apply_tls(&mut peer_template);
         let t = &spec.timeouts;
@@ -147,6 +152,8 @@ impl Upstream {
             origins: ArcSwap::from_pointee(Vec::new()),
             tasks_started: AtomicBool::new(false),
             first_round_done: AtomicBool::new(spec_has_no_checks),
+            first_lookup_done: AtomicBool::new(spec_has_no_names),
+            looked_up: Arc::new(tokio::sync::Notify::new()),
             metrics: crate::metrics::UpstreamMetrics::new(name),
         });
         let literal: Vec<(SocketAddr, usize)> = up
@@ -233,6 +240,12 @@ impl Upstream {
         self.first_round_done.store(true, Ordering::Release);
     }
 
+    /// Whether the first DNS lookup of its targets has answered (or failed): until then the
+    /// upstream may have no replica, and `/ready` says it waits for it.
+    pub fn first_lookup_done(&self) -> bool {
+        self.first_lookup_done.load(Ordering::Acquire)
+    }
+
     /// Whether any target is a host name (and so needs discovery).
     pub fn needs_discovery(&self) -> bool {
         self.spec.targets.iter().any(|t| t.ip().is_none())
@@ -291,8 +304,17 @@ impl Upstream {
         let previous = self.origins.load_full();
         let mut addrs = Vec::new();
         let mut errors = Vec::new();
+        // One lookup takes at most `dns.timeout`, whatever the resolver's retries add up to.
+        let limit = self
+            .spec
+            .dns
+            .timeout
+            .map_or(Duration::from_secs(2), |d| d.0);
         for (i, target) in self.spec.targets.iter().enumerate() {
-            match discovery::resolve_target(resolver, target).await {
+            let found = tokio::time::timeout(limit, discovery::resolve_target(resolver, target))
+                .await
+                .unwrap_or_else(|_| Err(format!("{}: no answer within {limit:?}", target.host)));
+            match found {
                 Ok(found) => addrs.extend(found.into_iter().map(|a| (a, i))),
                 Err(e) => {
                     addrs.extend(previous.iter().filter(|(_, t)| *t == i).copied());
@@ -301,6 +323,9 @@ impl Upstream {
             }
         }
         self.install(addrs);
+        if !self.first_lookup_done.swap(true, Ordering::AcqRel) {
+            self.looked_up.notify_one();
+        }
         errors
     }
 
@@ -325,7 +350,10 @@ impl Upstream {
 async fn discovery_loop(weak: Weak<Upstream>, resolver: TokioResolver, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    // An upstream made at start has not been looked up yet: the first tick is at once.
+    if weak.upgrade().is_some_and(|u| u.first_lookup_done()) {
+        tick.tick().await;
+    }
     loop {
         tick.tick().await;
         let Some(up) = weak.upgrade() else { return };
@@ -386,9 +414,19 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
         }
     }
     let check = Arc::new(check);
+    let looked_up = match weak.upgrade() {
+        Some(up) => up.looked_up.clone(),
+        None => return,
+    };
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // The first DNS answer at start: its replicas are checked now, not an interval on.
+            _ = looked_up.notified() => {}
+        }
         let Some(up) = weak.upgrade() else { return };
+        // A round before the first lookup has no replicas: it does not count as the first.
+        let counts = up.first_lookup_done();
         let set = up.replicas();
         let name = up.name.clone();
         drop(up);
@@ -418,7 +456,7 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
         for h in handles {
             let _ = h.await;
         }
-        if let Some(up) = weak.upgrade() {
+        if let (true, Some(up)) = (counts, weak.upgrade()) {
             up.first_round_done.store(true, Ordering::Release);
         }
     }
