@@ -62,12 +62,24 @@ impl<S: Subscriber> Layer<S> for QuietClientErrors {
         let mut fields = Fields::default();
         event.record(&mut fields);
         let from_pingora = is_pingora(meta.target()) || is_pingora(&fields.log_target);
+        if from_pingora && is_pool_race(&fields.message) {
+            crate::metrics::METRICS.pool_reuse_failures.inc();
+            return false;
+        }
         !(from_pingora && is_client_failure(&fields.message))
     }
 }
 
 fn is_pingora(target: &str) -> bool {
     target.starts_with("pingora")
+}
+
+/// Pingora's line for a pooled upstream connection it could not take back out of its pool: the
+/// pool's idle watcher still held the connection for an instant (a race between two threads in
+/// `pingora-core`'s connector). The request goes on over a new connection, so nothing is lost
+/// and no one is to act: it is counted in `gateway_upstream_pool_reuse_failures_total`.
+fn is_pool_race(message: &str) -> bool {
+    message == "failed to acquire reusable stream"
 }
 
 /// Pingora's messages for a client connection that failed before a request began.
@@ -118,7 +130,16 @@ impl Visit for Fields {
 
 #[cfg(test)]
 mod tests {
-    use super::is_client_failure;
+    use super::{is_client_failure, is_pool_race};
+
+    #[test]
+    fn the_pool_race_is_told_by_its_exact_line() {
+        assert!(is_pool_race("failed to acquire reusable stream"));
+        assert!(!is_pool_race(
+            "failed to acquire reusable stream: something else"
+        ));
+        assert!(!is_client_failure("failed to acquire reusable stream"));
+    }
 
     #[test]
     fn client_failures_are_told_from_upstream_ones() {

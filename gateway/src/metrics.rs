@@ -59,6 +59,8 @@ pub struct Metrics {
     pub cert_expiry: IntGaugeVec,
     /// Access-log records dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// Pooled upstream connections Pingora could not hand over for reuse (a new one is made).
+    pub pool_reuse_failures: IntCounter,
     /// Open client connections by listener and protocol (`http/1.1`, `h2`, `h2c`).
     pub connections: IntGaugeVec,
     /// Client connections accepted, by listener.
@@ -122,6 +124,13 @@ impl Metrics {
         )
         .expect("static metric definition");
         r.register(Box::new(access_log_dropped.clone()))
+            .expect("unique metric name");
+        let pool_reuse_failures = IntCounter::new(
+            "gateway_upstream_pool_reuse_failures_total",
+            "Pooled upstream connections that could not be handed over for reuse; a new connection was made instead",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(pool_reuse_failures.clone()))
             .expect("unique metric name");
         let generation = IntGauge::new(
             "gateway_config_generation",
@@ -279,6 +288,7 @@ impl Metrics {
                 &["listener", "name"],
             ),
             access_log_dropped,
+            pool_reuse_failures,
             registry: r,
         };
         // Both results exist from the start, so `increase()` sees the first rejection.

@@ -731,3 +731,39 @@ async fn held_writes_hold_back_no_streamed_chunk_and_lose_no_byte() {
         assert_eq!(r.bytes().await.unwrap().len(), n, "n = {n}");
     }
 }
+
+/// Ordinary traffic writes no ERROR line: keep-alive HTTP/1 and HTTP/2 (h2c) clients in
+/// parallel on two proxy threads, against healthy replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_traffic_logs_no_error() {
+    let a = Backend::start("127.0.0.1", "a").await;
+    let b = Backend::start("127.0.0.1", "b").await;
+    let body = format!(
+        "h2c: true\nupstreams: {{ u: {{ targets: [\"{}\", \"{}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n",
+        a.addr, b.addr
+    );
+    let gw2 = Gateway::start_edited(&body, |text| text.replace("threads: 1", "threads: 2")).await;
+    let h1 = client();
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = if i % 2 == 0 { h1.clone() } else { h2.clone() };
+        let url = gw2.url(&format!("/ordinary/{i}"));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..150 {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = gw2.log();
+    assert!(!log.contains(" ERROR "), "{log}");
+}

@@ -421,6 +421,15 @@ impl Gateway {
         Gateway::start_with("", "", body).await
     }
 
+    /// Like [`Gateway::start`], with the full configuration text changed by `edit` first.
+    pub async fn start_edited(body: &str, edit: impl Fn(String) -> String) -> Gateway {
+        let mut gw = Gateway::new_in_tempdir("", "");
+        gw.write_raw_config(&edit(gw.config_text(body)));
+        gw.spawn();
+        gw.wait_ready().await;
+        gw
+    }
+
     /// Like [`Gateway::start`], without waiting for `/ready`.
     pub fn start_unready(body: &str) -> Gateway {
         let mut gw = Gateway::new_in_tempdir("", "");
