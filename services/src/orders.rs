@@ -30,6 +30,8 @@ pub fn router(db: Db, peers: Peers) -> Router {
     Router::new()
         .route("/api/orders", get(list).post(create))
         .route("/api/orders/{id}", get(one))
+        // Called by the payment service; the gateway routes nothing under /internal.
+        .route("/internal/orders/{id}/paid", axum::routing::put(paid))
         .with_state(OrderService { db, peers })
 }
 
@@ -163,6 +165,25 @@ async fn create(
     .await?;
     tracing::info!(order = %id, user = %who.user_id, total, "order created");
     Ok((StatusCode::CREATED, Json(order_json(row))))
+}
+
+/// Marks the caller's pending order paid (the payment service calls it after a charge).
+async fn paid(
+    State(OrderService { db, .. }): State<OrderService>,
+    who: Identity,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row: Option<OrderRow> = sqlx::query_as(&format!(
+        "UPDATE orders SET status = 'paid' WHERE id = $1 AND user_id = $2 RETURNING {COLUMNS}"
+    ))
+    .bind(&id)
+    .bind(&who.user_id)
+    .fetch_optional(&db)
+    .await?;
+    match row {
+        Some(r) => Ok(Json(order_json(r))),
+        None => Err(ApiError::not_found("no such order")),
+    }
 }
 
 async fn list(

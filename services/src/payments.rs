@@ -49,6 +49,16 @@ struct PaymentService {
     peers: Peers,
 }
 
+/// Tells the order service the order is paid, as the caller.
+async fn mark_paid(peers: &Peers, who: &Identity, order_id: &str) -> Result<(), ApiError> {
+    let url = format!("{}/internal/orders/{order_id}/paid", peers.orders);
+    let identity = [
+        ("x-user-id", who.user_id.as_str()),
+        ("x-user-role", who.role.as_str()),
+    ];
+    peers.put("order service", &url, &identity).await
+}
+
 /// The order a charge is for must be the caller's and the charge its total, in its currency.
 async fn check_order(peers: &Peers, who: &Identity, c: &Charge) -> Result<(), ApiError> {
     let url = format!("{}/api/orders/{}", peers.orders, c.order_id);
@@ -137,6 +147,9 @@ async fn charge(
     .await?;
     if let Some(row) = inserted {
         tracing::info!(payment = %row.0, user = %who.user_id, amount = c.amount_cents, "payment captured");
+        // The order shows it is paid. The charge stands either way: a failure here is logged
+        // (by `Peers`) and the order can be marked again by a replay of the same key.
+        let _ = mark_paid(&peers, &who, &c.order_id).await;
         return Ok((StatusCode::CREATED, Json(payment_json(&row))).into_response());
     }
     let existing: PaymentRow = sqlx::query_as(&format!(
@@ -155,6 +168,7 @@ async fn charge(
             "Idempotency-Key was already used with other parameters",
         ));
     }
+    let _ = mark_paid(&peers, &who, &c.order_id).await;
     Ok((
         StatusCode::OK,
         [("idempotent-replayed", "true")],

@@ -91,6 +91,33 @@ impl Peers {
         })
     }
 
+    /// `PUT url` (no body) with the caller's identity headers: `Ok` on a 2xx, else the 503
+    /// of [`Peers::get`].
+    pub async fn put(
+        &self,
+        service: &str,
+        url: &str,
+        identity: &[(&str, &str)],
+    ) -> Result<(), ApiError> {
+        let mut request = self.client.put(url);
+        for (name, value) in identity {
+            request = request.header(*name, *value);
+        }
+        match request.send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(self.unavailable(service, url, format!("answered {}", r.status()))),
+            Err(e) => Err(self.unavailable(service, url, e.to_string())),
+        }
+    }
+
+    fn unavailable(&self, service: &str, url: &str, why: String) -> ApiError {
+        tracing::warn!(service, url, error = %why, "call to another service failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{service} unavailable"),
+        )
+    }
+
     /// `GET url` with the caller's identity headers: the JSON body, `None` for a 404, or a 503
     /// naming `service` when it cannot be reached or fails.
     pub async fn get(
@@ -103,13 +130,7 @@ impl Peers {
         for (name, value) in identity {
             request = request.header(*name, *value);
         }
-        let unavailable = |why: String| {
-            tracing::warn!(service, url, error = %why, "call to another service failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{service} unavailable"),
-            )
-        };
+        let unavailable = |why: String| self.unavailable(service, url, why);
         let response = request
             .send()
             .await

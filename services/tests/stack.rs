@@ -578,6 +578,33 @@ async fn the_local_stack_end_to_end() {
     };
     assert_eq!(pay("through-gateway").await.unwrap().status(), 201);
     assert_eq!(pay("through-gateway").await.unwrap().status(), 200);
+    // The order shows it is paid.
+    let order_path = format!("/api/orders/{}", created["orderId"].as_str().unwrap());
+    let (status, order_now) = json_of(
+        c.get(stack.url(&order_path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, order_now["status"].as_str()),
+        (200, Some("paid")),
+        "{order_now}"
+    );
+    // Marking an order paid is the payment service's call, not the client's: the gateway
+    // routes nothing under /internal.
+    let r = c
+        .put(stack.url(&format!(
+            "/internal{}/paid",
+            order_path.trim_start_matches("/api")
+        )))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     // Less than the order's total is refused.
     let r = c
         .post(stack.url("/api/payments"))
