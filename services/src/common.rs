@@ -229,7 +229,7 @@ pub async fn serve(service: &'static str, listen: SocketAddr, app: Router) -> an
                 move |req: Request, next: Next| {
                     let replica = replica.clone();
                     async move {
-                        let mut response = next.run(req).await;
+                        let mut response = ends_with_newline(next.run(req).await).await;
                         response.headers_mut().insert("x-replica", replica);
                         response
                     }
@@ -242,6 +242,30 @@ pub async fn serve(service: &'static str, listen: SocketAddr, app: Router) -> an
         .await?;
     tracing::info!(service, "stopped");
     Ok(())
+}
+
+/// A JSON answer with a newline after it, as a terminal (and `curl`) shows best. The services'
+/// answers are a few KiB at most; one that could not be read (over 1 MiB) would go out empty.
+async fn ends_with_newline(response: axum::response::Response) -> axum::response::Response {
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(bytes) => {
+            let mut with_newline = bytes.to_vec();
+            if with_newline.last() != Some(&b'\n') {
+                with_newline.push(b'\n');
+            }
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            axum::response::Response::from_parts(parts, axum::body::Body::from(with_newline))
+        }
+        Err(_) => axum::response::Response::from_parts(parts, axum::body::Body::empty()),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

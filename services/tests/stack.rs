@@ -241,6 +241,17 @@ async fn the_local_stack_end_to_end() {
         (404, Some("no such product"))
     );
 
+    // JSON answers end with a newline, for a terminal.
+    let text = c
+        .get(stack.url("/api/products/p-3004"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("}\n"), "{text:?}");
+
     // HTTPS: the stack made a development CA and a certificate for localhost.
     let port = stack.https.rsplit(':').next().unwrap().to_string();
     let ca = stack.data.path().join("certs/ca.pem");
