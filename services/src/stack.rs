@@ -84,16 +84,7 @@ impl Children {
                     let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                     let _ = exited.send(format!("{name} exited ({status})")).await;
                 }
-                _ = stop.changed() => {
-                    if let Some(pid) = child.id() {
-                        // SAFETY: signals a child this task owns and has not reaped.
-                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                    }
-                    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                        eprintln!("{name} did not stop in time; killing it");
-                        let _ = child.kill().await;
-                    }
-                }
+                _ = stop.changed() => stop_child(&name, &mut child).await,
             }
         });
     }
@@ -133,14 +124,7 @@ impl Children {
                         }
                     }
                     _ = stop.changed() => {
-                        if let Some(pid) = child.id() {
-                            // SAFETY: signals a child this task owns and has not reaped.
-                            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                        }
-                        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                            eprintln!("{name} did not stop in time; killing it");
-                            let _ = child.kill().await;
-                        }
+                        stop_child(&name, &mut child).await;
                         return;
                     }
                 }
@@ -153,6 +137,21 @@ impl Children {
     async fn stop_all(&mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// SIGTERM to `child`, SIGKILL if it is still running ten seconds later.
+async fn stop_child(name: &str, child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: signals a child the caller owns and has not reaped.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("{name} did not stop in time; killing it");
+        let _ = child.kill().await;
     }
 }
 
