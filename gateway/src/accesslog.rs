@@ -161,7 +161,7 @@ fn put_ascii_field(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
 
 /// A JSON string of UTF-8 `bytes`: copied as they are when nothing in them needs escaping
 /// (ids, addresses, most paths), else escaped by `serde_json`.
-fn put_text(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put_text(out: &mut Vec<u8>, bytes: &[u8]) {
     if !needs_escaping(bytes) {
         out.push(b'"');
         out.extend_from_slice(bytes);

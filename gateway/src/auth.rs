@@ -358,21 +358,6 @@ impl AuthPolicy {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_slice().to_vec()))
             .collect();
-        let spec_of = |forward: &[(String, HeaderName)]| AuthSpec {
-            static_keys: crate::hash::content(&key_material),
-            jwks: jwks_url.clone().map(|u| (u, cfg.jwks.clone())),
-            issuer: cfg.issuer.as_slice().to_vec(),
-            audience: cfg.audience.as_slice().to_vec(),
-            leeway,
-            require_exp: cfg.require_exp,
-            required_claims: cfg.required_claims.clone(),
-            claims: claim_values.clone(),
-            forward: forward.to_vec(),
-            cookie: cfg.cookie.clone(),
-            token_cache: cfg.token_cache,
-            token_cache_ttl: cfg.token_cache_ttl.0.as_secs(),
-            dns: dns.clone(),
-        };
         let jwks = match jwks_url.clone() {
             Some(url) => Some(Arc::new(JwksSource {
                 tls: match url.tls {
@@ -412,9 +397,24 @@ impl AuthPolicy {
                 .map_err(|_| format!("forward_claims.{claim}: `{header}` is not a header name"))?;
             forward.push((claim.clone(), name));
         }
+        let spec = AuthSpec {
+            static_keys: crate::hash::content(&key_material),
+            jwks: jwks_url.map(|u| (u, cfg.jwks.clone())),
+            issuer: cfg.issuer.as_slice().to_vec(),
+            audience: cfg.audience.as_slice().to_vec(),
+            leeway,
+            require_exp: cfg.require_exp,
+            required_claims: cfg.required_claims.clone(),
+            claims: claim_values.clone(),
+            forward: forward.clone(),
+            cookie: cfg.cookie.clone(),
+            token_cache: cfg.token_cache,
+            token_cache_ttl: cfg.token_cache_ttl.0.as_secs(),
+            dns: dns.clone(),
+        };
         Ok(AuthPolicy {
             name: name.into(),
-            spec: spec_of(&forward),
+            spec,
             keys: ArcSwap::from_pointee(KeySet { keys }),
             jwks,
             validations,

@@ -25,7 +25,14 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The class of a request whose client left before it was answered (nginx logs these as 499).
 const CLIENT_CLOSED: &str = "client_closed";
 /// The request classes: the status classes, then [`CLIENT_CLOSED`].
-const REQUEST_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", CLIENT_CLOSED];
+const REQUEST_CLASSES: [&str; 6] = [
+    CLASSES[0],
+    CLASSES[1],
+    CLASSES[2],
+    CLASSES[3],
+    CLASSES[4],
+    CLIENT_CLOSED,
+];
 
 /// All metric families of the process.
 pub struct Metrics {

@@ -250,16 +250,6 @@ impl CertStore {
         }
     }
 
-    /// Whether the store was loaded from exactly these pairs.
-    pub fn serves(&self, certs: &[CertificateConfig]) -> bool {
-        self.source.lock().is_ok_and(|s| {
-            s.0.len() == certs.len()
-                && s.0.iter().zip(certs).all(|(a, b)| {
-                    a.cert.value == b.cert.value && a.key.value == b.key.value && a.names == b.names
-                })
-        })
-    }
-
     /// How often the files are checked from now on.
     pub fn set_poll_interval(&self, every: Duration) {
         self.poll_ms

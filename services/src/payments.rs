@@ -52,21 +52,21 @@ struct PaymentService {
 /// Tells the order service the order is paid, as the caller.
 async fn mark_paid(peers: &Peers, who: &Identity, order_id: &str) -> Result<(), ApiError> {
     let url = format!("{}/internal/orders/{order_id}/paid", peers.orders);
-    let identity = [
+    peers.put("order service", &url, &as_headers(who)).await
+}
+
+/// The caller's identity as the order service reads it.
+fn as_headers(who: &Identity) -> [(&str, &str); 2] {
+    [
         ("x-user-id", who.user_id.as_str()),
         ("x-user-role", who.role.as_str()),
-    ];
-    peers.put("order service", &url, &identity).await
+    ]
 }
 
 /// The order a charge is for must be the caller's and the charge its total, in its currency.
 async fn check_order(peers: &Peers, who: &Identity, c: &Charge) -> Result<(), ApiError> {
     let url = format!("{}/api/orders/{}", peers.orders, c.order_id);
-    let identity = [
-        ("x-user-id", who.user_id.as_str()),
-        ("x-user-role", who.role.as_str()),
-    ];
-    let Some(order) = peers.get("order service", &url, &identity).await? else {
+    let Some(order) = peers.get("order service", &url, &as_headers(who)).await? else {
         return Err(ApiError::not_found("no such order"));
     };
     let total = order["totalCents"].as_i64();

@@ -99,15 +99,29 @@ impl Peers {
         url: &str,
         identity: &[(&str, &str)],
     ) -> Result<(), ApiError> {
-        let mut request = self.client.put(url);
-        for (name, value) in identity {
-            request = request.header(*name, *value);
-        }
-        match request.send().await {
+        match self
+            .request(reqwest::Method::PUT, url, identity)
+            .send()
+            .await
+        {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(self.unavailable(service, url, format!("answered {}", r.status()))),
             Err(e) => Err(self.unavailable(service, url, e.to_string())),
         }
+    }
+
+    /// A request to `url` carrying the caller's identity headers.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        identity: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
+        identity
+            .iter()
+            .fold(self.client.request(method, url), |r, (name, value)| {
+                r.header(*name, *value)
+            })
     }
 
     fn unavailable(&self, service: &str, url: &str, why: String) -> ApiError {
@@ -126,10 +140,7 @@ impl Peers {
         url: &str,
         identity: &[(&str, &str)],
     ) -> Result<Option<Value>, ApiError> {
-        let mut request = self.client.get(url);
-        for (name, value) in identity {
-            request = request.header(*name, *value);
-        }
+        let request = self.request(reqwest::Method::GET, url, identity);
         let unavailable = |why: String| self.unavailable(service, url, why);
         let response = request
             .send()

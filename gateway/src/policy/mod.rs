@@ -131,11 +131,6 @@ impl Pipeline {
         &self.policies
     }
 
-    /// Whether there is nothing to run.
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
-    }
-
     /// Runs every policy on the request until one refuses it.
     pub async fn on_request(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
         for policy in self.policies.iter() {

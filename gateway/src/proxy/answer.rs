@@ -80,13 +80,16 @@ impl Answer {
 
     /// The JSON body: `{"error":…,"status":…,"request_id":…}`.
     fn body(&self, request_id: Option<&HeaderValue>) -> Option<Bytes> {
+        use crate::accesslog::put_text;
         let message = self.message.as_deref()?;
-        let id = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
-        let status = self.status;
-        Some(Bytes::from(format!(
-            "{{\"error\":\"{}\",\"status\":{status},\"request_id\":\"{id}\"}}\n",
-            json_escaped(message)
-        )))
+        let id = request_id.map_or(&[][..], |v| v.as_bytes());
+        let mut out = Vec::with_capacity(64 + message.len() + id.len());
+        out.extend_from_slice(b"{\"error\":");
+        put_text(&mut out, message.as_bytes());
+        out.extend_from_slice(format!(",\"status\":{},\"request_id\":", self.status).as_bytes());
+        put_text(&mut out, id);
+        out.extend_from_slice(b"}\n");
+        Some(Bytes::from(out))
     }
 }
 
@@ -103,24 +106,6 @@ pub fn message_for(status: u16) -> &'static str {
         504 => "upstream timeout",
         _ => "error",
     }
-}
-
-/// `s` as the inside of a JSON string (messages are the gateway's own; this keeps them valid
-/// JSON whatever they say).
-fn json_escaped(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
 }
 
 /// Writes `answer` to the client, with `request_id` in the body and as `X-Request-Id`.

@@ -103,8 +103,10 @@ impl RequestCtx {
         &self.tried[..self.tried_len]
     }
 
+    /// The route the request matched; `None` before routing or when none did.
     pub(crate) fn route(&self) -> Option<&Route> {
-        self.rt.as_ref().and_then(|rt| rt.routes.get(self.route))
+        let rt = self.rt.as_ref().filter(|_| self.routed)?;
+        rt.routes.get(self.route)
     }
 
     /// Ends the current attempt's bookkeeping on its replica.

@@ -58,13 +58,12 @@ impl Gateway {
 
 /// Everything `request_filter` decides before the request goes upstream: `Ok` to forward it,
 /// `Err` with the answer to write instead.
-async fn admit(rt: &Runtime, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
+async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
     let raw_head = session
         .as_downstream()
         .as_http1()
         .map(|h1| h1.get_headers_raw_bytes());
     let path = match head::check_head(session.req_header(), raw_head.as_deref(), &rt.limits) {
-        // Owned from here: the policies below may borrow the session mutably.
         Ok(head) => head.path,
         Err(refused) => return Err(refused.answer()),
     };
@@ -109,7 +108,7 @@ fn access_record<'a>(
     duration: std::time::Duration,
 ) -> AccessRecord<'a> {
     let req = session.req_header();
-    let route = ctx.route().filter(|_| ctx.routed);
+    let route = ctx.route();
     AccessRecord {
         time: std::time::SystemTime::now() - duration,
         request_id: ctx.request_id.as_ref(),
@@ -252,7 +251,7 @@ impl ProxyHttp for Gateway {
         let Some(rt) = ctx.rt.as_ref() else {
             return Ok(());
         };
-        let Some(route) = rt.routes.get(ctx.route).filter(|_| ctx.routed) else {
+        let Some(route) = ctx.route() else {
             return Ok(());
         };
         let forwarding = rt.forwarding;
@@ -343,7 +342,7 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
-        let route = rt.routes.get(ctx.route).filter(|_| ctx.routed);
+        let route = ctx.route();
         let adds = usize::from(ctx.request_id.is_some())
             + listener.map_or(0, |p| p.response_headers())
             + route.map_or(0, |r| r.policies.response_headers());
@@ -471,7 +470,7 @@ impl ProxyHttp for Gateway {
         let Some(started) = ctx.started else { return };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route_metrics = match (&ctx.rt, ctx.route()) {
-            (_, Some(route)) if ctx.routed => &route.metrics,
+            (_, Some(route)) => &route.metrics,
             (Some(rt), _) => &rt.unmatched,
             (None, _) => {
                 METRICS.in_flight.dec();
@@ -496,7 +495,7 @@ impl ProxyHttp for Gateway {
             if span.sampled {
                 let end = std::time::SystemTime::now();
                 let req = session.req_header();
-                let route = ctx.route().filter(|_| ctx.routed);
+                let route = ctx.route();
                 export.record(&FinishedRequest {
                     span,
                     start: end - elapsed,
