@@ -599,14 +599,9 @@ async fn shutdown_under_load_finishes_every_request_and_refuses_new_connections_
 async fn a_drain_ends_when_the_last_request_is_answered() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let routes = one_route_to(&backend, "");
-    let mut idle = Gateway::start(&routes).await;
-    // A long grace period, so that exiting at its end would show.
-    idle.write_raw_config(
-        &idle
-            .config_text(&routes)
-            .replace("grace_period: 1s", "grace_period: 20s"),
-    );
-    idle.wait_generation(2).await;
+    // A long grace period (read at start), so that exiting at its end would show.
+    let long_grace = |text: String| text.replace("grace_period: 1s", "grace_period: 20s");
+    let mut idle = Gateway::start_edited(&routes, long_grace).await;
     let term = Instant::now();
     idle.signal(libc::SIGTERM);
     assert!(
@@ -626,7 +621,7 @@ async fn a_drain_ends_when_the_last_request_is_answered() {
         idle.log()
     );
 
-    let mut busy = Gateway::start(&routes).await;
+    let mut busy = Gateway::start_edited(&routes, long_grace).await;
     let slow = tokio::spawn(client().get(busy.url("/slow?sleep=700")).send());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let term = Instant::now();
@@ -641,6 +636,11 @@ async fn a_drain_ends_when_the_last_request_is_answered() {
     assert!(
         term.elapsed() >= Duration::from_millis(400),
         "took {:?}",
+        term.elapsed()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(3),
+        "exited {:?} after SIGTERM: at the grace period's end, not when the request was answered",
         term.elapsed()
     );
 }

@@ -426,10 +426,39 @@ async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round(
     drop(hanging);
 }
 
+/// A healthy replica that appears beside checked, healthy ones still waits for `rise` passing
+/// checks before it takes traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_joining_healthy_ones_waits_for_rise_passes() {
+    let bs = replicas(2).await;
+    let port = bs[0].addr.port();
+    let dns = Dns::start().await;
+    dns.set("svc.test", &["127.0.0.2"]);
+    let health = "    health:\n      active: { path: /health, interval: 300ms, timeout: 200ms, rise: 3, fall: 3 }\n";
+    let gw = Gateway::start(&service(&dns, "round_robin", health, port)).await;
+    dns.set("svc.test", &["127.0.0.2", "127.0.0.3"]);
+    let added = Instant::now();
+    // Found within one refresh (300 ms); before its third passing check (~900 ms) it gets
+    // nothing, though it answers its checks.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = spread(&gw, 10, None).await;
+    assert_eq!(s.get("r2"), Some(&10), "joined before its checks: {s:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !spread(&gw, 4, None).await.contains_key("r3") {
+        assert!(Instant::now() < deadline, "r3 never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        added.elapsed() >= Duration::from_millis(600),
+        "joined {:?} after it appeared",
+        added.elapsed()
+    );
+}
+
 /// Start-up never waits for DNS: with a name server that does not answer, the listeners and the
-/// admin port are up at once, `/ready` says what it waits for, the lookup gives up at
-/// `dns.timeout` (not the resolver's retries added up), and requests for the upstream with no
-/// replica get a quick 503 that is not logged as an ERROR. When DNS answers, replicas come.
+/// admin port are up at once, `/ready` says what it waits for and turns ready once the lookup
+/// gives up (within `dns.timeout`), and requests for the upstream with no replica get a quick
+/// 503 that is not logged as an ERROR. When DNS answers, replicas come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_does_not_wait_for_dns() {
     let bs = replicas(1).await;
@@ -438,7 +467,7 @@ async fn start_up_does_not_wait_for_dns() {
     dns.set("svc.test", &["127.0.0.2"]);
     dns.set_mode(DnsMode::Silent);
     let gw = Gateway::start_unready(&format!(
-        "dns: {{ nameservers: [\"{}\"], timeout: 1s }}\nupstreams:\n  svc:\n    targets: [\"svc.test:{port}\"]\n    discovery: {{ refresh: 500ms }}\nroutes:\n  - {{ name: all, upstream: svc }}\n",
+        "dns: {{ nameservers: [\"{}\"], timeout: 400ms }}\nupstreams:\n  svc:\n    targets: [\"svc.test:{port}\"]\n    discovery: {{ refresh: 500ms }}\nroutes:\n  - {{ name: all, upstream: svc }}\n",
         dns.addr
     ));
     let started = Instant::now();
@@ -461,7 +490,8 @@ async fn start_up_does_not_wait_for_dns() {
     };
     assert!(waiting_said, "{}", gw.log());
     assert!(
-        ready_after < Duration::from_millis(2500),
+        // The first lookup gives up at `dns.timeout` (400 ms); `/ready` follows it.
+        ready_after < Duration::from_millis(750),
         "ready only after {ready_after:?}: the lookup outlived dns.timeout\n{}",
         gw.log()
     );

@@ -203,22 +203,8 @@ async fn replicas_share_state_through_postgres() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let jwks1: Value = c
-        .get(users1.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let jwks2: Value = c
-        .get(users2.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks1: Value = get_json(&c, &users1.url("/.well-known/jwks.json")).await;
+    let jwks2: Value = get_json(&c, &users2.url("/.well-known/jwks.json")).await;
     assert_eq!(jwks1, jwks2);
     let r = c
         .post(users2.url("/api/users/register"))
@@ -229,14 +215,7 @@ async fn replicas_share_state_through_postgres() {
     assert_eq!(r.status(), 409);
 
     // The catalogue is seeded once and searchable the same way as on SQLite.
-    let page: Value = c
-        .get(prod1.url("/api/products?search=SHOES"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = get_json(&c, &prod1.url("/api/products?search=SHOES")).await;
     assert_eq!(page["totalCount"], 2);
 
     // 40 concurrent subtractions of 1 from a stock of 25, over both replicas: exactly 25 pass.
@@ -276,14 +255,7 @@ async fn replicas_share_state_through_postgres() {
     }
     assert_eq!(codes.iter().filter(|c| **c == 200).count(), 25, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 409).count(), 15, "{codes:?}");
-    let product: Value = c
-        .get(prod2.url("/api/products/p-2001"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let product: Value = get_json(&c, &prod2.url("/api/products/p-2001")).await;
     assert_eq!(product["inventory"], 0);
 
     // An order is priced from the catalogue; the client names no price.
@@ -300,6 +272,18 @@ async fn replicas_share_state_through_postgres() {
     let total = order["totalCents"].as_i64().unwrap();
     let price = order["items"][0]["unitPriceCents"].as_i64().unwrap();
     assert_eq!(total, 2 * price, "{order}");
+    // The catalogue's price, not one the order service made up.
+    let product = get_json(&c, &prod1.url("/api/products/p-1001")).await;
+    assert_eq!(product["priceCents"].as_i64(), Some(price), "{product}");
+    // More than the stock (p-2001 was emptied above): 409.
+    let r = c
+        .post(orders.url("/api/orders"))
+        .header("x-user-id", "u")
+        .json(&json!({"items": [{"productId": "p-2001", "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
     let order_id = order["orderId"].as_str().unwrap().to_string();
 
     // One Idempotency-Key sent 20 times at once over both replicas: one charge.
@@ -364,4 +348,22 @@ async fn replicas_share_state_through_postgres() {
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "order service unavailable", "{body}");
+    // The product service down: orders cannot be priced, a clear 503.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let orders = Replica::start_with("orders", &pg.url, &[("PRODUCT_SERVICE_URL", &nowhere)]);
+    let r = c
+        .post(orders.url("/api/orders"))
+        .header("x-user-id", "u")
+        .json(&json!({"items": [{"productId": "p-1001", "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "product service unavailable", "{body}");
+}
+
+/// `GET url` and its JSON body.
+async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
 }
