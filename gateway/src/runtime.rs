@@ -58,6 +58,12 @@ pub struct Bindings {
     pub pool: usize,
     /// Span export (its thread and queue are made once, at start).
     pub traces: Option<crate::config::TracesConfig>,
+    /// Drain timings (handed to Pingora at start).
+    pub shutdown: crate::config::ShutdownConfig,
+    /// Pid file and upgrade socket.
+    pub process: crate::config::ProcessConfig,
+    /// File watching (its tasks start once).
+    pub reload: crate::config::ReloadConfig,
 }
 
 impl Bindings {
@@ -116,6 +122,9 @@ impl Bindings {
             ("threads", self.threads != started.threads),
             ("upstream_keepalive_pool", self.pool != started.pool),
             ("traces", traces(&self.traces) != traces(&started.traces)),
+            ("shutdown", self.shutdown != started.shutdown),
+            ("process", self.process != started.process),
+            ("reload", self.reload != started.reload),
         ] {
             if differs {
                 changed.push(field.to_string());
@@ -141,6 +150,9 @@ impl Bindings {
             threads: config.threads.as_ref().map(|t| t.value),
             pool: config.upstream_keepalive_pool,
             traces: config.traces.clone(),
+            shutdown: config.shutdown.clone(),
+            process: config.process.clone(),
+            reload: config.reload.value.clone(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! `gateway check` and `gateway run` agree on every broken configuration: one file per check
-//! the compile step makes, plus the configuration fuzz seeds. Both refuse it, with the same
+//! `gateway check` and `gateway run` agree on broken configurations: a file for each kind of
+//! check the compile step makes (references, parsed values, files, positions of every section),
+//! plus the configuration fuzz seeds. Both refuse it, with the same
 //! `FILE:LINE:COLUMN: field: reason`.
 
 mod common;
