@@ -45,11 +45,6 @@ fn request_lines(received: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
         .collect()
 }
 
-/// One route for everything, to `upstream`.
-fn all_to(upstream: SocketAddr) -> String {
-    format!("upstreams: {{ u: {{ targets: [\"{upstream}\"] }} }}\nroutes: [ {{ name: all, upstream: u }} ]\n")
-}
-
 /// A connection that has had one request answered (200) and stays open for the next.
 async fn kept_alive_after_one_request(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -471,7 +466,7 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_protocol_violations_are_refused_and_smuggle_nothing() {
     let (upstream, received) = recording_upstream(OK_RESPONSE).await;
-    let gw = Gateway::start(&all_to(upstream)).await;
+    let gw = Gateway::start(&one_route_to_addr(upstream, "")).await;
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
     let heads: &[(&str, String)] = &[
         ("obs-fold", "GET /fold HTTP/1.1\r\nHost: a.test\r\nX-A: one\r\n two\r\n\r\n".into()),
@@ -642,7 +637,7 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_is_required_and_a_bare_lf_does_not_cut_a_head_short() {
     let (upstream, received) = recording_upstream(OK_RESPONSE).await;
-    let gw = Gateway::start(&all_to(upstream)).await;
+    let gw = Gateway::start(&one_route_to_addr(upstream, "")).await;
     assert_eq!(
         status_of(gw.http, b"GET /nohost HTTP/1.1\r\n\r\n").await,
         (400, true)
@@ -687,11 +682,7 @@ async fn host_is_required_and_a_bare_lf_does_not_cut_a_head_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_http2_preface_is_closed_not_read_as_http1() {
     let backend = Backend::start("127.0.0.1", "b").await;
-    let gw = Gateway::start(&format!(
-        "h2c: true\nupstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: all, upstream: b }} ]\n",
-        backend.addr
-    ))
-    .await;
+    let gw = Gateway::start(&one_route_to(&backend, "h2c: true\n")).await;
     for broken in [
         &b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"[..],
         b"PRI * HTTP/1.1\r\nHost: a.test\r\n\r\n",

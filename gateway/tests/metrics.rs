@@ -393,14 +393,7 @@ routes:
     assert!(lines >= 7, "{lines} lines");
 
     // Read-only admin views.
-    let routes: serde_json::Value = c
-        .get(format!("http://{}/routes", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes: serde_json::Value = gw.admin_json("/routes").await;
     assert_eq!(routes["routes"][0]["name"], "private");
     assert_eq!(routes["routes"][0]["auth"], "hs");
     assert_eq!(routes["routes"][0]["rate_limit"], "rl");
@@ -409,14 +402,7 @@ routes:
         routes["routes"][0]["policies"],
         serde_json::json!(["auth", "rate_limit"])
     );
-    let ups: serde_json::Value = c
-        .get(format!("http://{}/upstreams", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ups: serde_json::Value = gw.admin_json("/upstreams").await;
     assert_eq!(
         ups["upstreams"]["b"]["replicas"][0]["address"],
         b.addr.to_string()

@@ -785,12 +785,7 @@ async fn a_binary_upgrade_loses_no_request() {
     let listener = format!(
         "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{d}/localhost.pem\", key: \"{d}/localhost-key.pem\" }} ] }} }}\n"
     );
-    let mut old = Gateway::start_with(
-        "",
-        &listener,
-        &format!("upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: all, upstream: b }} ]\n", backend.addr),
-    )
-    .await;
+    let mut old = Gateway::start_with("", &listener, &one_route_to(&backend, "")).await;
 
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(certs.path().join("ca.pem")).unwrap();

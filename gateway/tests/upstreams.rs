@@ -340,14 +340,7 @@ async fn new_replicas_wait_for_their_checks_and_ready_waits_for_the_first_round(
     let s = spread(&gw, 20, None).await;
     assert_eq!(s.get("r2"), Some(&20), "{s:?}");
     // The admin view says why r3 takes nothing.
-    let view: serde_json::Value = client()
-        .get(format!("http://{}/upstreams", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: serde_json::Value = gw.admin_json("/upstreams").await;
     let r3 = view["upstreams"]["svc"]["replicas"]
         .as_array()
         .unwrap()

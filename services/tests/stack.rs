@@ -173,42 +173,30 @@ async fn json_of(r: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+/// Sends `request`; its status and JSON body.
+async fn send_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    json_of(request.send().await.unwrap()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_stack_end_to_end() {
     let mut stack = Stack::start();
     let c = client();
 
     // Public catalogue through the gateway: filters, pagination, JSON errors.
-    let (status, body) = json_of(
-        c.get(stack.url("/api/products?category=gear&limit=4&page=2"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        send_json(c.get(stack.url("/api/products?category=gear&limit=4&page=2"))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["totalCount"], 6);
     assert_eq!(body["totalPages"], 2);
     assert_eq!(body["products"].as_array().unwrap().len(), 2);
-    let (status, body) = json_of(
-        c.get(stack.url("/api/products?search=SHOES"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = send_json(c.get(stack.url("/api/products?search=SHOES"))).await;
     assert_eq!(
         (status, body["totalCount"].as_i64()),
         (200, Some(2)),
         "{body}"
     );
-    let (status, body) = json_of(
-        c.get(stack.url("/api/products?search=100%25"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = send_json(c.get(stack.url("/api/products?search=100%25"))).await;
     assert_eq!(
         (status, body["totalCount"].as_i64()),
         (200, Some(0)),
@@ -223,13 +211,7 @@ async fn the_local_stack_end_to_end() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["status"], 400, "{bad}: {body}");
     }
-    let (status, body) = json_of(
-        c.get(stack.url("/api/products/p-3004"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = send_json(c.get(stack.url("/api/products/p-3004"))).await;
     assert_eq!(
         (status, body["name"].as_str()),
         (200, Some("Tent, two person"))
@@ -317,25 +299,13 @@ async fn the_local_stack_end_to_end() {
 
     // Register through the gateway; the token is EdDSA-signed and verifies against the JWKS.
     let registration = json!({"email": "Ada@Example.com", "password": "correct horse", "firstName": "Ada", "lastName": "Lovelace"});
-    let (status, body) = json_of(
-        c.post(stack.url("/api/users/register"))
-            .json(&registration)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        send_json(c.post(stack.url("/api/users/register")).json(&registration)).await;
     assert_eq!(status, 201, "{body}");
     let user_id = body["userId"].as_str().unwrap().to_string();
     assert_eq!(body["email"], "ada@example.com");
     let token = body["token"].as_str().unwrap().to_string();
-    let (status, jwks) = json_of(
-        c.get(stack.url("/.well-known/jwks.json"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, jwks) = send_json(c.get(stack.url("/.well-known/jwks.json"))).await;
     assert_eq!(status, 200);
     let jwk = &jwks["keys"][0];
     let header = jsonwebtoken::decode_header(&token).unwrap();
@@ -361,14 +331,7 @@ async fn the_local_stack_end_to_end() {
     }
 
     // Registering twice, or with bad input, is refused.
-    let (status, _) = json_of(
-        c.post(stack.url("/api/users/register"))
-            .json(&registration)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_json(c.post(stack.url("/api/users/register")).json(&registration)).await;
     assert_eq!(status, 409);
     for bad in [
         json!({"email": "nope", "password": "correct horse", "firstName": "A", "lastName": "B"}),
@@ -376,14 +339,7 @@ async fn the_local_stack_end_to_end() {
         json!({"email": "b@example.com", "password": "correct horse", "firstName": "", "lastName": "B"}),
         json!({"email": "b@example.com"}),
     ] {
-        let (status, body) = json_of(
-            c.post(stack.url("/api/users/register"))
-                .json(&bad)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, body) = send_json(c.post(stack.url("/api/users/register")).json(&bad)).await;
         assert!(status == 400 || status == 422, "{bad}: {status} {body}");
         assert!(body["error"].is_string(), "{body}");
     }
@@ -399,36 +355,19 @@ async fn the_local_stack_end_to_end() {
     // A user registered through one replica logs in through each of the others.
     for n in 1..=3 {
         let login = json!({"email": "ada@example.com", "password": "correct horse"});
-        let (status, body) = json_of(
+        let (status, body) = send_json(
             c.post(stack.replica(1, n, 3001, "/api/users/login"))
-                .json(&login)
-                .send()
-                .await
-                .unwrap(),
+                .json(&login),
         )
         .await;
         assert_eq!(status, 200, "replica {n}: {body}");
         assert_eq!(body["userId"], user_id.as_str());
     }
     let wrong = json!({"email": "ada@example.com", "password": "wrong horse"});
-    let (status, _) = json_of(
-        c.post(stack.url("/api/users/login"))
-            .json(&wrong)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_json(c.post(stack.url("/api/users/login")).json(&wrong)).await;
     assert_eq!(status, 401);
     let unknown = json!({"email": "who@example.com", "password": "wrong horse"});
-    let (status, _) = json_of(
-        c.post(stack.url("/api/users/login"))
-            .json(&unknown)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_json(c.post(stack.url("/api/users/login")).json(&unknown)).await;
     assert_eq!(status, 401);
 
     // Logins through the gateway are rate limited per client address (login: burst 10,
@@ -458,48 +397,21 @@ async fn the_local_stack_end_to_end() {
     assert!(retry_after.parse::<u64>().unwrap() >= 1);
 
     // The profile needs an identity; with one it is the caller's own profile only.
-    let (status, _) = json_of(
-        c.get(stack.url(&format!("/api/users/{user_id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_json(c.get(stack.url(&format!("/api/users/{user_id}")))).await;
     assert_eq!(status, 401);
     let profile = stack.replica(1, 2, 3001, &format!("/api/users/{user_id}"));
-    let (status, body) = json_of(
-        c.get(&profile)
-            .header("x-user-id", &user_id)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = send_json(c.get(&profile).header("x-user-id", &user_id)).await;
     assert_eq!(
         (status, body["firstName"].as_str()),
         (200, Some("Ada")),
         "{body}"
     );
-    let (status, _) = json_of(
-        c.get(&profile)
-            .header("x-user-id", "someone-else")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_json(c.get(&profile).header("x-user-id", "someone-else")).await;
     assert_eq!(status, 403);
 
     // Through the gateway: the token is checked there, and the service sees its claims.
     let me = format!("/api/users/{user_id}");
-    let (status, body) = json_of(
-        c.get(stack.url(&me))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = send_json(c.get(stack.url(&me)).bearer_auth(&token)).await;
     assert_eq!(
         (status, body["email"].as_str()),
         (200, Some("ada@example.com")),
@@ -535,13 +447,10 @@ async fn the_local_stack_end_to_end() {
     assert_eq!(r.status(), 403);
     // Orders and payments through the gateway.
     let order = json!({"items": [{"productId": "p-1001", "quantity": 2}]});
-    let (status, created) = json_of(
+    let (status, created) = send_json(
         c.post(stack.url("/api/orders"))
             .bearer_auth(&token)
-            .json(&order)
-            .send()
-            .await
-            .unwrap(),
+            .json(&order),
     )
     .await;
     assert_eq!(
@@ -570,14 +479,7 @@ async fn the_local_stack_end_to_end() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let (status, mine) = json_of(
-        c.get(stack.url("/api/orders"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, mine) = send_json(c.get(stack.url("/api/orders")).bearer_auth(&token)).await;
     assert_eq!(status, 200);
     assert_eq!(mine["orders"][0]["orderId"], created["orderId"]);
     let pay = |key: &str| {
@@ -591,14 +493,7 @@ async fn the_local_stack_end_to_end() {
     assert_eq!(pay("through-gateway").await.unwrap().status(), 200);
     // The order shows it is paid.
     let order_path = format!("/api/orders/{}", created["orderId"].as_str().unwrap());
-    let (status, order_now) = json_of(
-        c.get(stack.url(&order_path))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, order_now) = send_json(c.get(stack.url(&order_path)).bearer_auth(&token)).await;
     assert_eq!(
         (status, order_now["status"].as_str()),
         (200, Some("paid")),
@@ -645,12 +540,9 @@ async fn the_local_stack_end_to_end() {
     assert_eq!(r.status(), 403, "a user's token changed the catalogue");
     let admin = json!({"email": "admin@example.com", "password": "correct horse", "firstName": "A", "lastName": "D"});
     // On a replica directly: the gateway's login rate limit is spent by now.
-    let (status, body) = json_of(
+    let (status, body) = send_json(
         c.post(stack.replica(1, 1, 3001, "/api/users/register"))
-            .json(&admin)
-            .send()
-            .await
-            .unwrap(),
+            .json(&admin),
     )
     .await;
     assert_eq!(
@@ -714,34 +606,25 @@ async fn the_local_stack_end_to_end() {
 
     // Orders: created on one replica, read on another, invisible to other users.
     let order = json!({"items": [{"productId": "p-3005", "quantity": 1}]});
-    let (status, created) = json_of(
+    let (status, created) = send_json(
         c.post(stack.replica(3, 1, 3003, "/api/orders"))
             .header("x-user-id", &user_id)
-            .json(&order)
-            .send()
-            .await
-            .unwrap(),
+            .json(&order),
     )
     .await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["totalCents"], 29900);
     let order_id = created["orderId"].as_str().unwrap();
     let path = format!("/api/orders/{order_id}");
-    let (status, read) = json_of(
+    let (status, read) = send_json(
         c.get(stack.replica(3, 2, 3003, &path))
-            .header("x-user-id", &user_id)
-            .send()
-            .await
-            .unwrap(),
+            .header("x-user-id", &user_id),
     )
     .await;
     assert_eq!((status, &read), (200, &created));
-    let (status, _) = json_of(
+    let (status, _) = send_json(
         c.get(stack.replica(3, 3, 3003, &path))
-            .header("x-user-id", "mallory")
-            .send()
-            .await
-            .unwrap(),
+            .header("x-user-id", "mallory"),
     )
     .await;
     assert_eq!(status, 404);

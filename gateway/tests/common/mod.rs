@@ -547,15 +547,21 @@ impl Gateway {
 
     /// The configuration generation `/ready` reports.
     pub async fn generation(&self) -> u64 {
-        let v: serde_json::Value = client()
-            .get(format!("http://{}/ready", self.admin))
+        self.admin_json("/ready").await["config_generation"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// The JSON an admin endpoint (`/ready`, `/routes`, `/upstreams`) answers.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(format!("http://{}{path}", self.admin))
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap();
-        v["config_generation"].as_u64().unwrap()
+            .unwrap()
     }
 
     /// Waits until the generation reaches `n`.
@@ -655,9 +661,13 @@ pub async fn read_until_contains(
 /// A configuration with one upstream `b` (the one `backend`) and one route `r` to it, after the
 /// top-level lines in `extra` (each ending in a newline).
 pub fn one_route_to(backend: &Backend, extra: &str) -> String {
+    one_route_to_addr(backend.addr, extra)
+}
+
+/// [`one_route_to`] for an upstream known by its address only.
+pub fn one_route_to_addr(addr: SocketAddr, extra: &str) -> String {
     format!(
-        "{extra}upstreams: {{ b: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n",
-        backend.addr
+        "{extra}upstreams: {{ b: {{ targets: [\"{addr}\"] }} }}\nroutes: [ {{ name: r, upstream: b }} ]\n"
     )
 }
 
