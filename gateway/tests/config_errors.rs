@@ -23,9 +23,13 @@ fn config(extra: &str, routes: &str) -> String {
 
 const ROUTE: &str = "  - { name: r, upstream: u }\n";
 
+/// [`config`] with one more listener line (as [`tls_listener`] makes).
+fn with_listener(line: &str) -> String {
+    config("", ROUTE).replace("admin:", &format!("{line}admin:"))
+}
+
 /// (what is wrong, the file, the field the error must name).
 fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
-    let d = dir.display();
     vec![
         ("unknown field", config("colour: blue\n", ROUTE), "colour"),
         (
@@ -91,34 +95,20 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
         ),
         (
             "a certificate file that does not exist",
-            config("", ROUTE).replace(
-                "admin:",
-                &format!(
-                    "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{d}/none.pem\", key: \"{d}/none-key.pem\" }} ] }} }}\nadmin:",
-                    free_port("127.0.0.1")
-                ),
-            ),
+            with_listener(&tls_listener("https", dir, &["none"], "").1),
             "listeners.https.tls",
         ),
         (
             "an HSTS value that is not a header value",
-            config("", ROUTE).replace(
-                "admin:",
-                &format!(
-                    "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{d}/t.test.pem\", key: \"{d}/t.test-key.pem\" }} ], hsts: \"a\\u0001b\" }} }}\nadmin:",
-                    free_port("127.0.0.1")
-                ),
-            ),
+            with_listener(&tls_listener("https", dir, &["t.test"], ", hsts: \"a\\u0001b\"").1),
             "listeners.https.tls.hsts",
         ),
         (
             "a redirect on a TLS listener",
-            config("", ROUTE).replace(
-                "admin:",
-                &format!(
-                    "  https: {{ address: \"127.0.0.1:{}\", redirect_https: 443, tls: {{ certificates: [ {{ cert: \"{d}/t.test.pem\", key: \"{d}/t.test-key.pem\" }} ] }} }}\nadmin:",
-                    free_port("127.0.0.1")
-                ),
+            with_listener(
+                &tls_listener("https", dir, &["t.test"], "")
+                    .1
+                    .replace("address:", "redirect_https: 443, address:"),
             ),
             "listeners.https.redirect_https",
         ),
@@ -250,13 +240,7 @@ fn error_line<'a>(stderr: &'a str, file: &Path) -> Option<&'a str> {
 #[test]
 fn check_and_run_refuse_every_broken_file_alike() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(gateway_bin())
-        .args(["certs", "--dir"])
-        .arg(dir.path())
-        .arg("t.test")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    common::certs(dir.path(), &["t.test"]);
     let mut files = Vec::new();
     for (i, (what, text, field)) in corpus(dir.path()).into_iter().enumerate() {
         let path = dir.path().join(format!("broken-{i}.yaml"));

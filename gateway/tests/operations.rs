@@ -771,20 +771,8 @@ impl Drop for Reaped {
 async fn a_binary_upgrade_loses_no_request() {
     let backend = Backend::start("127.0.0.1", "b").await;
     let certs = tempfile::tempdir().unwrap();
-    let made = Command::new(gateway_bin())
-        .args(["certs", "--dir"])
-        .arg(certs.path())
-        .arg("localhost")
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    let https: std::net::SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let d = certs.path().display();
-    let listener = format!(
-        "  https: {{ address: \"{https}\", tls: {{ certificates: [ {{ cert: \"{d}/localhost.pem\", key: \"{d}/localhost-key.pem\" }} ] }} }}\n"
-    );
+    common::certs(certs.path(), &["localhost"]);
+    let (https, listener) = tls_listener("https", certs.path(), &["localhost"], "");
     let mut old = Gateway::start_with("", &listener, &one_route_to(&backend, "")).await;
 
     let mut roots = rustls::RootCertStore::empty();

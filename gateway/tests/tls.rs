@@ -18,43 +18,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Makes a leaf certificate (and the shared CA) with `gateway certs`.
-fn certs(dir: &Path, names: &[&str]) {
-    let out = std::process::Command::new(gateway_bin())
-        .arg("certs")
-        .arg("--dir")
-        .arg(dir)
-        .args(names)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A TLS listener `name` on a free loopback port serving the certificates `leaves` (as made by
-/// [`certs`] in `dir`), with more `tls` settings in `extra` (`, key: value` pairs): its
-/// address, and its line for `listeners:`.
-fn tls_listener(name: &str, dir: &Path, leaves: &[&str], extra: &str) -> (SocketAddr, String) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let certificates: Vec<String> = leaves
-        .iter()
-        .map(|leaf| {
-            let d = dir.display();
-            format!("{{ cert: \"{d}/{leaf}.pem\", key: \"{d}/{leaf}-key.pem\" }}")
-        })
-        .collect();
-    let line = format!(
-        "  {name}: {{ address: \"{addr}\", tls: {{ certificates: [ {} ]{extra} }} }}\n",
-        certificates.join(", ")
-    );
-    (addr, line)
-}
-
 /// Accepts any certificate and keeps the one it was shown, to see which one was served.
 #[derive(Debug, Default)]
 struct Recorder(Mutex<Option<CertificateDer<'static>>>);

@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -741,4 +741,41 @@ pub async fn recording_upstream(
         }
     });
     (addr, seen)
+}
+
+/// Makes a leaf certificate (and the shared CA) with `gateway certs`.
+pub fn certs(dir: &Path, names: &[&str]) {
+    let out = Command::new(gateway_bin())
+        .arg("certs")
+        .arg("--dir")
+        .arg(dir)
+        .args(names)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TLS listener `name` on a free loopback port serving the certificates `leaves` (as made by
+/// [`certs`] in `dir`), with more `tls` settings in `extra` (`, key: value` pairs): its
+/// address, and its line for `listeners:`.
+pub fn tls_listener(name: &str, dir: &Path, leaves: &[&str], extra: &str) -> (SocketAddr, String) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let certificates: Vec<String> = leaves
+        .iter()
+        .map(|leaf| {
+            let d = dir.display();
+            format!("{{ cert: \"{d}/{leaf}.pem\", key: \"{d}/{leaf}-key.pem\" }}")
+        })
+        .collect();
+    let line = format!(
+        "  {name}: {{ address: \"{addr}\", tls: {{ certificates: [ {} ]{extra} }} }}\n",
+        certificates.join(", ")
+    );
+    (addr, line)
 }
