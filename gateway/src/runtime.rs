@@ -218,3 +218,34 @@ impl Runtime {
         !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(ip))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Bindings;
+
+    fn bindings(text: &str) -> Bindings {
+        let config =
+            crate::config::parse(std::path::Path::new("t.yaml"), text, &Default::default())
+                .unwrap();
+        Bindings::of(&config)
+    }
+
+    #[test]
+    fn a_reload_names_the_restart_only_fields_it_changed() {
+        let base = "listeners: { h: { address: \"127.0.0.1:1\" } }\nupstreams: { u: { targets: [\"127.0.0.1:2\"] } }\nroutes: [ { name: r, upstream: u } ]\n";
+        let started = bindings(base);
+        assert!(bindings(base).changes_from(&started).is_empty());
+        // Moved down a line: positions differ, definitions do not.
+        assert!(bindings(&format!("\n{base}"))
+            .changes_from(&started)
+            .is_empty());
+        let changed = bindings(&format!(
+            "{}shutdown: {{ grace_period: 9s }}\nthreads: 3\n",
+            base.replace("127.0.0.1:1", "127.0.0.1:3")
+        ));
+        assert_eq!(
+            changed.changes_from(&started),
+            ["listeners.h.address", "threads", "shutdown"]
+        );
+    }
+}

@@ -262,6 +262,14 @@ async fn sni_rotation_alpn_versions_redirect_and_hsts() {
         )),
         "{out}"
     );
+    // The head checks come first: a request they refuse is refused, not redirected.
+    let out = raw_request(
+        gw.http,
+        b"GET /%00 HTTP/1.1\r\nHost: a.test:8080\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
 
     // curl: HTTP/2 over TLS works; TLS 1.1 is refused.
     let url = format!("https://a.test:{}/x", https.port());
