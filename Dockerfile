@@ -1,11 +1,20 @@
-# syntax=docker/dockerfile:1.7
 # One build, two small runtime images:
 #   docker build --target gateway  -t shop/gateway .
 #   docker build --target services -t shop/services .
-# The cargo registry and target directory are BuildKit cache mounts, so a source change
-# rebuilds only the workspace's own crates, not the dependencies.
+# Needs BuildKit (Compose v2 and `docker build` with buildx use it). The cargo registry and
+# target directory are cache mounts, so a source change rebuilds only the workspace's crates.
+#
+# Build arguments (defaults are public images; the tests pass local ones, see tests/compose):
+#   RUST_IMAGE     the image that compiles the binaries
+#   RUNTIME_IMAGE  the image the binaries run in: glibc, uid 65532 free for the runtime user
+#   BINARIES       `build` compiles here; `prebuilt` copies `gateway` and `services` from the
+#                  context's `.prebuilt/` folder instead (binaries built on the host)
+# Both paths give the same layout: /usr/local/bin/{gateway,services}, /etc/gateway/certs.
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG BINARIES=build
 
-FROM rust:1-bookworm AS build
+FROM ${RUST_IMAGE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake \
  && rm -rf /var/lib/apt/lists/*
@@ -22,21 +31,27 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out/certs \
  && cp target/release/gateway target/release/services /out/
 
-# distroless: glibc and CA certificates, no shell, no package manager; runs as uid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot AS gateway
-COPY --from=build /out/gateway /usr/local/bin/gateway
+FROM scratch AS prebuilt
+# `.prebuilt/` holds `gateway`, `services` and an empty `certs/`.
+COPY .prebuilt/ /out/
+
+FROM ${BINARIES} AS binaries
+
+# The runtime user is 65532 (distroless's `nonroot`), by number so that any base image serves.
+FROM ${RUNTIME_IMAGE} AS gateway
+COPY --from=binaries /out/gateway /usr/local/bin/gateway
 COPY gateway.yaml /etc/gateway/gateway.yaml
 # Owned by the runtime user, so a volume mounted here can be written by `gateway certs`.
-COPY --from=build --chown=nonroot:nonroot /out/certs /etc/gateway/certs
-USER nonroot
+COPY --from=binaries --chown=65532:65532 /out/certs /etc/gateway/certs
+USER 65532:65532
 EXPOSE 8080 8443 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["/usr/local/bin/gateway", "healthcheck", "http://127.0.0.1:9901/ready"]
 ENTRYPOINT ["/usr/local/bin/gateway"]
 CMD ["run", "-c", "/etc/gateway/gateway.yaml"]
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS services
-COPY --from=build /out/services /usr/local/bin/services
-USER nonroot
+FROM ${RUNTIME_IMAGE} AS services
+COPY --from=binaries /out/services /usr/local/bin/services
+USER 65532:65532
 WORKDIR /home/nonroot
 ENTRYPOINT ["/usr/local/bin/services"]

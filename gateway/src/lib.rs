@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod plan;
 pub mod policy;
+pub mod provider;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

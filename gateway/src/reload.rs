@@ -1,10 +1,12 @@
 //! Hot reload: watch the configuration file's directory (rename- and symlink-swap-safe), poll
 //! its metadata as a fallback, reload on SIGHUP. Each reload parses and compiles the file and
 //! activates a whole new runtime, then swaps it in at once; any failure keeps the running one.
+//! What providers (Docker labels) declare is merged into the file's configuration on the way.
 
 use crate::config::{self, ReloadConfig};
 use crate::metrics::METRICS;
 use crate::plan;
+use crate::provider::Provided;
 use crate::runtime::{Bindings, Runtime};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -33,6 +35,8 @@ pub struct ControlPlane {
     /// Held while a reload runs; holds the hash of the last file that was refused, so that
     /// the same broken bytes are not parsed and reported again on every unrelated event.
     serial: tokio::sync::Mutex<Option<u64>>,
+    /// What the providers declare now (empty without providers).
+    provided: std::sync::Mutex<Arc<Provided>>,
 }
 
 /// File identity and version as seen by `stat` (following symlinks).
@@ -65,21 +69,36 @@ impl ControlPlane {
             runtime,
             startup_bindings,
             serial: tokio::sync::Mutex::new(None),
+            provided: std::sync::Mutex::new(Arc::new(Provided::default())),
         }
+    }
+
+    /// Applies what the providers declare now, with the file as it is.
+    pub async fn provide(&self, provided: Provided) -> ReloadOutcome {
+        *self.provided.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(provided);
+        self.reload(false).await
     }
 
     /// Reloads now. Without `force`, an unchanged file is left alone.
     pub async fn reload(&self, force: bool) -> ReloadOutcome {
         let mut last_refused = self.serial.lock().await;
         let current = self.runtime.load_full();
+        let provided = self
+            .provided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let compiled = match config::read(&self.path).and_then(|text| {
-            let hash = crate::hash::content(text.as_bytes());
+            let hash = crate::hash::content(text.as_bytes()) ^ provided.hash;
             // Bytes already running, or already refused: nothing to parse or report again.
             if !force && (hash == current.source_hash || *last_refused == Some(hash)) {
                 return Ok(None);
             }
             config::load_text(&self.path, text)
-                .and_then(|loaded| plan::compile(&loaded))
+                .and_then(|mut loaded| {
+                    loaded.source_hash = hash;
+                    crate::provider::compile_with(&loaded, &provided)
+                })
                 .map(Some)
                 .inspect_err(|_| *last_refused = Some(hash))
         }) {

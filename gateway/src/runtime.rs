@@ -64,6 +64,8 @@ pub struct Bindings {
     pub process: crate::config::ProcessConfig,
     /// File watching (its tasks start once).
     pub reload: crate::config::ReloadConfig,
+    /// Providers (their watchers start once).
+    pub providers: crate::config::ProvidersConfig,
 }
 
 impl Bindings {
@@ -125,6 +127,7 @@ impl Bindings {
             ("shutdown", self.shutdown != started.shutdown),
             ("process", self.process != started.process),
             ("reload", self.reload != started.reload),
+            ("providers", self.providers != started.providers),
         ] {
             if differs {
                 changed.push(field.to_string());
@@ -153,6 +156,7 @@ impl Bindings {
             shutdown: config.shutdown.clone(),
             process: config.process.clone(),
             reload: config.reload.value.clone(),
+            providers: config.providers.clone(),
         }
     }
 }

@@ -191,7 +191,10 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
         shared.clone(),
         bindings,
     ));
-    control.spawn(plane.watch(loaded.config.reload.value.clone()));
+    control.spawn(plane.clone().watch(loaded.config.reload.value.clone()));
+    if let Some(docker) = &loaded.config.providers.docker {
+        control.spawn(crate::provider::docker::run(docker.clone(), plane.clone()));
+    }
 
     if let Some(traces) = &loaded.config.traces {
         crate::trace::start_export(traces)

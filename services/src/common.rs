@@ -208,12 +208,28 @@ async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) ->
     response
 }
 
+/// What `X-Replica` says: the listening address, or the host name (the container's, in Docker)
+/// when the address is a wildcard that every replica shares.
+fn replica_name(listen: SocketAddr) -> String {
+    let host = listen
+        .ip()
+        .is_unspecified()
+        .then(|| std::fs::read_to_string("/etc/hostname").ok())
+        .flatten()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty());
+    match host {
+        Some(host) => format!("{host}:{}", listen.port()),
+        None => listen.to_string(),
+    }
+}
+
 /// Adds `/health`, `/metrics`, a JSON 404 fallback, request metrics and the `X-Replica` header
 /// (which replica answered) to `app`, then serves it on `listen` until SIGINT or SIGTERM, letting
 /// requests in flight finish.
 pub async fn serve(service: &'static str, listen: SocketAddr, app: Router) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(service)?);
-    let replica = HeaderValue::from_str(&listen.to_string())?;
+    let replica = HeaderValue::from_str(&replica_name(listen))?;
     let m = metrics.clone();
     let app =
         app.route_layer(axum::middleware::from_fn_with_state(metrics.clone(), track))

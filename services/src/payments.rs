@@ -1,6 +1,7 @@
 //! payment-service: charges keyed by `Idempotency-Key`, so a retried request (by the client,
 //! or by anything between it and a replica) is charged once.
 //!
+//! Keys are each caller's own (two users may both send `order-1`, as two Stripe accounts may).
 //! The first request with a key inserts the charge; the database's unique constraint makes
 //! that the only insert whichever replica the retries reach. A repeat with the same key and
 //! the same parameters gets the original payment back (`Idempotent-Replayed: true`); the same
@@ -20,15 +21,20 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS payments (
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS payments (
         id TEXT PRIMARY KEY,
-        idempotency_key TEXT NOT NULL UNIQUE,
+        idempotency_key TEXT NOT NULL,
         user_id TEXT NOT NULL,
         order_id TEXT NOT NULL,
         amount_cents BIGINT NOT NULL,
         currency TEXT NOT NULL,
         status TEXT NOT NULL,
-        created_at TEXT NOT NULL)"];
+        created_at TEXT NOT NULL)",
+    // Keys are each caller's own, as Stripe scopes them to an account: two users may both
+    // send `order-1`.
+    "CREATE UNIQUE INDEX IF NOT EXISTS payments_user_key ON payments (user_id, idempotency_key)",
+];
 
 /// Opens the payment database.
 pub async fn open_db(url: &str) -> anyhow::Result<Db> {
@@ -134,7 +140,7 @@ async fn charge(
     check_order(&peers, &who, &c).await?;
     let inserted: Option<PaymentRow> = sqlx::query_as(&format!(
         "INSERT INTO payments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 'captured', $7)
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
+         ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
     ))
     .bind(new_id())
     .bind(&key)
@@ -153,8 +159,9 @@ async fn charge(
         return Ok((StatusCode::CREATED, Json(payment_json(&row))).into_response());
     }
     let existing: PaymentRow = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM payments WHERE idempotency_key = $1"
+        "SELECT {COLUMNS} FROM payments WHERE user_id = $1 AND idempotency_key = $2"
     ))
+    .bind(&who.user_id)
     .bind(&key)
     .fetch_one(&db)
     .await?;

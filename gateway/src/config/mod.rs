@@ -8,6 +8,7 @@
 mod listeners;
 mod policies;
 mod process;
+mod providers;
 mod routes;
 mod types;
 mod upstreams;
@@ -15,6 +16,7 @@ mod upstreams;
 pub use listeners::*;
 pub use policies::*;
 pub use process::*;
+pub use providers::*;
 pub use routes::*;
 pub use types::{Addr, ByteSize, Dur, Target};
 pub use upstreams::*;
@@ -129,9 +131,14 @@ pub struct Config {
     /// Rate-limit policies, by name; routes name the policy they use.
     #[serde(default)]
     pub rate_limits: BTreeMap<String, Spanned<RateLimitConfig>>,
+    /// Routes and upstreams from outside the file (Docker labels). A restart applies changes.
+    #[serde(default)]
+    pub providers: ProvidersConfig,
     /// Named groups of replicas that routes send traffic to.
+    #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The route table, matched by the precedence in `docs/routing.md`.
+    #[serde(default)]
     pub routes: Vec<RouteConfig>,
 }
 

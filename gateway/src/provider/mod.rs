@@ -1,0 +1,126 @@
+//! Routes and upstreams learnt from outside the configuration file: today the Docker engine
+//! (`providers.docker`). What a provider finds is merged into the file's configuration and goes
+//! through the same compile → activate path as a file reload; the file wins on a name clash.
+
+pub mod docker;
+pub mod labels;
+
+use crate::config::{ConfigError, LoadedConfig};
+use crate::plan::{self, Plan};
+use labels::Declared;
+use std::collections::BTreeSet;
+use tracing::{error, warn};
+
+/// What the providers currently declare: one entry per serving container, by container name.
+#[derive(Debug, Clone, Default)]
+pub struct Provided {
+    /// The containers' declarations, in container-name order.
+    pub declared: Vec<Declared>,
+    /// Changes when anything declared changes.
+    pub hash: u64,
+}
+
+impl Provided {
+    /// Declarations with their hash.
+    pub fn new(declared: Vec<Declared>) -> Provided {
+        let hash = crate::hash::content(format!("{declared:?}").as_bytes());
+        Provided { declared, hash }
+    }
+}
+
+/// The file's configuration with `declared` added: containers of one upstream become its
+/// targets (settings from the first container by name); names the file uses, and routes
+/// another container already declared, stay the file's (or the first's), with a warning.
+fn merge<'a>(
+    loaded: &LoadedConfig,
+    declared: impl Iterator<Item = &'a Declared>,
+    warn_clashes: bool,
+) -> LoadedConfig {
+    let mut merged = loaded.clone();
+    let config = &mut merged.config;
+    let file_upstreams: BTreeSet<String> = config.upstreams.keys().cloned().collect();
+    let mut route_names: BTreeSet<String> =
+        config.routes.iter().map(|r| r.name.value.clone()).collect();
+    let clash = |what: String| {
+        if warn_clashes {
+            warn!("{what}");
+        }
+    };
+    for d in declared {
+        if file_upstreams.contains(&d.upstream) {
+            clash(format!(
+                "container {}: upstream {} is also in the configuration file; the file's is used",
+                d.container, d.upstream
+            ));
+            continue;
+        }
+        match config.upstreams.get_mut(&d.upstream) {
+            Some(upstream) => upstream
+                .targets
+                .value
+                .extend(d.upstream_config.targets.value.iter().cloned()),
+            None => {
+                config
+                    .upstreams
+                    .insert(d.upstream.clone(), d.upstream_config.clone());
+            }
+        }
+        for route in &d.routes {
+            if route_names.insert(route.name.value.clone()) {
+                config.routes.push(route.clone());
+            } else if !d.routes.is_empty() {
+                // Replicas of one service declare the same routes: only other clashes matter.
+                let first_of_service = config
+                    .routes
+                    .iter()
+                    .any(|r| r.name.value == route.name.value && r.upstream.value == d.upstream);
+                if !first_of_service {
+                    clash(format!(
+                        "container {}: route {} is already declared (by the file or another container); the first is used",
+                        d.container, route.name.value
+                    ));
+                }
+            }
+        }
+    }
+    merged
+}
+
+/// Compiles the file with what the providers declare. A container whose declaration does not
+/// compile with the file is left out (an error names it and the label); the file's own errors
+/// reject the whole configuration, as without providers.
+pub fn compile_with(loaded: &LoadedConfig, provided: &Provided) -> Result<Plan, ConfigError> {
+    if provided.declared.is_empty() {
+        return plan::compile(loaded);
+    }
+    let merged = merge(loaded, provided.declared.iter(), true);
+    match plan::compile(&merged) {
+        Ok(plan) => Ok(plan),
+        Err(combined) => {
+            plan::compile(loaded)?;
+            let mut good = Vec::new();
+            for d in &provided.declared {
+                match plan::compile(&merge(loaded, good.iter().copied().chain([d]), false)) {
+                    Ok(_) => good.push(d),
+                    Err(e) => error!("{}; the container is not served", blame(d, &e)),
+                }
+            }
+            plan::compile(&merge(loaded, good.into_iter(), false)).map_err(|_| combined)
+        }
+    }
+}
+
+/// The container and label a compile error is about.
+fn blame(d: &Declared, e: &ConfigError) -> labels::LabelError {
+    let label = usize::try_from(e.line)
+        .ok()
+        .and_then(|l| l.checked_sub(1))
+        .and_then(|l| d.lines.get(l))
+        .cloned()
+        .unwrap_or_else(|| e.field.clone());
+    labels::LabelError {
+        container: d.container.clone(),
+        label,
+        message: e.message.clone(),
+    }
+}

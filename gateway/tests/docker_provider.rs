@@ -1,0 +1,283 @@
+//! `providers.docker` against the real engine: labelled containers (the local Debian base
+//! image running a small Perl HTTP server that answers with its host name) come and go on a
+//! Docker network made for the test, and the gateway's routes, upstreams and traffic follow.
+//! Without a Docker engine it prints why and does nothing.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Answers every request with 200 and the container's host name.
+const SERVER: &str = r#"use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => 8000, Listen => 64, ReuseAddr => 1) or die "listen: $!"; my $h = `hostname`; chomp $h; while (my $c = $s->accept) { while (my $l = <$c>) { last if $l =~ /^\r?\n$/ } print $c "HTTP/1.1 200 OK\r\nContent-Length: " . length($h) . "\r\nConnection: close\r\n\r\n$h"; close $c }"#;
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// The test's network and containers, removed when dropped.
+struct Engine {
+    network: String,
+    containers: std::cell::RefCell<Vec<String>>,
+}
+
+impl Engine {
+    fn new() -> Engine {
+        let network = format!("gw-provider-{}", std::process::id());
+        docker(&["network", "create", &network]).expect("network");
+        Engine {
+            network,
+            containers: Default::default(),
+        }
+    }
+
+    /// Starts a container named `name` with `labels` and, optionally, a Docker health check
+    /// that passes once `/tmp/ready` exists.
+    fn run(&self, name: &str, labels: &[(&str, &str)], health_gate: bool) -> String {
+        let name = format!("{}-{name}", self.network);
+        let mut args: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &name,
+            "--network",
+            &self.network,
+        ]
+        .map(String::from)
+        .to_vec();
+        for (k, v) in labels {
+            args.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        if health_gate {
+            args.extend(
+                [
+                    "--health-cmd",
+                    "test -f /tmp/ready",
+                    "--health-interval",
+                    "1s",
+                    "--health-retries",
+                    "1",
+                ]
+                .map(String::from),
+            );
+        }
+        args.extend(["shop-local/debian:bookworm", "perl", "-e", SERVER].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&args).expect("docker run");
+        self.containers.borrow_mut().push(name.clone());
+        name
+    }
+
+    fn ip(&self, name: &str) -> String {
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.network
+        );
+        docker(&["inspect", "-f", &format, name]).expect("inspect")
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for c in self.containers.borrow().iter() {
+            let _ = docker(&["rm", "-f", c]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+async fn route_names(gw: &Gateway) -> BTreeSet<String> {
+    let routes = gw.admin_json("/routes").await;
+    routes["routes"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| r["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn replicas(gw: &Gateway, upstream: &str) -> BTreeSet<String> {
+    let u = gw.admin_json("/upstreams").await;
+    u["upstreams"][upstream]["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| r["address"].as_str())
+                .map(|a| a.rsplit_once(':').map_or(a, |(ip, _)| ip).to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Host names that answered `n` requests to `path`.
+async fn answered_by(gw: &Gateway, path: &str, n: usize) -> BTreeSet<String> {
+    let c = client();
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let r = c.get(gw.url(path)).send().await.expect("request");
+        assert_eq!(r.status(), 200, "{path}");
+        seen.insert(r.text().await.unwrap_or_default());
+    }
+    seen
+}
+
+#[tokio::test]
+async fn containers_declare_routes_through_labels() {
+    if let Err(why) = docker(&["info", "--format", "{{.ServerVersion}}"]) {
+        eprintln!("skipped: no Docker engine answers ({why})");
+        return;
+    }
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/compose/base-image");
+    let made = Command::new(&base).status().expect("base-image");
+    assert!(made.success(), "tests/compose/base-image failed");
+
+    let engine = Engine::new();
+    let backend = Backend::start("127.0.0.1", "file").await;
+    let gw = Gateway::start(&format!(
+        "providers: {{ docker: {{ network: \"{}\", refresh: 2s }} }}\nauth:\n  t: {{ secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }}\nupstreams: {{ files: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n",
+        engine.network, backend.addr
+    ))
+    .await;
+
+    // A labelled container: its route and its replica appear, and traffic reaches it.
+    let web = &[
+        ("gateway.service", "web"),
+        ("gateway.port", "8000"),
+        ("gateway.route.web.match.path_prefix", "/web"),
+        ("gateway.upstream.health.path", "/"),
+        ("gateway.upstream.health.interval", "1s"),
+    ];
+    let a = engine.run("a", web, false);
+    eventually("route web on /routes", Duration::from_secs(10), || async {
+        route_names(&gw).await.contains("web")
+    })
+    .await;
+    assert_eq!(
+        answered_by(&gw, "/web/x", 3).await,
+        BTreeSet::from([a.clone()])
+    );
+    let route = gw.admin_json("/routes").await;
+    let web_route = route["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "web")
+        .cloned();
+    assert_eq!(
+        web_route.unwrap()["match"]["path_prefix"],
+        "/web",
+        "{route}"
+    );
+
+    // A second replica with a Docker health check joins only once the check passes.
+    let b = engine.run("b", web, true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(replicas(&gw, "web").await, BTreeSet::from([engine.ip(&a)]));
+    docker(&["exec", &b, "touch", "/tmp/ready"]).expect("exec");
+    eventually("b listed", Duration::from_secs(10), || async {
+        replicas(&gw, "web").await.len() == 2
+    })
+    .await;
+    eventually("both answer", Duration::from_secs(15), || async {
+        answered_by(&gw, "/web", 10).await.len() == 2
+    })
+    .await;
+
+    // Malformed labels: refused with the container and label named; the rest keeps serving.
+    let bad = engine.run(
+        "bad",
+        &[
+            ("gateway.port", "8000"),
+            ("gateway.route.bad.retries", "lots"),
+        ],
+        false,
+    );
+    let unknown_policy = engine.run(
+        "nopolicy",
+        &[
+            ("gateway.port", "8000"),
+            ("gateway.route.np.match.path_prefix", "/np"),
+            ("gateway.route.np.auth", "missing"),
+        ],
+        false,
+    );
+    eventually("label errors logged", Duration::from_secs(10), || async {
+        let log = gw.log();
+        log.contains(&format!("container {bad}: label gateway.route.bad.retries"))
+            && log.contains(&format!(
+                "container {unknown_policy}: label gateway.route.np.auth"
+            ))
+    })
+    .await;
+    let names = route_names(&gw).await;
+    assert!(!names.contains("bad") && !names.contains("np"), "{names:?}");
+    assert_eq!(answered_by(&gw, "/web", 4).await.len(), 2);
+
+    // A name the file uses stays the file's.
+    engine.run(
+        "clash",
+        &[
+            ("gateway.port", "8000"),
+            ("gateway.route.file.match.path_prefix", "/elsewhere"),
+        ],
+        false,
+    );
+    eventually("clash logged", Duration::from_secs(10), || async {
+        gw.log().contains("route file is already declared")
+    })
+    .await;
+    let r = client().get(gw.url("/file")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(backend.hits(), 1);
+
+    // A container that stops leaves at once (the event, not the next refresh).
+    let a_ip = engine.ip(&a);
+    docker(&["kill", &a]).expect("kill");
+    eventually("a gone", Duration::from_secs(1), || async {
+        !replicas(&gw, "web").await.contains(&a_ip)
+    })
+    .await;
+    assert_eq!(
+        answered_by(&gw, "/web", 5).await,
+        BTreeSet::from([b.clone()])
+    );
+
+    // The last one gone: so is the route.
+    docker(&["rm", "-f", &b]).expect("rm");
+    eventually("route web gone", Duration::from_secs(2), || async {
+        !route_names(&gw).await.contains("web")
+    })
+    .await;
+    assert_eq!(
+        client().get(gw.url("/web")).send().await.unwrap().status(),
+        404
+    );
+    assert!(!gw.log().contains("panicked"));
+}
