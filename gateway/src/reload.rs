@@ -6,7 +6,7 @@
 use crate::config::{self, ReloadConfig};
 use crate::metrics::METRICS;
 use crate::plan;
-use crate::provider::Provided;
+use crate::provider::{Notes, Provided};
 use crate::runtime::{Bindings, Runtime};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -37,6 +37,8 @@ pub struct ControlPlane {
     serial: tokio::sync::Mutex<Option<u64>>,
     /// What the providers declare now (empty without providers).
     provided: std::sync::Mutex<Arc<Provided>>,
+    /// What merging them last noted, so that each note is logged once while it lasts.
+    noted: std::sync::Mutex<Notes>,
 }
 
 /// File identity and version as seen by `stat` (following symlinks).
@@ -70,6 +72,7 @@ impl ControlPlane {
             startup_bindings,
             serial: tokio::sync::Mutex::new(None),
             provided: std::sync::Mutex::new(Arc::new(Provided::default())),
+            noted: std::sync::Mutex::new(Notes::default()),
         }
     }
 
@@ -99,7 +102,10 @@ impl ControlPlane {
                     loaded.source_hash = hash;
                     crate::provider::compile_with(&loaded, &provided)
                 })
-                .map(Some)
+                .map(|(plan, notes)| {
+                    self.log_new(notes);
+                    Some(plan)
+                })
                 .inspect_err(|_| *last_refused = Some(hash))
         }) {
             Ok(Some(l)) => l,
@@ -145,6 +151,18 @@ impl ControlPlane {
             info!(generation, "configuration reloaded");
         }
         ReloadOutcome::Applied(generation)
+    }
+
+    /// Logs the provider notes not logged before; forgets the ones that no longer hold.
+    fn log_new(&self, notes: Notes) {
+        let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
+        for clash in notes.clashes.difference(&noted.clashes) {
+            warn!("{clash}");
+        }
+        for refused in notes.refused.difference(&noted.refused) {
+            error!("{refused}; the container is not served");
+        }
+        *noted = notes;
     }
 
     /// Watches for changes until the process ends. Runs on the control-plane runtime.

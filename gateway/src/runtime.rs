@@ -64,8 +64,8 @@ pub struct Bindings {
     pub process: crate::config::ProcessConfig,
     /// File watching (its tasks start once).
     pub reload: crate::config::ReloadConfig,
-    /// Providers (their watchers start once).
-    pub providers: crate::config::ProvidersConfig,
+    /// The Docker provider (its watcher starts once).
+    pub docker: Option<crate::config::DockerProviderConfig>,
 }
 
 impl Bindings {
@@ -127,7 +127,7 @@ impl Bindings {
             ("shutdown", self.shutdown != started.shutdown),
             ("process", self.process != started.process),
             ("reload", self.reload != started.reload),
-            ("providers", self.providers != started.providers),
+            ("providers", self.docker != started.docker),
         ] {
             if differs {
                 changed.push(field.to_string());
@@ -156,7 +156,7 @@ impl Bindings {
             shutdown: config.shutdown.clone(),
             process: config.process.clone(),
             reload: config.reload.value.clone(),
-            providers: config.providers.clone(),
+            docker: config.providers.docker.as_ref().map(|d| d.value.clone()),
         }
     }
 }

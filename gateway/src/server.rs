@@ -193,7 +193,10 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     ));
     control.spawn(plane.clone().watch(loaded.config.reload.value.clone()));
     if let Some(docker) = &loaded.config.providers.docker {
-        control.spawn(crate::provider::docker::run(docker.clone(), plane.clone()));
+        control.spawn(crate::provider::docker::run(
+            docker.value.clone(),
+            plane.clone(),
+        ));
     }
 
     if let Some(traces) = &loaded.config.traces {

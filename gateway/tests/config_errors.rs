@@ -33,6 +33,21 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
     vec![
         ("unknown field", config("colour: blue\n", ROUTE), "colour"),
         (
+            "a Docker provider refreshing never",
+            config("providers:\n  docker: { refresh: 0s }\n", ROUTE),
+            "providers.docker.refresh",
+        ),
+        (
+            "a Docker endpoint that is no socket or address",
+            config("providers:\n  docker: { endpoint: \"tcp://nohost\" }\n", ROUTE),
+            "providers.docker.endpoint",
+        ),
+        (
+            "an unknown Docker provider field",
+            config("providers:\n  docker: { socket: /run/docker.sock }\n", ROUTE),
+            "providers.docker.socket",
+        ),
+        (
             "route to an upstream that does not exist",
             config("", "  - { name: r, upstream: nope }\n"),
             "routes[0].upstream",

@@ -2,6 +2,7 @@
 
 use super::*;
 use serde::Deserialize;
+use serde_saphyr::Spanned;
 
 /// Sources of routes and upstreams besides the file.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
@@ -9,7 +10,7 @@ use serde::Deserialize;
 pub struct ProvidersConfig {
     /// Containers of a Docker engine, by their `gateway.*` labels. Off when absent.
     #[serde(default)]
-    pub docker: Option<DockerProviderConfig>,
+    pub docker: Option<Spanned<DockerProviderConfig>>,
 }
 
 /// The Docker provider (docs/configuration.md, "providers.docker").

@@ -80,6 +80,31 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             return Err(c.err_at(url, "traces.max_queue", "must be at least 1"));
         }
     }
+    if let Some(docker) = &config.providers.docker {
+        let endpoint = docker.value.endpoint.as_str();
+        let tcp = endpoint
+            .strip_prefix("tcp://")
+            .or_else(|| endpoint.strip_prefix("http://"));
+        let ok = match tcp {
+            Some(addr) => addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }),
+            None => !endpoint
+                .strip_prefix("unix://")
+                .unwrap_or(endpoint)
+                .is_empty(),
+        };
+        if !ok {
+            return Err(c.err_at(
+                docker,
+                "providers.docker.endpoint",
+                "needs unix://PATH, a path, or tcp://HOST:PORT",
+            ));
+        }
+        if docker.value.refresh.0.is_zero() {
+            return Err(c.err_at(docker, "providers.docker.refresh", "must be more than 0s"));
+        }
+    }
     for (name, up) in &config.upstreams {
         if let Some(ca) = up.tls.as_ref().and_then(|t| t.ca.as_ref()) {
             if let Err(e) = crate::tls::load_ca(&ca.value) {

@@ -53,11 +53,21 @@ pub async fn run(settings: DockerProviderConfig, plane: Arc<ControlPlane>) {
     }
 }
 
+/// `unix://PATH` (or a bare path), or `tcp://HOST:PORT` / `http://HOST:PORT` for a socket proxy.
 async fn connect(endpoint: &str) -> Result<Docker, bollard::errors::Error> {
-    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
-    Docker::connect_with_socket(path, 10, bollard::API_DEFAULT_VERSION)?
-        .negotiate_version()
-        .await
+    let docker = match endpoint.strip_prefix("tcp://") {
+        Some(addr) => {
+            Docker::connect_with_http(&format!("http://{addr}"), 10, bollard::API_DEFAULT_VERSION)?
+        }
+        None if endpoint.starts_with("http://") => {
+            Docker::connect_with_http(endpoint, 10, bollard::API_DEFAULT_VERSION)?
+        }
+        None => {
+            let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+            Docker::connect_with_socket(path, 10, bollard::API_DEFAULT_VERSION)?
+        }
+    };
+    docker.negotiate_version().await
 }
 
 /// One connection: the event stream, with a full list at start, after events and every refresh.

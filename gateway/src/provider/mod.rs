@@ -9,7 +9,6 @@ use crate::config::{ConfigError, LoadedConfig};
 use crate::plan::{self, Plan};
 use labels::Declared;
 use std::collections::BTreeSet;
-use tracing::{error, warn};
 
 /// What the providers currently declare: one entry per serving container, by container name.
 #[derive(Debug, Clone, Default)]
@@ -28,23 +27,31 @@ impl Provided {
     }
 }
 
+/// What merging left out: name clashes (warnings) and containers that do not compile with the
+/// file (errors). The control plane logs each once while it lasts.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// Names the file (or an earlier container) already uses.
+    pub clashes: BTreeSet<String>,
+    /// Containers left out, with the label to blame.
+    pub refused: BTreeSet<String>,
+}
+
 /// The file's configuration with `declared` added: containers of one upstream become its
 /// targets (settings from the first container by name); names the file uses, and routes
-/// another container already declared, stay the file's (or the first's), with a warning.
+/// another container already declared, stay the file's (or the first's), noted in `clashes`.
 fn merge<'a>(
     loaded: &LoadedConfig,
     declared: impl Iterator<Item = &'a Declared>,
-    warn_clashes: bool,
+    clashes: &mut BTreeSet<String>,
 ) -> LoadedConfig {
     let mut merged = loaded.clone();
     let config = &mut merged.config;
     let file_upstreams: BTreeSet<String> = config.upstreams.keys().cloned().collect();
     let mut route_names: BTreeSet<String> =
         config.routes.iter().map(|r| r.name.value.clone()).collect();
-    let clash = |what: String| {
-        if warn_clashes {
-            warn!("{what}");
-        }
+    let mut clash = |what: String| {
+        clashes.insert(what);
     };
     for d in declared {
         if file_upstreams.contains(&d.upstream) {
@@ -89,23 +96,33 @@ fn merge<'a>(
 /// Compiles the file with what the providers declare. A container whose declaration does not
 /// compile with the file is left out (an error names it and the label); the file's own errors
 /// reject the whole configuration, as without providers.
-pub fn compile_with(loaded: &LoadedConfig, provided: &Provided) -> Result<Plan, ConfigError> {
+pub fn compile_with(
+    loaded: &LoadedConfig,
+    provided: &Provided,
+) -> Result<(Plan, Notes), ConfigError> {
+    let mut notes = Notes::default();
     if provided.declared.is_empty() {
-        return plan::compile(loaded);
+        return plan::compile(loaded).map(|plan| (plan, notes));
     }
-    let merged = merge(loaded, provided.declared.iter(), true);
+    let merged = merge(loaded, provided.declared.iter(), &mut notes.clashes);
     match plan::compile(&merged) {
-        Ok(plan) => Ok(plan),
+        Ok(plan) => Ok((plan, notes)),
         Err(combined) => {
             plan::compile(loaded)?;
             let mut good = Vec::new();
+            let mut ignored = BTreeSet::new();
             for d in &provided.declared {
-                match plan::compile(&merge(loaded, good.iter().copied().chain([d]), false)) {
+                let with = merge(loaded, good.iter().copied().chain([d]), &mut ignored);
+                match plan::compile(&with) {
                     Ok(_) => good.push(d),
-                    Err(e) => error!("{}; the container is not served", blame(d, &e)),
+                    Err(e) => {
+                        notes.refused.insert(blame(d, &e).to_string());
+                    }
                 }
             }
-            plan::compile(&merge(loaded, good.into_iter(), false)).map_err(|_| combined)
+            let plan = plan::compile(&merge(loaded, good.into_iter(), &mut ignored))
+                .map_err(|_| combined)?;
+            Ok((plan, notes))
         }
     }
 }
