@@ -49,6 +49,7 @@ fn lookups(c: &mut Criterion) {
                         black_box(path),
                         &Method::GET,
                         &headers,
+                        None,
                     )
                 })
             },
@@ -60,6 +61,7 @@ fn lookups(c: &mut Criterion) {
                     "/api/users/1",
                     &Method::GET,
                     &headers,
+                    None,
                 )
             })
         });
@@ -70,6 +72,7 @@ fn lookups(c: &mut Criterion) {
                     black_box("/nothing/here/at/all"),
                     &Method::GET,
                     &headers,
+                    None,
                 )
             })
         });

@@ -42,6 +42,8 @@ pub trait HeaderEdits {
     fn set(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
     /// Removes every value of `name`.
     fn unset(&mut self, name: &HeaderName);
+    /// Adds `value` after any value `name` has.
+    fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
 }
 
 impl HeaderEdits for HeaderMap {
@@ -54,6 +56,10 @@ impl HeaderEdits for HeaderMap {
     }
     fn unset(&mut self, name: &HeaderName) {
         self.remove(name);
+    }
+    fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        HeaderMap::append(self, name.clone(), value);
+        Ok(())
     }
 }
 
@@ -70,6 +76,9 @@ macro_rules! case_keeping_edits {
             }
             fn unset(&mut self, name: &HeaderName) {
                 self.remove_header(name);
+            }
+            fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+                self.append_header(name.clone(), value).map(|_| ())
             }
         }
     };

@@ -41,21 +41,49 @@ impl HeaderCond {
     }
 }
 
+/// A compiled query-parameter condition (names and values compared percent-decoded).
+#[derive(Debug)]
+enum QueryCond {
+    Present(String),
+    Equals(String, String),
+    Matches(String, Regex),
+}
+
+impl QueryCond {
+    fn holds(&self, query: Option<&str>) -> bool {
+        let Some(query) = query else {
+            return false;
+        };
+        let name = match self {
+            QueryCond::Present(n) | QueryCond::Equals(n, _) | QueryCond::Matches(n, _) => n,
+        };
+        form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, _)| k == name)
+            .any(|(_, v)| match self {
+                QueryCond::Present(_) => true,
+                QueryCond::Equals(_, want) => v == want.as_str(),
+                QueryCond::Matches(_, re) => re.is_match(&v),
+            })
+    }
+}
+
 /// Non-path conditions of a route.
 #[derive(Debug, Default)]
 struct Conditions {
     methods: Vec<Method>,
     headers: Vec<HeaderCond>,
+    query: Vec<QueryCond>,
 }
 
 impl Conditions {
     fn weight(&self) -> usize {
-        usize::from(!self.methods.is_empty()) + self.headers.len()
+        usize::from(!self.methods.is_empty()) + self.headers.len() + self.query.len()
     }
 
-    fn hold(&self, method: &Method, headers: &HeaderMap) -> bool {
+    fn hold(&self, method: &Method, headers: &HeaderMap, query: Option<&str>) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
             && self.headers.iter().all(|h| h.holds(headers))
+            && self.query.iter().all(|q| q.holds(query))
     }
 }
 
@@ -87,12 +115,13 @@ impl PathTable {
         path: &str,
         method: &Method,
         headers: &HeaderMap,
+        query: Option<&str>,
         conds: &[Conditions],
     ) -> Option<u32> {
         let first_holding = |ids: &Vec<u32>| {
             ids.iter()
                 .copied()
-                .find(|&i| conds[i as usize].hold(method, headers))
+                .find(|&i| conds[i as usize].hold(method, headers, query))
         };
         if let Some(hit) = self.exact.get(path).and_then(first_holding) {
             return Some(hit);
@@ -103,7 +132,7 @@ impl PathTable {
                 .matches(path)
                 .iter()
                 .map(|k| self.regex_routes[k])
-                .find(|&i| conds[i as usize].hold(method, headers))
+                .find(|&i| conds[i as usize].hold(method, headers, query))
             {
                 return Some(hit);
             }
@@ -278,6 +307,7 @@ impl Router {
         path: &str,
         method: &Method,
         headers: &HeaderMap,
+        query: Option<&str>,
     ) -> Option<u32> {
         if let Some(host) = host.filter(|_| self.matches_hosts()) {
             let mut buf = [0u8; 253];
@@ -285,7 +315,7 @@ impl Router {
                 if let Some(hit) = self
                     .exact_hosts
                     .get(lower)
-                    .and_then(|t| t.find(path, method, headers, &self.conds))
+                    .and_then(|t| t.find(path, method, headers, query, &self.conds))
                 {
                     return Some(hit);
                 }
@@ -296,7 +326,7 @@ impl Router {
                         if let Some(hit) = self
                             .wildcard_hosts
                             .get(rest)
-                            .and_then(|t| t.find(path, method, headers, &self.conds))
+                            .and_then(|t| t.find(path, method, headers, query, &self.conds))
                         {
                             return Some(hit);
                         }
@@ -304,7 +334,8 @@ impl Router {
                 }
             }
         }
-        self.any_host.find(path, method, headers, &self.conds)
+        self.any_host
+            .find(path, method, headers, query, &self.conds)
     }
 }
 
@@ -336,6 +367,14 @@ fn compile_conditions(m: &MatchConfig) -> Result<Conditions, regex::Error> {
             (Some(v), _) => HeaderCond::Equals(name, v.as_bytes().to_vec()),
             (None, Some(re)) => HeaderCond::Matches(name, Regex::new(&anchored(&re.value))?),
             (None, None) => HeaderCond::Present(name),
+        });
+    }
+    for q in &m.query {
+        let name = q.name.value.clone();
+        c.query.push(match (&q.value, &q.regex) {
+            (Some(v), _) => QueryCond::Equals(name, v.clone()),
+            (None, Some(re)) => QueryCond::Matches(name, Regex::new(&anchored(&re.value))?),
+            (None, None) => QueryCond::Present(name),
         });
     }
     Ok(c)
@@ -484,6 +523,7 @@ mod tests {
             path,
             &Method::from_bytes(method.as_bytes()).unwrap(),
             &HeaderMap::new(),
+            None,
         )
     }
 
@@ -565,13 +605,13 @@ routes:
         let r = Router::new(&rs).unwrap();
         assert!(!r.matches_hosts(), "no route names a host");
         let mut h = HeaderMap::new();
-        assert_eq!(r.find(None, "/a", &Method::GET, &h), None);
+        assert_eq!(r.find(None, "/a", &Method::GET, &h, None), None);
         h.insert("x-env", "staging".parse().unwrap());
-        assert_eq!(r.find(None, "/a/b", &Method::GET, &h), Some(1));
+        assert_eq!(r.find(None, "/a/b", &Method::GET, &h, None), Some(1));
         h.insert("x-canary", "1".parse().unwrap());
-        assert_eq!(r.find(None, "/a/b", &Method::GET, &h), Some(0));
+        assert_eq!(r.find(None, "/a/b", &Method::GET, &h, None), Some(0));
         assert_eq!(
-            r.find(None, "/b/", &Method::GET, &h),
+            r.find(None, "/b/", &Method::GET, &h, None),
             None,
             "exact means exact"
         );
@@ -627,5 +667,27 @@ routes:
         assert!(n("/api/public/%2e%2e;x=1/admin").is_err());
         assert!(n("/api/.;/admin").is_err());
         assert_eq!(n("/a;v=1/./b").unwrap(), "/a;v=1/b");
+    }
+
+    #[test]
+    fn query_conditions_hold_on_decoded_values() {
+        let has = |cond: QueryCond, q: Option<&str>| cond.holds(q);
+        assert!(has(QueryCond::Present("v".into()), Some("a=1&v")));
+        assert!(!has(QueryCond::Present("v".into()), Some("a=1&vv=2")));
+        assert!(!has(QueryCond::Present("v".into()), None));
+        assert!(has(
+            QueryCond::Equals("q".into(), "a b".into()),
+            Some("q=a%20b")
+        ));
+        assert!(has(
+            QueryCond::Equals("q".into(), "a b".into()),
+            Some("q=x&q=a+b")
+        ));
+        let re = Regex::new(&anchored("[0-9]+")).unwrap();
+        assert!(has(
+            QueryCond::Matches("id".into(), re.clone()),
+            Some("id=42")
+        ));
+        assert!(!has(QueryCond::Matches("id".into(), re), Some("id=42x")));
     }
 }

@@ -33,6 +33,36 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
     vec![
         ("unknown field", config("colour: blue\n", ROUTE), "colour"),
         (
+            "a route naming a policy that does not exist",
+            config("", "  - { name: r, upstream: u, policies: [nope] }\n"),
+            "routes[0].policies[0]",
+        ),
+        (
+            "default policies naming one that does not exist",
+            config("default_policies: [nope]\n", ROUTE),
+            "default_policies[0]",
+        ),
+        (
+            "an IP list entry that is no network",
+            config("policies:\n  p: { ip_list: { deny: [\"10.0.0.0/33\"] } }\n", ROUTE),
+            "policies.p.ip_list.deny[0]",
+        ),
+        (
+            "an IP list with nothing in it",
+            config("policies:\n  p: { ip_list: {} }\n", ROUTE),
+            "policies.p.ip_list",
+        ),
+        (
+            "a policy of no known kind",
+            config("policies:\n  p: { cores: {} }\n", ROUTE),
+            "policies.p",
+        ),
+        (
+            "a query regex that does not compile",
+            config("", "  - { name: r, upstream: u, match: { query: [ { name: a, regex: \"(\" } ] } }\n"),
+            "routes[0].match",
+        ),
+        (
             "a Docker provider refreshing never",
             config("providers:\n  docker: { refresh: 0s }\n", ROUTE),
             "providers.docker.refresh",

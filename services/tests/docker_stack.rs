@@ -94,12 +94,21 @@ async fn try_it(c: &reqwest::Client, web: &str) -> String {
     let user_id = login["userId"].as_str().expect("userId");
 
     let me = format!("{web}/api/users/{user_id}");
-    let r = c
-        .get(&me)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("profile");
+    // A gateway that started before user-service (Swarm starts services in no order) has no
+    // keys until its next JWKS attempt, which backs off to 30 s: 503 until then.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let r = loop {
+        let r = c
+            .get(&me)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("profile");
+        if r.status() != 503 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     assert_eq!(r.status(), 200);
     let r = c.get(&me).send().await.expect("profile without token");
     assert_eq!(r.status(), 401);

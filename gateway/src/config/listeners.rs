@@ -22,6 +22,9 @@ pub struct ListenerConfig {
     /// Answer every request on this (plain) listener with a 308 to `https://` on this port.
     #[serde(default)]
     pub redirect_https: Option<u16>,
+    /// Named policies (`policies:`) run for every request on this listener, before routing.
+    #[serde(default)]
+    pub policies: Vec<Spanned<String>>,
 }
 
 /// TLS on a listener.

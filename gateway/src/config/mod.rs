@@ -131,6 +131,12 @@ pub struct Config {
     /// Rate-limit policies, by name; routes name the policy they use.
     #[serde(default)]
     pub rate_limits: BTreeMap<String, Spanned<RateLimitConfig>>,
+    /// Policies defined once by name (`ip_list`, `headers`), listed by routes and listeners.
+    #[serde(default)]
+    pub policies: BTreeMap<String, Spanned<NamedPolicyConfig>>,
+    /// Named policies every route runs, before its own.
+    #[serde(default)]
+    pub default_policies: Vec<Spanned<String>>,
     /// Routes and upstreams from outside the file (Docker labels). A restart applies changes.
     #[serde(default)]
     pub providers: ProvidersConfig,

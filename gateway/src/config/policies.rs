@@ -191,3 +191,55 @@ impl Default for OneOrMany {
         OneOrMany::Many(Vec::new())
     }
 }
+
+/// A policy defined once by name (`policies:`) and listed by routes (`routes[].policies`),
+/// listeners (`listeners.NAME.policies`) or all routes (`default_policies`). One kind each.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NamedPolicyConfig {
+    /// Allow and deny by client address.
+    IpList(IpListConfig),
+    /// Request and response header edits.
+    Headers(HeaderRulesConfig),
+}
+
+/// `ip_list`: CIDRs (or single addresses) allowed and denied. Deny wins over allow; with an
+/// `allow` list, an address in neither is denied.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IpListConfig {
+    /// Addresses let through. Empty: every address not denied.
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    /// Addresses refused with 403.
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+}
+
+/// `headers`: edits of the request (before it goes upstream) and of the response (before it
+/// goes to the client).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRulesConfig {
+    /// Edits of the request sent upstream.
+    #[serde(default)]
+    pub request: HeaderEditsConfig,
+    /// Edits of the response sent to the client.
+    #[serde(default)]
+    pub response: HeaderEditsConfig,
+}
+
+/// Header edits, applied in the order remove, set, append.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEditsConfig {
+    /// Headers removed.
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
+    /// Headers set (replacing any value), name → value template.
+    #[serde(default)]
+    pub set: BTreeMap<String, Spanned<String>>,
+    /// Headers added (after any existing value), name → value template.
+    #[serde(default)]
+    pub append: BTreeMap<String, Spanned<String>>,
+}

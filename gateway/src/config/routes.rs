@@ -52,6 +52,10 @@ pub struct RouteConfig {
     /// The rate-limit policy requests are counted under. None: no limit.
     #[serde(default)]
     pub rate_limit: Option<Spanned<String>>,
+    /// Named policies (`policies:`) the route runs, in order, after `default_policies` and
+    /// before `auth` and `rate_limit`.
+    #[serde(default)]
+    pub policies: Vec<Spanned<String>>,
     /// Overrides `limits.max_request_body` for this route.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
@@ -79,6 +83,24 @@ pub struct MatchConfig {
     /// Header conditions.
     #[serde(default)]
     pub headers: Vec<HeaderMatchConfig>,
+    /// Query-parameter conditions.
+    #[serde(default)]
+    pub query: Vec<QueryMatchConfig>,
+}
+
+/// One query-parameter condition: present, equal to `value`, or matching `regex` (compared
+/// percent-decoded; any of the parameter's values may match).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatchConfig {
+    /// Parameter name (case-sensitive).
+    pub name: Spanned<String>,
+    /// Exact value.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Regular expression over the value (anchored).
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
 }
 
 /// One header condition: present, equal to `value`, or matching `regex`.
@@ -130,6 +152,20 @@ impl MatchConfig {
                 serde_json::Value::Object(one)
             });
             out.insert("headers".into(), headers.collect::<Vec<_>>().into());
+        }
+        if !self.query.is_empty() {
+            let query = self.query.iter().map(|q| {
+                let mut one = serde_json::Map::new();
+                one.insert("name".into(), q.name.value.clone().into());
+                if let Some(v) = &q.value {
+                    one.insert("value".into(), v.clone().into());
+                }
+                if let Some(r) = &q.regex {
+                    one.insert("regex".into(), r.value.clone().into());
+                }
+                serde_json::Value::Object(one)
+            });
+            out.insert("query".into(), query.collect::<Vec<_>>().into());
         }
         serde_json::Value::Object(out)
     }

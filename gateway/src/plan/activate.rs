@@ -182,6 +182,7 @@ fn route(
     let mut policies = Vec::with_capacity(r.policies.len());
     for p in &r.policies {
         policies.push(match p {
+            PolicyPlan::Named(named) => named.policy(),
             PolicyPlan::BodyLimit(max) => Policy::BodyLimit(BodyLimit { max: *max }),
             PolicyPlan::Jwt { policy, optional } => Policy::Jwt(Jwt {
                 policy: auth
@@ -225,6 +226,7 @@ fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners 
         if let Some(value) = l.hsts {
             policies.push(Policy::Hsts(Hsts { value }));
         }
+        policies.extend(l.policies.iter().map(|p| p.policy()));
         if !policies.is_empty() {
             pipelines.push((l.address, Pipeline::new(policies)));
         }

@@ -9,12 +9,14 @@
 //!    before anything that changes running state, so a rejected reload changes nothing.
 
 mod activate;
+mod named;
 mod validate;
 
 pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
+use crate::policy::{HeaderRules, IpList, Policy};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -72,9 +74,48 @@ pub struct RoutePlan {
     pub matcher: serde_json::Value,
 }
 
+/// A compiled named policy (`policies:`), shared by every route and listener that lists it.
+#[derive(Clone)]
+pub enum NamedPolicy {
+    /// `ip_list`.
+    IpList(Arc<IpList>),
+    /// `headers`.
+    Headers(Arc<HeaderRules>),
+}
+
+impl NamedPolicy {
+    /// The running policy.
+    pub fn policy(&self) -> Policy {
+        match self {
+            NamedPolicy::IpList(p) => Policy::IpList(p.clone()),
+            NamedPolicy::Headers(p) => Policy::Headers(p.clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for NamedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.policy().kind())
+    }
+}
+
+impl PartialEq for NamedPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (NamedPolicy::IpList(a), NamedPolicy::IpList(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::Headers(a), NamedPolicy::Headers(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for NamedPolicy {}
+
 /// A compiled route policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyPlan {
+    /// A named policy.
+    Named(NamedPolicy),
     /// Request body bytes allowed.
     BodyLimit(u64),
     /// The named `auth` policy; `optional` lets requests without a token pass.
@@ -95,6 +136,8 @@ pub struct ListenerPlan {
     pub hsts: Option<http::HeaderValue>,
     /// A TLS listener's certificates, loaded; and how often their files are polled.
     pub tls: Option<(LoadedCerts, std::time::Duration)>,
+    /// Named policies run before routing.
+    pub policies: Vec<NamedPolicy>,
 }
 
 /// Reads, parses and compiles a configuration file: what `gateway check` reports, and the
@@ -122,11 +165,19 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
     })?;
     let auth = compile_auth(&c, config)?;
     let rate_limits = compile_rate_limits(&c, config)?;
+    let named = named::compile(&c, config)?;
+    let defaults = named::resolve(&c, &named, &config.default_policies, "default_policies")?;
     let mut routes = Vec::with_capacity(config.routes.len());
     for (i, r) in config.routes.iter().enumerate() {
         let rewrite = compile_rewrite(r)
             .map_err(|e| c.err_at(&r.name, format!("routes[{i}]"), e.to_string()))?;
-        let mut policies = Vec::new();
+        let own = named::resolve(&c, &named, &r.policies, &format!("routes[{i}].policies"))?;
+        let mut policies: Vec<PolicyPlan> = defaults
+            .iter()
+            .chain(&own)
+            .cloned()
+            .map(PolicyPlan::Named)
+            .collect();
         if let Some(max) = r.max_request_body.or(config.limits.max_request_body) {
             policies.push(PolicyPlan::BodyLimit(max.0));
         }
@@ -171,7 +222,7 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
         upstreams,
         auth,
         rate_limits,
-        listeners: compile_listeners(&c, config)?,
+        listeners: compile_listeners(&c, config, &named)?,
         trusted_proxies,
         access_log: compile_access_log(&c, config)?,
         bindings: Bindings::of(config),
@@ -229,6 +280,7 @@ fn compile_rate_limits(
 fn compile_listeners(
     c: &validate::Checker,
     config: &Config,
+    named: &BTreeMap<String, NamedPolicy>,
 ) -> Result<Vec<ListenerPlan>, ConfigError> {
     let mut out = Vec::with_capacity(config.listeners.value.len());
     for (name, l) in &config.listeners.value {
@@ -246,12 +298,14 @@ fn compile_listeners(
             })?),
             None => None,
         };
+        let field = format!("listeners.{name}.policies");
         out.push(ListenerPlan {
             name: name.clone(),
             address: l.address.value.0,
             redirect_https: l.redirect_https,
             hsts,
             tls,
+            policies: named::resolve(c, named, &l.policies, &field)?,
         });
     }
     Ok(out)

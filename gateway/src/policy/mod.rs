@@ -16,16 +16,21 @@
 //! `docs/architecture.md` walks through adding a policy.
 
 mod body_limit;
+pub mod headers;
 mod hsts;
 mod https_redirect;
+pub mod ip_list;
 mod jwt;
 mod rate_limit;
 
 pub use body_limit::BodyLimit;
+pub use headers::HeaderRules;
 pub use hsts::Hsts;
 pub use https_redirect::HttpsRedirect;
+pub use ip_list::IpList;
 pub use jwt::Jwt;
 pub use rate_limit::RateLimit;
+use std::sync::Arc;
 
 use crate::headers::HeaderEdits;
 use crate::proxy::answer::Answer;
@@ -44,6 +49,10 @@ pub enum Policy {
     Jwt(Jwt),
     /// Rate limit (429).
     RateLimit(RateLimit),
+    /// Allow and deny by client address (403).
+    IpList(Arc<IpList>),
+    /// Request and response header edits.
+    Headers(Arc<HeaderRules>),
 }
 
 impl Policy {
@@ -55,6 +64,8 @@ impl Policy {
             Policy::BodyLimit(p) => p.on_request(session, ctx),
             Policy::Jwt(p) => p.on_request(session, ctx).await,
             Policy::RateLimit(p) => p.on_request(session, ctx).await,
+            Policy::IpList(p) => p.on_request(ctx),
+            Policy::Headers(_) => Ok(()),
         }
     }
 
@@ -63,9 +74,11 @@ impl Policy {
         &self,
         headers: &mut dyn HeaderEdits,
         ctx: &RequestCtx,
+        uri: &http::Uri,
     ) -> pingora::Result<()> {
         match self {
             Policy::Jwt(p) => p.on_upstream_request(headers, ctx),
+            Policy::Headers(p) => p.on_upstream_request(headers, ctx, uri),
             _ => Ok(()),
         }
     }
@@ -75,6 +88,7 @@ impl Policy {
         match self {
             Policy::Hsts(p) => p.on_response(headers, ctx),
             Policy::RateLimit(p) => p.on_response(headers, ctx),
+            Policy::Headers(p) => p.on_response(headers, ctx),
             _ => Ok(()),
         }
     }
@@ -82,7 +96,11 @@ impl Policy {
     /// Whether `on_upstream_request` does anything (the headers it adds, a token's claims,
     /// are counted per request).
     fn edits_upstream(&self) -> bool {
-        matches!(self, Policy::Jwt(_))
+        match self {
+            Policy::Jwt(_) => true,
+            Policy::Headers(p) => !p.request.is_empty(),
+            _ => false,
+        }
     }
 
     /// Headers `on_response` may add.
@@ -90,6 +108,8 @@ impl Policy {
         match self {
             Policy::Hsts(_) => 1,
             Policy::RateLimit(_) => 2,
+            // Removals alone add nothing but still need the response phase: count one.
+            Policy::Headers(p) => p.response_adds().max(usize::from(!p.response.is_empty())),
             _ => 0,
         }
     }
@@ -102,6 +122,8 @@ impl Policy {
             Policy::BodyLimit(_) => "body_limit",
             Policy::Jwt(_) => "auth",
             Policy::RateLimit(_) => "rate_limit",
+            Policy::IpList(_) => "ip_list",
+            Policy::Headers(_) => "headers",
         }
     }
 }
@@ -149,10 +171,11 @@ impl Pipeline {
         &self,
         headers: &mut dyn HeaderEdits,
         ctx: &RequestCtx,
+        uri: &http::Uri,
     ) -> pingora::Result<()> {
         if self.edits_upstream {
             for policy in self.policies.iter() {
-                policy.on_upstream_request(headers, ctx)?;
+                policy.on_upstream_request(headers, ctx, uri)?;
             }
         }
         Ok(())

@@ -84,7 +84,10 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
         .matches_hosts()
         .then(|| request_host(req))
         .flatten();
-    let Some(index) = rt.router.find(host, &path, &req.method, &req.headers) else {
+    let Some(index) = rt
+        .router
+        .find(host, &path, &req.method, &req.headers, req.uri.query())
+    else {
         return Err(Answer::status(404));
     };
     let route = &rt.routes[index as usize];
@@ -254,12 +257,14 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route() else {
             return Ok(());
         };
+        let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
         let forwarding = rt.forwarding;
         let request_id = ctx.request_id.as_ref().filter(|_| forwarding.request_id);
         if !forwarding.x_forwarded
             && request_id.is_none()
             && ctx.new_traceparent.is_none()
             && !route.policies.edits_upstream()
+            && !listener.is_some_and(|l| l.edits_upstream())
             && rt.identity_headers.is_empty()
         {
             return Ok(());
@@ -276,7 +281,10 @@ impl ProxyHttp for Gateway {
         let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
         let ctx: &RequestCtx = ctx;
         edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
-            route.policies.on_upstream_request(headers, ctx)?;
+            if let Some(listener) = listener {
+                listener.on_upstream_request(headers, ctx, uri)?;
+            }
+            route.policies.on_upstream_request(headers, ctx, uri)?;
             // Identity headers come from verified tokens only, never from the client: the
             // headers a token's claims did not set are removed.
             for name in &rt.identity_headers {
