@@ -1,5 +1,6 @@
-//! Per-request cost of the policies: JWT verification per algorithm, and the rate-limit
-//! decision (one hot key, and keys spread over 10,000 clients).
+//! Per-request cost of the policies: JWT verification per algorithm, the rate-limit decision
+//! (one hot key, and keys spread over 10,000 clients), IP lists of 10 and 10,000 networks, and
+//! header rules (fixed values and placeholders).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use gateway::auth::AuthPolicy;
@@ -97,5 +98,78 @@ fn ratelimit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, jwt, ratelimit);
+fn ip_list(c: &mut Criterion) {
+    use gateway::policy::ip_list::{Cidrs, IpList};
+    use gateway::proxy::context::RequestCtx;
+    let mut group = c.benchmark_group("ip_list");
+    for n in [10u32, 10_000] {
+        let nets = (0..n).map(|i| {
+            let base = i.wrapping_mul(2_654_435_761) & 0xffff_ff00;
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(base.into(), 24).expect("net"))
+        });
+        let list = IpList {
+            allow: None,
+            deny: Cidrs::new(nets),
+        };
+        let ctx = RequestCtx::with_client_ip("192.0.2.77".parse().expect("ip"));
+        group.bench_function(format!("deny_{n}_miss"), |b| {
+            b.iter(|| black_box(list.on_request(black_box(&ctx)).is_ok()))
+        });
+    }
+    group.finish();
+}
+
+fn header_rules(c: &mut Criterion) {
+    use gateway::policy::headers::{parse_name, parse_template, Edits};
+    use gateway::policy::HeaderRules;
+    use gateway::proxy::context::RequestCtx;
+    let mut group = c.benchmark_group("header_rules");
+    let edits = |set: &[(&str, &str)]| Edits {
+        remove: vec![parse_name("x-powered-by").expect("name")],
+        set: set
+            .iter()
+            .map(|(n, v)| {
+                (
+                    parse_name(n).expect("name"),
+                    parse_template(v, false).expect("value"),
+                )
+            })
+            .collect(),
+        append: Vec::new(),
+    };
+    let ctx = RequestCtx::with_client_ip("192.0.2.77".parse().expect("ip"));
+    for (name, set) in [
+        (
+            "fixed_2",
+            vec![
+                ("x-frame-options", "DENY"),
+                ("x-content-type-options", "nosniff"),
+            ],
+        ),
+        ("client_ip", vec![("x-client", "ip={client_ip}")]),
+    ] {
+        let rules = HeaderRules {
+            request: Edits::default(),
+            response: edits(&set),
+        };
+        group.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || {
+                    let mut h = http::HeaderMap::new();
+                    h.insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    h.insert("x-powered-by", http::HeaderValue::from_static("x"));
+                    h
+                },
+                |h| rules.on_response(h, black_box(&ctx)).expect("edit"),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, jwt, ratelimit, ip_list, header_rules);
 criterion_main!(benches);

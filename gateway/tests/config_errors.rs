@@ -53,6 +53,21 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.ip_list",
         ),
         (
+            "a redirect with a status that is no redirect",
+            config("policies:\n  p: { redirect: { to: \"/x\", status: 200 } }\n", ROUTE),
+            "policies.p.redirect.status",
+        ),
+        (
+            "a redirect target with an unknown placeholder",
+            config("policies:\n  p: { redirect: { to: \"/{nope}\" } }\n", ROUTE),
+            "policies.p.redirect.to",
+        ),
+        (
+            "a fixed answer from a file that is not there",
+            config("policies:\n  p: { respond: { status: 200, file: /nonexistent/page.html } }\n", ROUTE),
+            "policies.p.respond.file",
+        ),
+        (
             "a policy of no known kind",
             config("policies:\n  p: { cores: {} }\n", ROUTE),
             "policies.p",

@@ -272,3 +272,70 @@ routes:
         .unwrap();
     assert_eq!(v2_route["match"]["query"][0]["value"], "2 beta", "{routes}");
 }
+
+#[tokio::test]
+async fn routes_answer_by_themselves() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("maintenance.html");
+    std::fs::write(&page, "<h1>Back soon</h1>\n").unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+policies:
+  to_v2: {{ redirect: {{ to: "{{scheme}}://{{host}}{{path}}{{query}}", status: 308 }} }}
+  local: {{ redirect: {{ to: "{{path}}{{query}}", status: 301 }} }}
+  robots: {{ respond: {{ status: 200, body: "User-agent: *\nDisallow: /\n" }} }}
+  maintenance: {{ respond: {{ status: 503, file: "{}", content_type: "text/html; charset=utf-8" }} }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes:
+  - {{ name: old, upstream: b, match: {{ path_regex: "/v1/(.*)" }}, rewrite: "/v2/$1", policies: [to_v2] }}
+  - {{ name: slash, upstream: b, match: {{ path_prefix: /go }}, strip_prefix: true, policies: [local] }}
+  - {{ name: robots, upstream: b, match: {{ path: /robots.txt }}, policies: [robots] }}
+  - {{ name: shop, upstream: b, match: {{ path_prefix: /shop }}, policies: [maintenance] }}
+"#,
+        page.display(),
+        backend.addr
+    ))
+    .await;
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // A capture of path_regex, through the route's rewrite.
+    let r = c.get(gw.url("/v1/items/7?x=1")).send().await.unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"],
+        format!("http://{}/v2/items/7?x=1", gw.http).as_str()
+    );
+    // A target made of the path can never name another host.
+    let r = c.get(gw.url("/go//evil.example/x")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], "/evil.example/x");
+    // A backslash, raw or encoded, is refused before any route (the path checks).
+    let raw = raw_request(
+        gw.http,
+        b"GET /go/\\evil.example HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 400") || raw.contains("location: /evil.example"),
+        "{raw}"
+    );
+    assert!(!raw.to_ascii_lowercase().contains("location: //"), "{raw}");
+    let r = c.get(gw.url("/go/%5Cevil.example")).send().await.unwrap();
+    assert!(r
+        .headers()
+        .get("location")
+        .is_none_or(|l| !l.to_str().unwrap().starts_with("//")));
+    let r = c.get(gw.url("/robots.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.text().await.unwrap(), "User-agent: *\nDisallow: /\n");
+    let r = c.get(gw.url("/shop/cart")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(r.text().await.unwrap(), "<h1>Back soon</h1>\n");
+    assert_eq!(backend.hits(), 0, "nothing went upstream");
+}

@@ -201,6 +201,42 @@ pub enum NamedPolicyConfig {
     IpList(IpListConfig),
     /// Request and response header edits.
     Headers(HeaderRulesConfig),
+    /// Answer with a redirect built from the request.
+    Redirect(RedirectConfig),
+    /// Answer with a fixed status, body and content type.
+    Respond(RespondConfig),
+}
+
+/// `redirect`: answer with a redirect to a target built from the request.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// The target, with `{scheme}`, `{host}`, `{path}`, `{query}`.
+    pub to: Spanned<String>,
+    /// 301, 302, 303, 307 or 308. Default 302.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    302
+}
+
+/// `respond`: answer with a fixed status and body.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RespondConfig {
+    /// The status, 200 to 599.
+    pub status: u16,
+    /// The body, inline. Default: empty.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// The body, from a file (read when the configuration is loaded; at most 1 MiB).
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    /// `Content-Type`. Default `text/plain; charset=utf-8`.
+    #[serde(default)]
+    pub content_type: Option<String>,
 }
 
 /// `ip_list`: CIDRs (or single addresses) allowed and denied. Deny wins over allow; with an

@@ -16,7 +16,7 @@ pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
-use crate::policy::{HeaderRules, IpList, Policy};
+use crate::policy::{HeaderRules, IpList, Policy, Redirect, Respond};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -81,6 +81,10 @@ pub enum NamedPolicy {
     IpList(Arc<IpList>),
     /// `headers`.
     Headers(Arc<HeaderRules>),
+    /// `redirect`.
+    Redirect(Arc<Redirect>),
+    /// `respond`.
+    Respond(Arc<Respond>),
 }
 
 impl NamedPolicy {
@@ -89,6 +93,8 @@ impl NamedPolicy {
         match self {
             NamedPolicy::IpList(p) => Policy::IpList(p.clone()),
             NamedPolicy::Headers(p) => Policy::Headers(p.clone()),
+            NamedPolicy::Redirect(p) => Policy::Redirect(p.clone()),
+            NamedPolicy::Respond(p) => Policy::Respond(p.clone()),
         }
     }
 }
@@ -104,6 +110,8 @@ impl PartialEq for NamedPolicy {
         match (self, other) {
             (NamedPolicy::IpList(a), NamedPolicy::IpList(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Headers(a), NamedPolicy::Headers(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::Redirect(a), NamedPolicy::Redirect(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::Respond(a), NamedPolicy::Respond(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }

@@ -3,10 +3,11 @@
 
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
-use crate::config::{Config, ConfigError, HeaderEditsConfig, NamedPolicyConfig};
+use crate::config::{Config, ConfigError, HeaderEditsConfig, NamedPolicyConfig, RespondConfig};
 use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
-use crate::policy::{HeaderRules, IpList};
+use crate::policy::respond::parse_target;
+use crate::policy::{HeaderRules, IpList, Redirect, Respond};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,10 +60,87 @@ pub(super) fn compile(
                 }
                 NamedPolicy::Headers(Arc::new(HeaderRules { request, response }))
             }
+            NamedPolicyConfig::Redirect(r) => {
+                if ![301, 302, 303, 307, 308].contains(&r.status) {
+                    return Err(c.err_at(
+                        spanned,
+                        format!("{field}.redirect.status"),
+                        "must be 301, 302, 303, 307 or 308",
+                    ));
+                }
+                let to = parse_target(&r.to.value)
+                    .map_err(|m| c.err_at(&r.to, format!("{field}.redirect.to"), m))?;
+                NamedPolicy::Redirect(Arc::new(Redirect {
+                    status: r.status,
+                    to,
+                }))
+            }
+            NamedPolicyConfig::Respond(r) => {
+                NamedPolicy::Respond(Arc::new(respond(c, spanned, r, &field)?))
+            }
         };
         out.insert(name.clone(), policy);
     }
     Ok(out)
+}
+
+/// Largest `respond` body.
+const MAX_BODY: u64 = 1 << 20;
+
+fn respond(
+    c: &Checker,
+    at: &Spanned<NamedPolicyConfig>,
+    r: &RespondConfig,
+    field: &str,
+) -> Result<Respond, ConfigError> {
+    if !(200..=599).contains(&r.status) {
+        return Err(c.err_at(at, format!("{field}.respond.status"), "must be 200 to 599"));
+    }
+    let body = match (&r.body, &r.file) {
+        (Some(_), Some(file)) => {
+            return Err(c.err_at(
+                file,
+                format!("{field}.respond"),
+                "`body` or `file`, not both",
+            ))
+        }
+        (Some(body), None) => bytes::Bytes::from(body.clone()),
+        (None, Some(file)) => {
+            let read = std::fs::metadata(&file.value)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    if m.len() > MAX_BODY {
+                        Err(format!("{} bytes: more than 1 MiB", m.len()))
+                    } else {
+                        std::fs::read(&file.value).map_err(|e| e.to_string())
+                    }
+                })
+                .map_err(|e| {
+                    c.err_at(
+                        file,
+                        format!("{field}.respond.file"),
+                        format!("{}: {e}", file.value),
+                    )
+                })?;
+            bytes::Bytes::from(read)
+        }
+        (None, None) => bytes::Bytes::new(),
+    };
+    let content_type = r
+        .content_type
+        .as_deref()
+        .unwrap_or("text/plain; charset=utf-8");
+    let content_type = http::HeaderValue::from_str(content_type).map_err(|_| {
+        c.err_at(
+            at,
+            format!("{field}.respond.content_type"),
+            "not a valid header value",
+        )
+    })?;
+    Ok(Respond {
+        status: r.status,
+        content: Arc::new((content_type, body)),
+    })
 }
 
 fn edits(

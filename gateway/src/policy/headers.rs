@@ -239,7 +239,8 @@ pub struct HeaderRules {
 }
 
 impl HeaderRules {
-    pub(super) fn on_upstream_request(
+    /// Edits the request sent upstream.
+    pub fn on_upstream_request(
         &self,
         headers: &mut dyn HeaderEdits,
         ctx: &RequestCtx,
@@ -248,7 +249,8 @@ impl HeaderRules {
         self.request.apply(headers, ctx, Some(uri.path()))
     }
 
-    pub(super) fn on_response(
+    /// Edits the response sent to the client.
+    pub fn on_response(
         &self,
         headers: &mut dyn HeaderEdits,
         ctx: &RequestCtx,

@@ -56,7 +56,7 @@ pub struct IpList {
 
 impl IpList {
     /// Refuses a denied client, or one not allowed.
-    pub(super) fn on_request(&self, ctx: &RequestCtx) -> Result<(), Answer> {
+    pub fn on_request(&self, ctx: &RequestCtx) -> Result<(), Answer> {
         let Some(ip) = ctx.client_ip else {
             return Err(Answer::error(403, "client address not allowed"));
         };

@@ -22,6 +22,7 @@ mod https_redirect;
 pub mod ip_list;
 mod jwt;
 mod rate_limit;
+pub mod respond;
 
 pub use body_limit::BodyLimit;
 pub use headers::HeaderRules;
@@ -30,6 +31,7 @@ pub use https_redirect::HttpsRedirect;
 pub use ip_list::IpList;
 pub use jwt::Jwt;
 pub use rate_limit::RateLimit;
+pub use respond::{Redirect, Respond};
 use std::sync::Arc;
 
 use crate::headers::HeaderEdits;
@@ -53,6 +55,10 @@ pub enum Policy {
     IpList(Arc<IpList>),
     /// Request and response header edits.
     Headers(Arc<HeaderRules>),
+    /// A redirect built from the request.
+    Redirect(Arc<Redirect>),
+    /// A fixed answer.
+    Respond(Arc<Respond>),
 }
 
 impl Policy {
@@ -66,6 +72,8 @@ impl Policy {
             Policy::RateLimit(p) => p.on_request(session, ctx).await,
             Policy::IpList(p) => p.on_request(ctx),
             Policy::Headers(_) => Ok(()),
+            Policy::Redirect(p) => p.on_request(session, ctx),
+            Policy::Respond(p) => p.on_request(),
         }
     }
 
@@ -124,6 +132,8 @@ impl Policy {
             Policy::RateLimit(_) => "rate_limit",
             Policy::IpList(_) => "ip_list",
             Policy::Headers(_) => "headers",
+            Policy::Redirect(_) => "redirect",
+            Policy::Respond(_) => "respond",
         }
     }
 }

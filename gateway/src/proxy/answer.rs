@@ -38,6 +38,8 @@ pub struct Answer {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The connection after it.
     pub after: After,
+    /// A body of its own with its content type, in place of the JSON error (`respond`).
+    pub fixed: Option<std::sync::Arc<(HeaderValue, Bytes)>>,
 }
 
 impl Answer {
@@ -48,6 +50,7 @@ impl Answer {
             message: Some(message.into()),
             headers: Vec::new(),
             after: After::KeepAlive,
+            fixed: None,
         }
     }
 
@@ -63,6 +66,15 @@ impl Answer {
             message: None,
             headers: Vec::new(),
             after: After::KeepAlive,
+            fixed: None,
+        }
+    }
+
+    /// An answer with a body of its own (`respond`).
+    pub fn fixed(status: u16, content: std::sync::Arc<(HeaderValue, Bytes)>) -> Answer {
+        Answer {
+            fixed: Some(content),
+            ..Answer::empty(status)
         }
     }
 
@@ -123,10 +135,16 @@ pub async fn write(
             downstream.set_total_drain_timeout(Some(BODY_DRAIN_LIMIT));
         }
     }
-    let body = answer.body(request_id);
+    let (body, content_type) = match answer.fixed.as_deref() {
+        Some((content_type, body)) => (Some(body.clone()), content_type.clone()),
+        None => (
+            answer.body(request_id),
+            HeaderValue::from_static("application/json"),
+        ),
+    };
     let mut resp = ResponseHeader::build(answer.status, Some(3 + answer.headers.len()))?;
     if body.is_some() {
-        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
     }
     resp.insert_header(
         http::header::CONTENT_LENGTH,

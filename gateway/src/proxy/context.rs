@@ -156,3 +156,13 @@ impl RequestCtx {
         }
     }
 }
+
+impl RequestCtx {
+    /// A context for a request from `ip`, for the policies' benchmarks.
+    pub fn with_client_ip(ip: IpAddr) -> RequestCtx {
+        RequestCtx {
+            client_ip: Some(ip),
+            ..Default::default()
+        }
+    }
+}
