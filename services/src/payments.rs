@@ -30,9 +30,12 @@ const SCHEMA: &[&str] = &[
         amount_cents BIGINT NOT NULL,
         currency TEXT NOT NULL,
         status TEXT NOT NULL,
-        created_at TEXT NOT NULL)",
+        created_at TEXT NOT NULL,
+        UNIQUE (user_id, idempotency_key))",
     // Keys are each caller's own, as Stripe scopes them to an account: two users may both
-    // send `order-1`.
+    // send `order-1`. The constraint is in the table, so that a SQLite connection that read
+    // the schema before another replica added an index still sees it; this index brings it
+    // to a table made before keys were per caller.
     "CREATE UNIQUE INDEX IF NOT EXISTS payments_user_key ON payments (user_id, idempotency_key)",
 ];
 
