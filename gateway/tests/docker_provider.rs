@@ -179,6 +179,15 @@ async fn containers_declare_routes_through_labels() {
         route_names(&gw).await.contains("web")
     })
     .await;
+    // The container runs before its server listens: the first requests may find nothing
+    // there (and the replica resting after that failure), then it answers.
+    eventually("a answers", Duration::from_secs(20), || async {
+        match client().get(gw.url("/web/x")).send().await {
+            Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == a),
+            _ => false,
+        }
+    })
+    .await;
     assert_eq!(
         answered_by(&gw, "/web/x", 3).await,
         BTreeSet::from([a.clone()])
