@@ -68,6 +68,16 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.respond.file",
         ),
         (
+            "CORS for any origin with credentials",
+            config("policies:\n  p: { cors: { allow_origins: [\"*\"], allow_credentials: true } }\n", ROUTE),
+            "policies.p.cors.allow_origins",
+        ),
+        (
+            "a CORS origin with a path",
+            config("policies:\n  p: { cors: { allow_origins: [\"https://a.example/x\"] } }\n", ROUTE),
+            "policies.p.cors.allow_origins",
+        ),
+        (
             "a policy of no known kind",
             config("policies:\n  p: { cores: {} }\n", ROUTE),
             "policies.p",

@@ -339,3 +339,119 @@ routes:
     assert_eq!(r.text().await.unwrap(), "<h1>Back soon</h1>\n");
     assert_eq!(backend.hits(), 0, "nothing went upstream");
 }
+
+#[tokio::test]
+async fn cors_preflights_are_answered_at_the_edge() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        r#"
+policies:
+  app: {{ cors: {{ allow_origins: ["https://app.example.com", "https://*.example.org"], allow_methods: [GET, PUT, DELETE], allow_headers: [Content-Type, Authorization], allow_credentials: true, max_age: 10m, expose_headers: [X-Request-Id] }} }}
+  public: {{ cors: {{ allow_origins: ["*"] }} }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes:
+  - {{ name: api, upstream: b, match: {{ path_prefix: /api }}, policies: [app] }}
+  - {{ name: pub, upstream: b, match: {{ path_prefix: /pub }}, policies: [public] }}
+"#,
+        backend.addr
+    ))
+    .await;
+    let c = client();
+    let preflight = |origin: &'static str, method: &'static str, headers: Option<&'static str>| {
+        let mut req = c
+            .request(reqwest::Method::OPTIONS, gw.url("/api/items/1"))
+            .header("origin", origin)
+            .header("access-control-request-method", method);
+        if let Some(h) = headers {
+            req = req.header("access-control-request-headers", h);
+        }
+        req.send()
+    };
+    // An allowed preflight: answered here with what the browser needs.
+    let r = preflight(
+        "https://app.example.com",
+        "PUT",
+        Some("content-type, authorization"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-methods"], "GET, PUT, DELETE");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "content-type, authorization"
+    );
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "600");
+    assert!(h["vary"].to_str().unwrap().contains("Origin"));
+    // A wildcard subdomain.
+    let r = preflight("https://a.b.example.org", "DELETE", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://a.b.example.org"
+    );
+    // Refused: another origin, `null`, a method or a header not allowed: no CORS headers.
+    for (origin, method, headers) in [
+        ("https://evil.example", "PUT", None),
+        ("null", "GET", None),
+        ("https://app.example.com", "PATCH", None),
+        ("https://app.example.com", "PUT", Some("x-secret")),
+        ("https://example.org", "GET", None),
+    ] {
+        let r = preflight(origin, method, headers).await.unwrap();
+        assert_eq!(r.status(), 204, "{origin} {method}");
+        assert!(
+            r.headers().get("access-control-allow-origin").is_none(),
+            "{origin} {method} {headers:?}"
+        );
+    }
+    assert_eq!(backend.hits(), 0, "no preflight went upstream");
+
+    // The actual request: an allowed origin gets its headers, another none; Vary either way.
+    let r = c
+        .put(gw.url("/api/items/1"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    assert_eq!(r.headers()["access-control-expose-headers"], "x-request-id");
+    assert!(r.headers().get_all("vary").iter().any(|v| v == "Origin"));
+    let r = c
+        .get(gw.url("/api/x"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    assert!(r.headers().get_all("vary").iter().any(|v| v == "Origin"));
+    // Any origin, no credentials: `*`, and the answer does not depend on the origin.
+    let r = c
+        .get(gw.url("/pub/x"))
+        .header("origin", "null")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert!(r
+        .headers()
+        .get("access-control-allow-credentials")
+        .is_none());
+    // An OPTIONS that is no preflight goes upstream as any request.
+    let r = c
+        .request(reqwest::Method::OPTIONS, gw.url("/api/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo(r).await["method"], "OPTIONS");
+}

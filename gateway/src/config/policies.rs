@@ -205,6 +205,31 @@ pub enum NamedPolicyConfig {
     Redirect(RedirectConfig),
     /// Answer with a fixed status, body and content type.
     Respond(RespondConfig),
+    /// Cross-origin requests (preflights answered here).
+    Cors(CorsConfig),
+}
+
+/// `cors`: which origins may call the routes from a browser, and how.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// `*`, exact origins (`https://app.example.com`) or wildcards (`https://*.example.com`).
+    pub allow_origins: Spanned<Vec<String>>,
+    /// Methods a preflight may ask for. Default GET, HEAD, POST.
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    /// Request headers a preflight may ask for. Default none.
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    /// Allow credentials (cookies, `Authorization`). Default false; never with `*`.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long a browser may cache a preflight's answer. Default: not sent.
+    #[serde(default)]
+    pub max_age: Option<Dur>,
+    /// Response headers scripts may read. Default none.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
 }
 
 /// `redirect`: answer with a redirect to a target built from the request.

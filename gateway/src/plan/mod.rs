@@ -16,7 +16,7 @@ pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
-use crate::policy::{HeaderRules, IpList, Policy, Redirect, Respond};
+use crate::policy::{Cors, HeaderRules, IpList, Policy, Redirect, Respond};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -85,6 +85,8 @@ pub enum NamedPolicy {
     Redirect(Arc<Redirect>),
     /// `respond`.
     Respond(Arc<Respond>),
+    /// `cors`.
+    Cors(Arc<Cors>),
 }
 
 impl NamedPolicy {
@@ -95,6 +97,7 @@ impl NamedPolicy {
             NamedPolicy::Headers(p) => Policy::Headers(p.clone()),
             NamedPolicy::Redirect(p) => Policy::Redirect(p.clone()),
             NamedPolicy::Respond(p) => Policy::Respond(p.clone()),
+            NamedPolicy::Cors(p) => Policy::Cors(p.clone()),
         }
     }
 }
@@ -112,6 +115,7 @@ impl PartialEq for NamedPolicy {
             (NamedPolicy::Headers(a), NamedPolicy::Headers(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Redirect(a), NamedPolicy::Redirect(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Respond(a), NamedPolicy::Respond(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::Cors(a), NamedPolicy::Cors(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }

@@ -3,11 +3,14 @@
 
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
-use crate::config::{Config, ConfigError, HeaderEditsConfig, NamedPolicyConfig, RespondConfig};
+use crate::config::{
+    Config, ConfigError, CorsConfig, HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
+};
+use crate::policy::cors::parse_origins;
 use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
-use crate::policy::{HeaderRules, IpList, Redirect, Respond};
+use crate::policy::{Cors, HeaderRules, IpList, Redirect, Respond};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -75,6 +78,9 @@ pub(super) fn compile(
                     to,
                 }))
             }
+            NamedPolicyConfig::Cors(cors) => {
+                NamedPolicy::Cors(Arc::new(compile_cors(c, cors, &field)?))
+            }
             NamedPolicyConfig::Respond(r) => {
                 NamedPolicy::Respond(Arc::new(respond(c, spanned, r, &field)?))
             }
@@ -82,6 +88,52 @@ pub(super) fn compile(
         out.insert(name.clone(), policy);
     }
     Ok(out)
+}
+
+fn compile_cors(c: &Checker, cors: &CorsConfig, field: &str) -> Result<Cors, ConfigError> {
+    let at = &cors.allow_origins;
+    let err = |what: &str, m: String| c.err_at(at, format!("{field}.cors.{what}"), m);
+    let origins =
+        parse_origins(&at.value, cors.allow_credentials).map_err(|m| err("allow_origins", m))?;
+    let mut methods = Vec::new();
+    for m in &cors.allow_methods {
+        let method = http::Method::from_bytes(m.as_bytes())
+            .ok()
+            .filter(|_| m.bytes().all(|b| b.is_ascii_uppercase()))
+            .ok_or_else(|| {
+                err(
+                    "allow_methods",
+                    format!("{m:?} is not an upper-case method"),
+                )
+            })?;
+        methods.push(method);
+    }
+    if methods.is_empty() {
+        methods = vec![http::Method::GET, http::Method::HEAD, http::Method::POST];
+    }
+    let names = |list: &[String], what: &str| {
+        list.iter()
+            .map(|n| {
+                http::HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| err(what, format!("{n:?} is not a header name")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let headers = names(&cors.allow_headers, "allow_headers")?;
+    let expose = names(&cors.expose_headers, "expose_headers")?;
+    let join = |items: Vec<String>| http::HeaderValue::from_str(&items.join(", ")).ok();
+    Ok(Cors {
+        origins,
+        methods_value: join(methods.iter().map(|m| m.to_string()).collect())
+            .ok_or_else(|| err("allow_methods", "not a valid header value".into()))?,
+        methods,
+        headers,
+        credentials: cors.allow_credentials,
+        max_age: cors.max_age.map(|d| http::HeaderValue::from(d.0.as_secs())),
+        expose: (!expose.is_empty())
+            .then(|| join(expose.iter().map(|h| h.to_string()).collect()))
+            .flatten(),
+    })
 }
 
 /// Largest `respond` body.

@@ -16,6 +16,7 @@
 //! `docs/architecture.md` walks through adding a policy.
 
 mod body_limit;
+pub mod cors;
 pub mod headers;
 mod hsts;
 mod https_redirect;
@@ -25,6 +26,7 @@ mod rate_limit;
 pub mod respond;
 
 pub use body_limit::BodyLimit;
+pub use cors::Cors;
 pub use headers::HeaderRules;
 pub use hsts::Hsts;
 pub use https_redirect::HttpsRedirect;
@@ -59,6 +61,8 @@ pub enum Policy {
     Redirect(Arc<Redirect>),
     /// A fixed answer.
     Respond(Arc<Respond>),
+    /// Cross-origin requests.
+    Cors(Arc<Cors>),
 }
 
 impl Policy {
@@ -74,6 +78,7 @@ impl Policy {
             Policy::Headers(_) => Ok(()),
             Policy::Redirect(p) => p.on_request(session, ctx),
             Policy::Respond(p) => p.on_request(),
+            Policy::Cors(p) => p.on_request(session, ctx),
         }
     }
 
@@ -92,11 +97,17 @@ impl Policy {
     }
 
     /// Edits the headers that go to the client.
-    fn on_response(&self, headers: &mut dyn HeaderEdits, ctx: &RequestCtx) -> pingora::Result<()> {
+    fn on_response(
+        &self,
+        headers: &mut dyn HeaderEdits,
+        ctx: &RequestCtx,
+        request: &http::HeaderMap,
+    ) -> pingora::Result<()> {
         match self {
             Policy::Hsts(p) => p.on_response(headers, ctx),
             Policy::RateLimit(p) => p.on_response(headers, ctx),
             Policy::Headers(p) => p.on_response(headers, ctx),
+            Policy::Cors(p) => p.on_response(headers, request),
             _ => Ok(()),
         }
     }
@@ -118,6 +129,7 @@ impl Policy {
             Policy::RateLimit(_) => 2,
             // Removals alone add nothing but still need the response phase: count one.
             Policy::Headers(p) => p.response_adds().max(usize::from(!p.response.is_empty())),
+            Policy::Cors(_) => 4,
             _ => 0,
         }
     }
@@ -134,6 +146,7 @@ impl Policy {
             Policy::Headers(_) => "headers",
             Policy::Redirect(_) => "redirect",
             Policy::Respond(_) => "respond",
+            Policy::Cors(_) => "cors",
         }
     }
 }
@@ -201,10 +214,11 @@ impl Pipeline {
         &self,
         headers: &mut dyn HeaderEdits,
         ctx: &RequestCtx,
+        request: &http::HeaderMap,
     ) -> pingora::Result<()> {
         if self.response_headers > 0 {
             for policy in self.policies.iter() {
-                policy.on_response(headers, ctx)?;
+                policy.on_response(headers, ctx, request)?;
             }
         }
         Ok(())

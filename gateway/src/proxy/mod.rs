@@ -342,13 +342,14 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let Some(rt) = ctx.rt.as_ref() else {
             return Ok(());
         };
+        let request = &session.req_header().headers;
         let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
         let route = ctx.route();
         let adds = usize::from(ctx.request_id.is_some())
@@ -360,7 +361,7 @@ impl ProxyHttp for Gateway {
         let ctx: &RequestCtx = ctx;
         edit_response(resp, rt.forwarding.preserve_header_case, adds, |headers| {
             if let Some(listener) = listener {
-                listener.on_response(headers, ctx)?;
+                listener.on_response(headers, ctx, request)?;
             }
             // Values that differ on every response are marked never-indexed, for HTTP/2: HPACK
             // would add each to the connection's table, where none is used again.
@@ -368,7 +369,7 @@ impl ProxyHttp for Gateway {
                 headers.set(&X_REQUEST_ID, never_indexed(id.clone()))?;
             }
             if let Some(route) = route {
-                route.policies.on_response(headers, ctx)?;
+                route.policies.on_response(headers, ctx, request)?;
             }
             Ok(())
         })
