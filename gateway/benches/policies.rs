@@ -171,5 +171,42 @@ fn header_rules(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, jwt, ratelimit, ip_list, header_rules);
+fn cors(c: &mut Criterion) {
+    use gateway::policy::cors::{parse_origins, Cors};
+    let mut group = c.benchmark_group("cors");
+    let origins: Vec<String> = ["https://app.example.com", "https://*.example.org"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let policy = Cors {
+        origins: parse_origins(&origins, true).expect("origins"),
+        methods: vec![http::Method::GET, http::Method::PUT],
+        methods_value: http::HeaderValue::from_static("GET, PUT"),
+        headers: vec![http::HeaderName::from_static("content-type")],
+        credentials: true,
+        max_age: Some(http::HeaderValue::from_static("600")),
+        expose: None,
+    };
+    let mut request = http::HeaderMap::new();
+    request.insert(
+        "origin",
+        http::HeaderValue::from_static("https://a.example.org"),
+    );
+    group.bench_function("response_allowed_wildcard", |b| {
+        b.iter_batched_ref(
+            http::HeaderMap::new,
+            |h| policy.on_response(h, black_box(&request)).expect("edit"),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let origin = http::HeaderValue::from_static("https://app.example.com");
+    let method = http::HeaderValue::from_static("PUT");
+    let asked = http::HeaderValue::from_static("content-type");
+    group.bench_function("preflight_allowed", |b| {
+        b.iter(|| policy.preflight(black_box(&origin), &method, Some(&asked)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, jwt, ratelimit, ip_list, header_rules, cors);
 criterion_main!(benches);
