@@ -78,6 +78,16 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.cors.allow_origins",
         ),
         (
+            "an error page for a status that is no error",
+            config("", "  - { name: r, upstream: u, error_pages: { 200: { body: x } } }\n"),
+            "routes[0].error_pages.200",
+        ),
+        (
+            "an error page with neither body nor file",
+            config("", "  - { name: r, upstream: u, error_pages: { 404: { content_type: text/plain } } }\n"),
+            "routes[0].error_pages.404",
+        ),
+        (
             "a policy of no known kind",
             config("policies:\n  p: { cores: {} }\n", ROUTE),
             "policies.p",

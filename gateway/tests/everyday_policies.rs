@@ -455,3 +455,59 @@ routes:
         .unwrap();
     assert_eq!(echo(r).await["method"], "OPTIONS");
 }
+
+#[tokio::test]
+async fn error_pages_replace_the_json_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("502.html");
+    std::fs::write(&page, "<h1>{status}</h1><p>id {request_id}</p>\n").unwrap();
+    let dead = DeadPort::reserve();
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start_with(
+        ", error_pages: { 404: { body: \"nothing here ({request_id})\", content_type: text/plain } }",
+        "",
+        &format!(
+            r#"
+upstreams:
+  b: {{ targets: ["{}"] }}
+  dead: {{ targets: ["127.0.0.1:{}"], retries: 0 }}
+routes:
+  - {{ name: ok, upstream: b, match: {{ path_prefix: /ok }} }}
+  - {{ name: down, upstream: dead, match: {{ path_prefix: /down }}, error_pages: {{ 502: {{ file: "{}" }} }} }}
+"#,
+            backend.addr,
+            dead.port,
+            page.display()
+        ),
+    )
+    .await;
+    let c = client();
+    // The listener's page for "no route".
+    let r = c.get(gw.url("/nowhere")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.text().await.unwrap(), format!("nothing here ({id})"));
+    // The route's page for an upstream that refuses connections.
+    let r = c.get(gw.url("/down")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("<h1>502</h1><p>id {id}</p>\n")
+    );
+    // Statuses without a page stay JSON.
+    let raw = raw_request(
+        gw.http,
+        b"GET /ok HTTP/1.1\r\nConnection: close\r\n\r\n",
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{raw}"
+    );
+}

@@ -3,6 +3,7 @@
 use super::*;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
 
 /// A client-facing listener.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -25,6 +26,10 @@ pub struct ListenerConfig {
     /// Named policies (`policies:`) run for every request on this listener, before routing.
     #[serde(default)]
     pub policies: Vec<Spanned<String>>,
+    /// Bodies of the answers the gateway makes itself on this listener, by status (a route's
+    /// own pages come first).
+    #[serde(default)]
+    pub error_pages: BTreeMap<u16, Spanned<ErrorPageConfig>>,
 }
 
 /// TLS on a listener.

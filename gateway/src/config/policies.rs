@@ -304,3 +304,18 @@ pub struct HeaderEditsConfig {
     #[serde(default)]
     pub append: BTreeMap<String, Spanned<String>>,
 }
+
+/// One error page: the body of an answer the gateway makes itself with this status.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorPageConfig {
+    /// The body, inline (`{request_id}` and `{status}` filled in).
+    #[serde(default)]
+    pub body: Option<String>,
+    /// The body, from a file read when the configuration is loaded (at most 1 MiB).
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    /// `Content-Type`. Default `text/html; charset=utf-8`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+}

@@ -3,6 +3,7 @@
 use super::*;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
 
 /// Per-route overrides of the upstream's timeouts.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -56,6 +57,9 @@ pub struct RouteConfig {
     /// before `auth` and `rate_limit`.
     #[serde(default)]
     pub policies: Vec<Spanned<String>>,
+    /// Bodies of the answers the gateway makes itself for this route, by status.
+    #[serde(default)]
+    pub error_pages: BTreeMap<u16, Spanned<ErrorPageConfig>>,
     /// Overrides `limits.max_request_body` for this route.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,

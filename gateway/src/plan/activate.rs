@@ -207,7 +207,7 @@ fn route(
         upstream,
         rewrite: r.rewrite,
         timeouts: r.timeouts,
-        policies: Pipeline::new(policies),
+        policies: Pipeline::new(policies).with_error_pages(r.error_pages),
         matcher: r.matcher,
     })
 }
@@ -227,8 +227,9 @@ fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners 
             policies.push(Policy::Hsts(Hsts { value }));
         }
         policies.extend(l.policies.iter().map(|p| p.policy()));
-        if !policies.is_empty() {
-            pipelines.push((l.address, Pipeline::new(policies)));
+        let pipeline = Pipeline::new(policies).with_error_pages(l.error_pages);
+        if !pipeline.is_empty() {
+            pipelines.push((l.address, pipeline));
         }
         let Some((certs, poll)) = l.tls else { continue };
         let store = match previous.and_then(|p| p.tls_stores.get(&l.name)) {

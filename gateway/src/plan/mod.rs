@@ -72,6 +72,8 @@ pub struct RoutePlan {
     pub policies: Vec<PolicyPlan>,
     /// What it matches, for the admin views.
     pub matcher: serde_json::Value,
+    /// Bodies of the gateway's own answers for it.
+    pub error_pages: Option<Arc<crate::policy::ErrorPages>>,
 }
 
 /// A compiled named policy (`policies:`), shared by every route and listener that lists it.
@@ -150,6 +152,8 @@ pub struct ListenerPlan {
     pub tls: Option<(LoadedCerts, std::time::Duration)>,
     /// Named policies run before routing.
     pub policies: Vec<NamedPolicy>,
+    /// Bodies of the gateway's own answers on it.
+    pub error_pages: Option<Arc<crate::policy::ErrorPages>>,
 }
 
 /// Reads, parses and compiles a configuration file: what `gateway check` reports, and the
@@ -210,6 +214,11 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
             retries: r.retries,
             policies,
             matcher: r.matcher.describe(),
+            error_pages: named::error_pages(
+                &c,
+                &r.error_pages,
+                &format!("routes[{i}].error_pages"),
+            )?,
         });
     }
     let upstreams = config
@@ -318,6 +327,11 @@ fn compile_listeners(
             hsts,
             tls,
             policies: named::resolve(c, named, &l.policies, &field)?,
+            error_pages: named::error_pages(
+                c,
+                &l.error_pages,
+                &format!("listeners.{name}.error_pages"),
+            )?,
         });
     }
     Ok(out)

@@ -4,13 +4,14 @@
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
 use crate::config::{
-    Config, ConfigError, CorsConfig, HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
+    Config, ConfigError, CorsConfig, ErrorPageConfig, HeaderEditsConfig, NamedPolicyConfig,
+    RespondConfig,
 };
 use crate::policy::cors::parse_origins;
 use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
-use crate::policy::{Cors, HeaderRules, IpList, Redirect, Respond};
+use crate::policy::{Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect, Respond};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -136,8 +137,62 @@ fn compile_cors(c: &Checker, cors: &CorsConfig, field: &str) -> Result<Cors, Con
     })
 }
 
-/// Largest `respond` body.
+/// Largest `respond` body or error page.
 const MAX_BODY: u64 = 1 << 20;
+
+/// A body from a file, at most [`MAX_BODY`] bytes.
+fn read_body(c: &Checker, file: &Spanned<String>, field: String) -> Result<Vec<u8>, ConfigError> {
+    std::fs::metadata(&file.value)
+        .map_err(|e| e.to_string())
+        .and_then(|m| {
+            if m.len() > MAX_BODY {
+                Err(format!("{} bytes: more than 1 MiB", m.len()))
+            } else {
+                std::fs::read(&file.value).map_err(|e| e.to_string())
+            }
+        })
+        .map_err(|e| c.err_at(file, field, format!("{}: {e}", file.value)))
+}
+
+/// A listener's or a route's error pages.
+pub(super) fn error_pages(
+    c: &Checker,
+    pages: &BTreeMap<u16, Spanned<ErrorPageConfig>>,
+    field: &str,
+) -> Result<Option<Arc<ErrorPages>>, ConfigError> {
+    if pages.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for (status, page) in pages {
+        let at = format!("{field}.{status}");
+        if !(400..=599).contains(status) {
+            return Err(c.err_at(page, at, "an error page is for a status from 400 to 599"));
+        }
+        let text = match (&page.value.body, &page.value.file) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(c.err_at(page, at, "needs `body` or `file` (one of them)"))
+            }
+            (Some(body), None) => body.clone(),
+            (None, Some(file)) => String::from_utf8(read_body(c, file, format!("{at}.file"))?)
+                .map_err(|_| c.err_at(file, format!("{at}.file"), "not UTF-8 text"))?,
+        };
+        let content_type = page
+            .value
+            .content_type
+            .as_deref()
+            .unwrap_or("text/html; charset=utf-8");
+        let content_type = http::HeaderValue::from_str(content_type).map_err(|_| {
+            c.err_at(
+                page,
+                format!("{at}.content_type"),
+                "not a valid header value",
+            )
+        })?;
+        out.push((*status, ErrorPage::new(content_type, &text)));
+    }
+    Ok(Some(Arc::new(ErrorPages(out))))
+}
 
 fn respond(
     c: &Checker,
@@ -158,23 +213,7 @@ fn respond(
         }
         (Some(body), None) => bytes::Bytes::from(body.clone()),
         (None, Some(file)) => {
-            let read = std::fs::metadata(&file.value)
-                .map_err(|e| e.to_string())
-                .and_then(|m| {
-                    if m.len() > MAX_BODY {
-                        Err(format!("{} bytes: more than 1 MiB", m.len()))
-                    } else {
-                        std::fs::read(&file.value).map_err(|e| e.to_string())
-                    }
-                })
-                .map_err(|e| {
-                    c.err_at(
-                        file,
-                        format!("{field}.respond.file"),
-                        format!("{}: {e}", file.value),
-                    )
-                })?;
-            bytes::Bytes::from(read)
+            bytes::Bytes::from(read_body(c, file, format!("{field}.respond.file"))?)
         }
         (None, None) => bytes::Bytes::new(),
     };

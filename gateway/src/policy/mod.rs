@@ -17,6 +17,7 @@
 
 mod body_limit;
 pub mod cors;
+pub mod error_pages;
 pub mod headers;
 mod hsts;
 mod https_redirect;
@@ -27,6 +28,7 @@ pub mod respond;
 
 pub use body_limit::BodyLimit;
 pub use cors::Cors;
+pub use error_pages::{ErrorPage, ErrorPages};
 pub use headers::HeaderRules;
 pub use hsts::Hsts;
 pub use https_redirect::HttpsRedirect;
@@ -159,6 +161,8 @@ pub struct Pipeline {
     response_headers: usize,
     /// Some policy edits the upstream request.
     edits_upstream: bool,
+    /// Bodies of the gateway's own answers, by status.
+    error_pages: Option<Arc<ErrorPages>>,
 }
 
 impl Pipeline {
@@ -168,7 +172,24 @@ impl Pipeline {
             response_headers: policies.iter().map(Policy::response_headers).sum(),
             edits_upstream: policies.iter().any(Policy::edits_upstream),
             policies: policies.into_boxed_slice(),
+            error_pages: None,
         }
+    }
+
+    /// The pipeline with these error pages.
+    pub fn with_error_pages(mut self, pages: Option<Arc<ErrorPages>>) -> Pipeline {
+        self.error_pages = pages;
+        self
+    }
+
+    /// The page for an answer with `status` the gateway makes itself, if one is set.
+    pub fn error_page(&self, status: u16) -> Option<&ErrorPage> {
+        self.error_pages.as_ref()?.get(status)
+    }
+
+    /// Whether it has anything to run or to answer with.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.error_pages.is_none()
     }
 
     /// The policies, in order.

@@ -125,6 +125,7 @@ pub async fn write(
     session: &mut Session,
     answer: &Answer,
     request_id: Option<&HeaderValue>,
+    page: Option<&crate::policy::ErrorPage>,
 ) -> Result<()> {
     match answer.after {
         After::KeepAlive => {}
@@ -135,9 +136,14 @@ pub async fn write(
             downstream.set_total_drain_timeout(Some(BODY_DRAIN_LIMIT));
         }
     }
-    let (body, content_type) = match answer.fixed.as_deref() {
-        Some((content_type, body)) => (Some(body.clone()), content_type.clone()),
-        None => (
+    let (body, content_type) = match (answer.fixed.as_deref(), page) {
+        (Some((content_type, body)), _) => (Some(body.clone()), content_type.clone()),
+        // A JSON error answer, replaced by the configured page.
+        (None, Some(page)) if answer.message.is_some() => (
+            Some(page.render(answer.status, request_id)),
+            page.content_type.clone(),
+        ),
+        _ => (
             answer.body(request_id),
             HeaderValue::from_static("application/json"),
         ),

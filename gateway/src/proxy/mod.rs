@@ -103,6 +103,17 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
     route.policies.on_request(session, ctx).await
 }
 
+/// The page configured for an answer with `status`: the route's, else the listener's.
+fn error_page(ctx: &RequestCtx, status: u16) -> Option<&crate::policy::ErrorPage> {
+    let rt = ctx.rt.as_ref()?;
+    ctx.route()
+        .and_then(|r| r.policies.error_page(status))
+        .or_else(|| {
+            ctx.listener
+                .and_then(|i| rt.listeners[i as usize].1.error_page(status))
+        })
+}
+
 /// The access-log record of a finished request, borrowed from it.
 fn access_record<'a>(
     session: &'a Session,
@@ -172,7 +183,8 @@ impl ProxyHttp for Gateway {
             Err(refused) => {
                 // Bodiless answers (redirects) carry no request id.
                 let id = refused.message.as_ref().map(|_| ctx.request_id().clone());
-                answer::write(session, &refused, id.as_ref()).await?;
+                let page = error_page(ctx, refused.status);
+                answer::write(session, &refused, id.as_ref(), page).await?;
                 Ok(true)
             }
         }
@@ -466,7 +478,8 @@ impl ProxyHttp for Gateway {
         if code > 0 && session.response_written().is_none() {
             let refused = Answer::status(code).then(answer::After::Close);
             let id = ctx.request_id().clone();
-            let _ = answer::write(session, &refused, Some(&id)).await;
+            let page = error_page(ctx, code);
+            let _ = answer::write(session, &refused, Some(&id), page).await;
         }
         FailToProxy {
             error_code: code,
