@@ -511,3 +511,38 @@ routes:
         "{raw}"
     );
 }
+
+#[tokio::test]
+async fn the_gateways_own_answers_carry_the_response_edits() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&format!(
+        r#"
+auth:
+  t: {{ secret: "an-hmac-secret-that-is-long-enough-0123456789" }}
+policies:
+  app: {{ cors: {{ allow_origins: ["https://app.example.com"], allow_credentials: true }} }}
+  tag: {{ headers: {{ response: {{ set: {{ X-Frame-Options: DENY }} }} }} }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes:
+  - {{ name: api, upstream: b, match: {{ path_prefix: /api }}, policies: [app, tag], auth: t }}
+"#,
+        backend.addr
+    ))
+    .await;
+    // A browser can read the 401 (CORS), and it has the route's header rules.
+    let r = client()
+        .get(gw.url("/api/me"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert!(r.headers().get("www-authenticate").is_some());
+    assert_eq!(r.headers()["content-type"], "application/json");
+}

@@ -161,6 +161,10 @@ impl Cors {
         headers: &mut dyn HeaderEdits,
         request: &http::HeaderMap,
     ) -> pingora::Result<()> {
+        // A preflight's own answer already says all there is (a refused one, nothing).
+        if request.contains_key(ACCESS_CONTROL_REQUEST_METHOD) {
+            return Ok(());
+        }
         let depends_on_origin = self.origins != Origins::Any || self.credentials;
         if depends_on_origin {
             headers.append(&VARY, HeaderValue::from_static("Origin"))?;

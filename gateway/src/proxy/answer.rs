@@ -120,13 +120,27 @@ pub fn message_for(status: u16) -> &'static str {
     }
 }
 
+/// What a gateway answer takes from the request's listener and route: its error page, and the
+/// response edits of their policies (CORS, header rules, HSTS), so that a refusal a browser
+/// reads carries them too.
+#[derive(Default)]
+pub struct Dressing<'a> {
+    /// The page for the answer's status.
+    pub page: Option<&'a crate::policy::ErrorPage>,
+    /// The listener's and the route's pipelines, in that order.
+    pub pipelines: [Option<&'a crate::policy::Pipeline>; 2],
+    /// The request's context.
+    pub ctx: Option<&'a crate::proxy::context::RequestCtx>,
+}
+
 /// Writes `answer` to the client, with `request_id` in the body and as `X-Request-Id`.
 pub async fn write(
     session: &mut Session,
     answer: &Answer,
     request_id: Option<&HeaderValue>,
-    page: Option<&crate::policy::ErrorPage>,
+    dressing: Dressing<'_>,
 ) -> Result<()> {
+    let page = dressing.page;
     match answer.after {
         After::KeepAlive => {}
         After::Close => session.set_keepalive(None),
@@ -161,6 +175,12 @@ pub async fn write(
     }
     for (name, value) in &answer.headers {
         resp.insert_header(name.clone(), value.clone())?;
+    }
+    if let Some(ctx) = dressing.ctx {
+        let request = &session.req_header().headers;
+        for pipeline in dressing.pipelines.into_iter().flatten() {
+            pipeline.on_response(&mut resp, ctx, request)?;
+        }
     }
     match body {
         Some(body) => {

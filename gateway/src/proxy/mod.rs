@@ -103,15 +103,21 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
     route.policies.on_request(session, ctx).await
 }
 
-/// The page configured for an answer with `status`: the route's, else the listener's.
-fn error_page(ctx: &RequestCtx, status: u16) -> Option<&crate::policy::ErrorPage> {
-    let rt = ctx.rt.as_ref()?;
-    ctx.route()
-        .and_then(|r| r.policies.error_page(status))
-        .or_else(|| {
-            ctx.listener
-                .and_then(|i| rt.listeners[i as usize].1.error_page(status))
-        })
+/// What an answer with `status` takes from the listener and the route: the route's error page,
+/// else the listener's, and both pipelines' response edits.
+fn dressing(ctx: &RequestCtx, status: u16) -> answer::Dressing<'_> {
+    let Some(rt) = ctx.rt.as_ref() else {
+        return answer::Dressing::default();
+    };
+    let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
+    let route = ctx.route().map(|r| &r.policies);
+    answer::Dressing {
+        page: route
+            .and_then(|p| p.error_page(status))
+            .or_else(|| listener.and_then(|p| p.error_page(status))),
+        pipelines: [listener, route],
+        ctx: Some(ctx),
+    }
 }
 
 /// The access-log record of a finished request, borrowed from it.
@@ -183,8 +189,8 @@ impl ProxyHttp for Gateway {
             Err(refused) => {
                 // Bodiless answers (redirects) carry no request id.
                 let id = refused.message.as_ref().map(|_| ctx.request_id().clone());
-                let page = error_page(ctx, refused.status);
-                answer::write(session, &refused, id.as_ref(), page).await?;
+                let dressing = dressing(ctx, refused.status);
+                answer::write(session, &refused, id.as_ref(), dressing).await?;
                 Ok(true)
             }
         }
@@ -478,8 +484,8 @@ impl ProxyHttp for Gateway {
         if code > 0 && session.response_written().is_none() {
             let refused = Answer::status(code).then(answer::After::Close);
             let id = ctx.request_id().clone();
-            let page = error_page(ctx, code);
-            let _ = answer::write(session, &refused, Some(&id), page).await;
+            let dressing = dressing(ctx, code);
+            let _ = answer::write(session, &refused, Some(&id), dressing).await;
         }
         FailToProxy {
             error_code: code,
