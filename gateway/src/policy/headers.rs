@@ -61,66 +61,38 @@ pub enum Value {
 /// Parses `{...}` placeholders; `{{` and `}}` are literal braces. `request` allows the ones
 /// only a request edit knows.
 pub fn parse_template(text: &str, request: bool) -> Result<Value, String> {
-    let mut parts = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(['{', '}']) {
-        literal.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if rest[i..].starts_with("{{") || rest[i..].starts_with("}}") {
-            literal.push(rest.as_bytes()[i] as char);
-            rest = &after[1..];
-            continue;
-        }
-        if rest.as_bytes()[i] == b'}' {
-            return Err("a `}` without its `{` (write `}}` for a brace)".into());
-        }
-        let end = after.find('}').ok_or("a `{` without its `}`")?;
-        let part = match &after[..end] {
-            "client_ip" => Part::ClientIp,
-            "request_id" => Part::RequestId,
-            "route" => Part::Route,
-            "host" | "path" if !request => {
-                return Err(format!("{{{}}} is known in request edits only", &after[..end]))
-            }
-            "host" => Part::Host,
-            "path" => Part::Path,
-            name => match name.strip_prefix("claim:") {
-                Some(claim) if !claim.is_empty() => Part::Claim(claim.to_string()),
-                _ => {
-                    return Err(format!(
-                        "unknown placeholder {{{name}}} (client_ip, request_id, route, host, path, claim:NAME)"
-                    ))
-                }
-            },
-        };
-        if !literal.is_empty() {
-            parts.push(Part::Text(std::mem::take(&mut literal)));
-        }
-        parts.push(part);
-        rest = &after[end + 1..];
+    let parts = super::template::parse(text, Part::Text, |name| {
+        match name {
+        "client_ip" => Ok(Part::ClientIp),
+        "request_id" => Ok(Part::RequestId),
+        "route" => Ok(Part::Route),
+        "host" | "path" if !request => Err(format!("{{{name}}} is known in request edits only")),
+        "host" => Ok(Part::Host),
+        "path" => Ok(Part::Path),
+        _ => match name.strip_prefix("claim:") {
+            Some(claim) if !claim.is_empty() => Ok(Part::Claim(claim.to_string())),
+            _ => Err(format!(
+                "unknown placeholder {{{name}}} (client_ip, request_id, route, host, path, claim:NAME)"
+            )),
+        },
     }
-    literal.push_str(rest);
-    let check = |t: &str| {
+    })?;
+    let checked = |t: &str| {
         HeaderValue::from_str(t)
-            .map(|_| ())
             .map_err(|_| "not a valid header value (control characters, or not ASCII)".to_string())
     };
-    if parts.is_empty() {
-        check(&literal)?;
-        return HeaderValue::from_str(&literal)
-            .map(Value::Fixed)
-            .map_err(|_| "not a valid header value".into());
-    }
-    if !literal.is_empty() {
-        parts.push(Part::Text(literal));
-    }
-    for p in &parts {
-        if let Part::Text(t) = p {
-            check(t)?;
+    match &parts[..] {
+        [] => Ok(Value::Fixed(HeaderValue::from_static(""))),
+        [Part::Text(t)] => checked(t).map(Value::Fixed),
+        _ => {
+            for p in &parts {
+                if let Part::Text(t) = p {
+                    checked(t)?;
+                }
+            }
+            Ok(Value::Template(parts))
         }
     }
-    Ok(Value::Template(parts))
 }
 
 /// A header name a rule may edit.

@@ -25,6 +25,7 @@ pub mod ip_list;
 mod jwt;
 mod rate_limit;
 pub mod respond;
+mod template;
 
 pub use body_limit::BodyLimit;
 pub use cors::Cors;

@@ -26,42 +26,15 @@ pub enum Part {
 
 /// Parses a redirect target; `{{`/`}}` are literal braces.
 pub fn parse_target(text: &str) -> Result<Vec<Part>, String> {
-    let mut parts = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(['{', '}']) {
-        literal.push_str(&rest[..i]);
-        if rest[i..].starts_with("{{") || rest[i..].starts_with("}}") {
-            literal.push(rest.as_bytes()[i] as char);
-            rest = &rest[i + 2..];
-            continue;
-        }
-        if rest.as_bytes()[i] == b'}' {
-            return Err("a `}` without its `{` (write `}}` for a brace)".into());
-        }
-        let after = &rest[i + 1..];
-        let end = after.find('}').ok_or("a `{` without its `}`")?;
-        let part = match &after[..end] {
-            "scheme" => Part::Scheme,
-            "host" => Part::Host,
-            "path" => Part::Path,
-            "query" => Part::Query,
-            other => {
-                return Err(format!(
-                    "unknown placeholder {{{other}}} (scheme, host, path, query)"
-                ))
-            }
-        };
-        if !literal.is_empty() {
-            parts.push(Part::Text(std::mem::take(&mut literal)));
-        }
-        parts.push(part);
-        rest = &after[end + 1..];
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() {
-        parts.push(Part::Text(literal));
-    }
+    let parts = super::template::parse(text, Part::Text, |name| match name {
+        "scheme" => Ok(Part::Scheme),
+        "host" => Ok(Part::Host),
+        "path" => Ok(Part::Path),
+        "query" => Ok(Part::Query),
+        other => Err(format!(
+            "unknown placeholder {{{other}}} (scheme, host, path, query)"
+        )),
+    })?;
     let fixed: String = parts
         .iter()
         .map(|p| match p {
