@@ -12,7 +12,7 @@ use crate::reload::ControlPlane;
 use bollard::models::ContainerSummaryStateEnum;
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use bollard::Docker;
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,5 +174,3 @@ fn declare(
     *reported = errors;
     Provided::new(declared)
 }
-
-use futures_util::FutureExt as _;

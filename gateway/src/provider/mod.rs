@@ -75,18 +75,16 @@ fn merge<'a>(
         for route in &d.routes {
             if route_names.insert(route.name.value.clone()) {
                 config.routes.push(route.clone());
-            } else if !d.routes.is_empty() {
+            } else if !config
+                .routes
+                .iter()
+                .any(|r| r.name.value == route.name.value && r.upstream.value == d.upstream)
+            {
                 // Replicas of one service declare the same routes: only other clashes matter.
-                let first_of_service = config
-                    .routes
-                    .iter()
-                    .any(|r| r.name.value == route.name.value && r.upstream.value == d.upstream);
-                if !first_of_service {
-                    clash(format!(
-                        "container {}: route {} is already declared (by the file or another container); the first is used",
-                        d.container, route.name.value
-                    ));
-                }
+                clash(format!(
+                    "container {}: route {} is already declared (by the file or another container); the first is used",
+                    d.container, route.name.value
+                ));
             }
         }
     }
