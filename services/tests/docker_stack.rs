@@ -66,7 +66,7 @@ async fn compose_end_to_end() {
 
     scale_under_load(&c, &web, &admin, &stack).await;
     kill_under_load(&c, &web, &stack).await;
-    restart_keeps_certificates(&c, &admin, &stack, &ca).await;
+    restart_keeps_certificates(&c, &stack, &ca).await;
 }
 
 /// The README's "Try it": catalogue, register, login, protected profile, order, payment and its
@@ -233,7 +233,7 @@ async fn scale_under_load(c: &reqwest::Client, web: &str, admin: &str, stack: &C
     );
     assert_eq!(ips.len(), 5, "{ips:?}");
     // The containers are up: the next refresh (≤ 5 s) lists them; health checks follow.
-    wait_listed(c, admin, "products", &ips, Duration::from_secs(6)).await;
+    wait_listed(c, admin, "products", &ips, Duration::from_secs(6), false).await;
     wait_replicas(c, admin, "products", &ips, Duration::from_secs(30)).await;
     let mut replicas = BTreeSet::new();
     for _ in 0..40 {
@@ -284,7 +284,7 @@ async fn kill_under_load(c: &reqwest::Client, web: &str, stack: &Compose) {
 }
 
 /// The gateway container restarted: ready again within seconds, with the certificates it had.
-async fn restart_keeps_certificates(c: &reqwest::Client, admin: &str, stack: &Compose, ca: &str) {
+async fn restart_keeps_certificates(c: &reqwest::Client, stack: &Compose, ca: &str) {
     let gateway = stack
         .containers("gateway")
         .into_iter()
@@ -293,10 +293,9 @@ async fn restart_keeps_certificates(c: &reqwest::Client, admin: &str, stack: &Co
     let restarted = Instant::now();
     docker(&["restart", "-t", "10", &gateway]);
     // The published ports may change with the restart.
-    let admin_now = format!("http://{}", stack.port("gateway", 9901));
-    let _ = admin;
+    let admin = format!("http://{}", stack.port("gateway", 9901));
     loop {
-        let ready = c.get(format!("{admin_now}/ready")).send().await;
+        let ready = c.get(format!("{admin}/ready")).send().await;
         if ready.is_ok_and(|r| r.status() == 200) {
             break;
         }
@@ -426,21 +425,15 @@ fn client() -> reqwest::Client {
 }
 
 async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value) {
-    let r = c
-        .get(url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    send_json(c.get(url), url).await
 }
 
 async fn get_json_auth(c: &reqwest::Client, url: &str, token: &str) -> (u16, Value) {
-    let r = c
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    send_json(c.get(url).bearer_auth(token), url).await
+}
+
+async fn send_json(req: reqwest::RequestBuilder, url: &str) -> (u16, Value) {
+    let r = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
@@ -454,8 +447,7 @@ async fn post_json(
     if let Some(token) = token {
         req = req.bearer_auth(token);
     }
-    let r = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    send_json(req, url).await
 }
 
 /// The replica addresses the gateway lists for `upstream` on its admin port.
@@ -478,27 +470,29 @@ async fn listed(c: &reqwest::Client, admin: &str, upstream: &str) -> Vec<(String
         .unwrap_or_default()
 }
 
-/// Waits until the gateway lists exactly `ips` for `upstream` (in any state).
+/// Waits until the gateway lists exactly `ips` for `upstream`: in any state, or all healthy.
 async fn wait_listed(
     c: &reqwest::Client,
     admin: &str,
     upstream: &str,
     ips: &BTreeSet<String>,
     within: Duration,
+    healthy: bool,
 ) {
     let deadline = Instant::now() + within;
     loop {
-        let seen: BTreeSet<String> = listed(c, admin, upstream)
-            .await
-            .into_iter()
-            .map(|(ip, _)| ip)
+        let seen = listed(c, admin, upstream).await;
+        let matching: BTreeSet<String> = seen
+            .iter()
+            .filter(|(_, state)| !healthy || state == "healthy")
+            .map(|(ip, _)| ip.clone())
             .collect();
-        if &seen == ips {
+        if &matching == ips && seen.len() == ips.len() {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{upstream}: listed {seen:?}, expected {ips:?} within {within:?}"
+            "{upstream}: {seen:?}, expected {ips:?} (healthy: {healthy}) within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -512,21 +506,5 @@ async fn wait_replicas(
     ips: &BTreeSet<String>,
     within: Duration,
 ) {
-    let deadline = Instant::now() + within;
-    loop {
-        let seen = listed(c, admin, upstream).await;
-        let healthy: BTreeSet<String> = seen
-            .iter()
-            .filter(|(_, s)| s == "healthy")
-            .map(|(ip, _)| ip.clone())
-            .collect();
-        if &healthy == ips && seen.len() == ips.len() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{upstream}: {seen:?}, expected {ips:?} healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_listed(c, admin, upstream, ips, within, true).await
 }

@@ -101,6 +101,21 @@ fn published(container: &str, port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// Calls `done` every second until it says yes; past `within`, fails with the state it gave.
+fn poll(within: Duration, mut done: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        match done() {
+            Ok(()) => return,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "not ready within {within:?}:\n{state}"
+            ),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// A Compose project of docker-compose.yml with the local images.
 pub struct Compose {
     command: Vec<String>,
@@ -194,31 +209,23 @@ impl Compose {
 
     /// Waits until every container has passed its health check (and `certs` has finished).
     pub fn wait_healthy(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
+        let project = format!("label=com.docker.compose.project={}", self.project);
+        poll(within, || {
             let out = docker(&[
                 "ps",
                 "-a",
                 "--filter",
-                &format!("label=com.docker.compose.project={}", self.project),
+                &project,
                 "--format",
                 "{{.Names}} {{.Status}}",
             ]);
-            let waiting: Vec<&str> = out
-                .lines()
-                .filter(|l| {
-                    !(l.contains("(healthy)") || l.contains("certs") && l.contains("Exited (0)"))
-                })
-                .collect();
-            if waiting.is_empty() && out.lines().count() >= 16 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not healthy within {within:?}:\n{out}"
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
+            let waiting = out.lines().any(|l| {
+                !(l.contains("(healthy)") || l.contains("certs") && l.contains("Exited (0)"))
+            });
+            (!waiting && out.lines().count() >= 16)
+                .then_some(())
+                .ok_or(out)
+        });
     }
 
     pub fn scale(&self, service: &str, replicas: u32) {
@@ -323,47 +330,35 @@ impl Swarm {
 
     /// Waits until every service runs all its replicas, healthy.
     pub fn wait_running(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let out = docker(&[
+        let stack = format!("label=com.docker.stack.namespace={}", self.name);
+        poll(within, || {
+            let services = docker(&[
                 "service",
                 "ls",
                 "--filter",
-                &format!("label=com.docker.stack.namespace={}", self.name),
+                &stack,
                 "--format",
                 "{{.Name}} {{.Replicas}}",
             ]);
-            let short: Vec<&str> = out
-                .lines()
-                .filter(|l| {
-                    let Some((running, wanted)) =
-                        l.rsplit(' ').next().and_then(|r| r.split_once('/'))
-                    else {
-                        return true;
-                    };
-                    running != wanted && !l.contains("_certs ")
-                })
-                .collect();
-            let unhealthy = docker(&[
+            let short = services.lines().any(|l| {
+                let Some((running, wanted)) = l.rsplit(' ').next().and_then(|r| r.split_once('/'))
+                else {
+                    return true;
+                };
+                running != wanted && !l.contains("_certs ")
+            });
+            let tasks = docker(&[
                 "ps",
                 "--filter",
-                &format!("label=com.docker.stack.namespace={}", self.name),
+                &stack,
                 "--format",
                 "{{.Names}} {{.Status}}",
             ]);
-            let starting = unhealthy
-                .lines()
-                .filter(|l| !l.contains("(healthy)"))
-                .count();
-            if short.is_empty() && starting == 0 && out.lines().count() >= 9 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stack not running within {within:?}:\n{out}\n{unhealthy}"
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
+            let starting = tasks.lines().any(|l| !l.contains("(healthy)"));
+            (!short && !starting && services.lines().count() >= 9)
+                .then_some(())
+                .ok_or(format!("{services}\n{tasks}"))
+        });
     }
 
     pub fn scale(&self, service: &str, replicas: u32) {
