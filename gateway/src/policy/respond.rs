@@ -88,8 +88,14 @@ impl Redirect {
                 Part::Host => out.push_str(host),
                 Part::Path => {
                     out.push('/');
+                    // Written piece by piece, without a copy of the path.
                     let trimmed = path.trim_start_matches(['/', '\\']);
-                    out.push_str(&trimmed.replace('\\', "%5C"));
+                    let mut pieces = trimmed.split('\\');
+                    out.push_str(pieces.next().unwrap_or_default());
+                    for piece in pieces {
+                        out.push_str("%5C");
+                        out.push_str(piece);
+                    }
                 }
                 Part::Query => {
                     if let Some(q) = query.filter(|q| !q.is_empty()) {
