@@ -6,6 +6,7 @@
 //! per policy, when the runtime is compiled; a route's method × status-class counters on their
 //! first use), so recording is an atomic add: no lock, no allocation, no label lookup.
 
+use crate::policy::compress::Coding;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
@@ -68,6 +69,8 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// Pooled upstream connections Pingora could not hand over for reuse (a new one is made).
     pub pool_reuse_failures: IntCounter,
+    /// Response body bytes into and out of each encoder (`compress`), by coding.
+    compression: [(IntCounter, IntCounter); 3],
     /// Open client connections by listener and protocol (`http/1.1`, `h2`, `h2c`).
     pub connections: IntGaugeVec,
     /// Client connections accepted, by listener.
@@ -146,7 +149,18 @@ impl Metrics {
         .expect("static metric definition");
         r.register(Box::new(generation.clone()))
             .expect("unique metric name");
+        let compression_bytes = counter(
+            &r,
+            "gateway_compression_bytes_total",
+            "Response body bytes compressed (stage in) and what they became (stage out)",
+            &["encoding", "stage"],
+        );
+        let compression = [Coding::Zstd, Coding::Brotli, Coding::Gzip].map(|c| {
+            let stage = |s| compression_bytes.with_label_values(&[c.token(), s]);
+            (stage("in"), stage("out"))
+        });
         let m = Metrics {
+            compression,
             requests: counter(
                 &r,
                 "gateway_requests_total",
@@ -303,6 +317,13 @@ impl Metrics {
             m.reloads.with_label_values(&[result]);
         }
         m
+    }
+
+    /// Counts one compressed response body.
+    pub fn compressed(&self, coding: Coding, bytes_in: usize, bytes_out: usize) {
+        let (i, o) = &self.compression[coding as usize];
+        i.inc_by(bytes_in as u64);
+        o.inc_by(bytes_out as u64);
     }
 
     /// The Prometheus text exposition of every family.

@@ -78,6 +78,21 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.cors.allow_origins",
         ),
         (
+            "compression with an unknown encoding",
+            config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
+            "policies.p.compress.encodings[1]",
+        ),
+        (
+            "a compression level out of range",
+            config("policies:\n  p: { compress: { levels: { gzip: 10 } } }\n", ROUTE),
+            "policies.p.compress.levels.gzip",
+        ),
+        (
+            "a compressed type that is no media type",
+            config("policies:\n  p: { compress: { types: [json] } }\n", ROUTE),
+            "policies.p.compress.types[0]",
+        ),
+        (
             "an error page for a status that is no error",
             config("", "  - { name: r, upstream: u, error_pages: { 200: { body: x } } }\n"),
             "routes[0].error_pages.200",

@@ -207,6 +207,30 @@ pub enum NamedPolicyConfig {
     Respond(RespondConfig),
     /// Cross-origin requests (preflights answered here).
     Cors(CorsConfig),
+    /// Response compression (gzip, brotli, zstd).
+    Compress(CompressConfig),
+}
+
+/// `compress`: responses compressed on the way to clients that accept it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CompressConfig {
+    /// Encodings offered, the preferred first (it wins when the client's q-values tie).
+    /// Default `[zstd, br, gzip]`.
+    #[serde(default)]
+    pub encodings: Vec<Spanned<String>>,
+    /// Level per encoding: `gzip` 1-9 (default 5), `br` 1-11 (default 4), `zstd` 1-19
+    /// (default 3).
+    #[serde(default)]
+    pub levels: BTreeMap<String, Spanned<u32>>,
+    /// Smallest `Content-Length` compressed, in bytes. Default 1024. A response without a
+    /// length (chunked) is compressed.
+    #[serde(default)]
+    pub min_size: Option<u64>,
+    /// Media types compressed: `type/subtype`, `type/*` or `type/*+suffix`. Default: text,
+    /// JSON, JavaScript, XML and SVG.
+    #[serde(default)]
+    pub types: Vec<Spanned<String>>,
 }
 
 /// `cors`: which origins may call the routes from a browser, and how.

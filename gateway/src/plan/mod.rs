@@ -16,7 +16,7 @@ pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
-use crate::policy::{Cors, HeaderRules, IpList, Policy, Redirect, Respond};
+use crate::policy::{Compress, Cors, HeaderRules, IpList, Policy, Redirect, Respond};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -89,6 +89,8 @@ pub enum NamedPolicy {
     Respond(Arc<Respond>),
     /// `cors`.
     Cors(Arc<Cors>),
+    /// `compress`.
+    Compress(Arc<Compress>),
 }
 
 impl NamedPolicy {
@@ -100,6 +102,7 @@ impl NamedPolicy {
             NamedPolicy::Redirect(p) => Policy::Redirect(p.clone()),
             NamedPolicy::Respond(p) => Policy::Respond(p.clone()),
             NamedPolicy::Cors(p) => Policy::Cors(p.clone()),
+            NamedPolicy::Compress(p) => Policy::Compress(p.clone()),
         }
     }
 }
@@ -118,6 +121,7 @@ impl PartialEq for NamedPolicy {
             (NamedPolicy::Redirect(a), NamedPolicy::Redirect(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Respond(a), NamedPolicy::Respond(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Cors(a), NamedPolicy::Cors(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::Compress(a), NamedPolicy::Compress(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }

@@ -4,14 +4,17 @@
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
 use crate::config::{
-    Config, ConfigError, CorsConfig, ErrorPageConfig, HeaderEditsConfig, NamedPolicyConfig,
-    RespondConfig,
+    CompressConfig, Config, ConfigError, CorsConfig, ErrorPageConfig, HeaderEditsConfig,
+    NamedPolicyConfig, RespondConfig,
 };
+use crate::policy::compress::{Coding, MediaPattern, DEFAULT_TYPES};
 use crate::policy::cors::parse_origins;
 use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
-use crate::policy::{Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect, Respond};
+use crate::policy::{
+    Compress, Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect, Respond,
+};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -85,10 +88,77 @@ pub(super) fn compile(
             NamedPolicyConfig::Respond(r) => {
                 NamedPolicy::Respond(Arc::new(respond(c, spanned, r, &field)?))
             }
+            NamedPolicyConfig::Compress(z) => {
+                NamedPolicy::Compress(Arc::new(compress(c, spanned, z, &field)?))
+            }
         };
         out.insert(name.clone(), policy);
     }
     Ok(out)
+}
+
+fn compress(
+    c: &Checker,
+    at: &Spanned<NamedPolicyConfig>,
+    z: &CompressConfig,
+    field: &str,
+) -> Result<Compress, ConfigError> {
+    let mut codings = Vec::new();
+    for (i, name) in z.encodings.iter().enumerate() {
+        let coding = Coding::parse(&name.value).ok_or_else(|| {
+            c.err_at(
+                name,
+                format!("{field}.compress.encodings[{i}]"),
+                format!("{:?} is not one of zstd, br, gzip", name.value),
+            )
+        })?;
+        if codings.contains(&coding) {
+            let at = format!("{field}.compress.encodings[{i}]");
+            return Err(c.err_at(name, at, "listed twice"));
+        }
+        codings.push(coding);
+    }
+    if codings.is_empty() {
+        codings = vec![Coding::Zstd, Coding::Brotli, Coding::Gzip];
+    }
+    for (name, level) in &z.levels {
+        let at = format!("{field}.compress.levels.{name}");
+        let coding = Coding::parse(name)
+            .ok_or_else(|| c.err_at(level, at.clone(), "levels are for zstd, br and gzip"))?;
+        let (range, _) = coding.levels();
+        if !range.contains(&level.value) {
+            let m = format!("{} is out of range {range:?}", level.value);
+            return Err(c.err_at(level, at, m));
+        }
+    }
+    let encodings = codings
+        .into_iter()
+        .map(|coding| {
+            let level = z.levels.get(coding.token()).map(|l| l.value);
+            (coding, level.unwrap_or(coding.levels().1))
+        })
+        .collect();
+    let types = if z.types.is_empty() {
+        DEFAULT_TYPES
+            .iter()
+            .map(|t| MediaPattern::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| c.err_at(at, format!("{field}.compress.types"), m))?
+    } else {
+        z.types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                MediaPattern::parse(&t.value)
+                    .map_err(|m| c.err_at(t, format!("{field}.compress.types[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    Ok(Compress {
+        encodings,
+        min_size: z.min_size.unwrap_or(1024),
+        types,
+    })
 }
 
 fn compile_cors(c: &Checker, cors: &CorsConfig, field: &str) -> Result<Cors, ConfigError> {

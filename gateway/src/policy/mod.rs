@@ -10,12 +10,15 @@
 //! - the request body: a policy that needs it arms it on the context (`body_limit`).
 //! - `on_upstream_request`: headers added to or removed from what goes upstream.
 //! - `on_response`: headers added to or removed from what goes to the client.
+//! - the response body: `compress` arms an encoder on the context, which the proxy's response
+//!   phases drive.
 //!
 //! A pipeline knows at compile time how many headers its policies may add and whether any of
 //! them edits the upstream request or the response, so a route without policies pays nothing.
 //! `docs/architecture.md` walks through adding a policy.
 
 mod body_limit;
+pub mod compress;
 pub mod cors;
 pub mod error_pages;
 pub mod headers;
@@ -28,6 +31,7 @@ pub mod respond;
 mod template;
 
 pub use body_limit::BodyLimit;
+pub use compress::{Compress, Compression};
 pub use cors::Cors;
 pub use error_pages::{ErrorPage, ErrorPages};
 pub use headers::HeaderRules;
@@ -66,6 +70,8 @@ pub enum Policy {
     Respond(Arc<Respond>),
     /// Cross-origin requests.
     Cors(Arc<Cors>),
+    /// Response compression.
+    Compress(Arc<Compress>),
 }
 
 impl Policy {
@@ -82,6 +88,7 @@ impl Policy {
             Policy::Redirect(p) => p.on_request(session, ctx),
             Policy::Respond(p) => p.on_request(),
             Policy::Cors(p) => p.on_request(session, ctx),
+            Policy::Compress(p) => p.on_request(session, ctx),
         }
     }
 
@@ -150,6 +157,7 @@ impl Policy {
             Policy::Redirect(_) => "redirect",
             Policy::Respond(_) => "respond",
             Policy::Cors(_) => "cors",
+            Policy::Compress(_) => "compress",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Per-request state, carried through Pingora's phases.
 
 use crate::auth::{ForwardedClaims, TokenClaims};
+use crate::policy::Compression;
 use crate::ratelimit::RateLimitPolicy;
 use crate::runtime::{Route, Runtime};
 use crate::trace::RequestSpan;
@@ -83,6 +84,8 @@ pub struct RequestCtx {
     /// Request body bytes the route allows, and how many have arrived.
     pub(crate) body_limit: Option<u64>,
     pub(crate) body_received: u64,
+    /// The response's compression, when a `compress` policy ran.
+    pub(crate) compression: Option<Compression>,
 }
 
 // The groups keep their 64-byte offsets when a field is added or changed.

@@ -8,7 +8,8 @@
 //! 3. `upstream_request_filter`: rewrite the path, the policies' upstream headers (a token's
 //!    claims), identity headers removed, the forwarding headers.
 //! 4. `upstream_response_filter` / `response_filter`: note success; the request id and the
-//!    policies' response headers (HSTS, rate-limit state).
+//!    policies' response headers (HSTS, rate-limit state); whether to compress the body, which
+//!    `response_body_filter` then encodes chunk by chunk.
 //! 5. `fail_to_connect` / `error_while_proxy`: passive health and the retry decision.
 //! 6. `fail_to_proxy`: the JSON error answer (502/503/504) with the request id.
 //! 7. `logging`: release the replica, metrics, access log, span.
@@ -118,6 +119,40 @@ fn dressing(ctx: &RequestCtx, status: u16) -> answer::Dressing<'_> {
         pipelines: [listener, route],
         ctx: Some(ctx),
     }
+}
+
+/// The request id and the listener's and route's response header edits.
+fn edit_response_headers(
+    session: &Session,
+    resp: &mut ResponseHeader,
+    ctx: &RequestCtx,
+) -> Result<()> {
+    let Some(rt) = ctx.rt.as_ref() else {
+        return Ok(());
+    };
+    let request = &session.req_header().headers;
+    let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
+    let route = ctx.route();
+    let adds = usize::from(ctx.request_id.is_some())
+        + listener.map_or(0, |p| p.response_headers())
+        + route.map_or(0, |r| r.policies.response_headers());
+    if adds == 0 {
+        return Ok(());
+    }
+    edit_response(resp, rt.forwarding.preserve_header_case, adds, |headers| {
+        if let Some(listener) = listener {
+            listener.on_response(headers, ctx, request)?;
+        }
+        // Values that differ on every response are marked never-indexed, for HTTP/2: HPACK
+        // would add each to the connection's table, where none is used again.
+        if let Some(id) = &ctx.request_id {
+            headers.set(&X_REQUEST_ID, never_indexed(id.clone()))?;
+        }
+        if let Some(route) = route {
+            route.policies.on_response(headers, ctx, request)?;
+        }
+        Ok(())
+    })
 }
 
 /// The access-log record of a finished request, borrowed from it.
@@ -364,33 +399,25 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let Some(rt) = ctx.rt.as_ref() else {
-            return Ok(());
-        };
-        let request = &session.req_header().headers;
-        let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
-        let route = ctx.route();
-        let adds = usize::from(ctx.request_id.is_some())
-            + listener.map_or(0, |p| p.response_headers())
-            + route.map_or(0, |r| r.policies.response_headers());
-        if adds == 0 {
-            return Ok(());
+        edit_response_headers(session, resp, ctx)?;
+        if let Some(compression) = ctx.compression.as_mut() {
+            let req = session.req_header();
+            compression.on_response(resp, &req.method, req.version)?;
         }
-        let ctx: &RequestCtx = ctx;
-        edit_response(resp, rt.forwarding.preserve_header_case, adds, |headers| {
-            if let Some(listener) = listener {
-                listener.on_response(headers, ctx, request)?;
-            }
-            // Values that differ on every response are marked never-indexed, for HTTP/2: HPACK
-            // would add each to the connection's table, where none is used again.
-            if let Some(id) = &ctx.request_id {
-                headers.set(&X_REQUEST_ID, never_indexed(id.clone()))?;
-            }
-            if let Some(route) = route {
-                route.policies.on_response(headers, ctx, request)?;
-            }
-            Ok(())
-        })
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(compression) = ctx.compression.as_mut() {
+            compression.on_body(body, end_of_stream)?;
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -514,6 +541,9 @@ impl ProxyHttp for Gateway {
             session.body_bytes_sent(),
         );
         METRICS.in_flight.dec();
+        if let Some(compression) = &ctx.compression {
+            compression.record();
+        }
         if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
             if log.wants() {
                 log.log(&access_record(session, ctx, status, elapsed));
