@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 TICK = os.sysconf("SC_CLK_TCK")
 MAXCONN = 10100
+GZIP_LEVEL = 5
 PROXY_CPU = "0"
 LOAD_CPU = "1"
 
@@ -202,6 +203,9 @@ class Gateway(Proxy):
                 f"access_log: {{ path: \"{os.path.join(self.dir, 'access.log')}\" }}\n"
             )
             policies = ", auth: hs, rate_limit: per_user"
+        if scenario.get("gzip"):
+            chain += f"policies:\n  squeeze: {{ compress: {{ encodings: [gzip], levels: {{ gzip: {GZIP_LEVEL} }} }} }}\n"
+            policies = ", policies: [squeeze]"
         return (
             f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n{self.forwarding}{chain}"
             f"listeners:\n  http: {{ address: \"127.0.0.1:{self.port}\"{tls} }}\n"
@@ -257,6 +261,10 @@ class Nginx(Proxy):
             f"    location {p} {{ proxy_pass http://b; }}\n" for p in route_prefixes(scenario)
         )
         http2 = " http2" if scenario.get("h2") else ""
+        gzip = ""
+        if scenario.get("gzip"):
+            gzip = (f"    gzip on; gzip_proxied any; gzip_vary on; gzip_comp_level {GZIP_LEVEL};\n"
+                    "    gzip_types application/json; gzip_min_length 1024;\n")
         if scenario.get("tls"):
             http2 += f" ssl;\n    ssl_certificate {CERTS['cert']};\n    ssl_certificate_key {CERTS['key']};\n    ssl_protocols TLSv1.3"
         cfg = f"""
@@ -286,7 +294,7 @@ http {{
     proxy_set_header X-Real-IP $remote_addr;
     proxy_set_header X-Request-Id $request_id;
     add_header X-Request-Id $request_id always;
-{locations}    location / {{ proxy_pass http://b; }}
+{gzip}{locations}    location / {{ proxy_pass http://b; }}
   }}
 }}
 """
@@ -375,6 +383,8 @@ def wrk(port, path, seconds, conns, scenario=None):
     scenario = scenario or {}
     scheme = "https" if scenario.get("tls") else "http"
     headers = ["-H", f"Authorization: Bearer {hs256_token()}"] if scenario.get("chain") else []
+    if scenario.get("gzip"):
+        headers += ["-H", "Accept-Encoding: gzip"]
     out = run_load(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"] + headers + [f"{scheme}://127.0.0.1:{port}{path}"])
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = 0
@@ -433,7 +443,19 @@ def measure(proxy, scenario, seconds, workdir):
     r["rps"] = r["requests"] / elapsed
     r["cpu_us"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
     r["rss_mb"] = memory_kb(pid, "VmHWM") / 1024
+    if scenario.get("gzip"):
+        r["body_bytes"] = response_bytes(port, scenario["path"])
     return r
+
+
+def response_bytes(port, path):
+    """Body bytes of one answer to a client accepting gzip (as sent: still compressed)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        body = resp.read()
+        if resp.headers.get("Content-Encoding") != "gzip":
+            raise RuntimeError(f"port {port}: {path} came back without gzip")
+    return len(body)
 
 
 def idle_connections(proxy, count):
@@ -469,6 +491,10 @@ SCENARIOS = {
     "tls": {"title": "HTTPS (TLS 1.3, ECDSA P-256), 64 connections, 13-byte body", "load": "wrk", "path": "/", "tls": True},
     "tls16k": {"title": "HTTPS (TLS 1.3), 16 KiB response body", "load": "wrk", "path": "/16k", "tls": True},
     "tls64k": {"title": "HTTPS (TLS 1.3), 64 KiB response body", "load": "wrk", "path": "/64k", "tls": True},
+    "gzip16k": {"title": "gzip (same level) of a 16 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json16k",
+                "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
+    "gzip256k": {"title": "gzip (same level) of a 256 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json256k",
+                 "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
     "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
               "load": "wrk", "path": "/", "tls": True, "chain": True, "only": ["gateway", "bare-pingora"]},
 }
@@ -489,6 +515,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rate", type=int, default=0, help="fixed rate for 'rate' (default: half of nginx's http1 req/s, or 10000)")
     ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--gzip-level", type=int, default=5, help="gzip level for gzip16k and gzip256k (both proxies)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
     args = ap.parse_args()
 
@@ -498,8 +525,9 @@ def main():
     if 2 * (args.idle + 100) + 100 > hard:
         args.idle = max((hard - 100) // 2 - 100, 100)
         print(f"open-file limit {hard}: idle scenario uses {args.idle} connections", file=sys.stderr)
-    global MAXCONN
+    global MAXCONN, GZIP_LEVEL
     MAXCONN = args.idle + 100
+    GZIP_LEVEL = args.gzip_level
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     b_ports = [free_port(), free_port()]
     backends = [f"127.0.0.1:{p}" for p in b_ports]
@@ -593,9 +621,15 @@ def render(results, extra, proxies, args):
         for name, runs in per_proxy.items():
             if runs:
                 med[name] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_us", "rss_mb")}
-        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+        gz = SCENARIOS[sname].get("gzip")
+        for name, runs in per_proxy.items():
+            if gz and runs:
+                med[name]["body_bytes"] = statistics.median(r["body_bytes"] for r in runs)
+        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB |" + (" bytes sent |" if gz else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if gz else "")]
         for name, m in med.items():
-            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} |")
+            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} |"
+                         + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
         for mine in ("gateway", "gateway-plain"):
             if mine not in med:
@@ -606,6 +640,7 @@ def render(results, extra, proxies, args):
                     o = med[other]
                     ratios.append(
                         f"{mine}/{other}: CPU per request {g['cpu_us'] / o['cpu_us']:.2f}×, req/s {g['rps'] / o['rps']:.2f}×"
+                        + (f", bytes sent {g['body_bytes'] / o['body_bytes']:.3f}×" if gz else "")
                     )
         lines += [""] + [f"- {r}" for r in ratios]
         if sname == "routes1000" and extra.get("reload"):

@@ -112,7 +112,7 @@ impl ServeHttp for Admin {
                         });
                         serde_json::json!({
                             "name": &*r.name,
-                            "upstream": &*r.upstream.name,
+                            "upstream": r.upstream.as_ref().map(|u| &*u.name),
                             "match": &r.matcher,
                             "policies": policies.iter().map(Policy::kind).collect::<Vec<_>>(),
                             "auth": jwt.map(|j| &*j.policy.name),

@@ -22,8 +22,8 @@ use std::sync::Arc;
 pub struct Route {
     /// The route's name.
     pub name: Arc<str>,
-    /// Where it sends traffic.
-    pub upstream: Arc<Upstream>,
+    /// Where it sends traffic; none when a policy answers every request.
+    pub upstream: Option<Arc<Upstream>>,
     /// How it changes the path.
     pub rewrite: PathRewrite,
     /// Timeout overrides.

@@ -78,6 +78,11 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.cors.allow_origins",
         ),
         (
+            "a route with no upstream and nothing that answers for it",
+            config("policies:\n  p: { compress: {} }\n", "  - { name: r, policies: [p] }\n"),
+            "routes[0].upstream",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

@@ -289,8 +289,8 @@ policies:
 upstreams: {{ b: {{ targets: ["{}"] }} }}
 routes:
   - {{ name: old, upstream: b, match: {{ path_regex: "/v1/(.*)" }}, rewrite: "/v2/$1", policies: [to_v2] }}
-  - {{ name: slash, upstream: b, match: {{ path_prefix: /go }}, strip_prefix: true, policies: [local] }}
-  - {{ name: robots, upstream: b, match: {{ path: /robots.txt }}, policies: [robots] }}
+  - {{ name: slash, match: {{ path_prefix: /go }}, strip_prefix: true, policies: [local] }}
+  - {{ name: robots, match: {{ path: /robots.txt }}, policies: [robots] }}
   - {{ name: shop, upstream: b, match: {{ path_prefix: /shop }}, policies: [maintenance] }}
 "#,
         page.display(),
@@ -338,6 +338,14 @@ routes:
     assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
     assert_eq!(r.text().await.unwrap(), "<h1>Back soon</h1>\n");
     assert_eq!(backend.hits(), 0, "nothing went upstream");
+    // A route that answers by itself names no upstream; `/routes` shows none.
+    let routes = gw.admin_json("/routes").await;
+    let robots = routes
+        .as_array()
+        .or_else(|| routes["routes"].as_array())
+        .and_then(|rs| rs.iter().find(|r| r["name"] == "robots"))
+        .unwrap_or_else(|| panic!("{routes}"));
+    assert!(robots["upstream"].is_null(), "{robots}");
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Benchmark backend: `bench-backend ADDR...` serves, on each address, `GET /` (13 bytes,
-//! `hello world!\n`), `/1k`, `/16k`, `/64k` (that many bytes) and `/health`, over HTTP/1.1
+//! `hello world!\n`), `/1k`, `/16k`, `/64k` (that many bytes), `/json16k` and `/json256k` (a
+//! JSON list of products of that size, `application/json`) and `/health`, over HTTP/1.1
 //! keep-alive, on one thread.
 
 use bytes::Bytes;
@@ -15,8 +16,40 @@ fn body_for(path: &str) -> Bytes {
         "/1k" => Bytes::from(vec![b'a'; 1024]),
         "/16k" => Bytes::from(vec![b'a'; 16 * 1024]),
         "/64k" => Bytes::from(vec![b'a'; 64 * 1024]),
+        "/json16k" => json(16 * 1024),
+        "/json256k" => json(256 * 1024),
         _ => Bytes::from_static(HELLO),
     }
+}
+
+/// A JSON list of products, `n` bytes long: what an API answers, for the compression runs.
+fn json(n: usize) -> Bytes {
+    let mut out = String::from("[");
+    let mut i = 0u64;
+    loop {
+        let item = format!(
+            "{{\"id\":{i},\"sku\":\"SKU-{:06}\",\"name\":\"Product {i}\",\"price_cents\":{},\"stock\":{},\"tags\":[\"t{}\",\"t{}\"],\"active\":{}}}",
+            i * 7919 % 1_000_000,
+            i * 37 % 10_000,
+            i * 13 % 97,
+            i % 11,
+            i % 7,
+            i % 3 != 0
+        );
+        if out.len() + item.len() + 2 > n {
+            break;
+        }
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&item);
+        i += 1;
+    }
+    out.push(']');
+    while out.len() < n {
+        out.push(' ');
+    }
+    Bytes::from(out)
 }
 
 fn main() {
@@ -31,7 +64,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let bodies: &'static [(&'static str, Bytes)] = Box::leak(
-            ["/", "/1k", "/16k", "/64k"]
+            ["/", "/1k", "/16k", "/64k", "/json16k", "/json256k"]
                 .iter()
                 .map(|p| (*p, body_for(p)))
                 .collect::<Vec<_>>()
@@ -48,11 +81,19 @@ fn main() {
                     let _ = stream.set_nodelay(true);
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let path = req.uri().path();
                             let body = bodies
                                 .iter()
-                                .find(|(p, _)| *p == req.uri().path())
+                                .find(|(p, _)| *p == path)
                                 .map_or_else(|| bodies[0].1.clone(), |(_, b)| b.clone());
-                            async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                            let mut resp = Response::new(Full::new(body));
+                            if path.starts_with("/json") {
+                                resp.headers_mut().insert(
+                                    hyper::header::CONTENT_TYPE,
+                                    hyper::header::HeaderValue::from_static("application/json"),
+                                );
+                            }
+                            async move { Ok::<_, Infallible>(resp) }
                         });
                     tokio::spawn(async move {
                         let _ = hyper::server::conn::http1::Builder::new()

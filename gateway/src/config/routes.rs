@@ -29,8 +29,10 @@ pub struct RouteConfig {
     /// What requests this route takes. Empty: every request.
     #[serde(rename = "match", default)]
     pub matcher: MatchConfig,
-    /// The upstream that serves it.
-    pub upstream: Spanned<String>,
+    /// The upstream that serves it. Required unless a `redirect` or `respond` policy of the
+    /// route answers every request.
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
     /// Remove the matched `path_prefix` before forwarding.
     #[serde(default)]
     pub strip_prefix: bool,

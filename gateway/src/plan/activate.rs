@@ -175,10 +175,15 @@ fn route(
     rate_limits: &BTreeMap<String, Arc<RateLimitPolicy>>,
 ) -> Result<Route, String> {
     let missing = |kind: &str, name: &str| format!("route {}: no {kind} `{name}`", r.name);
-    let upstream = upstreams
-        .get(&r.upstream)
-        .cloned()
-        .ok_or_else(|| missing("upstream", &r.upstream))?;
+    let upstream = match &r.upstream {
+        Some(name) => Some(
+            upstreams
+                .get(name)
+                .cloned()
+                .ok_or_else(|| missing("upstream", name))?,
+        ),
+        None => None,
+    };
     let mut policies = Vec::with_capacity(r.policies.len());
     for p in &r.policies {
         policies.push(match p {
@@ -201,7 +206,10 @@ fn route(
         });
     }
     Ok(Route {
-        retries: r.retries.unwrap_or_else(|| upstream.retries()),
+        retries: r
+            .retries
+            .or_else(|| upstream.as_ref().map(|u| u.retries()))
+            .unwrap_or(0),
         metrics: RouteMetrics::new(&r.name),
         name: r.name.into(),
         upstream,

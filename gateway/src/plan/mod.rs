@@ -60,8 +60,8 @@ pub struct Plan {
 pub struct RoutePlan {
     /// The route's name.
     pub name: String,
-    /// The upstream it sends traffic to.
-    pub upstream: String,
+    /// The upstream it sends traffic to; none when a policy answers every request.
+    pub upstream: Option<String>,
     /// How it changes the path.
     pub rewrite: PathRewrite,
     /// Timeout overrides.
@@ -192,6 +192,15 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
         let rewrite = compile_rewrite(r)
             .map_err(|e| c.err_at(&r.name, format!("routes[{i}]"), e.to_string()))?;
         let own = named::resolve(&c, &named, &r.policies, &format!("routes[{i}].policies"))?;
+        let answers =
+            |p: &NamedPolicy| matches!(p, NamedPolicy::Redirect(_) | NamedPolicy::Respond(_));
+        if r.upstream.is_none() && !defaults.iter().chain(&own).any(answers) {
+            return Err(c.err_at(
+                &r.name,
+                format!("routes[{i}].upstream"),
+                "missing: a route needs an `upstream` unless a `redirect` or `respond` policy answers for it",
+            ));
+        }
         let mut policies: Vec<PolicyPlan> = defaults
             .iter()
             .chain(&own)
@@ -212,7 +221,7 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
         }
         routes.push(RoutePlan {
             name: r.name.value.clone(),
-            upstream: r.upstream.value.clone(),
+            upstream: r.upstream.as_ref().map(|u| u.value.clone()),
             rewrite,
             timeouts: r.timeouts,
             retries: r.retries,

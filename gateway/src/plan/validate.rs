@@ -277,13 +277,10 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
             "must be non-empty: letters, digits, `-`, `_`, `.`",
         ));
     }
-    if !config.upstreams.contains_key(&r.upstream.value) {
-        return Err(c.dangling(
-            &r.upstream,
-            field("upstream"),
-            "upstream",
-            config.upstreams.keys(),
-        ));
+    if let Some(up) = r.upstream.as_ref() {
+        if !config.upstreams.contains_key(&up.value) {
+            return Err(c.dangling(up, field("upstream"), "upstream", config.upstreams.keys()));
+        }
     }
     match &r.auth {
         Some(a) if !config.auth.contains_key(&a.value) => {

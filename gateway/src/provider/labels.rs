@@ -363,7 +363,10 @@ mod tests {
         assert_eq!(active.path, "/health");
         let r = &d.routes[0];
         assert_eq!(
-            (r.name.value.as_str(), r.upstream.value.as_str()),
+            (
+                r.name.value.as_str(),
+                r.upstream.as_ref().unwrap().value.as_str()
+            ),
             ("api", "web")
         );
         assert_eq!(r.matcher.path_prefix.as_ref().unwrap().value, "/api");

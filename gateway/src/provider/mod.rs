@@ -75,11 +75,10 @@ fn merge<'a>(
         for route in &d.routes {
             if route_names.insert(route.name.value.clone()) {
                 config.routes.push(route.clone());
-            } else if !config
-                .routes
-                .iter()
-                .any(|r| r.name.value == route.name.value && r.upstream.value == d.upstream)
-            {
+            } else if !config.routes.iter().any(|r| {
+                r.name.value == route.name.value
+                    && r.upstream.as_ref().is_some_and(|u| u.value == d.upstream)
+            }) {
                 // Replicas of one service declare the same routes: only other clashes matter.
                 clash(format!(
                     "container {}: route {} is already declared (by the file or another container); the first is used",

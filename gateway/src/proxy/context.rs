@@ -5,7 +5,7 @@ use crate::policy::Compression;
 use crate::ratelimit::RateLimitPolicy;
 use crate::runtime::{Route, Runtime};
 use crate::trace::RequestSpan;
-use crate::upstream::{now_ms, Replica};
+use crate::upstream::{now_ms, Replica, Upstream};
 use http::header::HeaderValue;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -102,6 +102,12 @@ impl RequestCtx {
             .get_or_insert_with(super::client::new_request_id)
     }
 
+    /// The matched route's upstream; `None` before routing or for a route that answers by
+    /// itself.
+    pub(crate) fn upstream(&self) -> Option<&Upstream> {
+        self.route()?.upstream.as_deref()
+    }
+
     pub(crate) fn tried(&self) -> &[u64] {
         &self.tried[..self.tried_len]
     }
@@ -129,12 +135,12 @@ impl RequestCtx {
     /// replica of an upstream is never ejected (as nginx never marks a lone server down):
     /// ejecting it would turn a partial failure into a total one.
     pub(crate) fn report_failure(&mut self) {
-        if let (Some(r), Some(route)) = (&self.replica, self.route()) {
-            if let Some(policy) = route.upstream.passive() {
+        if let (Some(r), Some(up)) = (&self.replica, self.upstream()) {
+            if let Some(policy) = up.passive() {
                 let now = now_ms();
-                let may_eject = route.upstream.has_alternative(&[r.id], now);
+                let may_eject = up.has_alternative(&[r.id], now);
                 if r.report_failure(policy, now, may_eject) {
-                    route.upstream.metrics.ejections.inc();
+                    up.metrics.ejections.inc();
                 }
             }
             self.verdict = true;
@@ -143,19 +149,18 @@ impl RequestCtx {
 
     /// Counts a retry about to be made.
     pub(crate) fn count_retry(&self, retry: bool) {
-        if let (true, Some(route)) = (retry, self.route()) {
-            route.upstream.metrics.retries.inc();
+        if let (true, Some(up)) = (retry, self.upstream()) {
+            up.metrics.retries.inc();
         }
     }
 
     /// Whether another attempt is allowed and has somewhere to go.
     pub(crate) fn may_retry(&self) -> bool {
-        match self.route() {
-            Some(route) => {
-                self.attempts <= route.retries
-                    && route.upstream.has_alternative(self.tried(), now_ms())
+        match (self.route(), self.upstream()) {
+            (Some(route), Some(up)) => {
+                self.attempts <= route.retries && up.has_alternative(self.tried(), now_ms())
             }
-            None => false,
+            _ => false,
         }
     }
 }

@@ -176,7 +176,7 @@ fn access_record<'a>(
         host: request_host(req),
         path: req.uri.path(),
         route: route.map(|r| &*r.name),
-        upstream: route.map(|r| &*r.upstream.name),
+        upstream: ctx.upstream().map(|u| &*u.name),
         replica: ctx.last_replica,
         status,
         bytes_in: session.body_bytes_read(),
@@ -237,10 +237,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         ctx.release_replica();
-        let Some(route) = ctx.route() else {
+        let (Some(route), Some(up)) = (ctx.route(), ctx.upstream()) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no route state");
         };
-        let up = &route.upstream;
         let req = session.req_header();
         let mut ip_buf = [0u8; 16];
         let hash: Option<&[u8]> = match up.hash_key() {
@@ -369,8 +368,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-        if let Some(route) = ctx.route() {
-            let m = &route.upstream.metrics;
+        if let Some(up) = ctx.upstream() {
+            let m = &up.metrics;
             m.response(resp.status.as_u16());
             if let Some(took) = ctx.upstream_elapsed {
                 m.duration.observe(took.as_secs_f64());
@@ -428,8 +427,8 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the upstream: always safe to try another replica.
-        if let Some(route) = ctx.route() {
-            let m = &route.upstream.metrics;
+        if let Some(up) = ctx.upstream() {
+            let m = &up.metrics;
             match e.etype() {
                 ErrorType::ConnectTimedout => m.timeouts.inc(),
                 _ => m.connect_errors.inc(),
@@ -453,8 +452,8 @@ impl ProxyHttp for Gateway {
         let upstream_side = *e.esource() == ErrorSource::Upstream;
         // A pooled connection the upstream had closed: not the replica's fault.
         let stale_pooled = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
-        if let (true, Some(route)) = (upstream_side && !stale_pooled, ctx.route()) {
-            let m = &route.upstream.metrics;
+        if let (true, Some(up)) = (upstream_side && !stale_pooled, ctx.upstream()) {
+            let m = &up.metrics;
             match e.etype() {
                 ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                     m.timeouts.inc()
@@ -561,7 +560,7 @@ impl ProxyHttp for Gateway {
                     method: req.method.as_str(),
                     path: req.uri.path(),
                     route: route.map(|r| &*r.name),
-                    upstream: route.map(|r| &*r.upstream.name),
+                    upstream: ctx.upstream().map(|u| &*u.name),
                     replica: ctx.last_replica,
                     status,
                     client_ip: ctx.client_ip,
