@@ -47,6 +47,14 @@ enum Command {
         #[arg(default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "gateway".to_string()])]
         names: Vec<String>,
     },
+    /// Make an API key: prints the key (give it to the client; it is not kept anywhere) and,
+    /// on a second line, the line to add to an `api_key` policy's `keys_file`.
+    ApiKey {
+        /// The key's name (forwarded upstream, logged as the user).
+        name: String,
+        /// Its scopes, comma-separated.
+        scopes: Option<String>,
+    },
     /// Exit 0 when URL answers 200 within 3 s, 1 otherwise: the container health check
     /// (minimal images have no curl).
     Healthcheck {
@@ -71,6 +79,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::ApiKey { name, scopes }) = &cli.command {
+        let key = gateway::policy::api_key::new_key();
+        let digest = gateway::policy::api_key::digest_hex(&key);
+        println!("{key}");
+        let line = format!("{name} {digest} {}", scopes.as_deref().unwrap_or(""));
+        println!("{}", line.trim_end());
+        return ExitCode::SUCCESS;
     }
     if let Some(Command::Healthcheck { url }) = &cli.command {
         return match gateway::admin::probe(url, std::time::Duration::from_secs(3)) {
@@ -103,7 +119,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Healthcheck { .. } | Command::Certs { .. } => ExitCode::SUCCESS,
+        Command::Healthcheck { .. } | Command::Certs { .. } | Command::ApiKey { .. } => {
+            ExitCode::SUCCESS
+        }
         Command::Run { upgrade } => match gateway::server::run(&cli.config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

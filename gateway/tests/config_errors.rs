@@ -83,6 +83,18 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "routes[0].upstream",
         ),
         (
+            "an API keys file with a key in clear",
+            {
+                let keys = dir.join("keys-in-clear");
+                std::fs::write(&keys, "partner s3cr3t-key\n").unwrap();
+                config(
+                    &format!("policies:\n  p: {{ api_key: {{ keys_file: \"{}\" }} }}\n", keys.display()),
+                    ROUTE,
+                )
+            },
+            "policies.p.api_key.keys_file",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

@@ -209,6 +209,31 @@ pub enum NamedPolicyConfig {
     Cors(CorsConfig),
     /// Response compression (gzip, brotli, zstd).
     Compress(CompressConfig),
+    /// API keys checked against a file of their digests.
+    ApiKey(ApiKeyConfig),
+}
+
+/// `api_key`: requests must carry a key listed (as its SHA-256 digest) in `keys_file`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The keys: one a line, `NAME SHA256-HEX [SCOPE,SCOPE...]` (read with the configuration).
+    pub keys_file: Spanned<String>,
+    /// The request header that carries the key. Default `X-Api-Key`.
+    #[serde(default)]
+    pub header: Option<Spanned<String>>,
+    /// A query parameter that may carry the key when the header is absent. Default: none.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// Scopes a key must all have (403 otherwise). Default none.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The header the key's name goes upstream as. Default `X-Api-Key-Name`.
+    #[serde(default)]
+    pub forward_name: Option<Spanned<String>>,
+    /// The header its scopes go upstream as (space-separated). Default `X-Api-Key-Scopes`.
+    #[serde(default)]
+    pub forward_scopes: Option<Spanned<String>>,
 }
 
 /// `compress`: responses compressed on the way to clients that accept it.

@@ -16,7 +16,7 @@ pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
-use crate::policy::{Compress, Cors, HeaderRules, IpList, Policy, Redirect, Respond};
+use crate::policy::{ApiKey, Compress, Cors, HeaderRules, IpList, Policy, Redirect, Respond};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -91,6 +91,8 @@ pub enum NamedPolicy {
     Cors(Arc<Cors>),
     /// `compress`.
     Compress(Arc<Compress>),
+    /// `api_key`.
+    ApiKey(Arc<ApiKey>),
 }
 
 impl NamedPolicy {
@@ -103,6 +105,7 @@ impl NamedPolicy {
             NamedPolicy::Respond(p) => Policy::Respond(p.clone()),
             NamedPolicy::Cors(p) => Policy::Cors(p.clone()),
             NamedPolicy::Compress(p) => Policy::Compress(p.clone()),
+            NamedPolicy::ApiKey(p) => Policy::ApiKey(p.clone()),
         }
     }
 }
@@ -122,6 +125,7 @@ impl PartialEq for NamedPolicy {
             (NamedPolicy::Respond(a), NamedPolicy::Respond(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Cors(a), NamedPolicy::Cors(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Compress(a), NamedPolicy::Compress(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::ApiKey(a), NamedPolicy::ApiKey(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }

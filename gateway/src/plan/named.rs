@@ -4,8 +4,8 @@
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
 use crate::config::{
-    CompressConfig, Config, ConfigError, CorsConfig, ErrorPageConfig, HeaderEditsConfig,
-    NamedPolicyConfig, RespondConfig,
+    ApiKeyConfig, CompressConfig, Config, ConfigError, CorsConfig, ErrorPageConfig,
+    HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
 };
 use crate::policy::compress::{Coding, MediaPattern, DEFAULT_TYPES};
 use crate::policy::cors::parse_origins;
@@ -13,7 +13,7 @@ use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
 use crate::policy::{
-    Compress, Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect, Respond,
+    ApiKey, Compress, Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect, Respond,
 };
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -91,10 +91,34 @@ pub(super) fn compile(
             NamedPolicyConfig::Compress(z) => {
                 NamedPolicy::Compress(Arc::new(compress(c, spanned, z, &field)?))
             }
+            NamedPolicyConfig::ApiKey(k) => NamedPolicy::ApiKey(Arc::new(api_key(c, k, &field)?)),
         };
         out.insert(name.clone(), policy);
     }
     Ok(out)
+}
+
+fn api_key(c: &Checker, k: &ApiKeyConfig, field: &str) -> Result<ApiKey, ConfigError> {
+    let header = |h: &Option<Spanned<String>>, what: &str, default: &'static str| match h {
+        None => Ok(http::HeaderName::from_static(default)),
+        Some(h) => crate::policy::headers::parse_name(&h.value)
+            .map_err(|m| c.err_at(h, format!("{field}.api_key.{what}"), m)),
+    };
+    let name = header(&k.header, "header", "x-api-key")?;
+    let forward_name = header(&k.forward_name, "forward_name", "x-api-key-name")?;
+    let forward_scopes = header(&k.forward_scopes, "forward_scopes", "x-api-key-scopes")?;
+    let at = format!("{field}.api_key.keys_file");
+    let text = String::from_utf8(read_body(c, &k.keys_file, at.clone())?)
+        .map_err(|_| c.err_at(&k.keys_file, at.clone(), "not UTF-8 text"))?;
+    let keys = crate::policy::api_key::parse_keys(&text, &forward_name, &forward_scopes)
+        .map_err(|m| c.err_at(&k.keys_file, at, format!("{}: {m}", k.keys_file.value)))?;
+    Ok(ApiKey {
+        header: name,
+        query: k.query.clone(),
+        required_scopes: k.scopes.clone(),
+        keys,
+        forward_headers: vec![forward_name, forward_scopes],
+    })
 }
 
 fn compress(

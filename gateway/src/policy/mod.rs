@@ -17,6 +17,7 @@
 //! them edits the upstream request or the response, so a route without policies pays nothing.
 //! `docs/architecture.md` walks through adding a policy.
 
+pub mod api_key;
 mod body_limit;
 pub mod compress;
 pub mod cors;
@@ -30,6 +31,7 @@ mod rate_limit;
 pub mod respond;
 mod template;
 
+pub use api_key::ApiKey;
 pub use body_limit::BodyLimit;
 pub use compress::{Compress, Compression};
 pub use cors::Cors;
@@ -72,6 +74,8 @@ pub enum Policy {
     Cors(Arc<Cors>),
     /// Response compression.
     Compress(Arc<Compress>),
+    /// API keys (401/403).
+    ApiKey(Arc<ApiKey>),
 }
 
 impl Policy {
@@ -89,6 +93,7 @@ impl Policy {
             Policy::Respond(p) => p.on_request(),
             Policy::Cors(p) => p.on_request(session, ctx),
             Policy::Compress(p) => p.on_request(session, ctx),
+            Policy::ApiKey(p) => p.on_request(session, ctx),
         }
     }
 
@@ -102,6 +107,7 @@ impl Policy {
         match self {
             Policy::Jwt(p) => p.on_upstream_request(headers, ctx),
             Policy::Headers(p) => p.on_upstream_request(headers, ctx, uri),
+            Policy::ApiKey(p) => p.on_upstream_request(headers, ctx),
             _ => Ok(()),
         }
     }
@@ -126,7 +132,7 @@ impl Policy {
     /// are counted per request).
     fn edits_upstream(&self) -> bool {
         match self {
-            Policy::Jwt(_) => true,
+            Policy::Jwt(_) | Policy::ApiKey(_) => true,
             Policy::Headers(p) => !p.request.is_empty(),
             _ => false,
         }
@@ -158,6 +164,7 @@ impl Policy {
             Policy::Respond(_) => "respond",
             Policy::Cors(_) => "cors",
             Policy::Compress(_) => "compress",
+            Policy::ApiKey(_) => "api_key",
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct RequestCtx {
     pub(crate) token: Option<TokenClaims>,
     /// Path to forward, when it differs from the request's.
     pub(crate) new_path: Option<String>,
+    /// Query to forward, when it differs from the request's (a key taken out of it).
+    pub(crate) new_query: Option<String>,
     /// Replicas tried so far.
     pub(crate) tried: [u64; TRIED_CAP],
     pub(crate) tried_len: usize,

@@ -291,10 +291,11 @@ impl ProxyHttp for Gateway {
         up: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if let Some(path) = ctx.new_path.as_deref() {
-            let uri = match up.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
+        if ctx.new_path.is_some() || ctx.new_query.is_some() {
+            let path = ctx.new_path.as_deref().unwrap_or(up.uri.path());
+            let uri = match ctx.new_query.as_deref().or(up.uri.query()) {
+                Some(q) if !q.is_empty() => format!("{path}?{q}"),
+                _ => path.to_string(),
             };
             up.set_uri(uri.parse().map_err(|_| {
                 Error::explain(
