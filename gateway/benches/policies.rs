@@ -1,6 +1,7 @@
 //! Per-request cost of the policies: JWT verification per algorithm, the rate-limit decision
 //! (one hot key, and keys spread over 10,000 clients), IP lists of 10 and 10,000 networks, and
-//! header rules (fixed values and placeholders).
+//! header rules (fixed values and placeholders), CORS, the API-key lookup among 1,000 keys and
+//! the compression negotiation.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use gateway::auth::AuthPolicy;
@@ -208,5 +209,55 @@ fn cors(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, jwt, ratelimit, ip_list, header_rules, cors);
+fn api_key(c: &mut Criterion) {
+    use gateway::policy::api_key::{digest_hex, parse_keys};
+    let mut group = c.benchmark_group("api_key");
+    let name = http::HeaderName::from_static("x-api-key-name");
+    let scopes = http::HeaderName::from_static("x-api-key-scopes");
+    let file: String = (0..1000)
+        .map(|i| format!("k{i} {} read\n", digest_hex(&format!("key-{i:040}"))))
+        .collect();
+    let keys = parse_keys(&file, &name, &scopes).expect("keys");
+    let policy = gateway::policy::ApiKey {
+        header: http::HeaderName::from_static("x-api-key"),
+        query: None,
+        required_scopes: Vec::new(),
+        keys,
+        forward_headers: vec![name, scopes],
+    };
+    let hit = format!("key-{:040}", 500);
+    let miss = format!("key-{:040}", 5000);
+    group.bench_function("1000_keys_hit", |b| {
+        b.iter(|| policy.find(black_box(hit.as_bytes())).is_some())
+    });
+    group.bench_function("1000_keys_miss", |b| {
+        b.iter(|| policy.find(black_box(miss.as_bytes())).is_some())
+    });
+    group.finish();
+}
+
+fn compress(c: &mut Criterion) {
+    use gateway::policy::compress::{Coding, Compress};
+    let mut group = c.benchmark_group("compress");
+    let policy = Compress {
+        encodings: vec![(Coding::Zstd, 3), (Coding::Brotli, 4), (Coding::Gzip, 5)],
+        min_size: 1024,
+        types: Vec::new(),
+    };
+    group.bench_function("negotiate_browser", |b| {
+        b.iter(|| policy.negotiate(black_box("gzip, deflate, br, zstd")))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    jwt,
+    ratelimit,
+    ip_list,
+    header_rules,
+    cors,
+    api_key,
+    compress
+);
 criterion_main!(benches);

@@ -95,7 +95,7 @@ impl ApiKey {
     }
 
     /// The key whose digest is `key`'s.
-    fn find(&self, key: &[u8]) -> Option<&KeyEntry> {
+    pub fn find(&self, key: &[u8]) -> Option<&KeyEntry> {
         let digest = ring::digest::digest(&ring::digest::SHA256, key);
         let digest = digest.as_ref();
         let mut prefix = [0u8; 8];
