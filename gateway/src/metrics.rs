@@ -56,6 +56,7 @@ pub struct Metrics {
     auth_refusals: IntCounterVec,
     jwks_skipped: IntCounterVec,
     ratelimit: IntCounterVec,
+    basic_auth: IntCounterVec,
     /// Configuration reloads by result (`applied`, `rejected`).
     pub reloads: IntCounterVec,
     /// When the last configuration was applied (Unix seconds).
@@ -287,6 +288,12 @@ impl Metrics {
                 "gateway_ratelimit_total",
                 "Rate-limit decisions",
                 &["policy", "decision"],
+            ),
+            basic_auth: counter(
+                &r,
+                "gateway_basic_auth_total",
+                "Basic-auth checks by result",
+                &["policy", "result"],
             ),
             reloads: counter(
                 &r,
@@ -575,6 +582,31 @@ impl RateLimitMetrics {
             limited: d("limited"),
             no_key: d("no_key"),
             store_errors: d("store_error"),
+        }
+    }
+}
+
+/// A `basic_auth` policy's handles.
+pub struct BasicAuthMetrics {
+    /// Credentials found among the remembered ones.
+    pub cached: IntCounter,
+    /// Credentials whose hash was checked, and matched.
+    pub verified: IntCounter,
+    /// Missing, malformed or wrong credentials (401).
+    pub invalid: IntCounter,
+    /// Refused for too many failures (429).
+    pub throttled: IntCounter,
+}
+
+impl BasicAuthMetrics {
+    /// Handles for `policy`.
+    pub fn new(policy: &str) -> BasicAuthMetrics {
+        let d = |r: &str| METRICS.basic_auth.with_label_values(&[policy, r]);
+        BasicAuthMetrics {
+            cached: d("cached"),
+            verified: d("verified"),
+            invalid: d("invalid"),
+            throttled: d("throttled"),
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct ControlPlane {
     provided: std::sync::Mutex<Arc<Provided>>,
     /// What merging them last noted, so that each note is logged once while it lasts.
     noted: std::sync::Mutex<Notes>,
+    /// The files the last parsed configuration names (running or refused): part of its hash,
+    /// and polled, so that creating or fixing one retries a refused configuration too.
+    watched: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 /// File identity and version as seen by `stat` (following symlinks).
@@ -66,7 +69,9 @@ impl ControlPlane {
         runtime: Arc<ArcSwap<Runtime>>,
         startup_bindings: Bindings,
     ) -> ControlPlane {
+        let watched = std::sync::Mutex::new(runtime.load().files.clone());
         ControlPlane {
+            watched,
             path,
             runtime,
             startup_bindings,
@@ -92,21 +97,28 @@ impl ControlPlane {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let compiled = match config::read(&self.path).and_then(|text| {
-            let hash = crate::hash::content(text.as_bytes()) ^ provided.hash;
+            let base = crate::hash::content(text.as_bytes()) ^ provided.hash;
+            // The files the configuration names count as part of it.
+            let hash = base ^ plan::files::hash(&self.watched());
             // Bytes already running, or already refused: nothing to parse or report again.
             if !force && (hash == current.source_hash || *last_refused == Some(hash)) {
                 return Ok(None);
             }
+            let mut refused_hash = hash;
             config::load_text(&self.path, text)
                 .and_then(|mut loaded| {
-                    loaded.source_hash = hash;
+                    let files = plan::files::referenced(&loaded.config);
+                    refused_hash = base ^ plan::files::hash(&files);
+                    *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = files;
+                    // The plan adds the hash of the files it names itself.
+                    loaded.source_hash = base;
                     crate::provider::compile_with(&loaded, &provided)
                 })
                 .map(|(plan, notes)| {
                     self.log_new(notes);
                     Some(plan)
                 })
-                .inspect_err(|_| *last_refused = Some(hash))
+                .inspect_err(|_| *last_refused = Some(refused_hash))
         }) {
             Ok(Some(l)) => l,
             Ok(None) => return ReloadOutcome::Unchanged,
@@ -151,6 +163,14 @@ impl ControlPlane {
             info!(generation, "configuration reloaded");
         }
         ReloadOutcome::Applied(generation)
+    }
+
+    /// The files the last parsed configuration names.
+    fn watched(&self) -> Vec<PathBuf> {
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Logs the provider notes not logged before; forgets the ones that no longer hold.
@@ -228,17 +248,19 @@ impl ControlPlane {
             });
         }
 
-        // Polling fallback for file systems that send no events.
+        // Polling: the fallback for file systems that send no events, and the watch on the
+        // files the configuration names (wherever they are).
         if settings.watch {
             let tx = tx.clone();
-            let path = self.path.clone();
+            let plane = self.clone();
             let every = settings.poll_interval.0;
             tokio::spawn(async move {
-                let mut last = stamp(&path);
+                let stamps = || (stamp(&plane.path), plan::files::stamps(&plane.watched()));
+                let mut last = stamps();
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    let now = stamp(&path);
+                    let now = stamps();
                     if now != last {
                         last = now;
                         if tx.send(false).is_err() {

@@ -165,8 +165,10 @@ impl Bindings {
 pub struct Runtime {
     /// Increases with every successful load.
     pub generation: u64,
-    /// Hash of the configuration file's bytes.
+    /// Hash of the configuration file's bytes and of the files it names.
     pub source_hash: u64,
+    /// The files the configuration names besides itself, watched for changes.
+    pub files: Vec<std::path::PathBuf>,
     /// The route table.
     pub router: Router,
     /// Routes by index (as the router returns them).

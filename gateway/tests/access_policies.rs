@@ -104,11 +104,12 @@ routes:
     assert_eq!(status(Some(writer.clone()), "/write").await.0, 200);
     let hits = backend.hits();
 
-    // Keys never appear in the log, and a removed key stops working after a reload.
+    // Keys never appear in the log; editing the keys file alone reloads: a removed key stops
+    // working.
     assert!(!gw.log().contains(&reader) && !gw.log().contains(&writer));
-    std::fs::write(&keys, format!("{writer_line}\n")).unwrap();
-    let text = std::fs::read_to_string(&gw.config_path).unwrap();
-    gw.write_raw_config(&format!("{text}# keys changed\n"));
+    let tmp = dir.path().join("keys.tmp");
+    std::fs::write(&tmp, format!("{writer_line}\n")).unwrap();
+    std::fs::rename(&tmp, &keys).unwrap();
     gw.wait_generation(2).await;
     assert_eq!(status(Some(reader.clone()), "/orders").await.0, 401);
     assert_eq!(status(Some(writer.clone()), "/orders").await.0, 200);
@@ -117,4 +118,172 @@ routes:
         hits + 1,
         "refused requests never went upstream"
     );
+}
+
+#[tokio::test]
+async fn a_configuration_refused_for_a_missing_keys_file_loads_when_the_file_appears() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start(&one_route_to(&backend, "")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let with_keys = text.replace(
+        "routes: [ { name: r, upstream: b } ]",
+        &format!(
+            "policies:\n  k: {{ api_key: {{ keys_file: \"{}\" }} }}\nroutes: [ {{ name: r, upstream: b, policies: [k] }} ]",
+            keys.display()
+        ),
+    );
+    assert_ne!(with_keys, text);
+    gw.write_raw_config(&with_keys);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !gw.log().contains("keys_file") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.generation().await, 1);
+    let (key, line) = make_key("late", "");
+    std::fs::write(&keys, format!("{line}\n")).unwrap();
+    gw.wait_generation(2).await;
+    let r = client()
+        .get(gw.url("/x"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `Authorization: Basic` for `user:password`.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {b64}")
+}
+
+fn argon2_hash(password: &str) -> String {
+    use argon2::PasswordHasher;
+    let salt = argon2::password_hash::SaltString::from_b64("c29tZXNhbHQxMjM0NTY").unwrap();
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+/// The value of `gateway_basic_auth_total{policy, result}`.
+async fn basic_auth_count(gw: &Gateway, result: &str) -> u64 {
+    let key = format!("gateway_basic_auth_total{{policy=\"ops\",result=\"{result}\"}}");
+    let metrics = gw.metrics().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn basic_auth_checks_users_remembers_them_and_slows_guessing() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    let alice = bcrypt::hash("wonderland", 4).unwrap();
+    std::fs::write(
+        &users,
+        format!("# ops\nalice:{alice}\nbob:{}\n", argon2_hash("builder")),
+    )
+    .unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+policies:
+  ops: {{ basic_auth: {{ users_file: "{}", realm: "ops", max_failures: 3, failure_window: 1m }} }}
+upstreams: {{ b: {{ targets: ["{}"] }} }}
+routes:
+  - {{ name: prometheus, upstream: b, policies: [ops] }}
+"#,
+        users.display(),
+        backend.addr
+    ))
+    .await;
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .no_proxy()
+            .build()
+            .unwrap()
+    };
+    let c = from("127.0.0.1");
+    let send = |c: &reqwest::Client, auth: Option<String>| {
+        let mut req = c.get(gw.url("/graph")).header("x-auth-user", "root");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.send()
+    };
+
+    // No credentials: the challenge.
+    let r = send(&c, None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Basic realm=\"ops\", charset=\"UTF-8\""
+    );
+    // bcrypt and argon2 users: the name goes upstream, the credentials and forgery do not.
+    for (user, password) in [("alice", "wonderland"), ("bob", "builder")] {
+        let seen = echo(send(&c, Some(basic(user, password))).await.unwrap()).await;
+        assert_eq!(seen["headers"]["x-auth-user"], user, "{seen}");
+        assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    }
+    // Verified once, then remembered.
+    assert_eq!(basic_auth_count(&gw, "verified").await, 2);
+    for _ in 0..3 {
+        let r = send(&c, Some(basic("alice", "wonderland"))).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(basic_auth_count(&gw, "verified").await, 2);
+    assert_eq!(basic_auth_count(&gw, "cached").await, 3);
+
+    // A new password in the file: the remembered one stops working.
+    let alice2 = bcrypt::hash("looking-glass", 4).unwrap();
+    let tmp = dir.path().join("htpasswd.tmp");
+    std::fs::write(&tmp, format!("alice:{alice2}\n")).unwrap();
+    std::fs::rename(&tmp, &users).unwrap();
+    gw.wait_generation(2).await;
+    let r = send(&c, Some(basic("alice", "wonderland"))).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = send(&c, Some(basic("alice", "looking-glass")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Guessing from one client: after 3 failures, 429 without a check, even with the right
+    // password; another client is not concerned.
+    let guesser = from("127.0.0.7");
+    for guess in ["a", "b", "c"] {
+        let r = send(&guesser, Some(basic("alice", guess))).await.unwrap();
+        assert_eq!(r.status(), 401, "{guess}");
+    }
+    let r = send(&guesser, Some(basic("alice", "looking-glass")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert!(basic_auth_count(&gw, "throttled").await >= 1);
+    let r = send(&c, Some(basic("alice", "looking-glass")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Hostile headers: malformed, oversized, a user that does not exist.
+    for auth in [
+        "Basic !!!".to_string(),
+        format!("Basic {}", "QUFB".repeat(2000)),
+        basic("mallory", "x"),
+        "Bearer abc".to_string(),
+    ] {
+        let r = send(&from("127.0.0.8"), Some(auth.clone())).await.unwrap();
+        assert_eq!(r.status(), 401, "{auth:.40}");
+    }
 }

@@ -95,6 +95,18 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.api_key.keys_file",
         ),
         (
+            "an htpasswd file with a plain-text password",
+            {
+                let users = dir.join("htpasswd-plain");
+                std::fs::write(&users, "alice:wonderland\n").unwrap();
+                config(
+                    &format!("policies:\n  p: {{ basic_auth: {{ users_file: \"{}\" }} }}\n", users.display()),
+                    ROUTE,
+                )
+            },
+            "policies.p.basic_auth.users_file",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

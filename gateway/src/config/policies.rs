@@ -211,6 +211,32 @@ pub enum NamedPolicyConfig {
     Compress(CompressConfig),
     /// API keys checked against a file of their digests.
     ApiKey(ApiKeyConfig),
+    /// Users and passwords from an htpasswd file.
+    BasicAuth(BasicAuthConfig),
+}
+
+/// `basic_auth`: requests must carry a user and password of `users_file`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    /// htpasswd lines `user:hash`, bcrypt (`htpasswd -B`) or argon2 hashes only.
+    pub users_file: Spanned<String>,
+    /// The realm of the `WWW-Authenticate` challenge. Default `gateway`.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// The header the user name goes upstream as. Default `X-Auth-User`.
+    #[serde(default)]
+    pub forward_user: Option<Spanned<String>>,
+    /// Keep `Authorization` on the request sent upstream. Default false (removed).
+    #[serde(default)]
+    pub keep_authorization: bool,
+    /// Failed logins a client may make per `failure_window` before it gets 429 without a
+    /// check. Default 5.
+    #[serde(default)]
+    pub max_failures: Option<u32>,
+    /// Default 1m.
+    #[serde(default)]
+    pub failure_window: Option<Dur>,
 }
 
 /// `api_key`: requests must carry a key listed (as its SHA-256 digest) in `keys_file`.

@@ -119,6 +119,7 @@ pub async fn activate(
     Ok(Runtime {
         generation,
         source_hash: plan.source_hash,
+        files: plan.files,
         router: plan.router,
         routes,
         upstreams,

@@ -9,6 +9,7 @@
 //!    before anything that changes running state, so a rejected reload changes nothing.
 
 mod activate;
+pub mod files;
 mod named;
 mod validate;
 
@@ -16,7 +17,9 @@ pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
-use crate::policy::{ApiKey, Compress, Cors, HeaderRules, IpList, Policy, Redirect, Respond};
+use crate::policy::{
+    ApiKey, BasicAuth, Compress, Cors, HeaderRules, IpList, Policy, Redirect, Respond,
+};
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -32,8 +35,10 @@ use std::sync::Arc;
 pub struct Plan {
     /// The file it came from.
     pub path: std::path::PathBuf,
-    /// A hash of the file's bytes.
+    /// A hash of the file's bytes and of the files it names ([`files`]).
     pub source_hash: u64,
+    /// The files it names besides itself, watched for changes.
+    pub files: Vec<std::path::PathBuf>,
     /// The route table.
     pub router: Router,
     /// Routes, in the router's order.
@@ -93,6 +98,8 @@ pub enum NamedPolicy {
     Compress(Arc<Compress>),
     /// `api_key`.
     ApiKey(Arc<ApiKey>),
+    /// `basic_auth`.
+    BasicAuth(Arc<BasicAuth>),
 }
 
 impl NamedPolicy {
@@ -106,6 +113,7 @@ impl NamedPolicy {
             NamedPolicy::Cors(p) => Policy::Cors(p.clone()),
             NamedPolicy::Compress(p) => Policy::Compress(p.clone()),
             NamedPolicy::ApiKey(p) => Policy::ApiKey(p.clone()),
+            NamedPolicy::BasicAuth(p) => Policy::BasicAuth(p.clone()),
         }
     }
 }
@@ -126,6 +134,7 @@ impl PartialEq for NamedPolicy {
             (NamedPolicy::Cors(a), NamedPolicy::Cors(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Compress(a), NamedPolicy::Compress(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::ApiKey(a), NamedPolicy::ApiKey(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::BasicAuth(a), NamedPolicy::BasicAuth(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -252,9 +261,11 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
                 .map_err(|m| c.err_at(cidr, format!("trusted_proxies[{i}]"), m))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let files = files::referenced(config);
     Ok(Plan {
         path: loaded.path.clone(),
-        source_hash: loaded.source_hash,
+        source_hash: loaded.source_hash ^ files::hash(&files),
+        files,
         router,
         routes,
         upstreams,

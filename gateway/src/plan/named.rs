@@ -4,8 +4,8 @@
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
 use crate::config::{
-    ApiKeyConfig, CompressConfig, Config, ConfigError, CorsConfig, ErrorPageConfig,
-    HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
+    ApiKeyConfig, BasicAuthConfig, CompressConfig, Config, ConfigError, CorsConfig,
+    ErrorPageConfig, HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
 };
 use crate::policy::compress::{Coding, MediaPattern, DEFAULT_TYPES};
 use crate::policy::cors::parse_origins;
@@ -13,7 +13,8 @@ use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
 use crate::policy::{
-    ApiKey, Compress, Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect, Respond,
+    ApiKey, BasicAuth, Compress, Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect,
+    Respond,
 };
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -92,6 +93,9 @@ pub(super) fn compile(
                 NamedPolicy::Compress(Arc::new(compress(c, spanned, z, &field)?))
             }
             NamedPolicyConfig::ApiKey(k) => NamedPolicy::ApiKey(Arc::new(api_key(c, k, &field)?)),
+            NamedPolicyConfig::BasicAuth(b) => {
+                NamedPolicy::BasicAuth(Arc::new(basic_auth(c, b, &field)?))
+            }
         };
         out.insert(name.clone(), policy);
     }
@@ -119,6 +123,51 @@ fn api_key(c: &Checker, k: &ApiKeyConfig, field: &str) -> Result<ApiKey, ConfigE
         keys,
         forward_headers: vec![forward_name, forward_scopes],
     })
+}
+
+fn basic_auth(c: &Checker, b: &BasicAuthConfig, field: &str) -> Result<BasicAuth, ConfigError> {
+    let forward_user = match &b.forward_user {
+        None => http::HeaderName::from_static("x-auth-user"),
+        Some(h) => crate::policy::headers::parse_name(&h.value)
+            .map_err(|m| c.err_at(h, format!("{field}.basic_auth.forward_user"), m))?,
+    };
+    let at = format!("{field}.basic_auth.users_file");
+    let text = String::from_utf8(read_body(c, &b.users_file, at.clone())?)
+        .map_err(|_| c.err_at(&b.users_file, at.clone(), "not UTF-8 text"))?;
+    let users =
+        crate::policy::basic_auth::parse_users(&text, Some(&forward_user)).map_err(|m| {
+            c.err_at(
+                &b.users_file,
+                at.clone(),
+                format!("{}: {m}", b.users_file.value),
+            )
+        })?;
+    if users.is_empty() {
+        let m = format!("{}: no users", b.users_file.value);
+        return Err(c.err_at(&b.users_file, at, m));
+    }
+    let realm = b.realm.as_deref().unwrap_or("gateway");
+    let challenge =
+        http::HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+            .ok()
+            .filter(|_| !realm.contains('"'))
+            .ok_or_else(|| {
+                c.err_at(
+                    &b.users_file,
+                    format!("{field}.basic_auth.realm"),
+                    "not a valid realm",
+                )
+            })?;
+    Ok(BasicAuth::new(
+        field.trim_start_matches("policies."),
+        users,
+        challenge,
+        !b.keep_authorization,
+        Some(forward_user),
+        b.max_failures.unwrap_or(5),
+        b.failure_window
+            .map_or(std::time::Duration::from_secs(60), |d| d.0),
+    ))
 }
 
 fn compress(

@@ -18,6 +18,7 @@
 //! `docs/architecture.md` walks through adding a policy.
 
 pub mod api_key;
+pub mod basic_auth;
 mod body_limit;
 pub mod compress;
 pub mod cors;
@@ -32,6 +33,7 @@ pub mod respond;
 mod template;
 
 pub use api_key::ApiKey;
+pub use basic_auth::BasicAuth;
 pub use body_limit::BodyLimit;
 pub use compress::{Compress, Compression};
 pub use cors::Cors;
@@ -76,6 +78,8 @@ pub enum Policy {
     Compress(Arc<Compress>),
     /// API keys (401/403).
     ApiKey(Arc<ApiKey>),
+    /// Users and passwords (401/429).
+    BasicAuth(Arc<BasicAuth>),
 }
 
 impl Policy {
@@ -94,6 +98,7 @@ impl Policy {
             Policy::Cors(p) => p.on_request(session, ctx),
             Policy::Compress(p) => p.on_request(session, ctx),
             Policy::ApiKey(p) => p.on_request(session, ctx),
+            Policy::BasicAuth(p) => p.on_request(session, ctx).await,
         }
     }
 
@@ -108,6 +113,7 @@ impl Policy {
             Policy::Jwt(p) => p.on_upstream_request(headers, ctx),
             Policy::Headers(p) => p.on_upstream_request(headers, ctx, uri),
             Policy::ApiKey(p) => p.on_upstream_request(headers, ctx),
+            Policy::BasicAuth(p) => p.on_upstream_request(headers, ctx),
             _ => Ok(()),
         }
     }
@@ -132,7 +138,7 @@ impl Policy {
     /// are counted per request).
     fn edits_upstream(&self) -> bool {
         match self {
-            Policy::Jwt(_) | Policy::ApiKey(_) => true,
+            Policy::Jwt(_) | Policy::ApiKey(_) | Policy::BasicAuth(_) => true,
             Policy::Headers(p) => !p.request.is_empty(),
             _ => false,
         }
@@ -165,6 +171,7 @@ impl Policy {
             Policy::Cors(_) => "cors",
             Policy::Compress(_) => "compress",
             Policy::ApiKey(_) => "api_key",
+            Policy::BasicAuth(_) => "basic_auth",
         }
     }
 }
