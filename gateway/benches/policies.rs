@@ -236,6 +236,40 @@ fn api_key(c: &mut Criterion) {
     group.finish();
 }
 
+fn basic_auth(c: &mut Criterion) {
+    use base64::Engine;
+    use gateway::policy::basic_auth::{credentials, parse_users};
+    let mut group = c.benchmark_group("basic_auth");
+    let hash = bcrypt::hash("wonderland", 4).expect("hash");
+    let header = http::HeaderName::from_static("x-auth-user");
+    let users = parse_users(&format!("alice:{hash}\n"), Some(&header)).expect("users");
+    let policy = gateway::policy::BasicAuth::new(
+        "bench",
+        users,
+        http::HeaderValue::from_static("Basic realm=\"bench\""),
+        true,
+        Some(header),
+        5,
+        std::time::Duration::from_secs(60),
+    );
+    policy.remember("alice", b"wonderland");
+    let mut headers = http::HeaderMap::new();
+    let b64 = base64::engine::general_purpose::STANDARD.encode("alice:wonderland");
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Basic {b64}").parse().expect("header"),
+    );
+    // What a request with remembered credentials costs: decode, user lookup, keyed digest,
+    // set lookup.
+    group.bench_function("cached_hit", |b| {
+        b.iter(|| {
+            let (user, password) = credentials(black_box(&headers)).expect("credentials");
+            policy.users.contains_key(&user) && policy.remembered(&user, &password)
+        })
+    });
+    group.finish();
+}
+
 fn compress(c: &mut Criterion) {
     use gateway::policy::compress::{Coding, Compress};
     let mut group = c.benchmark_group("compress");
@@ -258,6 +292,7 @@ criterion_group!(
     header_rules,
     cors,
     api_key,
+    basic_auth,
     compress
 );
 criterion_main!(benches);

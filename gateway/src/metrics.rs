@@ -57,6 +57,7 @@ pub struct Metrics {
     jwks_skipped: IntCounterVec,
     ratelimit: IntCounterVec,
     basic_auth: IntCounterVec,
+    concurrency: IntCounterVec,
     /// Configuration reloads by result (`applied`, `rejected`).
     pub reloads: IntCounterVec,
     /// When the last configuration was applied (Unix seconds).
@@ -288,6 +289,12 @@ impl Metrics {
                 "gateway_ratelimit_total",
                 "Rate-limit decisions",
                 &["policy", "decision"],
+            ),
+            concurrency: counter(
+                &r,
+                "gateway_concurrency_total",
+                "Concurrency-limit decisions: admitted at once, after queueing, or refused (queue full, timed out)",
+                &["policy", "result"],
             ),
             basic_auth: counter(
                 &r,
@@ -582,6 +589,31 @@ impl RateLimitMetrics {
             limited: d("limited"),
             no_key: d("no_key"),
             store_errors: d("store_error"),
+        }
+    }
+}
+
+/// A concurrency limit's handles.
+pub struct ConcurrencyMetrics {
+    /// Given a place at once.
+    pub admitted: IntCounter,
+    /// Given a place after waiting.
+    pub queued: IntCounter,
+    /// Refused: the queue was full.
+    pub queue_full: IntCounter,
+    /// Refused: no place within `queue_timeout`.
+    pub timeout: IntCounter,
+}
+
+impl ConcurrencyMetrics {
+    /// Handles for `policy`.
+    pub fn new(policy: &str) -> ConcurrencyMetrics {
+        let d = |r: &str| METRICS.concurrency.with_label_values(&[policy, r]);
+        ConcurrencyMetrics {
+            admitted: d("admitted"),
+            queued: d("queued"),
+            queue_full: d("queue_full"),
+            timeout: d("timeout"),
         }
     }
 }

@@ -107,6 +107,11 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.basic_auth.users_file",
         ),
         (
+            "a concurrency limit of nothing",
+            config("policies:\n  p: { concurrency: { max: 0 } }\n", ROUTE),
+            "policies.p.concurrency",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

@@ -213,6 +213,22 @@ pub enum NamedPolicyConfig {
     ApiKey(ApiKeyConfig),
     /// Users and passwords from an htpasswd file.
     BasicAuth(BasicAuthConfig),
+    /// Requests in flight at once, with a bounded queue.
+    Concurrency(ConcurrencyConfig),
+}
+
+/// `concurrency` (a named policy, or `upstreams.NAME.concurrency`): requests in flight at once.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    /// Requests in flight at once (1 or more).
+    pub max: u32,
+    /// Requests that may wait for a place beyond `max`. Default: `max`.
+    #[serde(default)]
+    pub queue: Option<u32>,
+    /// Longest wait in the queue before 503. Default 1s.
+    #[serde(default)]
+    pub queue_timeout: Option<Dur>,
 }
 
 /// `basic_auth`: requests must carry a user and password of `users_file`.

@@ -31,6 +31,9 @@ pub struct UpstreamConfig {
     /// Speak TLS to the replicas.
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
+    /// Requests in flight at once to this upstream, over all routes. Default: no limit.
+    #[serde(default)]
+    pub concurrency: Option<Spanned<ConcurrencyConfig>>,
 }
 
 /// TLS to an upstream's replicas.

@@ -4,10 +4,12 @@
 //! fail runs before the one step that changes running state (new certificates in a store), so
 //! an activation either applies whole or changes nothing.
 
-use super::{ListenerPlan, Plan, PolicyPlan, RoutePlan};
+use super::{ListenerPlan, NamedPolicy, Plan, PolicyPlan, RoutePlan};
 use crate::auth::AuthPolicy;
 use crate::metrics::RouteMetrics;
-use crate::policy::{BodyLimit, Hsts, HttpsRedirect, Jwt, Pipeline, Policy, RateLimit};
+use crate::policy::{
+    BodyLimit, ConcurrencyLimit, Hsts, HttpsRedirect, Jwt, Pipeline, Policy, RateLimit,
+};
 use crate::ratelimit::RateLimitPolicy;
 use crate::runtime::{Route, Runtime};
 use crate::tls::CertStore;
@@ -99,9 +101,20 @@ pub async fn activate(
         rate_limits.insert(name, kept.unwrap_or(compiled));
     }
 
+    // Concurrency limits whose settings did not change keep their places across the reload:
+    // the requests in flight on the old runtime still count.
+    let limits: BTreeMap<&str, &Arc<ConcurrencyLimit>> = previous
+        .iter()
+        .flat_map(|p| p.routes.iter())
+        .flat_map(|r| r.policies.policies())
+        .filter_map(|p| match p {
+            Policy::Concurrency(l) => Some((&*l.name, l)),
+            _ => None,
+        })
+        .collect();
     let mut routes = Vec::with_capacity(plan.routes.len());
     for (index, r) in plan.routes.into_iter().enumerate() {
-        routes.push(route(r, index, &upstreams, &auth, &rate_limits)?);
+        routes.push(route(r, index, &upstreams, &auth, &rate_limits, &limits)?);
     }
 
     let access_log = match (
@@ -174,6 +187,7 @@ fn route(
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     auth: &BTreeMap<String, Arc<AuthPolicy>>,
     rate_limits: &BTreeMap<String, Arc<RateLimitPolicy>>,
+    limits: &BTreeMap<&str, &Arc<ConcurrencyLimit>>,
 ) -> Result<Route, String> {
     let missing = |kind: &str, name: &str| format!("route {}: no {kind} `{name}`", r.name);
     let upstream = match &r.upstream {
@@ -188,6 +202,12 @@ fn route(
     let mut policies = Vec::with_capacity(r.policies.len());
     for p in &r.policies {
         policies.push(match p {
+            PolicyPlan::Named(NamedPolicy::Concurrency(new)) => Policy::Concurrency(
+                limits
+                    .get(&*new.name)
+                    .filter(|old| old.spec == new.spec)
+                    .map_or_else(|| new.clone(), |old| Arc::clone(old)),
+            ),
             PolicyPlan::Named(named) => named.policy(),
             PolicyPlan::BodyLimit(max) => Policy::BodyLimit(BodyLimit { max: *max }),
             PolicyPlan::Jwt { policy, optional } => Policy::Jwt(Jwt {

@@ -11,6 +11,7 @@
 mod activate;
 pub mod files;
 mod named;
+pub use named::concurrency_spec;
 mod validate;
 
 pub use activate::{activate, start_tasks};
@@ -18,7 +19,8 @@ pub use activate::{activate, start_tasks};
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
 use crate::policy::{
-    ApiKey, BasicAuth, Compress, Cors, HeaderRules, IpList, Policy, Redirect, Respond,
+    ApiKey, BasicAuth, Compress, ConcurrencyLimit, Cors, HeaderRules, IpList, Policy, Redirect,
+    Respond,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
@@ -100,6 +102,8 @@ pub enum NamedPolicy {
     ApiKey(Arc<ApiKey>),
     /// `basic_auth`.
     BasicAuth(Arc<BasicAuth>),
+    /// `concurrency`.
+    Concurrency(Arc<ConcurrencyLimit>),
 }
 
 impl NamedPolicy {
@@ -114,6 +118,7 @@ impl NamedPolicy {
             NamedPolicy::Compress(p) => Policy::Compress(p.clone()),
             NamedPolicy::ApiKey(p) => Policy::ApiKey(p.clone()),
             NamedPolicy::BasicAuth(p) => Policy::BasicAuth(p.clone()),
+            NamedPolicy::Concurrency(p) => Policy::Concurrency(p.clone()),
         }
     }
 }
@@ -135,6 +140,7 @@ impl PartialEq for NamedPolicy {
             (NamedPolicy::Compress(a), NamedPolicy::Compress(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::ApiKey(a), NamedPolicy::ApiKey(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::BasicAuth(a), NamedPolicy::BasicAuth(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::Concurrency(a), NamedPolicy::Concurrency(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }

@@ -4,8 +4,8 @@
 use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
 use crate::config::{
-    ApiKeyConfig, BasicAuthConfig, CompressConfig, Config, ConfigError, CorsConfig,
-    ErrorPageConfig, HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
+    ApiKeyConfig, BasicAuthConfig, CompressConfig, ConcurrencyConfig, Config, ConfigError,
+    CorsConfig, ErrorPageConfig, HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
 };
 use crate::policy::compress::{Coding, MediaPattern, DEFAULT_TYPES};
 use crate::policy::cors::parse_origins;
@@ -13,8 +13,8 @@ use crate::policy::headers::{parse_name, parse_template, Edits};
 use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
 use crate::policy::{
-    ApiKey, BasicAuth, Compress, Cors, ErrorPage, ErrorPages, HeaderRules, IpList, Redirect,
-    Respond,
+    ApiKey, BasicAuth, Compress, ConcurrencyLimit, ConcurrencySpec, Cors, ErrorPage, ErrorPages,
+    HeaderRules, IpList, Redirect, Respond,
 };
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -96,6 +96,11 @@ pub(super) fn compile(
             NamedPolicyConfig::BasicAuth(b) => {
                 NamedPolicy::BasicAuth(Arc::new(basic_auth(c, b, &field)?))
             }
+            NamedPolicyConfig::Concurrency(l) => {
+                let spec = concurrency_spec(l)
+                    .map_err(|m| c.err_at(spanned, format!("{field}.concurrency"), m))?;
+                NamedPolicy::Concurrency(Arc::new(ConcurrencyLimit::new(name, spec)))
+            }
         };
         out.insert(name.clone(), policy);
     }
@@ -122,6 +127,20 @@ fn api_key(c: &Checker, k: &ApiKeyConfig, field: &str) -> Result<ApiKey, ConfigE
         required_scopes: k.scopes.clone(),
         keys,
         forward_headers: vec![forward_name, forward_scopes],
+    })
+}
+
+/// A concurrency limit's settings, checked.
+pub fn concurrency_spec(l: &ConcurrencyConfig) -> Result<ConcurrencySpec, String> {
+    if l.max == 0 {
+        return Err("`max` must be 1 or more".into());
+    }
+    Ok(ConcurrencySpec {
+        max: l.max,
+        queue: l.queue.unwrap_or(l.max),
+        queue_timeout: l
+            .queue_timeout
+            .map_or(std::time::Duration::from_secs(1), |d| d.0),
     })
 }
 

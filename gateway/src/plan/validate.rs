@@ -194,6 +194,10 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
         check_health(&c, &u.health, field)?;
+        if let Some(l) = &u.concurrency {
+            super::named::concurrency_spec(&l.value)
+                .map_err(|m| c.err_at(l, field("concurrency"), m))?;
+        }
         let t = &u.timeouts.value;
         if t.connect.0.is_zero() || t.read.0.is_zero() || t.write.0.is_zero() || t.idle.0.is_zero()
         {

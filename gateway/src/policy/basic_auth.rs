@@ -154,8 +154,7 @@ impl BasicAuth {
             return Err(self.refusal("credentials required"));
         };
         let known = self.users.get(user.as_str());
-        let digest = self.digest(&user, &password);
-        let cached = known.is_some() && self.lock_verified().contains(&digest);
+        let cached = known.is_some() && self.remembered(&user, &password);
         if !cached {
             let Some(checked) = known.or(self.decoy.as_ref()).cloned() else {
                 return Err(self.refusal("invalid credentials"));
@@ -163,6 +162,7 @@ impl BasicAuth {
             let Ok(_permit) = self.checks.acquire().await else {
                 return Err(Answer::error(503, "credential check unavailable"));
             };
+            let password_copy = password.clone();
             let ok = tokio::task::spawn_blocking(move || checked.hash.verify(&password))
                 .await
                 .unwrap_or(false);
@@ -174,11 +174,7 @@ impl BasicAuth {
                 return Err(self.refusal("invalid credentials"));
             }
             self.metrics.verified.inc();
-            let mut verified = self.lock_verified();
-            if verified.len() >= CACHE_CAP {
-                verified.clear();
-            }
-            verified.insert(digest);
+            self.remember(&user, &password_copy);
         }
         if cached {
             self.metrics.cached.inc();
@@ -206,6 +202,22 @@ impl BasicAuth {
             headers.set(name, value.clone())?;
         }
         Ok(())
+    }
+
+    /// Whether `user:password` passed a check before.
+    pub fn remembered(&self, user: &str, password: &[u8]) -> bool {
+        let digest = self.digest(user, password);
+        self.lock_verified().contains(&digest)
+    }
+
+    /// Remembers credentials that passed (the set is emptied when full).
+    pub fn remember(&self, user: &str, password: &[u8]) {
+        let digest = self.digest(user, password);
+        let mut verified = self.lock_verified();
+        if verified.len() >= CACHE_CAP {
+            verified.clear();
+        }
+        verified.insert(digest);
     }
 
     fn refusal(&self, message: &'static str) -> Answer {
@@ -257,7 +269,7 @@ impl BasicAuth {
 }
 
 /// The user and password of a `Basic` `Authorization` header.
-fn credentials(headers: &http::HeaderMap) -> Option<(String, Vec<u8>)> {
+pub fn credentials(headers: &http::HeaderMap) -> Option<(String, Vec<u8>)> {
     let value = headers.get(AUTHORIZATION)?.as_bytes();
     if value.len() > MAX_HEADER || value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"basic ") {
         return None;

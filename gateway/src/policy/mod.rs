@@ -21,6 +21,7 @@ pub mod api_key;
 pub mod basic_auth;
 mod body_limit;
 pub mod compress;
+pub mod concurrency;
 pub mod cors;
 pub mod error_pages;
 pub mod headers;
@@ -36,6 +37,7 @@ pub use api_key::ApiKey;
 pub use basic_auth::BasicAuth;
 pub use body_limit::BodyLimit;
 pub use compress::{Compress, Compression};
+pub use concurrency::{ConcurrencyLimit, ConcurrencySpec};
 pub use cors::Cors;
 pub use error_pages::{ErrorPage, ErrorPages};
 pub use headers::HeaderRules;
@@ -80,6 +82,8 @@ pub enum Policy {
     ApiKey(Arc<ApiKey>),
     /// Users and passwords (401/429).
     BasicAuth(Arc<BasicAuth>),
+    /// Requests in flight at once (503).
+    Concurrency(Arc<ConcurrencyLimit>),
 }
 
 impl Policy {
@@ -99,6 +103,7 @@ impl Policy {
             Policy::Compress(p) => p.on_request(session, ctx),
             Policy::ApiKey(p) => p.on_request(session, ctx),
             Policy::BasicAuth(p) => p.on_request(session, ctx).await,
+            Policy::Concurrency(p) => p.on_request(ctx).await,
         }
     }
 
@@ -172,6 +177,7 @@ impl Policy {
             Policy::Compress(_) => "compress",
             Policy::ApiKey(_) => "api_key",
             Policy::BasicAuth(_) => "basic_auth",
+            Policy::Concurrency(_) => "concurrency",
         }
     }
 }

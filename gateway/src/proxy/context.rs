@@ -88,6 +88,8 @@ pub struct RequestCtx {
     pub(crate) body_received: u64,
     /// The response's compression, when a `compress` policy ran.
     pub(crate) compression: Option<Compression>,
+    /// Places held under concurrency limits, given back when the request ends.
+    pub(crate) permits: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 // The groups keep their 64-byte offsets when a field is added or changed.

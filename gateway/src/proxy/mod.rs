@@ -101,7 +101,11 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
             Cow::Borrowed(_) => None,
         },
     };
-    route.policies.on_request(session, ctx).await
+    route.policies.on_request(session, ctx).await?;
+    match route.upstream.as_ref().and_then(|u| u.limit.as_ref()) {
+        Some(limit) => limit.on_request(ctx).await,
+        None => Ok(()),
+    }
 }
 
 /// What an answer with `status` takes from the listener and the route: the route's error page,

@@ -39,6 +39,7 @@ pub struct UpstreamSpec {
     retries: u32,
     dns: DnsConfig,
     tls: Option<UpstreamTls>,
+    concurrency: Option<crate::policy::ConcurrencySpec>,
 }
 
 /// An upstream's TLS settings, as compiled.
@@ -105,6 +106,11 @@ impl UpstreamSpec {
                 ca: t.ca.as_ref().map(|c| c.value.clone()),
                 verify: t.verify,
             }),
+            // Checked by validation; an invalid one cannot reach here.
+            concurrency: cfg
+                .concurrency
+                .as_ref()
+                .and_then(|l| crate::plan::concurrency_spec(&l.value).ok()),
         }
     }
 }
@@ -129,6 +135,8 @@ pub struct Upstream {
     looked_up: Arc<tokio::sync::Notify>,
     /// Metric handles.
     pub metrics: crate::metrics::UpstreamMetrics,
+    /// Requests in flight at once, over all routes (`concurrency`).
+    pub limit: Option<Arc<crate::policy::ConcurrencyLimit>>,
 }
 
 impl Upstream {
@@ -136,6 +144,12 @@ impl Upstream {
     /// [`Upstream::refresh`].
     pub fn new(name: &str, spec: UpstreamSpec) -> Arc<Upstream> {
         let spec_has_no_checks = spec.active.is_none();
+        let limit = spec.concurrency.map(|s| {
+            Arc::new(crate::policy::ConcurrencyLimit::new(
+                &format!("upstream:{name}"),
+                s,
+            ))
+        });
         let spec_has_no_names = spec.targets.iter().all(|t| t.ip().is_some());
         let mut peer_template = HttpPeer::new("127.0.0.1:1", spec.tls.is_some(), spec.sni());
         spec.apply_tls(&mut peer_template);
@@ -155,6 +169,7 @@ impl Upstream {
             first_lookup_done: AtomicBool::new(spec_has_no_names),
             looked_up: Arc::new(tokio::sync::Notify::new()),
             metrics: crate::metrics::UpstreamMetrics::new(name),
+            limit,
         });
         let literal: Vec<(SocketAddr, usize)> = up
             .spec
