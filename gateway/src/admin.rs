@@ -157,6 +157,7 @@ impl ServeHttp for Admin {
                                 "targets": up.targets(),
                                 "balance": up.balance().name(),
                                 "active_checks": up.active_checks(),
+                                "circuit": up.breaker.as_ref().map(|b| b.state_name()),
                                 "replicas": replicas,
                             }),
                         )

@@ -58,6 +58,10 @@ pub struct Metrics {
     ratelimit: IntCounterVec,
     basic_auth: IntCounterVec,
     concurrency: IntCounterVec,
+    circuit_state: IntGaugeVec,
+    circuit_opened: IntCounterVec,
+    circuit_rejected: IntCounterVec,
+    retry_budget_exhausted: IntCounterVec,
     /// Configuration reloads by result (`applied`, `rejected`).
     pub reloads: IntCounterVec,
     /// When the last configuration was applied (Unix seconds).
@@ -290,6 +294,30 @@ impl Metrics {
                 "Rate-limit decisions",
                 &["policy", "decision"],
             ),
+            circuit_state: gauge(
+                &r,
+                "gateway_upstream_circuit_state",
+                "Circuit breaker state: 0 closed, 1 open, 2 half open",
+                &["upstream"],
+            ),
+            circuit_opened: counter(
+                &r,
+                "gateway_upstream_circuit_opened_total",
+                "Times the circuit breaker opened",
+                &["upstream"],
+            ),
+            circuit_rejected: counter(
+                &r,
+                "gateway_upstream_circuit_rejected_total",
+                "Requests failed fast (503) by an open circuit",
+                &["upstream"],
+            ),
+            retry_budget_exhausted: counter(
+                &r,
+                "gateway_upstream_retry_budget_exhausted_total",
+                "Retries not made because the upstream's retry budget was spent",
+                &["upstream"],
+            ),
             concurrency: counter(
                 &r,
                 "gateway_concurrency_total",
@@ -331,6 +359,11 @@ impl Metrics {
             m.reloads.with_label_values(&[result]);
         }
         m
+    }
+
+    /// The retry-budget counter of `upstream`.
+    pub fn retry_budget_exhausted(&self, upstream: &str) -> IntCounter {
+        self.retry_budget_exhausted.with_label_values(&[upstream])
     }
 
     /// Counts one compressed response body.
@@ -589,6 +622,28 @@ impl RateLimitMetrics {
             limited: d("limited"),
             no_key: d("no_key"),
             store_errors: d("store_error"),
+        }
+    }
+}
+
+/// A circuit breaker's handles.
+pub struct BreakerMetrics {
+    /// 0 closed, 1 open, 2 half open.
+    pub state: IntGauge,
+    /// Times it opened.
+    pub opened: IntCounter,
+    /// Requests failed fast.
+    pub rejected: IntCounter,
+}
+
+impl BreakerMetrics {
+    /// Handles for `upstream`.
+    pub fn new(upstream: &str) -> BreakerMetrics {
+        let m = &*METRICS;
+        BreakerMetrics {
+            state: m.circuit_state.with_label_values(&[upstream]),
+            opened: m.circuit_opened.with_label_values(&[upstream]),
+            rejected: m.circuit_rejected.with_label_values(&[upstream]),
         }
     }
 }

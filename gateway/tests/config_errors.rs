@@ -112,6 +112,14 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "policies.p.concurrency",
         ),
         (
+            "a circuit breaker that never tries again",
+            config("", ROUTE).replace(
+                "u: { targets:",
+                "u: { circuit_breaker: { trial_requests: 0 }, targets:",
+            ),
+            "upstreams.u.circuit_breaker",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

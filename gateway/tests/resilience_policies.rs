@@ -116,3 +116,118 @@ routes:
     let r = c.get(gw.url("/z")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A metric's value (0 when absent), by its whole series name.
+async fn series(gw: &Gateway, key: &str) -> i64 {
+    gw.metrics()
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .filter(|v| v.starts_with(' '))
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_failing_upstream_trips_its_circuit_then_recovers_through_trials() {
+    let dead = DeadPort::reserve();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", dead.port).parse().unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  b:
+    targets: ["{addr}"]
+    retries: 0
+    health: {{ passive: null }}
+    circuit_breaker: {{ min_requests: 4, failure_percent: 50, window: 10s, open_for: 1s, trial_requests: 2 }}
+routes: [ {{ name: r, upstream: b }} ]
+"#
+    ))
+    .await;
+    let c = client();
+    // Four connect failures: 502 each, and the fourth opens the circuit.
+    for _ in 0..4 {
+        assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 502);
+    }
+    let r = c.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(echo_status(r).await, "upstream circuit open");
+    assert_eq!(
+        series(&gw, "gateway_upstream_circuit_state{upstream=\"b\"}").await,
+        1
+    );
+    assert_eq!(
+        series(&gw, "gateway_upstream_circuit_opened_total{upstream=\"b\"}").await,
+        1
+    );
+    let ups = gw.admin_json("/upstreams").await;
+    assert_eq!(ups["upstreams"]["b"]["circuit"], "open", "{ups}");
+
+    // The upstream comes back; after open_for, two good trials close the circuit.
+    drop(dead);
+    let _backend = Backend::start_on(addr, "b").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..2 {
+        assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        series(&gw, "gateway_upstream_circuit_state{upstream=\"b\"}").await,
+        0
+    );
+    for _ in 0..5 {
+        assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 200);
+    }
+    assert!(
+        series(
+            &gw,
+            "gateway_upstream_circuit_rejected_total{upstream=\"b\"}"
+        )
+        .await
+            >= 1
+    );
+}
+
+/// The `error` of a JSON answer.
+async fn echo_status(r: reqwest::Response) -> String {
+    let body: serde_json::Value = r.json().await.unwrap();
+    body["error"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn the_retry_budget_bounds_retries_to_a_share_of_requests() {
+    let (a, b) = (DeadPort::reserve(), DeadPort::reserve());
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  b:
+    targets: ["{}", "{}"]
+    retries: 1
+    health: {{ passive: null }}
+    retry_budget: {{ budget_percent: 0, min_retries: 2, window: 10s }}
+routes: [ {{ name: r, upstream: b }} ]
+"#,
+        format_args!("127.0.0.1:{}", a.port),
+        format_args!("127.0.0.1:{}", b.port)
+    ))
+    .await;
+    let c = client();
+    for _ in 0..6 {
+        assert_eq!(c.get(gw.url("/x")).send().await.unwrap().status(), 502);
+    }
+    // Each request could have retried once; the budget allowed two in the window.
+    assert_eq!(
+        series(&gw, "gateway_upstream_retries_total{upstream=\"b\"}").await,
+        2
+    );
+    assert_eq!(
+        series(
+            &gw,
+            "gateway_upstream_retry_budget_exhausted_total{upstream=\"b\"}"
+        )
+        .await,
+        4
+    );
+}

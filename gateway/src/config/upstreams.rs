@@ -34,6 +34,74 @@ pub struct UpstreamConfig {
     /// Requests in flight at once to this upstream, over all routes. Default: no limit.
     #[serde(default)]
     pub concurrency: Option<Spanned<ConcurrencyConfig>>,
+    /// Fail fast while the upstream keeps failing. Default: none.
+    #[serde(default)]
+    pub circuit_breaker: Option<Spanned<CircuitBreakerConfig>>,
+    /// Retries at most a share of requests. Default: none (only `retries` bounds them).
+    #[serde(default)]
+    pub retry_budget: Option<Spanned<RetryBudgetConfig>>,
+}
+
+/// `circuit_breaker`: when to fail fast, for how long, and how to recover.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Failed attempts, in percent of attempts over `window`, at which it opens. Default 50.
+    #[serde(default = "default_failure_percent")]
+    pub failure_percent: u32,
+    /// Attempts the window must hold before the share counts. Default 20.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    /// The sliding window (whole seconds). Default 10s.
+    #[serde(default = "default_ten_seconds")]
+    pub window: Dur,
+    /// How long it fails fast before trial requests. Default 10s.
+    #[serde(default = "default_ten_seconds")]
+    pub open_for: Dur,
+    /// Trial requests when half open; all must succeed to close. Default 3.
+    #[serde(default = "default_trials")]
+    pub trial_requests: u32,
+    /// Upstream statuses that count as failures (with connect errors and timeouts).
+    /// Default 502, 503, 504.
+    #[serde(default = "default_breaker_statuses")]
+    pub statuses: Vec<u16>,
+}
+
+/// `retry_budget`: the share of requests that may be retries.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    /// Retries, in percent of the requests over `window`. Default 20.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    /// Retries always allowed per window, whatever the traffic. Default 3.
+    #[serde(default = "default_min_retries")]
+    pub min_retries: u32,
+    /// The sliding window (whole seconds). Default 10s.
+    #[serde(default = "default_ten_seconds")]
+    pub window: Dur,
+}
+
+fn default_failure_percent() -> u32 {
+    50
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_ten_seconds() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_trials() -> u32 {
+    3
+}
+fn default_breaker_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_min_retries() -> u32 {
+    3
 }
 
 /// TLS to an upstream's replicas.

@@ -194,6 +194,32 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
         check_health(&c, &u.health, field)?;
+        if let Some(b) = &u.circuit_breaker {
+            let v = &b.value;
+            let m = if !(1..=100).contains(&v.failure_percent) {
+                Some("`failure_percent` must be 1 to 100")
+            } else if v.trial_requests == 0 {
+                Some("`trial_requests` must be 1 or more")
+            } else if v.window.0.as_secs() == 0 || v.open_for.0.is_zero() {
+                Some("`window` (at least 1s) and `open_for` must be greater than zero")
+            } else if v.statuses.iter().any(|s| !(100..=599).contains(s)) {
+                Some("`statuses` are HTTP statuses (100 to 599)")
+            } else {
+                None
+            };
+            if let Some(m) = m {
+                return Err(c.err_at(b, field("circuit_breaker"), m));
+            }
+        }
+        if let Some(r) = &u.retry_budget {
+            if r.value.budget_percent > 100 || r.value.window.0.as_secs() == 0 {
+                return Err(c.err_at(
+                    r,
+                    field("retry_budget"),
+                    "`budget_percent` is 0 to 100 and `window` at least 1s",
+                ));
+            }
+        }
         if let Some(l) = &u.concurrency {
             super::named::concurrency_spec(&l.value)
                 .map_err(|m| c.err_at(l, field("concurrency"), m))?;

@@ -20,6 +20,7 @@
 pub mod api_key;
 pub mod basic_auth;
 mod body_limit;
+pub mod circuit_breaker;
 pub mod compress;
 pub mod concurrency;
 pub mod cors;
@@ -31,7 +32,9 @@ pub mod ip_list;
 mod jwt;
 mod rate_limit;
 pub mod respond;
+pub mod retry_budget;
 mod template;
+mod window;
 
 pub use api_key::ApiKey;
 pub use basic_auth::BasicAuth;

@@ -90,6 +90,8 @@ pub struct RequestCtx {
     pub(crate) compression: Option<Compression>,
     /// Places held under concurrency limits, given back when the request ends.
     pub(crate) permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// How the upstream's circuit breaker let the request through, when it has one.
+    pub(crate) breaker: Option<crate::policy::circuit_breaker::Admission>,
 }
 
 // The groups keep their 64-byte offsets when a field is added or changed.
@@ -140,6 +142,9 @@ impl RequestCtx {
     /// ejecting it would turn a partial failure into a total one.
     pub(crate) fn report_failure(&mut self) {
         if let (Some(r), Some(up)) = (&self.replica, self.upstream()) {
+            if let (Some(breaker), Some(admission)) = (&up.breaker, self.breaker) {
+                breaker.record(admission, true, now_ms());
+            }
             if let Some(policy) = up.passive() {
                 let now = now_ms();
                 let may_eject = up.has_alternative(&[r.id], now);
@@ -162,7 +167,12 @@ impl RequestCtx {
     pub(crate) fn may_retry(&self) -> bool {
         match (self.route(), self.upstream()) {
             (Some(route), Some(up)) => {
-                self.attempts <= route.retries && up.has_alternative(self.tried(), now_ms())
+                self.attempts <= route.retries
+                    && up.has_alternative(self.tried(), now_ms())
+                    && up
+                        .retry_budget
+                        .as_ref()
+                        .is_none_or(|b| b.try_retry(now_ms()))
             }
             _ => false,
         }

@@ -29,7 +29,7 @@ use crate::metrics::METRICS;
 use crate::policy::BodyLimit;
 use crate::runtime::Runtime;
 use crate::trace::FinishedRequest;
-use crate::upstream::ms_at;
+use crate::upstream::{ms_at, Upstream};
 use answer::Answer;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -102,10 +102,28 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
         },
     };
     route.policies.on_request(session, ctx).await?;
-    match route.upstream.as_ref().and_then(|u| u.limit.as_ref()) {
-        Some(limit) => limit.on_request(ctx).await,
+    match &route.upstream {
+        Some(up) => upstream_guards(up, ctx).await,
         None => Ok(()),
     }
+}
+
+/// What the upstream itself asks of a request: a place under its concurrency limit, its
+/// circuit closed (or a trial), and a count for its retry budget.
+async fn upstream_guards(up: &Upstream, ctx: &mut RequestCtx) -> Result<(), Answer> {
+    if let Some(limit) = &up.limit {
+        limit.on_request(ctx).await?;
+    }
+    if up.breaker.is_some() || up.retry_budget.is_some() {
+        let now = crate::upstream::now_ms();
+        if let Some(breaker) = &up.breaker {
+            ctx.breaker = Some(breaker.admit(now)?);
+        }
+        if let Some(budget) = &up.retry_budget {
+            budget.request(now);
+        }
+    }
+    Ok(())
 }
 
 /// What an answer with `status` takes from the listener and the route: the route's error page,
@@ -374,6 +392,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         if let Some(up) = ctx.upstream() {
+            if let (Some(breaker), Some(admission)) = (&up.breaker, ctx.breaker) {
+                let failed = breaker.is_failure(resp.status.as_u16());
+                breaker.record(admission, failed, crate::upstream::now_ms());
+            }
             let m = &up.metrics;
             m.response(resp.status.as_u16());
             if let Some(took) = ctx.upstream_elapsed {

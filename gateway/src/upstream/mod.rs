@@ -40,6 +40,8 @@ pub struct UpstreamSpec {
     dns: DnsConfig,
     tls: Option<UpstreamTls>,
     concurrency: Option<crate::policy::ConcurrencySpec>,
+    breaker: Option<crate::policy::circuit_breaker::BreakerSpec>,
+    retry_budget: Option<crate::policy::retry_budget::BudgetSpec>,
 }
 
 /// An upstream's TLS settings, as compiled.
@@ -111,6 +113,24 @@ impl UpstreamSpec {
                 .concurrency
                 .as_ref()
                 .and_then(|l| crate::plan::concurrency_spec(&l.value).ok()),
+            breaker: cfg.circuit_breaker.as_ref().map(|b| {
+                let b = &b.value;
+                crate::policy::circuit_breaker::BreakerSpec {
+                    failure_percent: b.failure_percent,
+                    min_requests: b.min_requests,
+                    window_secs: b.window.0.as_secs().max(1),
+                    open_for: b.open_for.0,
+                    trial_requests: b.trial_requests,
+                    statuses: b.statuses.clone(),
+                }
+            }),
+            retry_budget: cfg.retry_budget.as_ref().map(|r| {
+                crate::policy::retry_budget::BudgetSpec {
+                    budget_percent: r.value.budget_percent,
+                    min_retries: r.value.min_retries,
+                    window_secs: r.value.window.0.as_secs().max(1),
+                }
+            }),
         }
     }
 }
@@ -137,6 +157,10 @@ pub struct Upstream {
     pub metrics: crate::metrics::UpstreamMetrics,
     /// Requests in flight at once, over all routes (`concurrency`).
     pub limit: Option<Arc<crate::policy::ConcurrencyLimit>>,
+    /// Fails fast while the upstream keeps failing (`circuit_breaker`).
+    pub breaker: Option<crate::policy::circuit_breaker::CircuitBreaker>,
+    /// Bounds retries to a share of requests (`retry_budget`).
+    pub retry_budget: Option<crate::policy::retry_budget::RetryBudget>,
 }
 
 impl Upstream {
@@ -144,6 +168,13 @@ impl Upstream {
     /// [`Upstream::refresh`].
     pub fn new(name: &str, spec: UpstreamSpec) -> Arc<Upstream> {
         let spec_has_no_checks = spec.active.is_none();
+        let breaker = spec
+            .breaker
+            .clone()
+            .map(|s| crate::policy::circuit_breaker::CircuitBreaker::new(name, s));
+        let retry_budget = spec
+            .retry_budget
+            .map(|s| crate::policy::retry_budget::RetryBudget::new(name, s));
         let limit = spec.concurrency.map(|s| {
             Arc::new(crate::policy::ConcurrencyLimit::new(
                 &format!("upstream:{name}"),
@@ -170,6 +201,8 @@ impl Upstream {
             looked_up: Arc::new(tokio::sync::Notify::new()),
             metrics: crate::metrics::UpstreamMetrics::new(name),
             limit,
+            breaker,
+            retry_budget,
         });
         let literal: Vec<(SocketAddr, usize)> = up
             .spec
