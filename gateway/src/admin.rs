@@ -113,6 +113,14 @@ impl ServeHttp for Admin {
                         serde_json::json!({
                             "name": &*r.name,
                             "upstream": r.upstream.as_ref().map(|u| &*u.name),
+                            "split": r.split.as_ref().map(|s| {
+                                let mut start = 0;
+                                s.targets.iter().map(|(u, end)| {
+                                    let weight = end - start;
+                                    start = *end;
+                                    serde_json::json!({ "upstream": &*u.name, "weight": weight })
+                                }).collect::<Vec<_>>()
+                            }),
                             "match": &r.matcher,
                             "policies": policies.iter().map(Policy::kind).collect::<Vec<_>>(),
                             "auth": jwt.map(|j| &*j.policy.name),

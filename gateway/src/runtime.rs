@@ -22,8 +22,10 @@ use std::sync::Arc;
 pub struct Route {
     /// The route's name.
     pub name: Arc<str>,
-    /// Where it sends traffic; none when a policy answers every request.
+    /// Where it sends traffic; none when a policy answers every request or `split` does.
     pub upstream: Option<Arc<Upstream>>,
+    /// Upstreams sharing its requests by weight.
+    pub split: Option<crate::policy::split::Split>,
     /// How it changes the path.
     pub rewrite: PathRewrite,
     /// Timeout overrides.
@@ -36,6 +38,17 @@ pub struct Route {
     pub matcher: serde_json::Value,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
+}
+
+impl Route {
+    /// The upstream of the request that drew `choice` (the route's one upstream, or a side
+    /// of its split).
+    pub fn upstream_for(&self, choice: u8) -> Option<&Upstream> {
+        match &self.split {
+            None => self.upstream.as_deref(),
+            Some(split) => split.targets.get(usize::from(choice)).map(|(u, _)| &**u),
+        }
+    }
 }
 
 /// A listener as bound at startup: address, read buffer size, and for TLS listeners whether

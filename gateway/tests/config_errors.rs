@@ -120,6 +120,16 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "upstreams.u.circuit_breaker",
         ),
         (
+            "a route with both an upstream and a split",
+            config("", "  - { name: r, upstream: u, split: [ { upstream: u, weight: 1 } ] }\n"),
+            "routes[0].split",
+        ),
+        (
+            "a sticky key of no known kind",
+            config("", "  - { name: r, split: [ { upstream: u, weight: 1 } ], sticky: ip }\n"),
+            "routes[0].sticky",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

@@ -231,3 +231,90 @@ routes: [ {{ name: r, upstream: b }} ]
         4
     );
 }
+
+#[tokio::test]
+async fn a_split_shares_requests_by_weight_and_keeps_sticky_clients_on_their_side() {
+    let blue = Backend::start("127.0.0.1", "blue").await;
+    let green = Backend::start("127.0.0.1", "green").await;
+    let config = |w_blue: u32, w_green: u32| {
+        format!(
+            r#"
+upstreams:
+  blue: {{ targets: ["{}"] }}
+  green: {{ targets: ["{}"] }}
+routes:
+  - {{ name: canary, match: {{ path_prefix: /canary }}, split: [ {{ upstream: blue, weight: {w_blue} }}, {{ upstream: green, weight: {w_green} }} ] }}
+  - {{ name: sticky, match: {{ path_prefix: /sticky }}, sticky: "cookie:sid", split: [ {{ upstream: blue, weight: {w_blue} }}, {{ upstream: green, weight: {w_green} }} ] }}
+"#,
+            blue.addr, green.addr
+        )
+    };
+    let gw = Gateway::start(&config(90, 10)).await;
+    let c = client();
+    let side = |path: String, sid: Option<String>| {
+        let mut req = c.get(gw.url(&path));
+        if let Some(sid) = sid {
+            req = req.header("cookie", format!("theme=dark; sid={sid}"));
+        }
+        async move {
+            echo(req.send().await.unwrap()).await["backend"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    // 1,000 requests without a key: the shares hold to within a few percent.
+    let mut green_hits = 0;
+    for _ in 0..1000 {
+        if side("/canary".into(), None).await == "green" {
+            green_hits += 1;
+        }
+    }
+    assert!(
+        (70..=130).contains(&green_hits),
+        "{green_hits} of 1000 to green"
+    );
+
+    // Sticky: 200 clients, each asked 3 times, always land on the same side.
+    let mut before = Vec::new();
+    for i in 0..200 {
+        let first = side("/sticky".into(), Some(format!("user-{i}"))).await;
+        for _ in 0..2 {
+            assert_eq!(
+                side("/sticky".into(), Some(format!("user-{i}"))).await,
+                first
+            );
+        }
+        before.push(first);
+    }
+    let on_green = before.iter().filter(|s| *s == "green").count();
+    assert!((5..=40).contains(&on_green), "{on_green} of 200 on green");
+
+    // A reload that keeps the weights keeps everyone; one that moves weight to green only
+    // moves clients to green.
+    gw.write_config(&format!("{}# touched\n", config(90, 10)));
+    gw.wait_generation(2).await;
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(
+            &side("/sticky".into(), Some(format!("user-{i}"))).await,
+            was
+        );
+    }
+    gw.write_config(&config(50, 50));
+    gw.wait_generation(3).await;
+    let mut moved = 0;
+    for (i, was) in before.iter().enumerate() {
+        let now = side("/sticky".into(), Some(format!("user-{i}"))).await;
+        if &now != was {
+            assert_eq!((was.as_str(), now.as_str()), ("blue", "green"), "user-{i}");
+            moved += 1;
+        }
+    }
+    assert!(moved > 0);
+    let routes = gw.admin_json("/routes").await;
+    let text = routes.to_string();
+    assert!(
+        text.contains("\"split\"") && text.contains("\"weight\":50"),
+        "{text}"
+    );
+}

@@ -29,10 +29,17 @@ pub struct RouteConfig {
     /// What requests this route takes. Empty: every request.
     #[serde(rename = "match", default)]
     pub matcher: MatchConfig,
-    /// The upstream that serves it. Required unless a `redirect` or `respond` policy of the
-    /// route answers every request.
+    /// The upstream that serves it. Required unless `split` names several, or a `redirect`
+    /// or `respond` policy of the route answers every request.
     #[serde(default)]
     pub upstream: Option<Spanned<String>>,
+    /// Upstreams sharing the route's requests by weight (instead of `upstream`).
+    #[serde(default)]
+    pub split: Vec<SplitConfig>,
+    /// With `split`: what keeps a client on one side (`client_ip`, `header:NAME`,
+    /// `cookie:NAME`, `jwt:CLAIM`). Default: none (each request drawn by weight).
+    #[serde(default)]
+    pub sticky: Option<Spanned<String>>,
     /// Remove the matched `path_prefix` before forwarding.
     #[serde(default)]
     pub strip_prefix: bool,
@@ -65,6 +72,16 @@ pub struct RouteConfig {
     /// Overrides `limits.max_request_body` for this route.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
+}
+
+/// One side of a traffic split.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// The upstream.
+    pub upstream: Spanned<String>,
+    /// Its share: its weight over the sum of the weights.
+    pub weight: u32,
 }
 
 /// Request matching conditions; all given conditions must hold.

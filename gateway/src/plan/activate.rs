@@ -226,7 +226,21 @@ fn route(
             }),
         });
     }
+    let split = if r.split.is_empty() {
+        None
+    } else {
+        let mut sides = Vec::with_capacity(r.split.len());
+        for (name, weight) in &r.split {
+            let up = upstreams
+                .get(name)
+                .cloned()
+                .ok_or_else(|| missing("upstream", name))?;
+            sides.push((up, *weight));
+        }
+        Some(crate::policy::split::Split::new(sides, r.sticky.clone()))
+    };
     Ok(Route {
+        split,
         retries: r
             .retries
             .or_else(|| upstream.as_ref().map(|u| u.retries()))

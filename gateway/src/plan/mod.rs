@@ -69,6 +69,10 @@ pub struct RoutePlan {
     pub name: String,
     /// The upstream it sends traffic to; none when a policy answers every request.
     pub upstream: Option<String>,
+    /// Upstreams sharing its requests by weight.
+    pub split: Vec<(String, u32)>,
+    /// What keeps a client on one side of the split.
+    pub sticky: Option<crate::policy::split::Sticky>,
     /// How it changes the path.
     pub rewrite: PathRewrite,
     /// Timeout overrides.
@@ -213,7 +217,7 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
         let own = named::resolve(&c, &named, &r.policies, &format!("routes[{i}].policies"))?;
         let answers =
             |p: &NamedPolicy| matches!(p, NamedPolicy::Redirect(_) | NamedPolicy::Respond(_));
-        if r.upstream.is_none() && !defaults.iter().chain(&own).any(answers) {
+        if r.upstream.is_none() && r.split.is_empty() && !defaults.iter().chain(&own).any(answers) {
             return Err(c.err_at(
                 &r.name,
                 format!("routes[{i}].upstream"),
@@ -241,6 +245,16 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
         routes.push(RoutePlan {
             name: r.name.value.clone(),
             upstream: r.upstream.as_ref().map(|u| u.value.clone()),
+            split: r
+                .split
+                .iter()
+                .map(|s| (s.upstream.value.clone(), s.weight))
+                .collect(),
+            // Checked by validation.
+            sticky: r
+                .sticky
+                .as_ref()
+                .and_then(|s| crate::policy::split::Sticky::parse(&s.value).ok()),
             rewrite,
             timeouts: r.timeouts,
             retries: r.retries,

@@ -311,6 +311,28 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
         if !config.upstreams.contains_key(&up.value) {
             return Err(c.dangling(up, field("upstream"), "upstream", config.upstreams.keys()));
         }
+        if !r.split.is_empty() {
+            return Err(c.err_at(up, field("split"), "`upstream` or `split`, not both"));
+        }
+    }
+    for (j, side) in r.split.iter().enumerate() {
+        if !config.upstreams.contains_key(&side.upstream.value) {
+            let at = field(&format!("split[{j}].upstream"));
+            return Err(c.dangling(&side.upstream, at, "upstream", config.upstreams.keys()));
+        }
+    }
+    if !r.split.is_empty() && r.split.iter().map(|s| u64::from(s.weight)).sum::<u64>() == 0 {
+        return Err(c.err_at(&r.name, field("split"), "the weights add up to nothing"));
+    }
+    if r.split.len() > 255 {
+        return Err(c.err_at(&r.name, field("split"), "at most 255 upstreams"));
+    }
+    if let Some(sticky) = &r.sticky {
+        if r.split.is_empty() {
+            return Err(c.err_at(sticky, field("sticky"), "only with `split`"));
+        }
+        crate::policy::split::Sticky::parse(&sticky.value)
+            .map_err(|m| c.err_at(sticky, field("sticky"), m))?;
     }
     match &r.auth {
         Some(a) if !config.auth.contains_key(&a.value) => {

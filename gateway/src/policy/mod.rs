@@ -33,6 +33,7 @@ mod jwt;
 mod rate_limit;
 pub mod respond;
 pub mod retry_budget;
+pub mod split;
 mod template;
 mod window;
 

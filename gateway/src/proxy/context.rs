@@ -90,6 +90,8 @@ pub struct RequestCtx {
     pub(crate) compression: Option<Compression>,
     /// Places held under concurrency limits, given back when the request ends.
     pub(crate) permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// The side of the route's split the request goes to.
+    pub(crate) choice: u8,
     /// How the upstream's circuit breaker let the request through, when it has one.
     pub(crate) breaker: Option<crate::policy::circuit_breaker::Admission>,
 }
@@ -111,7 +113,7 @@ impl RequestCtx {
     /// The matched route's upstream; `None` before routing or for a route that answers by
     /// itself.
     pub(crate) fn upstream(&self) -> Option<&Upstream> {
-        self.route()?.upstream.as_deref()
+        self.route()?.upstream_for(self.choice)
     }
 
     pub(crate) fn tried(&self) -> &[u64] {

@@ -102,7 +102,10 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
         },
     };
     route.policies.on_request(session, ctx).await?;
-    match &route.upstream {
+    if let Some(split) = &route.split {
+        ctx.choice = split.choose(session.req_header(), ctx);
+    }
+    match route.upstream_for(ctx.choice) {
         Some(up) => upstream_guards(up, ctx).await,
         None => Ok(()),
     }
