@@ -58,6 +58,7 @@ pub struct Metrics {
     ratelimit: IntCounterVec,
     basic_auth: IntCounterVec,
     concurrency: IntCounterVec,
+    mirror: IntCounterVec,
     circuit_state: IntGaugeVec,
     circuit_opened: IntCounterVec,
     circuit_rejected: IntCounterVec,
@@ -317,6 +318,12 @@ impl Metrics {
                 "gateway_upstream_retry_budget_exhausted_total",
                 "Retries not made because the upstream's retry budget was spent",
                 &["upstream"],
+            ),
+            mirror: counter(
+                &r,
+                "gateway_mirror_total",
+                "Request copies for a route's mirror: sent (answered), failed, dropped (queue full), too_large",
+                &["route", "result"],
             ),
             concurrency: counter(
                 &r,
@@ -644,6 +651,31 @@ impl BreakerMetrics {
             state: m.circuit_state.with_label_values(&[upstream]),
             opened: m.circuit_opened.with_label_values(&[upstream]),
             rejected: m.circuit_rejected.with_label_values(&[upstream]),
+        }
+    }
+}
+
+/// A route mirror's handles.
+pub struct MirrorMetrics {
+    /// Copies the shadow answered.
+    pub sent: IntCounter,
+    /// Copies that failed (no replica, connect, timeout, error).
+    pub failed: IntCounter,
+    /// Copies dropped because the queue was full.
+    pub dropped: IntCounter,
+    /// Requests not copied: body over `max_body`.
+    pub too_large: IntCounter,
+}
+
+impl MirrorMetrics {
+    /// Handles for `route`.
+    pub fn new(route: &str) -> MirrorMetrics {
+        let d = |r: &str| METRICS.mirror.with_label_values(&[route, r]);
+        MirrorMetrics {
+            sent: d("sent"),
+            failed: d("failed"),
+            dropped: d("dropped"),
+            too_large: d("too_large"),
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct Route {
     pub upstream: Option<Arc<Upstream>>,
     /// Upstreams sharing its requests by weight.
     pub split: Option<crate::policy::split::Split>,
+    /// Copies of a share of its requests to a shadow upstream.
+    pub mirror: Option<Arc<crate::policy::mirror::Mirror>>,
     /// How it changes the path.
     pub rewrite: PathRewrite,
     /// Timeout overrides.

@@ -130,6 +130,11 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "routes[0].sticky",
         ),
         (
+            "a mirror to an upstream that does not exist",
+            config("", "  - { name: r, upstream: u, mirror: { upstream: nope } }\n"),
+            "routes[0].mirror.upstream",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

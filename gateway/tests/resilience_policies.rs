@@ -318,3 +318,119 @@ routes:
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_mirror_copies_requests_and_never_holds_the_real_one_back() {
+    let backend = Backend::start("127.0.0.1", "real").await;
+    let (shadow, heads) = recording_upstream(OK_RESPONSE).await;
+    // A shadow that takes connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  real: {{ targets: ["{}"] }}
+  shadow: {{ targets: ["{shadow}"] }}
+  silent: {{ targets: ["{silent_addr}"] }}
+routes:
+  - {{ name: copied, upstream: real, match: {{ path_prefix: /copied }}, mirror: {{ upstream: shadow, max_body: 2KiB }} }}
+  - {{ name: half, upstream: real, match: {{ path_prefix: /half }}, mirror: {{ upstream: shadow, percent: 50 }} }}
+  - {{ name: hung, upstream: real, match: {{ path_prefix: /hung }}, mirror: {{ upstream: silent, timeout: 3s }} }}
+"#,
+        backend.addr
+    ))
+    .await;
+    let c = client();
+    let metric = |route: &'static str, result: &'static str| {
+        let gw = &gw;
+        async move {
+            let key = format!("gateway_mirror_total{{result=\"{result}\",route=\"{route}\"}}");
+            gw.metrics()
+                .await
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(key.as_str())
+                        .map(|v| v.trim().parse::<u64>().unwrap())
+                })
+                .unwrap_or(0)
+        }
+    };
+
+    // Every request copied, with its body; the client gets the real answer.
+    let seen = echo(c.get(gw.url("/copied/a?x=1")).send().await.unwrap()).await;
+    assert_eq!(seen["backend"], "real");
+    let r = c
+        .post(gw.url("/copied/b"))
+        .body(vec![b'x'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Over max_body: served, not copied.
+    let r = c
+        .post(gw.url("/copied/c"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while heads.lock().unwrap().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            heads.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let copies = heads.lock().unwrap().clone();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    let lower: Vec<String> = copies.iter().map(|h| h.to_ascii_lowercase()).collect();
+    assert!(
+        lower[0].starts_with("get /copied/a?x=1 http/1.1"),
+        "{}",
+        lower[0]
+    );
+    assert!(lower.iter().all(|h| h.contains("x-gateway-mirror: 1")));
+    assert!(lower[1].starts_with("post /copied/b") && lower[1].contains("content-length: 1024"));
+    assert_eq!(metric("copied", "too_large").await, 1);
+    assert_eq!(metric("copied", "sent").await, 2);
+
+    // Half of 200 requests, give or take.
+    for _ in 0..200 {
+        assert_eq!(c.get(gw.url("/half")).send().await.unwrap().status(), 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric("half", "sent").await < 80 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let half = metric("half", "sent").await;
+    assert!((80..=120).contains(&half), "{half} of 200 copied");
+
+    // A shadow that never answers: every real request is answered; copies time out, and
+    // beyond the queue they are dropped, never waited for.
+    let mut all = Vec::new();
+    for _ in 0..400 {
+        let req = c.get(gw.url("/hung"));
+        all.push(tokio::spawn(
+            async move { req.send().await.unwrap().status() },
+        ));
+    }
+    for t in all {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(metric("hung", "dropped").await > 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric("hung", "failed").await == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.abort();
+}

@@ -40,6 +40,9 @@ pub struct RouteConfig {
     /// `cookie:NAME`, `jwt:CLAIM`). Default: none (each request drawn by weight).
     #[serde(default)]
     pub sticky: Option<Spanned<String>>,
+    /// A share of the requests also sent to a shadow upstream (answers thrown away).
+    #[serde(default)]
+    pub mirror: Option<Spanned<MirrorConfig>>,
     /// Remove the matched `path_prefix` before forwarding.
     #[serde(default)]
     pub strip_prefix: bool,
@@ -72,6 +75,27 @@ pub struct RouteConfig {
     /// Overrides `limits.max_request_body` for this route.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
+}
+
+/// `mirror`: where copies go and how many.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// The shadow upstream (plain HTTP).
+    pub upstream: Spanned<String>,
+    /// Share of the requests copied, in percent (0-100). Default 100.
+    #[serde(default = "default_mirror_percent")]
+    pub percent: u32,
+    /// Largest request body copied; a request with a larger one is not mirrored. Default 64KiB.
+    #[serde(default)]
+    pub max_body: Option<ByteSize>,
+    /// Longest a copy may take, answer included. Default 5s.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+fn default_mirror_percent() -> u32 {
+    100
 }
 
 /// One side of a traffic split.

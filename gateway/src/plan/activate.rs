@@ -239,8 +239,21 @@ fn route(
         }
         Some(crate::policy::split::Split::new(sides, r.sticky.clone()))
     };
+    let mirror = match &r.mirror {
+        None => None,
+        Some((name, percent, max_body, timeout)) => {
+            let up = upstreams
+                .get(name)
+                .cloned()
+                .ok_or_else(|| missing("upstream", name))?;
+            Some(Arc::new(crate::policy::mirror::Mirror::new(
+                &r.name, up, *percent, *max_body, *timeout,
+            )))
+        }
+    };
     Ok(Route {
         split,
+        mirror,
         retries: r
             .retries
             .or_else(|| upstream.as_ref().map(|u| u.retries()))
@@ -303,5 +316,8 @@ pub fn start_tasks(rt: &Runtime) {
     }
     for store in rt.tls_stores.values() {
         store.spawn_watch();
+    }
+    for mirror in rt.routes.iter().filter_map(|r| r.mirror.as_ref()) {
+        mirror.spawn_task();
     }
 }

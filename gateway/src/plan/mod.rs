@@ -73,6 +73,8 @@ pub struct RoutePlan {
     pub split: Vec<(String, u32)>,
     /// What keeps a client on one side of the split.
     pub sticky: Option<crate::policy::split::Sticky>,
+    /// The shadow upstream, share in percent, largest body, timeout.
+    pub mirror: Option<(String, u32, u64, std::time::Duration)>,
     /// How it changes the path.
     pub rewrite: PathRewrite,
     /// Timeout overrides.
@@ -250,6 +252,15 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
                 .iter()
                 .map(|s| (s.upstream.value.clone(), s.weight))
                 .collect(),
+            mirror: r.mirror.as_ref().map(|m| {
+                let m = &m.value;
+                (
+                    m.upstream.value.clone(),
+                    m.percent,
+                    m.max_body.map_or(64 << 10, |b| b.0),
+                    m.timeout.map_or(std::time::Duration::from_secs(5), |t| t.0),
+                )
+            }),
             // Checked by validation.
             sticky: r
                 .sticky

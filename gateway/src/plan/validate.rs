@@ -327,6 +327,29 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
     if r.split.len() > 255 {
         return Err(c.err_at(&r.name, field("split"), "at most 255 upstreams"));
     }
+    if let Some(m) = &r.mirror {
+        let up = &m.value.upstream;
+        match config.upstreams.get(&up.value) {
+            None => {
+                let at = field("mirror.upstream");
+                return Err(c.dangling(up, at, "upstream", config.upstreams.keys()));
+            }
+            Some(u) if u.tls.is_some() => {
+                return Err(c.err_at(
+                    up,
+                    field("mirror.upstream"),
+                    "a mirror speaks plain HTTP; this upstream has `tls`",
+                ));
+            }
+            Some(_) => {}
+        }
+        if m.value.percent > 100 {
+            return Err(c.err_at(m, field("mirror.percent"), "a percentage, 0 to 100"));
+        }
+        if m.value.timeout.is_some_and(|t| t.0.is_zero()) {
+            return Err(c.err_at(m, field("mirror.timeout"), "must be greater than zero"));
+        }
+    }
     if let Some(sticky) = &r.sticky {
         if r.split.is_empty() {
             return Err(c.err_at(sticky, field("sticky"), "only with `split`"));

@@ -30,6 +30,7 @@ mod hsts;
 mod https_redirect;
 pub mod ip_list;
 mod jwt;
+pub mod mirror;
 mod rate_limit;
 pub mod respond;
 pub mod retry_budget;

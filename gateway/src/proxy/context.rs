@@ -90,6 +90,8 @@ pub struct RequestCtx {
     pub(crate) compression: Option<Compression>,
     /// Places held under concurrency limits, given back when the request ends.
     pub(crate) permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// The copy of the request being made for a mirror, while its body arrives.
+    pub(crate) mirror: Option<Box<crate::policy::mirror::Capture>>,
     /// The side of the route's split the request goes to.
     pub(crate) choice: u8,
     /// How the upstream's circuit breaker let the request through, when it has one.

@@ -105,10 +105,13 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
     if let Some(split) = &route.split {
         ctx.choice = split.choose(session.req_header(), ctx);
     }
-    match route.upstream_for(ctx.choice) {
-        Some(up) => upstream_guards(up, ctx).await,
-        None => Ok(()),
+    if let Some(up) = route.upstream_for(ctx.choice) {
+        upstream_guards(up, ctx).await?;
     }
+    if let Some(mirror) = &route.mirror {
+        mirror.on_request(session.req_header(), ctx);
+    }
+    Ok(())
 }
 
 /// What the upstream itself asks of a request: a place under its concurrency limit, its
@@ -416,9 +419,12 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if ctx.mirror.is_some() {
+            crate::policy::mirror::Capture::on_body(ctx, body.as_ref(), end_of_stream);
+        }
         BodyLimit::on_body(ctx, body.as_ref())
     }
 

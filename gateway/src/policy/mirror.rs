@@ -1,0 +1,233 @@
+//! Mirroring (`routes[].mirror`): a share of a route's requests, bodies up to a limit, also go
+//! to a shadow upstream, whose answers are read and thrown away. The copy never touches the
+//! real request: it is handed to a bounded queue (full: dropped and counted) and sent by a
+//! task of the control plane, at most a few at a time, each within a timeout.
+
+use crate::proxy::context::RequestCtx;
+use crate::upstream::{ms_at, Upstream};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use pingora::http::RequestHeader;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Copies waiting to be sent, per route.
+const QUEUE: usize = 256;
+/// Copies in flight at once, per route.
+const IN_FLIGHT: usize = 16;
+
+static X_GATEWAY_MIRROR: HeaderName = HeaderName::from_static("x-gateway-mirror");
+
+/// A copy of a request, ready to send.
+pub struct Copy {
+    method: http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+    body: BytesMut,
+}
+
+/// A request being copied: its head, and its body as it arrives.
+pub struct Capture {
+    mirror: Arc<Mirror>,
+    copy: Copy,
+}
+
+/// A route's mirror.
+pub struct Mirror {
+    /// The shadow upstream.
+    pub upstream: Arc<Upstream>,
+    /// Share of requests copied, in percent.
+    pub percent: u32,
+    /// Largest body copied; a request with a larger one is not mirrored.
+    pub max_body: u64,
+    /// Longest a copy may take (connect, send, answer).
+    pub timeout: Duration,
+    counter: AtomicU64,
+    queue: mpsc::Sender<Copy>,
+    /// Taken by the sending task when the runtime starts.
+    pending: Mutex<Option<mpsc::Receiver<Copy>>>,
+    metrics: crate::metrics::MirrorMetrics,
+}
+
+impl Mirror {
+    /// The mirror of route `route` to `upstream`.
+    pub fn new(
+        route: &str,
+        upstream: Arc<Upstream>,
+        percent: u32,
+        max_body: u64,
+        timeout: Duration,
+    ) -> Mirror {
+        let (queue, pending) = mpsc::channel(QUEUE);
+        Mirror {
+            upstream,
+            percent,
+            max_body,
+            timeout,
+            counter: AtomicU64::new(0),
+            queue,
+            pending: Mutex::new(Some(pending)),
+            metrics: crate::metrics::MirrorMetrics::new(route),
+        }
+    }
+
+    /// Starts copying this admitted request, when it falls in the share: at once for a
+    /// request without a body, else when its body has arrived ([`Capture::on_body`]).
+    pub fn on_request(self: &Arc<Self>, req: &RequestHeader, ctx: &mut RequestCtx) {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        if (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % 100 >= u64::from(self.percent) {
+            return;
+        }
+        let length = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if length.is_some_and(|l| l > self.max_body) {
+            self.metrics.too_large.inc();
+            return;
+        }
+        let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
+        for (name, value) in req.headers.iter() {
+            if !hop_by_hop(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some(id) = &ctx.request_id {
+            headers.insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
+        }
+        headers.insert(X_GATEWAY_MIRROR.clone(), HeaderValue::from_static("1"));
+        let copy = Copy {
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+            headers,
+            body: BytesMut::new(),
+        };
+        let chunked = req.headers.contains_key(header::TRANSFER_ENCODING);
+        if chunked || length.is_some_and(|l| l > 0) {
+            ctx.mirror = Some(Box::new(Capture {
+                mirror: self.clone(),
+                copy,
+            }));
+        } else {
+            self.enqueue(copy);
+        }
+    }
+
+    fn enqueue(&self, copy: Copy) {
+        if self.queue.try_send(copy).is_err() {
+            self.metrics.dropped.inc();
+        }
+    }
+
+    /// Starts the task that sends the copies (once; on the control plane's runtime).
+    pub fn spawn_task(self: &Arc<Self>) {
+        let Some(mut pending) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        // The task holds the mirror weakly: when the runtime that owns it is gone, the queue's
+        // sender is dropped with it and the task ends.
+        let weak = Arc::downgrade(self);
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        tokio::spawn(async move {
+            while let Some(copy) = pending.recv().await {
+                let Some(mirror) = weak.upgrade() else { return };
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let sent = tokio::time::timeout(mirror.timeout, mirror.send(copy)).await;
+                    match sent {
+                        Ok(Ok(())) => mirror.metrics.sent.inc(),
+                        _ => mirror.metrics.failed.inc(),
+                    }
+                    drop(slot);
+                });
+            }
+        });
+    }
+
+    /// Sends one copy to a replica of the shadow upstream and reads its answer to the end.
+    async fn send(&self, copy: Copy) -> Result<(), String> {
+        use http_body_util::{BodyExt, Full};
+        let now = std::time::Instant::now();
+        let (replica, probe) = self
+            .upstream
+            .pick(None, &[], ms_at(now))
+            .ok_or("no replica")?;
+        if probe {
+            replica.release_probe();
+        }
+        let stream = tokio::net::TcpStream::connect(replica.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut request = http::Request::new(Full::new(copy.body.freeze()));
+        *request.method_mut() = copy.method;
+        *request.uri_mut() = copy.uri.path_and_query().map_or_else(
+            || http::Uri::from_static("/"),
+            |p| p.as_str().parse().unwrap_or_default(),
+        );
+        *request.headers_mut() = copy.headers;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The answer is read (so the shadow sees a complete exchange) and thrown away.
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// Adds a chunk of the request body; sends the copy when the body is complete, drops it
+    /// when the body grows past the limit.
+    pub fn on_body(ctx: &mut RequestCtx, chunk: Option<&Bytes>, end: bool) {
+        let Some(capture) = ctx.mirror.as_mut() else {
+            return;
+        };
+        if let Some(chunk) = chunk {
+            if capture.copy.body.len() as u64 + chunk.len() as u64 > capture.mirror.max_body {
+                capture.mirror.metrics.too_large.inc();
+                ctx.mirror = None;
+                return;
+            }
+            capture.copy.body.extend_from_slice(chunk);
+        }
+        if end {
+            if let Some(capture) = ctx.mirror.take() {
+                capture.mirror.enqueue(capture.copy);
+            }
+        }
+    }
+}
+
+/// Headers that belong to one connection, not to the request.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+    )
+}
