@@ -287,3 +287,182 @@ routes:
         assert_eq!(r.status(), 401, "{auth:.40}");
     }
 }
+
+/// An auth service: `Bearer good` passes (with `X-User-Id`), `Bearer login` is sent to log
+/// in, `Bearer huge` is refused with a 1 MiB body, `Bearer hang` never gets an answer, and
+/// anything else is refused with 401. It counts what it is asked and keeps the last request's
+/// forwarded headers.
+struct AuthService {
+    addr: std::net::SocketAddr,
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    last: std::sync::Arc<std::sync::Mutex<http::HeaderMap>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AuthService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn auth_service() -> AuthService {
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let last = std::sync::Arc::new(std::sync::Mutex::new(http::HeaderMap::new()));
+    let (a, l) = (asked.clone(), last.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (a, l) = (a.clone(), l.clone());
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    *l.lock().unwrap() = req.headers().clone();
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    async move {
+                        let r = hyper::Response::builder();
+                        let (r, body) = match auth.as_str() {
+                            "Bearer good" => (
+                                r.status(200)
+                                    .header("x-user-id", "u-1")
+                                    .header("x-internal", "no"),
+                                Vec::new(),
+                            ),
+                            "Bearer login" => (
+                                r.status(302)
+                                    .header("location", "/login")
+                                    .header("set-cookie", "next=/orders")
+                                    .header("x-internal", "no"),
+                                b"go log in".to_vec(),
+                            ),
+                            "Bearer huge" => (r.status(403), vec![b'x'; 1 << 20]),
+                            "Bearer hang" => {
+                                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                                (r.status(200), Vec::new())
+                            }
+                            _ => (
+                                r.status(401)
+                                    .header("www-authenticate", "Bearer realm=\"sso\"")
+                                    .header("content-type", "text/plain"),
+                                b"nope".to_vec(),
+                            ),
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            r.body(Full::new(bytes::Bytes::from(body)).boxed()).unwrap(),
+                        )
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    AuthService {
+        addr,
+        asked,
+        last,
+        task,
+    }
+}
+
+#[tokio::test]
+async fn forward_auth_asks_the_auth_service_and_relays_its_refusals() {
+    use std::sync::atomic::Ordering;
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let auth = auth_service().await;
+    // A service that answers garbage.
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_addr = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = garbage.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"not http at all\r\n\r\n").await;
+        }
+    });
+    let gw = Gateway::start(&format!(
+        r#"
+policies:
+  sso:
+    forward_auth:
+      upstream: auth
+      path: /verify
+      response_headers: [X-User-Id]
+      timeout: 300ms
+      cache: {{ header: Authorization, ttl: 30s }}
+  broken_closed: {{ forward_auth: {{ upstream: garbage }} }}
+  broken_open: {{ forward_auth: {{ upstream: garbage, on_error: open }} }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+  auth: {{ targets: ["{}"] }}
+  garbage: {{ targets: ["{garbage_addr}"] }}
+routes:
+  - {{ name: closed, upstream: b, match: {{ path_prefix: /closed }}, policies: [broken_closed] }}
+  - {{ name: open, upstream: b, match: {{ path_prefix: /open }}, policies: [broken_open] }}
+  - {{ name: app, upstream: b, policies: [sso] }}
+"#,
+        backend.addr, auth.addr
+    ))
+    .await;
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let get = |path: &str, token: &str| {
+        c.get(gw.url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-user-id", "forged")
+            .send()
+    };
+
+    // Allowed: the chosen header of the 2xx answer goes upstream, in place of the client's.
+    let seen = echo(get("/orders?page=2", "good").await.unwrap()).await;
+    assert_eq!(seen["headers"]["x-user-id"], "u-1", "{seen}");
+    assert!(seen["headers"].get("x-internal").is_none());
+    let asked = auth.last.lock().unwrap().clone();
+    assert_eq!(asked["x-forwarded-method"], "GET");
+    assert_eq!(asked["x-forwarded-uri"], "/orders?page=2");
+    assert_eq!(asked["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(asked["authorization"], "Bearer good");
+    // Remembered: the same token is not asked about again.
+    let before = auth.asked.load(Ordering::SeqCst);
+    let r = get("/orders", "good").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(auth.asked.load(Ordering::SeqCst), before);
+
+    // Refusals go back as the service gave them: status, chosen headers, body.
+    let r = get("/orders", "bad").await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"sso\"");
+    assert_eq!(r.text().await.unwrap(), "nope");
+    let r = get("/orders", "login").await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "/login");
+    assert_eq!(r.headers()["set-cookie"], "next=/orders");
+    assert!(r.headers().get("x-internal").is_none());
+    assert_eq!(r.text().await.unwrap(), "go log in");
+    // A huge refusal body is not relayed (the status is).
+    let r = get("/orders", "huge").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.bytes().await.unwrap().len() < 1024);
+    // A service that hangs or answers garbage: 503, or the request passes with on_error: open.
+    let started = std::time::Instant::now();
+    assert_eq!(get("/orders", "hang").await.unwrap().status(), 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(get("/closed", "good").await.unwrap().status(), 503);
+    let seen = echo(get("/open", "good").await.unwrap()).await;
+    assert_eq!(seen["path"], "/open");
+    assert_eq!(backend.hits(), 3, "only allowed requests went upstream");
+}

@@ -135,6 +135,11 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "routes[0].mirror.upstream",
         ),
         (
+            "forward auth to an upstream that does not exist",
+            config("policies:\n  p: { forward_auth: { upstream: nope } }\n", ROUTE),
+            "policies.p.forward_auth.upstream",
+        ),
+        (
             "compression with an unknown encoding",
             config("policies:\n  p: { compress: { encodings: [gzip, deflate] } }\n", ROUTE),
             "policies.p.compress.encodings[1]",

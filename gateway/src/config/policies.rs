@@ -215,6 +215,51 @@ pub enum NamedPolicyConfig {
     BasicAuth(BasicAuthConfig),
     /// Requests in flight at once, with a bounded queue.
     Concurrency(ConcurrencyConfig),
+    /// Each request first put to an auth service.
+    ForwardAuth(ForwardAuthConfig),
+}
+
+/// `forward_auth`: an auth service asked about each request.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// The auth service: an upstream (plain HTTP).
+    pub upstream: Spanned<String>,
+    /// The path asked on it. Default `/`.
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// Client request headers sent to it. Default `[Authorization, Cookie]`.
+    #[serde(default)]
+    pub request_headers: Option<Vec<String>>,
+    /// Headers of its 2xx answer added to the upstream request. Default none.
+    #[serde(default)]
+    pub response_headers: Vec<String>,
+    /// Headers of its other answers passed to the client. Default `[WWW-Authenticate,
+    /// Location, Set-Cookie]`.
+    #[serde(default)]
+    pub client_headers: Option<Vec<String>>,
+    /// Longest wait for its answer. Default 2s.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// When it cannot answer: `closed` (503, the default) or `open` (the request passes).
+    #[serde(default)]
+    pub on_error: Option<FailMode>,
+    /// Largest refusal body passed to the client. Default 64KiB.
+    #[serde(default)]
+    pub max_body: Option<ByteSize>,
+    /// Remember 2xx verdicts by a request header's value for `ttl`. Default: not remembered.
+    #[serde(default)]
+    pub cache: Option<ForwardAuthCacheConfig>,
+}
+
+/// `forward_auth.cache`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthCacheConfig {
+    /// The request header whose value keys a verdict (e.g. `Authorization`).
+    pub header: String,
+    /// How long a 2xx verdict counts.
+    pub ttl: Dur,
 }
 
 /// `concurrency` (a named policy, or `upstreams.NAME.concurrency`): requests in flight at once.

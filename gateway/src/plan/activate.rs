@@ -112,6 +112,24 @@ pub async fn activate(
             _ => None,
         })
         .collect();
+    // The auth services of `forward_auth` policies are upstreams of this runtime.
+    let named = plan
+        .routes
+        .iter()
+        .flat_map(|r| r.policies.iter())
+        .filter_map(|p| match p {
+            PolicyPlan::Named(n) => Some(n),
+            _ => None,
+        })
+        .chain(plan.listeners.iter().flat_map(|l| l.policies.iter()));
+    for policy in named {
+        if let NamedPolicy::ForwardAuth(f) = policy {
+            let up = upstreams
+                .get(&f.upstream_name)
+                .ok_or_else(|| format!("forward_auth: no upstream `{}`", f.upstream_name))?;
+            let _ = f.upstream.set(up.clone());
+        }
+    }
     let mut routes = Vec::with_capacity(plan.routes.len());
     for (index, r) in plan.routes.into_iter().enumerate() {
         routes.push(route(r, index, &upstreams, &auth, &rate_limits, &limits)?);

@@ -19,8 +19,8 @@ pub use activate::{activate, start_tasks};
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
 use crate::policy::{
-    ApiKey, BasicAuth, Compress, ConcurrencyLimit, Cors, HeaderRules, IpList, Policy, Redirect,
-    Respond,
+    ApiKey, BasicAuth, Compress, ConcurrencyLimit, Cors, ForwardAuth, HeaderRules, IpList, Policy,
+    Redirect, Respond,
 };
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
@@ -110,6 +110,8 @@ pub enum NamedPolicy {
     BasicAuth(Arc<BasicAuth>),
     /// `concurrency`.
     Concurrency(Arc<ConcurrencyLimit>),
+    /// `forward_auth`.
+    ForwardAuth(Arc<ForwardAuth>),
 }
 
 impl NamedPolicy {
@@ -125,6 +127,7 @@ impl NamedPolicy {
             NamedPolicy::ApiKey(p) => Policy::ApiKey(p.clone()),
             NamedPolicy::BasicAuth(p) => Policy::BasicAuth(p.clone()),
             NamedPolicy::Concurrency(p) => Policy::Concurrency(p.clone()),
+            NamedPolicy::ForwardAuth(p) => Policy::ForwardAuth(p.clone()),
         }
     }
 }
@@ -147,6 +150,7 @@ impl PartialEq for NamedPolicy {
             (NamedPolicy::ApiKey(a), NamedPolicy::ApiKey(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::BasicAuth(a), NamedPolicy::BasicAuth(b)) => Arc::ptr_eq(a, b),
             (NamedPolicy::Concurrency(a), NamedPolicy::Concurrency(b)) => Arc::ptr_eq(a, b),
+            (NamedPolicy::ForwardAuth(a), NamedPolicy::ForwardAuth(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }

@@ -5,7 +5,8 @@ use super::validate::{parse_cidr, Checker};
 use super::NamedPolicy;
 use crate::config::{
     ApiKeyConfig, BasicAuthConfig, CompressConfig, ConcurrencyConfig, Config, ConfigError,
-    CorsConfig, ErrorPageConfig, HeaderEditsConfig, NamedPolicyConfig, RespondConfig,
+    CorsConfig, ErrorPageConfig, FailMode, ForwardAuthConfig, HeaderEditsConfig, NamedPolicyConfig,
+    RespondConfig,
 };
 use crate::policy::compress::{Coding, MediaPattern, DEFAULT_TYPES};
 use crate::policy::cors::parse_origins;
@@ -14,7 +15,7 @@ use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
 use crate::policy::{
     ApiKey, BasicAuth, Compress, ConcurrencyLimit, ConcurrencySpec, Cors, ErrorPage, ErrorPages,
-    HeaderRules, IpList, Redirect, Respond,
+    ForwardAuth, HeaderRules, IpList, Redirect, Respond,
 };
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -96,6 +97,9 @@ pub(super) fn compile(
             NamedPolicyConfig::BasicAuth(b) => {
                 NamedPolicy::BasicAuth(Arc::new(basic_auth(c, b, &field)?))
             }
+            NamedPolicyConfig::ForwardAuth(f) => {
+                NamedPolicy::ForwardAuth(Arc::new(forward_auth(c, config, f, &field)?))
+            }
             NamedPolicyConfig::Concurrency(l) => {
                 let spec = concurrency_spec(l)
                     .map_err(|m| c.err_at(spanned, format!("{field}.concurrency"), m))?;
@@ -128,6 +132,87 @@ fn api_key(c: &Checker, k: &ApiKeyConfig, field: &str) -> Result<ApiKey, ConfigE
         keys,
         forward_headers: vec![forward_name, forward_scopes],
     })
+}
+
+fn forward_auth(
+    c: &Checker,
+    config: &Config,
+    f: &ForwardAuthConfig,
+    field: &str,
+) -> Result<ForwardAuth, ConfigError> {
+    let at = |what: &str| format!("{field}.forward_auth.{what}");
+    match config.upstreams.get(&f.upstream.value) {
+        None => {
+            let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+            let m = format!(
+                "no upstream named `{}` (defined: {})",
+                f.upstream.value,
+                known.join(", ")
+            );
+            return Err(c.err_at(&f.upstream, at("upstream"), m));
+        }
+        Some(u) if u.tls.is_some() => {
+            let m = "the auth service is asked in plain HTTP; this upstream has `tls`";
+            return Err(c.err_at(&f.upstream, at("upstream"), m));
+        }
+        Some(_) => {}
+    }
+    let path = match &f.path {
+        None => "/".to_string(),
+        Some(p)
+            if p.value.starts_with('/') && p.value.parse::<http::uri::PathAndQuery>().is_ok() =>
+        {
+            p.value.clone()
+        }
+        Some(p) => return Err(c.err_at(p, at("path"), "a path starting with `/`")),
+    };
+    let names = |list: &[String], what: &str| {
+        list.iter()
+            .map(|n| {
+                http::HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                    c.err_at(&f.upstream, at(what), format!("{n:?} is not a header name"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let default = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let request_headers = names(
+        f.request_headers
+            .as_deref()
+            .unwrap_or(&default(&["authorization", "cookie"])),
+        "request_headers",
+    )?;
+    let response_headers = names(&f.response_headers, "response_headers")?;
+    for h in &response_headers {
+        parse_name(h.as_str()).map_err(|m| c.err_at(&f.upstream, at("response_headers"), m))?;
+    }
+    let client_headers = names(
+        f.client_headers.as_deref().unwrap_or(&default(&[
+            "www-authenticate",
+            "location",
+            "set-cookie",
+        ])),
+        "client_headers",
+    )?;
+    let cache = match &f.cache {
+        None => None,
+        Some(cache) => {
+            let name = http::HeaderName::from_bytes(cache.header.as_bytes())
+                .map_err(|_| c.err_at(&f.upstream, at("cache.header"), "not a header name"))?;
+            Some((name, cache.ttl.0))
+        }
+    };
+    Ok(ForwardAuth::new(
+        f.upstream.value.clone(),
+        path,
+        request_headers,
+        response_headers,
+        client_headers,
+        f.timeout.map_or(std::time::Duration::from_secs(2), |t| t.0),
+        f.on_error == Some(FailMode::Open),
+        f.max_body.map_or(64 << 10, |b| b.0 as usize),
+        cache,
+    ))
 }
 
 /// A concurrency limit's settings, checked.

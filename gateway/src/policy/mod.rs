@@ -25,6 +25,7 @@ pub mod compress;
 pub mod concurrency;
 pub mod cors;
 pub mod error_pages;
+pub mod forward_auth;
 pub mod headers;
 mod hsts;
 mod https_redirect;
@@ -45,6 +46,7 @@ pub use compress::{Compress, Compression};
 pub use concurrency::{ConcurrencyLimit, ConcurrencySpec};
 pub use cors::Cors;
 pub use error_pages::{ErrorPage, ErrorPages};
+pub use forward_auth::ForwardAuth;
 pub use headers::HeaderRules;
 pub use hsts::Hsts;
 pub use https_redirect::HttpsRedirect;
@@ -89,6 +91,8 @@ pub enum Policy {
     BasicAuth(Arc<BasicAuth>),
     /// Requests in flight at once (503).
     Concurrency(Arc<ConcurrencyLimit>),
+    /// An auth service asked about each request.
+    ForwardAuth(Arc<ForwardAuth>),
 }
 
 impl Policy {
@@ -109,6 +113,7 @@ impl Policy {
             Policy::ApiKey(p) => p.on_request(session, ctx),
             Policy::BasicAuth(p) => p.on_request(session, ctx).await,
             Policy::Concurrency(p) => p.on_request(ctx).await,
+            Policy::ForwardAuth(p) => p.on_request(session, ctx).await,
         }
     }
 
@@ -124,6 +129,7 @@ impl Policy {
             Policy::Headers(p) => p.on_upstream_request(headers, ctx, uri),
             Policy::ApiKey(p) => p.on_upstream_request(headers, ctx),
             Policy::BasicAuth(p) => p.on_upstream_request(headers, ctx),
+            Policy::ForwardAuth(p) => p.on_upstream_request(headers, ctx),
             _ => Ok(()),
         }
     }
@@ -149,6 +155,7 @@ impl Policy {
     fn edits_upstream(&self) -> bool {
         match self {
             Policy::Jwt(_) | Policy::ApiKey(_) | Policy::BasicAuth(_) => true,
+            Policy::ForwardAuth(p) => !p.response_headers.is_empty(),
             Policy::Headers(p) => !p.request.is_empty(),
             _ => false,
         }
@@ -183,6 +190,7 @@ impl Policy {
             Policy::ApiKey(_) => "api_key",
             Policy::BasicAuth(_) => "basic_auth",
             Policy::Concurrency(_) => "concurrency",
+            Policy::ForwardAuth(_) => "forward_auth",
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct RequestCtx {
     pub(crate) permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// The copy of the request being made for a mirror, while its body arrives.
     pub(crate) mirror: Option<Box<crate::policy::mirror::Capture>>,
+    /// Headers of the auth service's 2xx answer, for the upstream request (`forward_auth`).
+    pub(crate) forwarded_auth: Option<std::sync::Arc<[(http::HeaderName, HeaderValue)]>>,
     /// The side of the route's split the request goes to.
     pub(crate) choice: u8,
     /// How the upstream's circuit breaker let the request through, when it has one.
