@@ -270,6 +270,63 @@ fn basic_auth(c: &mut Criterion) {
     group.finish();
 }
 
+/// The resilience policies on the path of a request they let through.
+fn resilience(c: &mut Criterion) {
+    use gateway::policy::circuit_breaker::{BreakerSpec, CircuitBreaker};
+    use gateway::policy::split::{Split, Sticky};
+    use gateway::policy::{ConcurrencyLimit, ConcurrencySpec};
+    let mut group = c.benchmark_group("resilience");
+    let limit = ConcurrencyLimit::new(
+        "bench",
+        ConcurrencySpec {
+            max: 100,
+            queue: 100,
+            queue_timeout: std::time::Duration::from_secs(1),
+        },
+    );
+    group.bench_function("concurrency_admit_release", |b| {
+        b.iter(|| drop(black_box(limit.try_admit())))
+    });
+    let breaker = CircuitBreaker::new(
+        "bench",
+        BreakerSpec {
+            failure_percent: 50,
+            min_requests: 20,
+            window_secs: 10,
+            open_for: std::time::Duration::from_secs(10),
+            trial_requests: 3,
+            statuses: vec![502, 503, 504],
+        },
+    );
+    let now = 1_000_000u64;
+    group.bench_function("circuit_admit_record_success", |b| {
+        b.iter(|| {
+            let admission = breaker.admit(black_box(now)).expect("closed");
+            breaker.record(admission, breaker.is_failure(200), now);
+        })
+    });
+    let upstream = |name: &str| {
+        let cfg: gateway::config::UpstreamConfig =
+            serde_saphyr::from_str("targets: [\"127.0.0.1:1\"]").expect("upstream");
+        gateway::upstream::Upstream::new(
+            name,
+            gateway::upstream::UpstreamSpec::new(&cfg, &DnsConfig::default()),
+        )
+    };
+    let split = Split::new(
+        vec![(upstream("blue"), 90), (upstream("green"), 10)],
+        Some(Sticky::Cookie("sid".into())),
+    );
+    let mut req = pingora::http::RequestHeader::build("GET", b"/", None).expect("request");
+    req.insert_header("cookie", "theme=dark; sid=user-12345")
+        .expect("header");
+    let ctx = gateway::proxy::context::RequestCtx::with_client_ip([10, 0, 0, 1].into());
+    group.bench_function("split_sticky_cookie", |b| {
+        b.iter(|| split.choose(black_box(&req), &ctx))
+    });
+    group.finish();
+}
+
 fn compress(c: &mut Criterion) {
     use gateway::policy::compress::{Coding, Compress};
     let mut group = c.benchmark_group("compress");
@@ -293,6 +350,7 @@ criterion_group!(
     cors,
     api_key,
     basic_auth,
+    resilience,
     compress
 );
 criterion_main!(benches);

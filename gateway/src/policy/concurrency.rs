@@ -57,9 +57,15 @@ impl ConcurrencyLimit {
         Ok(())
     }
 
+    /// A place, when one is free now (the path of a request under the limit).
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.places.clone().try_acquire_owned().ok()?;
+        self.metrics.admitted.inc();
+        Some(permit)
+    }
+
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, Answer> {
-        if let Ok(permit) = self.places.clone().try_acquire_owned() {
-            self.metrics.admitted.inc();
+        if let Some(permit) = self.try_admit() {
             return Ok(permit);
         }
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.spec.queue as usize {
