@@ -8,15 +8,8 @@ use std::time::Duration;
 
 /// `gateway_concurrency_total{policy, result}`.
 async fn count(gw: &Gateway, policy: &str, result: &str) -> u64 {
-    let key = format!("gateway_concurrency_total{{policy=\"{policy}\",result=\"{result}\"}}");
-    gw.metrics()
-        .await
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(key.as_str())
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0)
+    let series = format!("gateway_concurrency_total{{policy=\"{policy}\",result=\"{result}\"}}");
+    gw.metric(&series).await as u64
 }
 
 /// Sends `n` requests for `path` at once; their statuses, sorted.
@@ -119,15 +112,7 @@ routes:
 
 /// A metric's value (0 when absent), by its whole series name.
 async fn series(gw: &Gateway, key: &str) -> i64 {
-    gw.metrics()
-        .await
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(key)
-                .filter(|v| v.starts_with(' '))
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0)
+    gw.metric(key).await as i64
 }
 
 #[tokio::test]
@@ -348,18 +333,9 @@ routes:
     .await;
     let c = client();
     let metric = |route: &'static str, result: &'static str| {
+        let series = format!("gateway_mirror_total{{result=\"{result}\",route=\"{route}\"}}");
         let gw = &gw;
-        async move {
-            let key = format!("gateway_mirror_total{{result=\"{result}\",route=\"{route}\"}}");
-            gw.metrics()
-                .await
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(key.as_str())
-                        .map(|v| v.trim().parse::<u64>().unwrap())
-                })
-                .unwrap_or(0)
-        }
+        async move { gw.metric(&series).await as u64 }
     };
 
     // Every request copied, with its body; the client gets the real answer.

@@ -545,6 +545,20 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The value of one series of `/metrics` (its whole name with labels in Prometheus'
+    /// order), 0 when it is not exported.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .filter(|v| v.starts_with(' '))
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    }
+
     /// The configuration generation `/ready` reports.
     pub async fn generation(&self) -> u64 {
         self.admin_json("/ready").await["config_generation"]
