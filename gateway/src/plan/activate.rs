@@ -4,7 +4,7 @@
 //! fail runs before the one step that changes running state (new certificates in a store), so
 //! an activation either applies whole or changes nothing.
 
-use super::{ListenerPlan, NamedPolicy, Plan, PolicyPlan, RoutePlan};
+use super::{ListenerPlan, Plan, PolicyPlan, RoutePlan};
 use crate::auth::AuthPolicy;
 use crate::metrics::RouteMetrics;
 use crate::policy::{
@@ -123,7 +123,7 @@ pub async fn activate(
         })
         .chain(plan.listeners.iter().flat_map(|l| l.policies.iter()));
     for policy in named {
-        if let NamedPolicy::ForwardAuth(f) = policy {
+        if let Policy::ForwardAuth(f) = policy.get() {
             let up = upstreams
                 .get(&f.upstream_name)
                 .ok_or_else(|| format!("forward_auth: no upstream `{}`", f.upstream_name))?;
@@ -220,13 +220,15 @@ fn route(
     let mut policies = Vec::with_capacity(r.policies.len());
     for p in &r.policies {
         policies.push(match p {
-            PolicyPlan::Named(NamedPolicy::Concurrency(new)) => Policy::Concurrency(
-                limits
-                    .get(&*new.name)
-                    .filter(|old| old.spec == new.spec)
-                    .map_or_else(|| new.clone(), |old| Arc::clone(old)),
-            ),
-            PolicyPlan::Named(named) => named.policy(),
+            PolicyPlan::Named(named) => match named.get() {
+                Policy::Concurrency(new) => Policy::Concurrency(
+                    limits
+                        .get(&*new.name)
+                        .filter(|old| old.spec == new.spec)
+                        .map_or_else(|| new.clone(), |old| Arc::clone(old)),
+                ),
+                _ => named.policy(),
+            },
             PolicyPlan::BodyLimit(max) => Policy::BodyLimit(BodyLimit { max: *max }),
             PolicyPlan::Jwt { policy, optional } => Policy::Jwt(Jwt {
                 policy: auth

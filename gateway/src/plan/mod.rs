@@ -18,10 +18,7 @@ pub use activate::{activate, start_tasks};
 
 use crate::auth::AuthPolicy;
 use crate::config::{AccessLogConfig, Config, ConfigError, LoadedConfig, RouteTimeouts, TlsConfig};
-use crate::policy::{
-    ApiKey, BasicAuth, Compress, ConcurrencyLimit, Cors, ForwardAuth, HeaderRules, IpList, Policy,
-    Redirect, Respond,
-};
+use crate::policy::Policy;
 use crate::ratelimit::RateLimitPolicy;
 use crate::routing::{compile_rewrite, PathRewrite, Router};
 use crate::runtime::Bindings;
@@ -89,70 +86,37 @@ pub struct RoutePlan {
     pub error_pages: Option<Arc<crate::policy::ErrorPages>>,
 }
 
-/// A compiled named policy (`policies:`), shared by every route and listener that lists it.
+/// A compiled named policy (`policies:`), shared by every route and listener that lists it
+/// (equal only to itself).
 #[derive(Clone)]
-pub enum NamedPolicy {
-    /// `ip_list`.
-    IpList(Arc<IpList>),
-    /// `headers`.
-    Headers(Arc<HeaderRules>),
-    /// `redirect`.
-    Redirect(Arc<Redirect>),
-    /// `respond`.
-    Respond(Arc<Respond>),
-    /// `cors`.
-    Cors(Arc<Cors>),
-    /// `compress`.
-    Compress(Arc<Compress>),
-    /// `api_key`.
-    ApiKey(Arc<ApiKey>),
-    /// `basic_auth`.
-    BasicAuth(Arc<BasicAuth>),
-    /// `concurrency`.
-    Concurrency(Arc<ConcurrencyLimit>),
-    /// `forward_auth`.
-    ForwardAuth(Arc<ForwardAuth>),
-}
+pub struct NamedPolicy(Arc<Policy>);
 
 impl NamedPolicy {
-    /// The running policy.
+    /// A named policy compiled as `policy`.
+    pub fn new(policy: Policy) -> NamedPolicy {
+        NamedPolicy(Arc::new(policy))
+    }
+
+    /// The policy as compiled.
+    pub fn get(&self) -> &Policy {
+        &self.0
+    }
+
+    /// The running policy (its state shared with every other use of the name).
     pub fn policy(&self) -> Policy {
-        match self {
-            NamedPolicy::IpList(p) => Policy::IpList(p.clone()),
-            NamedPolicy::Headers(p) => Policy::Headers(p.clone()),
-            NamedPolicy::Redirect(p) => Policy::Redirect(p.clone()),
-            NamedPolicy::Respond(p) => Policy::Respond(p.clone()),
-            NamedPolicy::Cors(p) => Policy::Cors(p.clone()),
-            NamedPolicy::Compress(p) => Policy::Compress(p.clone()),
-            NamedPolicy::ApiKey(p) => Policy::ApiKey(p.clone()),
-            NamedPolicy::BasicAuth(p) => Policy::BasicAuth(p.clone()),
-            NamedPolicy::Concurrency(p) => Policy::Concurrency(p.clone()),
-            NamedPolicy::ForwardAuth(p) => Policy::ForwardAuth(p.clone()),
-        }
+        (*self.0).clone()
     }
 }
 
 impl std::fmt::Debug for NamedPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.policy().kind())
+        f.write_str(self.0.kind())
     }
 }
 
 impl PartialEq for NamedPolicy {
     fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (NamedPolicy::IpList(a), NamedPolicy::IpList(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::Headers(a), NamedPolicy::Headers(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::Redirect(a), NamedPolicy::Redirect(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::Respond(a), NamedPolicy::Respond(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::Cors(a), NamedPolicy::Cors(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::Compress(a), NamedPolicy::Compress(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::ApiKey(a), NamedPolicy::ApiKey(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::BasicAuth(a), NamedPolicy::BasicAuth(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::Concurrency(a), NamedPolicy::Concurrency(b)) => Arc::ptr_eq(a, b),
-            (NamedPolicy::ForwardAuth(a), NamedPolicy::ForwardAuth(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        }
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -221,8 +185,7 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
         let rewrite = compile_rewrite(r)
             .map_err(|e| c.err_at(&r.name, format!("routes[{i}]"), e.to_string()))?;
         let own = named::resolve(&c, &named, &r.policies, &format!("routes[{i}].policies"))?;
-        let answers =
-            |p: &NamedPolicy| matches!(p, NamedPolicy::Redirect(_) | NamedPolicy::Respond(_));
+        let answers = |p: &NamedPolicy| matches!(p.get(), Policy::Redirect(_) | Policy::Respond(_));
         if r.upstream.is_none() && r.split.is_empty() && !defaults.iter().chain(&own).any(answers) {
             return Err(c.err_at(
                 &r.name,

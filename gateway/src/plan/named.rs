@@ -15,7 +15,7 @@ use crate::policy::ip_list::Cidrs;
 use crate::policy::respond::parse_target;
 use crate::policy::{
     ApiKey, BasicAuth, Compress, ConcurrencyLimit, ConcurrencySpec, Cors, ErrorPage, ErrorPages,
-    ForwardAuth, HeaderRules, IpList, Redirect, Respond,
+    ForwardAuth, HeaderRules, IpList, Policy, Redirect, Respond,
 };
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -51,7 +51,7 @@ pub(super) fn compile(
                         "needs `allow` or `deny`",
                     ));
                 }
-                NamedPolicy::IpList(Arc::new(IpList {
+                Policy::IpList(Arc::new(IpList {
                     allow: (!allow.is_empty()).then(|| Cidrs::new(allow)),
                     deny: Cidrs::new(deny),
                 }))
@@ -67,7 +67,7 @@ pub(super) fn compile(
                 if request.is_empty() && response.is_empty() {
                     return Err(c.err_at(spanned, format!("{field}.headers"), "edits nothing"));
                 }
-                NamedPolicy::Headers(Arc::new(HeaderRules { request, response }))
+                Policy::Headers(Arc::new(HeaderRules { request, response }))
             }
             NamedPolicyConfig::Redirect(r) => {
                 if ![301, 302, 303, 307, 308].contains(&r.status) {
@@ -79,34 +79,32 @@ pub(super) fn compile(
                 }
                 let to = parse_target(&r.to.value)
                     .map_err(|m| c.err_at(&r.to, format!("{field}.redirect.to"), m))?;
-                NamedPolicy::Redirect(Arc::new(Redirect {
+                Policy::Redirect(Arc::new(Redirect {
                     status: r.status,
                     to,
                 }))
             }
-            NamedPolicyConfig::Cors(cors) => {
-                NamedPolicy::Cors(Arc::new(compile_cors(c, cors, &field)?))
-            }
+            NamedPolicyConfig::Cors(cors) => Policy::Cors(Arc::new(compile_cors(c, cors, &field)?)),
             NamedPolicyConfig::Respond(r) => {
-                NamedPolicy::Respond(Arc::new(respond(c, spanned, r, &field)?))
+                Policy::Respond(Arc::new(respond(c, spanned, r, &field)?))
             }
             NamedPolicyConfig::Compress(z) => {
-                NamedPolicy::Compress(Arc::new(compress(c, spanned, z, &field)?))
+                Policy::Compress(Arc::new(compress(c, spanned, z, &field)?))
             }
-            NamedPolicyConfig::ApiKey(k) => NamedPolicy::ApiKey(Arc::new(api_key(c, k, &field)?)),
+            NamedPolicyConfig::ApiKey(k) => Policy::ApiKey(Arc::new(api_key(c, k, &field)?)),
             NamedPolicyConfig::BasicAuth(b) => {
-                NamedPolicy::BasicAuth(Arc::new(basic_auth(c, b, &field)?))
+                Policy::BasicAuth(Arc::new(basic_auth(c, b, &field)?))
             }
             NamedPolicyConfig::ForwardAuth(f) => {
-                NamedPolicy::ForwardAuth(Arc::new(forward_auth(c, config, f, &field)?))
+                Policy::ForwardAuth(Arc::new(forward_auth(c, config, f, &field)?))
             }
             NamedPolicyConfig::Concurrency(l) => {
                 let spec = concurrency_spec(l)
                     .map_err(|m| c.err_at(spanned, format!("{field}.concurrency"), m))?;
-                NamedPolicy::Concurrency(Arc::new(ConcurrencyLimit::new(name, spec)))
+                Policy::Concurrency(Arc::new(ConcurrencyLimit::new(name, spec)))
             }
         };
-        out.insert(name.clone(), policy);
+        out.insert(name.clone(), NamedPolicy::new(policy));
     }
     Ok(out)
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 static WWW_AUTHENTICATE: HeaderName = HeaderName::from_static("www-authenticate");
 
 /// The compiled token check.
+#[derive(Clone)]
 pub struct Jwt {
     /// The `auth` policy (keys, claim rules), shared by every route that names it.
     pub policy: Arc<AuthPolicy>,

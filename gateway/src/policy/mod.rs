@@ -61,7 +61,8 @@ use crate::proxy::answer::Answer;
 use crate::proxy::context::RequestCtx;
 use pingora::proxy::Session;
 
-/// One compiled policy.
+/// One compiled policy. A clone shares the policy's state (its buckets, caches, places).
+#[derive(Clone)]
 pub enum Policy {
     /// Plain-HTTP requests answered with a redirect to HTTPS (listener).
     HttpsRedirect(HttpsRedirect),

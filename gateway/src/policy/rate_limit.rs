@@ -15,6 +15,7 @@ use std::sync::Arc;
 static RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
 
 /// The compiled limit.
+#[derive(Clone)]
 pub struct RateLimit {
     /// The `rate_limits` policy (buckets), shared by every route that names it.
     pub policy: Arc<RateLimitPolicy>,
