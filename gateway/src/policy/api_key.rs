@@ -16,8 +16,6 @@ use std::sync::Arc;
 /// Longest key looked at; longer ones are refused without hashing.
 const MAX_KEY: usize = 256;
 
-static WWW_AUTHENTICATE: HeaderName = HeaderName::from_static("www-authenticate");
-
 /// One key of the file.
 #[derive(Debug)]
 pub struct KeyEntry {
@@ -134,19 +132,32 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, st
     form_urlencoded::parse(query.as_bytes()).find_map(|(k, v)| (k == name).then_some(v))
 }
 
-/// `query` without any `name` parameter (what goes upstream).
+/// `query` without any `name` parameter (what goes upstream). Names are compared decoded,
+/// as [`query_value`] finds them, so `api%5Fkey=` cannot carry a key past the check.
 fn without_param(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(query.len());
+    for pair in query.split('&') {
+        let raw = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let decoded = form_urlencoded::parse(raw.as_bytes())
+            .next()
+            .map(|(k, _)| k);
+        if decoded.as_deref() == Some(name) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.push_str(pair);
+    }
+    out
 }
 
 /// 401 with the scheme challenge, or another status with the usual body.
 fn refusal(status: u16, message: &'static str) -> Answer {
-    Answer::error(status, message)
-        .with_header(WWW_AUTHENTICATE.clone(), HeaderValue::from_static("ApiKey"))
+    Answer::error(status, message).with_header(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("ApiKey"),
+    )
 }
 
 /// Parses a keys file: one key a line, `NAME SHA256-HEX [SCOPE,SCOPE...]`; `#` starts a
@@ -274,6 +285,7 @@ mod tests {
         assert_eq!(query_value("api_keyx=1", "api_key"), None);
         assert_eq!(without_param("a=1&api_key=k&b=2", "api_key"), "a=1&b=2");
         assert_eq!(without_param("api_key=k", "api_key"), "");
+        assert_eq!(without_param("a=1&api%5Fkey=k", "api_key"), "a=1");
         assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
     }
 }

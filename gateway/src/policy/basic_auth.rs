@@ -18,8 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-static WWW_AUTHENTICATE: HeaderName = HeaderName::from_static("www-authenticate");
-
 /// Longest `Authorization` value looked at.
 const MAX_HEADER: usize = 1024;
 /// Verified credentials remembered per policy.
@@ -96,7 +94,7 @@ pub struct BasicAuth {
     /// Failures by client address.
     failures: Mutex<AHashMap<IpAddr, Failures>>,
     /// Hash checks running at once.
-    checks: Semaphore,
+    checks: Arc<Semaphore>,
     /// The per-policy key of the credential digests.
     salt: [u8; 32],
     metrics: crate::metrics::BasicAuthMetrics,
@@ -131,7 +129,7 @@ impl BasicAuth {
             window,
             verified: Mutex::new(HashSet::new()),
             failures: Mutex::new(AHashMap::new()),
-            checks: Semaphore::new(checks),
+            checks: Arc::new(Semaphore::new(checks)),
             salt,
             decoy,
             metrics: crate::metrics::BasicAuthMetrics::new(name),
@@ -154,18 +152,24 @@ impl BasicAuth {
             return Err(self.refusal("credentials required"));
         };
         let known = self.users.get(user.as_str());
-        let cached = known.is_some() && self.remembered(&user, &password);
+        let digest = self.digest(&user, &password);
+        let cached = known.is_some() && self.lock_verified().contains(&digest);
         if !cached {
             let Some(checked) = known.or(self.decoy.as_ref()).cloned() else {
                 return Err(self.refusal("invalid credentials"));
             };
-            let Ok(_permit) = self.checks.acquire().await else {
+            let Ok(permit) = self.checks.clone().acquire_owned().await else {
                 return Err(Answer::error(503, "credential check unavailable"));
             };
-            let password_copy = password.clone();
-            let ok = tokio::task::spawn_blocking(move || checked.hash.verify(&password))
-                .await
-                .unwrap_or(false);
+            // The permit goes with the check: a request dropped meanwhile does not free its
+            // place while the hash is still being computed.
+            let ok = tokio::task::spawn_blocking(move || {
+                let ok = checked.hash.verify(&password);
+                drop(permit);
+                ok
+            })
+            .await
+            .unwrap_or(false);
             if !ok || known.is_none() {
                 self.metrics.invalid.inc();
                 if let Some(ip) = ctx.client_ip {
@@ -174,7 +178,7 @@ impl BasicAuth {
                 return Err(self.refusal("invalid credentials"));
             }
             self.metrics.verified.inc();
-            self.remember(&user, &password_copy);
+            self.insert_verified(digest);
         }
         if cached {
             self.metrics.cached.inc();
@@ -212,7 +216,10 @@ impl BasicAuth {
 
     /// Remembers credentials that passed (the set is emptied when full).
     pub fn remember(&self, user: &str, password: &[u8]) {
-        let digest = self.digest(user, password);
+        self.insert_verified(self.digest(user, password));
+    }
+
+    fn insert_verified(&self, digest: [u8; 32]) {
         let mut verified = self.lock_verified();
         if verified.len() >= CACHE_CAP {
             verified.clear();
@@ -221,7 +228,8 @@ impl BasicAuth {
     }
 
     fn refusal(&self, message: &'static str) -> Answer {
-        Answer::error(401, message).with_header(WWW_AUTHENTICATE.clone(), self.challenge.clone())
+        Answer::error(401, message)
+            .with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone())
     }
 
     fn digest(&self, user: &str, password: &[u8]) -> [u8; 32] {
@@ -252,6 +260,10 @@ impl BasicAuth {
         if failures.len() >= FAILURES_CAP {
             let window = self.window;
             failures.retain(|_, f| f.since.elapsed() < window);
+            // Still full (a flood of addresses within the window): start again, bounded.
+            if failures.len() >= FAILURES_CAP {
+                failures.clear();
+            }
         }
         let now = Instant::now();
         let f = failures.entry(ip).or_insert(Failures {

@@ -6,11 +6,9 @@ use crate::auth::{AuthError, AuthPolicy};
 use crate::headers::HeaderEdits;
 use crate::proxy::answer::Answer;
 use crate::proxy::context::RequestCtx;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use pingora::proxy::Session;
 use std::sync::Arc;
-
-static WWW_AUTHENTICATE: HeaderName = HeaderName::from_static("www-authenticate");
 
 /// The compiled token check.
 #[derive(Clone)]
@@ -76,12 +74,13 @@ fn refusal(error: AuthError) -> Answer {
         AuthError::NoKeys => return Answer::error(503, "no keys to verify tokens"),
     };
     let challenge = HeaderValue::from_str(&challenge).unwrap_or(HeaderValue::from_static("Bearer"));
-    Answer::error(status, message).with_header(WWW_AUTHENTICATE.clone(), challenge)
+    Answer::error(status, message).with_header(http::header::WWW_AUTHENTICATE, challenge)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderName;
 
     #[test]
     fn refusals_carry_the_challenge_rfc_6750_asks_for() {
