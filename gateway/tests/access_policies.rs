@@ -31,7 +31,18 @@ async fn api_keys_admit_forward_and_stay_at_the_gateway() {
     let (reader, reader_line) = make_key("reader", "orders:read");
     let (writer, writer_line) = make_key("writer", "orders:read,orders:write");
     let keys = dir.path().join("keys");
-    std::fs::write(&keys, format!("# partners\n{reader_line}\n{writer_line}\n")).unwrap();
+    // Listed too: a key with a space and an oversized one, which must still be refused.
+    let digest = gateway::policy::api_key::digest_hex;
+    let hostile = format!(
+        "spaced {}\nlong {}\n",
+        digest("a b"),
+        digest(&"k".repeat(4000))
+    );
+    std::fs::write(
+        &keys,
+        format!("# partners\n{reader_line}\n{writer_line}\n{hostile}"),
+    )
+    .unwrap();
     let gw = Gateway::start(&format!(
         r#"
 policies:

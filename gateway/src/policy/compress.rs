@@ -213,7 +213,9 @@ impl Compress {
             return false;
         };
         let media = media.split(';').next().unwrap_or("").trim();
-        self.types.iter().any(|p| p.matches(media))
+        // An event stream must reach the client event by event; the encoders hold bytes back.
+        !media.eq_ignore_ascii_case("text/event-stream")
+            && self.types.iter().any(|p| p.matches(media))
     }
 }
 

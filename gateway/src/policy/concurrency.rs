@@ -1,7 +1,7 @@
 //! `concurrency`: at most `max` requests in flight; up to `queue` more wait, each at most
 //! `queue_timeout`, for a place; the rest get 503 with `Retry-After`. A place is held until the
-//! request ends (its permit lives on the request context), so a client that leaves while
-//! queued or served gives its place back.
+//! request ends (its permit lives on the request context), so it comes back however the
+//! request ends; a client that leaves while queued is noticed only once it has a place.
 
 use crate::proxy::answer::Answer;
 use crate::proxy::context::RequestCtx;

@@ -70,7 +70,9 @@ impl Split {
     /// The index of the upstream for this request.
     pub fn choose(&self, req: &RequestHeader, ctx: &RequestCtx) -> u8 {
         let point = match self.key(req, ctx) {
-            Some(hash) => hash % self.total,
+            // Scaled, not reduced modulo the total: a key keeps its place as a fraction of the
+            // weights, so a change of weights moves only the keys whose range changed hands.
+            Some(hash) => ((u128::from(hash) * u128::from(self.total)) >> 64) as u64,
             // A low-discrepancy sequence: the shares hold over any short run of requests.
             None => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);

@@ -147,10 +147,8 @@ impl RequestCtx {
     /// replica of an upstream is never ejected (as nginx never marks a lone server down):
     /// ejecting it would turn a partial failure into a total one.
     pub(crate) fn report_failure(&mut self) {
+        self.record_breaker(true);
         if let (Some(r), Some(up)) = (&self.replica, self.upstream()) {
-            if let (Some(breaker), Some(admission)) = (&up.breaker, self.breaker) {
-                breaker.record(admission, true, now_ms());
-            }
             if let Some(policy) = up.passive() {
                 let now = now_ms();
                 let may_eject = up.has_alternative(&[r.id], now);
@@ -159,6 +157,21 @@ impl RequestCtx {
                 }
             }
             self.verdict = true;
+        }
+    }
+
+    /// Gives the upstream's circuit breaker an attempt's outcome. A trial has one verdict: its
+    /// first outcome (a request let through as a trial and ended without any, its client gone
+    /// or refused after admission, is counted a failure when it ends: see `logging`).
+    pub(crate) fn record_breaker(&mut self, failed: bool) {
+        let Some(admission) = self.breaker else {
+            return;
+        };
+        if let Some(breaker) = self.upstream().and_then(|u| u.breaker.as_ref()) {
+            breaker.record(admission, failed, now_ms());
+        }
+        if admission == crate::policy::circuit_breaker::Admission::Trial {
+            self.breaker = None;
         }
     }
 

@@ -397,11 +397,12 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        let failed = ctx
+            .upstream()
+            .and_then(|u| u.breaker.as_ref())
+            .is_some_and(|b| b.is_failure(resp.status.as_u16()));
+        ctx.record_breaker(failed);
         if let Some(up) = ctx.upstream() {
-            if let (Some(breaker), Some(admission)) = (&up.breaker, ctx.breaker) {
-                let failed = breaker.is_failure(resp.status.as_u16());
-                breaker.record(admission, failed, crate::upstream::now_ms());
-            }
             let m = &up.metrics;
             m.response(resp.status.as_u16());
             if let Some(took) = ctx.upstream_elapsed {
@@ -557,6 +558,10 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         ctx.release_replica();
+        // A trial that got no verdict must not keep its place: it counts as a failure.
+        if ctx.breaker == Some(crate::policy::circuit_breaker::Admission::Trial) {
+            ctx.record_breaker(true);
+        }
         let Some(started) = ctx.started else { return };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route_metrics = match (&ctx.rt, ctx.route()) {
