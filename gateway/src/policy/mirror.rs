@@ -28,10 +28,11 @@ pub struct Copy {
     body: BytesMut,
 }
 
-/// A request being copied: its head, and its body as it arrives.
+/// A request chosen for copying: once its head has been edited for the upstream, that head,
+/// then its body as it arrives.
 pub struct Capture {
     mirror: Arc<Mirror>,
-    copy: Copy,
+    copy: Option<Copy>,
 }
 
 /// A route's mirror.
@@ -73,8 +74,9 @@ impl Mirror {
         }
     }
 
-    /// Starts copying this admitted request, when it falls in the share: at once for a
-    /// request without a body, else when its body has arrived ([`Capture::on_body`]).
+    /// Chooses this admitted request for copying when it falls in the share; the copy is made
+    /// of what goes upstream ([`Capture::on_upstream_request`]), so it carries no credential
+    /// or header the route's policies took out.
     pub fn on_request(self: &Arc<Self>, req: &RequestHeader, ctx: &mut RequestCtx) {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         if (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % 100 >= u64::from(self.percent) {
@@ -88,31 +90,10 @@ impl Mirror {
             self.metrics.too_large.inc();
             return;
         }
-        let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
-        for (name, value) in req.headers.iter() {
-            if !hop_by_hop(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Some(id) = &ctx.request_id {
-            headers.insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
-        }
-        headers.insert(X_GATEWAY_MIRROR.clone(), HeaderValue::from_static("1"));
-        let copy = Copy {
-            method: req.method.clone(),
-            uri: req.uri.clone(),
-            headers,
-            body: BytesMut::new(),
-        };
-        let chunked = req.headers.contains_key(header::TRANSFER_ENCODING);
-        if chunked || length.is_some_and(|l| l > 0) {
-            ctx.mirror = Some(Box::new(Capture {
-                mirror: self.clone(),
-                copy,
-            }));
-        } else {
-            self.enqueue(copy);
-        }
+        ctx.mirror = Some(Box::new(Capture {
+            mirror: self.clone(),
+            copy: None,
+        }));
     }
 
     fn enqueue(&self, copy: Copy) {
@@ -195,23 +176,61 @@ impl Mirror {
 }
 
 impl Capture {
+    /// Copies the head as it goes upstream (first attempt only); a request without a body is
+    /// sent at once, the others when their body has arrived.
+    pub fn on_upstream_request(ctx: &mut RequestCtx, up: &RequestHeader, body_empty: bool) {
+        let Some(capture) = ctx.mirror.as_mut().filter(|c| c.copy.is_none()) else {
+            return;
+        };
+        let mut headers = HeaderMap::with_capacity(up.headers.len() + 1);
+        for (name, value) in up.headers.iter() {
+            if !hop_by_hop(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        headers.insert(X_GATEWAY_MIRROR.clone(), HeaderValue::from_static("1"));
+        if let Some(id) = &ctx.request_id {
+            headers.insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
+        }
+        let copy = Copy {
+            method: up.method.clone(),
+            uri: up.uri.clone(),
+            headers,
+            body: BytesMut::new(),
+        };
+        if body_empty {
+            let mirror = capture.mirror.clone();
+            ctx.mirror = None;
+            mirror.enqueue(copy);
+        } else {
+            capture.copy = Some(copy);
+        }
+    }
+
     /// Adds a chunk of the request body; sends the copy when the body is complete, drops it
     /// when the body grows past the limit.
     pub fn on_body(ctx: &mut RequestCtx, chunk: Option<&Bytes>, end: bool) {
         let Some(capture) = ctx.mirror.as_mut() else {
             return;
         };
+        let Some(copy) = capture.copy.as_mut() else {
+            return;
+        };
         if let Some(chunk) = chunk {
-            if capture.copy.body.len() as u64 + chunk.len() as u64 > capture.mirror.max_body {
+            if copy.body.len() as u64 + chunk.len() as u64 > capture.mirror.max_body {
                 capture.mirror.metrics.too_large.inc();
                 ctx.mirror = None;
                 return;
             }
-            capture.copy.body.extend_from_slice(chunk);
+            copy.body.extend_from_slice(chunk);
         }
         if end {
-            if let Some(capture) = ctx.mirror.take() {
-                capture.mirror.enqueue(capture.copy);
+            if let Some(Capture {
+                mirror,
+                copy: Some(copy),
+            }) = ctx.mirror.take().map(|c| *c)
+            {
+                mirror.enqueue(copy);
             }
         }
     }

@@ -183,6 +183,84 @@ fn edit_response_headers(
     })
 }
 
+/// The request as it goes upstream: the rewritten path, the policies' edits, identity headers
+/// removed, the forwarding headers.
+fn edit_upstream_request(
+    session: &Session,
+    up: &mut RequestHeader,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    if ctx.new_path.is_some() || ctx.new_query.is_some() {
+        let path = ctx.new_path.as_deref().unwrap_or(up.uri.path());
+        let uri = match ctx.new_query.as_deref().or(up.uri.query()) {
+            Some(q) if !q.is_empty() => format!("{path}?{q}"),
+            _ => path.to_string(),
+        };
+        up.set_uri(uri.parse().map_err(|_| {
+            Error::explain(
+                ErrorType::HTTPStatus(400),
+                "rewritten path is not a valid URI",
+            )
+        })?);
+    }
+    let Some(rt) = ctx.rt.as_ref() else {
+        return Ok(());
+    };
+    let Some(route) = ctx.route() else {
+        return Ok(());
+    };
+    let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
+    let forwarding = rt.forwarding;
+    let request_id = ctx.request_id.as_ref().filter(|_| forwarding.request_id);
+    if !forwarding.x_forwarded
+        && request_id.is_none()
+        && ctx.new_traceparent.is_none()
+        && !route.policies.edits_upstream()
+        && !listener.is_some_and(|l| l.edits_upstream())
+        && rt.identity_headers.is_empty()
+    {
+        return Ok(());
+    }
+    let from = Forwarded {
+        client_ip: ctx.client_ip,
+        peer: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        peer_trusted: ctx.peer_trusted,
+        tls: ctx.tls,
+    };
+    let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
+    let ctx: &RequestCtx = ctx;
+    edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
+        if let Some(listener) = listener {
+            listener.on_upstream_request(headers, ctx, uri)?;
+        }
+        route.policies.on_upstream_request(headers, ctx, uri)?;
+        // Identity headers come from verified tokens only, never from the client: the
+        // headers a token's claims did not set are removed.
+        for name in &rt.identity_headers {
+            if !ctx.claims.iter().any(|(claimed, _)| claimed == name) {
+                headers.unset(name);
+            }
+        }
+        if let Some(id) = request_id {
+            headers.set(&X_REQUEST_ID, id.clone())?;
+        }
+        if let Some(tp) = &ctx.new_traceparent {
+            // A trace state without a valid parent belongs to no trace.
+            if !ctx.keep_tracestate {
+                headers.unset(&TRACESTATE);
+            }
+            headers.set(&TRACEPARENT, tp.clone())?;
+        }
+        if forwarding.x_forwarded {
+            set_forwarded_headers(headers, uri, from)?;
+        }
+        Ok(())
+    })
+}
+
 /// The access-log record of a finished request, borrowed from it.
 fn access_record<'a>(
     session: &'a Session,
@@ -319,75 +397,12 @@ impl ProxyHttp for Gateway {
         up: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if ctx.new_path.is_some() || ctx.new_query.is_some() {
-            let path = ctx.new_path.as_deref().unwrap_or(up.uri.path());
-            let uri = match ctx.new_query.as_deref().or(up.uri.query()) {
-                Some(q) if !q.is_empty() => format!("{path}?{q}"),
-                _ => path.to_string(),
-            };
-            up.set_uri(uri.parse().map_err(|_| {
-                Error::explain(
-                    ErrorType::HTTPStatus(400),
-                    "rewritten path is not a valid URI",
-                )
-            })?);
+        edit_upstream_request(session, up, ctx)?;
+        if ctx.mirror.is_some() {
+            let body_empty = session.as_downstream_mut().is_body_empty();
+            crate::policy::mirror::Capture::on_upstream_request(ctx, up, body_empty);
         }
-        let Some(rt) = ctx.rt.as_ref() else {
-            return Ok(());
-        };
-        let Some(route) = ctx.route() else {
-            return Ok(());
-        };
-        let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
-        let forwarding = rt.forwarding;
-        let request_id = ctx.request_id.as_ref().filter(|_| forwarding.request_id);
-        if !forwarding.x_forwarded
-            && request_id.is_none()
-            && ctx.new_traceparent.is_none()
-            && !route.policies.edits_upstream()
-            && !listener.is_some_and(|l| l.edits_upstream())
-            && rt.identity_headers.is_empty()
-        {
-            return Ok(());
-        }
-        let from = Forwarded {
-            client_ip: ctx.client_ip,
-            peer: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-            peer_trusted: ctx.peer_trusted,
-            tls: ctx.tls,
-        };
-        let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
-        let ctx: &RequestCtx = ctx;
-        edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
-            if let Some(listener) = listener {
-                listener.on_upstream_request(headers, ctx, uri)?;
-            }
-            route.policies.on_upstream_request(headers, ctx, uri)?;
-            // Identity headers come from verified tokens only, never from the client: the
-            // headers a token's claims did not set are removed.
-            for name in &rt.identity_headers {
-                if !ctx.claims.iter().any(|(claimed, _)| claimed == name) {
-                    headers.unset(name);
-                }
-            }
-            if let Some(id) = request_id {
-                headers.set(&X_REQUEST_ID, id.clone())?;
-            }
-            if let Some(tp) = &ctx.new_traceparent {
-                // A trace state without a valid parent belongs to no trace.
-                if !ctx.keep_tracestate {
-                    headers.unset(&TRACESTATE);
-                }
-                headers.set(&TRACEPARENT, tp.clone())?;
-            }
-            if forwarding.x_forwarded {
-                set_forwarded_headers(headers, uri, from)?;
-            }
-            Ok(())
-        })
+        Ok(())
     }
 
     async fn upstream_response_filter(
