@@ -59,6 +59,7 @@ pub struct Metrics {
     basic_auth: IntCounterVec,
     concurrency: IntCounterVec,
     mirror: IntCounterVec,
+    forward_auth: IntCounterVec,
     circuit_state: IntGaugeVec,
     circuit_opened: IntCounterVec,
     circuit_rejected: IntCounterVec,
@@ -318,6 +319,12 @@ impl Metrics {
                 "gateway_upstream_retry_budget_exhausted_total",
                 "Retries not made because the upstream's retry budget was spent",
                 &["upstream"],
+            ),
+            forward_auth: counter(
+                &r,
+                "gateway_forward_auth_total",
+                "Forward-auth decisions: allowed, cached, refused by the service, error (no answer: 503 or passed per on_error)",
+                &["policy", "result"],
             ),
             mirror: counter(
                 &r,
@@ -651,6 +658,27 @@ impl BreakerMetrics {
             state: m.circuit_state.with_label_values(&[upstream]),
             opened: m.circuit_opened.with_label_values(&[upstream]),
             rejected: m.circuit_rejected.with_label_values(&[upstream]),
+        }
+    }
+}
+
+/// A `forward_auth` policy's handles.
+pub struct ForwardAuthMetrics {
+    pub allowed: IntCounter,
+    pub cached: IntCounter,
+    pub refused: IntCounter,
+    pub error: IntCounter,
+}
+
+impl ForwardAuthMetrics {
+    /// Handles for `policy`.
+    pub fn new(policy: &str) -> ForwardAuthMetrics {
+        let d = |r: &str| METRICS.forward_auth.with_label_values(&[policy, r]);
+        ForwardAuthMetrics {
+            allowed: d("allowed"),
+            cached: d("cached"),
+            refused: d("refused"),
+            error: d("error"),
         }
     }
 }

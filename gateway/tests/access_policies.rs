@@ -472,4 +472,8 @@ routes:
     let seen = echo(get("/open", "good").await.unwrap()).await;
     assert_eq!(seen["path"], "/open");
     assert_eq!(backend.hits(), 3, "only allowed requests went upstream");
+    let errors = gw.metric("gateway_forward_auth_total{policy=\"sso\",result=\"error\"}");
+    assert_eq!(errors.await, 1.0);
+    let cached = gw.metric("gateway_forward_auth_total{policy=\"sso\",result=\"cached\"}");
+    assert_eq!(cached.await, 1.0);
 }

@@ -201,6 +201,7 @@ fn forward_auth(
         }
     };
     Ok(ForwardAuth::new(
+        field.trim_start_matches("policies."),
         f.upstream.value.clone(),
         path,
         request_headers,

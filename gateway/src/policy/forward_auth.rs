@@ -45,6 +45,7 @@ pub struct ForwardAuth {
     /// 2xx verdicts by the key header's hash, with its whole value (compared on a hit: a
     /// hash alone could be made to collide) and their expiry.
     verdicts: Mutex<AHashMap<u64, CachedVerdict>>,
+    metrics: crate::metrics::ForwardAuthMetrics,
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -64,6 +65,7 @@ impl ForwardAuth {
     /// A policy asking `upstream`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        name: &str,
         upstream_name: String,
         path: String,
         request_headers: Vec<HeaderName>,
@@ -89,6 +91,7 @@ impl ForwardAuth {
             max_body,
             cache,
             verdicts: Mutex::new(AHashMap::new()),
+            metrics: crate::metrics::ForwardAuthMetrics::new(name),
             client: Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector),
@@ -108,25 +111,33 @@ impl ForwardAuth {
             .and_then(|(name, _)| req.headers.get(name))
             .map(|v| v.as_bytes());
         if let Some(headers) = key.and_then(|k| self.cached(k)) {
+            self.metrics.cached.inc();
             ctx.forwarded_auth = Some(headers);
             return Ok(());
         }
         let asked = tokio::time::timeout(self.timeout, self.ask(session, ctx)).await;
         match asked {
             Ok(Ok(Verdict::Allow(headers))) => {
+                self.metrics.allowed.inc();
                 if let (Some(k), Some((_, ttl))) = (key, &self.cache) {
                     self.remember(k, *ttl, headers.clone());
                 }
                 ctx.forwarded_auth = Some(headers);
                 Ok(())
             }
-            Ok(Ok(Verdict::Refuse(answer))) => Err(answer),
+            Ok(Ok(Verdict::Refuse(answer))) => {
+                self.metrics.refused.inc();
+                Err(answer)
+            }
             Ok(Err(why)) => self.on_error(&why),
             Err(_) => self.on_error("no answer in time"),
         }
     }
 
+    /// The service could not answer: counted (an operator sees an outage even when requests
+    /// pass), logged at debug, then 503 or pass.
     fn on_error(&self, why: &str) -> Result<(), Answer> {
+        self.metrics.error.inc();
         tracing::debug!("forward auth: {why}");
         if self.fail_open {
             Ok(())
