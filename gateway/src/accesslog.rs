@@ -57,6 +57,8 @@ pub struct AccessRecord<'a> {
     pub rate_limit: Option<&'static str>,
     /// TLS version of the client connection.
     pub tls: Option<&'static str>,
+    /// The `grpc-status` name a gRPC call ended with.
+    pub grpc_status: Option<&'static str>,
 }
 
 /// `,"key":` as one literal; the keys are the literals in `write_line` (no escaping needed).
@@ -130,6 +132,9 @@ impl AccessRecord<'_> {
         }
         if let Some(tls) = self.tls {
             put_own_field(out, key!("tls"), tls.as_bytes());
+        }
+        if let Some(code) = self.grpc_status {
+            put_own_field(out, key!("grpc_status"), code.as_bytes());
         }
         out.extend_from_slice(b"}\n");
     }
@@ -476,6 +481,7 @@ mod tests {
             upstream_duration: None,
             user: None,
             rate_limit: None,
+            grpc_status: None,
             tls: None,
         }
     }

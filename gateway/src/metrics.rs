@@ -87,6 +87,10 @@ pub struct Metrics {
     pub header_timeouts: IntCounterVec,
     /// Completed TLS handshakes by listener and protocol version.
     pub tls_handshakes: IntCounterVec,
+    /// gRPC calls by route and the `grpc-status` they ended with.
+    pub grpc_calls: IntCounterVec,
+    /// gRPC calls (streams) in flight.
+    pub grpc_in_flight: IntGauge,
     /// Failed TLS handshakes by listener and reason.
     pub tls_handshake_errors: IntCounterVec,
 }
@@ -212,6 +216,18 @@ impl Metrics {
                 "Client connections closed with 408 for not sending a request head in time",
                 &["listener"],
             ),
+            grpc_calls: counter(
+                &r,
+                "gateway_grpc_calls_total",
+                "Finished gRPC calls by the grpc-status they ended with (NONE: no status, the call was cut)",
+                &["route", "grpc_status"],
+            ),
+            grpc_in_flight: {
+                let g = IntGauge::new("gateway_grpc_calls_in_flight", "gRPC calls (streams) open now")
+                    .expect("static metric definition");
+                r.register(Box::new(g.clone())).expect("unique metric name");
+                g
+            },
             tls_handshakes: counter(
                 &r,
                 "gateway_tls_handshakes_total",

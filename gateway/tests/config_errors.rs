@@ -120,6 +120,55 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "upstreams.u.circuit_breaker",
         ),
         (
+            "HTTP/2 by ALPN without TLS",
+            config("", ROUTE).replace("u: { targets:", "u: { protocol: h2, targets:"),
+            "upstreams.u.protocol",
+        ),
+        (
+            "h2c over TLS",
+            config("", ROUTE).replace("u: { targets:", "u: { protocol: h2c, tls: {}, targets:"),
+            "upstreams.u.protocol",
+        ),
+        (
+            "an unknown upstream protocol",
+            config("", ROUTE).replace("u: { targets:", "u: { protocol: http3, targets:"),
+            "upstreams.u.protocol",
+        ),
+        (
+            "HTTP/2 settings on an HTTP/1.1 upstream",
+            config("", ROUTE).replace("u: { targets:", "u: { h2: { max_streams: 10 }, targets:"),
+            "upstreams.u.h2",
+        ),
+        (
+            "no streams at all",
+            config("", ROUTE).replace(
+                "u: { targets:",
+                "u: { protocol: h2c, h2: { max_streams: 0 }, targets:",
+            ),
+            "upstreams.u.h2.max_streams",
+        ),
+        (
+            "a gRPC health check over HTTP/1.1",
+            config("", ROUTE).replace(
+                "u: { targets:",
+                "u: { health: { active: { grpc: { service: x } } }, targets:",
+            ),
+            "upstreams.u.health.active.grpc",
+        ),
+        (
+            "a zero stream idle timeout",
+            config("", ROUTE).replace(
+                "u: { targets:",
+                "u: { timeouts: { stream_idle: 0s }, targets:",
+            ),
+            "upstreams.u.timeouts",
+        ),
+        (
+            "settings for gRPC-Web",
+            config("policies:\n  w: { grpc_web: { text: true } }\n", ROUTE),
+            "policies.w.grpc_web.text",
+        ),
+        (
             "a route with both an upstream and a split",
             config("", "  - { name: r, upstream: u, split: [ { upstream: u, weight: 1 } ] }\n"),
             "routes[0].split",

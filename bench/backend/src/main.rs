@@ -34,7 +34,7 @@ fn json(n: usize) -> Bytes {
             i * 13 % 97,
             i % 11,
             i % 7,
-            i % 3 != 0
+            !i.is_multiple_of(3)
         );
         if out.len() + item.len() + 2 > n {
             break;

@@ -421,7 +421,8 @@ mod tests {
                 connect: Dur::secs(2),
                 read: Dur::secs(30),
                 write: Dur::secs(30),
-                idle: Dur::secs(4)
+                idle: Dur::secs(4),
+                stream_idle: Dur::secs(300),
             }
         );
         assert_eq!(

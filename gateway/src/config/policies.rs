@@ -217,7 +217,14 @@ pub enum NamedPolicyConfig {
     Concurrency(ConcurrencyConfig),
     /// Each request first put to an auth service.
     ForwardAuth(ForwardAuthConfig),
+    /// gRPC-Web calls from browsers translated to gRPC for the upstream.
+    GrpcWeb(GrpcWebConfig),
 }
+
+/// `grpc_web`: no settings (`grpc_web: {}`); the upstream must speak HTTP/2.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcWebConfig {}
 
 /// `forward_auth`: an auth service asked about each request.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -31,6 +31,12 @@ pub struct UpstreamConfig {
     /// Speak TLS to the replicas.
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
+    /// The HTTP version spoken to the replicas. Default `http1`.
+    #[serde(default = "default_protocol")]
+    pub protocol: Spanned<UpstreamProtocol>,
+    /// HTTP/2 connection settings (with `protocol` `h2`, `h2c` or `auto`).
+    #[serde(default)]
+    pub h2: Option<Spanned<H2Config>>,
     /// Requests in flight at once to this upstream, over all routes. Default: no limit.
     #[serde(default)]
     pub concurrency: Option<Spanned<ConcurrencyConfig>>,
@@ -40,6 +46,68 @@ pub struct UpstreamConfig {
     /// Retries at most a share of requests. Default: none (only `retries` bounds them).
     #[serde(default)]
     pub retry_budget: Option<Spanned<RetryBudgetConfig>>,
+}
+
+/// The HTTP version spoken to an upstream's replicas.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, connections pooled and reused one request at a time.
+    #[default]
+    Http1,
+    /// HTTP/2 over TLS (ALPN `h2`); needs `tls`.
+    H2,
+    /// HTTP/2 in the clear, by prior knowledge (gRPC servers without TLS).
+    H2c,
+    /// Over TLS, whatever ALPN agrees (`h2`, else HTTP/1.1); needs `tls`.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    /// The name as the configuration writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Auto => "auto",
+        }
+    }
+}
+
+fn default_protocol() -> Spanned<UpstreamProtocol> {
+    let nowhere = serde_saphyr::Location::UNKNOWN;
+    Spanned::new(UpstreamProtocol::default(), nowhere, nowhere)
+}
+
+/// `h2`: HTTP/2 connections to the replicas.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct H2Config {
+    /// Requests multiplexed at once on one connection; more open another connection.
+    /// Default 100.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// PING sent on each connection this often, so that an idle connection a NAT or a
+    /// container network dropped is found and replaced. Default 30s; `null` sends none.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: Option<Dur>,
+}
+
+fn default_max_streams() -> usize {
+    100
+}
+fn default_ping_interval() -> Option<Dur> {
+    Some(Dur::secs(30))
+}
+
+impl Default for H2Config {
+    fn default() -> Self {
+        H2Config {
+            max_streams: default_max_streams(),
+            ping_interval: default_ping_interval(),
+        }
+    }
 }
 
 /// `circuit_breaker`: when to fail fast, for how long, and how to recover.
@@ -241,6 +309,19 @@ pub struct ActiveHealthConfig {
     /// `Host` header sent with checks. Default: the target's host name.
     #[serde(default)]
     pub host: Option<String>,
+    /// Check with the gRPC health protocol (`grpc.health.v1.Health/Check`) instead of
+    /// `GET path`: healthy when the answer is `SERVING`. Needs an HTTP/2 `protocol`.
+    #[serde(default)]
+    pub grpc: Option<GrpcHealthConfig>,
+}
+
+/// `health.active.grpc`: the gRPC health check.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcHealthConfig {
+    /// The service asked about. Default `""`: the server as a whole.
+    #[serde(default)]
+    pub service: String,
 }
 
 fn default_health_path() -> String {
@@ -304,6 +385,14 @@ pub struct TimeoutsConfig {
     /// closing.
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// For gRPC calls, in place of `read` and `write`: the longest a call may go with no
+    /// message in either direction, so long-lived streams are not cut. Default 5m.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle: Dur,
+}
+
+fn default_stream_idle() -> Dur {
+    Dur::secs(300)
 }
 
 fn default_connect() -> Dur {
@@ -323,6 +412,7 @@ impl Default for TimeoutsConfig {
             read: default_read(),
             write: default_read(),
             idle: default_idle(),
+            stream_idle: default_stream_idle(),
         }
     }
 }

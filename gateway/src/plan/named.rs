@@ -98,6 +98,7 @@ pub(super) fn compile(
             NamedPolicyConfig::ForwardAuth(f) => {
                 Policy::ForwardAuth(Arc::new(forward_auth(c, config, f, &field)?))
             }
+            NamedPolicyConfig::GrpcWeb(_) => Policy::GrpcWeb(crate::policy::GrpcWeb),
             NamedPolicyConfig::Concurrency(l) => {
                 let spec = concurrency_spec(l)
                     .map_err(|m| c.err_at(spanned, format!("{field}.concurrency"), m))?;

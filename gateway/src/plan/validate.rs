@@ -2,7 +2,7 @@
 //! but make no sense together. Every error points at the offending field. The policies'
 //! own settings are checked where they are compiled (`plan::compile`).
 
-use crate::config::{Balance, Config, ConfigError, HealthConfig, RouteConfig};
+use crate::config::{Balance, Config, ConfigError, HealthConfig, RouteConfig, UpstreamConfig};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 use std::collections::{BTreeSet, HashMap};
@@ -224,8 +224,13 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
             super::named::concurrency_spec(&l.value)
                 .map_err(|m| c.err_at(l, field("concurrency"), m))?;
         }
+        check_protocol(&c, u, field)?;
         let t = &u.timeouts.value;
-        if t.connect.0.is_zero() || t.read.0.is_zero() || t.write.0.is_zero() || t.idle.0.is_zero()
+        if t.connect.0.is_zero()
+            || t.read.0.is_zero()
+            || t.write.0.is_zero()
+            || t.idle.0.is_zero()
+            || t.stream_idle.0.is_zero()
         {
             return Err(c.err_at(
                 &u.timeouts,
@@ -250,6 +255,50 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
 }
 
 /// An upstream's health checks; errors point at its `health` section.
+/// The upstream protocol against its TLS, its `h2` settings and its health check.
+fn check_protocol(
+    c: &Checker,
+    u: &UpstreamConfig,
+    field: impl Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    use crate::config::UpstreamProtocol as P;
+    let protocol = u.protocol.value;
+    let problem = match (protocol, u.tls.is_some()) {
+        (P::H2 | P::Auto, false) => Some(
+            "`h2` and `auto` agree on HTTP/2 through TLS (ALPN): add `tls`, or use `h2c` for HTTP/2 in the clear",
+        ),
+        (P::H2c, true) => Some("`h2c` is HTTP/2 in the clear: with `tls`, use `h2`"),
+        _ => None,
+    };
+    if let Some(m) = problem {
+        return Err(c.err_at(&u.protocol, field("protocol"), m));
+    }
+    if let Some(h2) = &u.h2 {
+        if protocol == P::Http1 {
+            return Err(c.err_at(h2, field("h2"), "only used with `protocol` h2, h2c or auto"));
+        }
+        if !(1..=10_000).contains(&h2.value.max_streams) {
+            return Err(c.err_at(h2, field("h2.max_streams"), "must be 1 to 10000"));
+        }
+        if h2.value.ping_interval.is_some_and(|d| d.0.is_zero()) {
+            return Err(c.err_at(
+                h2,
+                field("h2.ping_interval"),
+                "must be greater than zero (or `null` for no pings)",
+            ));
+        }
+    }
+    let grpc_check = u.health.value.active.as_ref().and_then(|a| a.grpc.as_ref());
+    if grpc_check.is_some() && protocol == P::Http1 {
+        return Err(c.err_at(
+            &u.health,
+            field("health.active.grpc"),
+            "gRPC runs over HTTP/2: set `protocol` to h2, h2c or auto",
+        ));
+    }
+    Ok(())
+}
+
 fn check_health(
     c: &Checker,
     health: &Spanned<HealthConfig>,
@@ -271,6 +320,13 @@ fn check_health(
                 health,
                 field("health.active"),
                 "interval and timeout must be greater than zero",
+            ));
+        }
+        if a.grpc.is_some() && !a.expected_status.is_empty() {
+            return Err(c.err_at(
+                health,
+                field("health.active.expected_status"),
+                "a gRPC check is healthy on SERVING; `expected_status` is for HTTP checks",
             ));
         }
         if let Some(s) = a.expected_status.iter().find(|s| !(100..=599).contains(*s)) {

@@ -26,6 +26,7 @@ pub mod concurrency;
 pub mod cors;
 pub mod error_pages;
 pub mod forward_auth;
+mod grpc_web;
 pub mod headers;
 mod hsts;
 mod https_redirect;
@@ -47,6 +48,7 @@ pub use concurrency::{ConcurrencyLimit, ConcurrencySpec};
 pub use cors::Cors;
 pub use error_pages::{ErrorPage, ErrorPages};
 pub use forward_auth::ForwardAuth;
+pub use grpc_web::GrpcWeb;
 pub use headers::HeaderRules;
 pub use hsts::Hsts;
 pub use https_redirect::HttpsRedirect;
@@ -94,6 +96,8 @@ pub enum Policy {
     Concurrency(Arc<ConcurrencyLimit>),
     /// An auth service asked about each request.
     ForwardAuth(Arc<ForwardAuth>),
+    /// gRPC-Web translated to gRPC.
+    GrpcWeb(GrpcWeb),
 }
 
 impl Policy {
@@ -115,6 +119,7 @@ impl Policy {
             Policy::BasicAuth(p) => p.on_request(session, ctx).await,
             Policy::Concurrency(p) => p.on_request(ctx).await,
             Policy::ForwardAuth(p) => p.on_request(session, ctx).await,
+            Policy::GrpcWeb(p) => p.on_request(ctx),
         }
     }
 
@@ -192,6 +197,7 @@ impl Policy {
             Policy::BasicAuth(_) => "basic_auth",
             Policy::Concurrency(_) => "concurrency",
             Policy::ForwardAuth(_) => "forward_auth",
+            Policy::GrpcWeb(_) => "grpc_web",
         }
     }
 }

@@ -141,6 +141,9 @@ pub async fn write(
     dressing: Dressing<'_>,
 ) -> Result<()> {
     let page = dressing.page;
+    if let Some(call) = dressing.ctx.and_then(|c| c.grpc.as_deref()) {
+        return write_grpc(session, answer, call, dressing).await;
+    }
     match answer.after {
         After::KeepAlive => {}
         After::Close => session.set_keepalive(None),
@@ -189,6 +192,31 @@ pub async fn write(
         }
         None => session.write_response_header(Box::new(resp), true).await,
     }
+}
+
+/// The answer to a gRPC call: trailers-only, the status mapped from `answer`'s, and the
+/// pipelines' response edits (CORS for gRPC-Web).
+async fn write_grpc(
+    session: &mut Session,
+    answer: &Answer,
+    call: &super::grpc::Call,
+    dressing: Dressing<'_>,
+) -> Result<()> {
+    let message = answer
+        .message
+        .as_deref()
+        .unwrap_or_else(|| message_for(answer.status));
+    let mut resp = super::grpc::answer_head(call, call.status_for(answer.status), message)?;
+    if let Some(ctx) = dressing.ctx {
+        let request = &session.req_header().headers;
+        for pipeline in dressing.pipelines.into_iter().flatten() {
+            pipeline.on_response(&mut resp, ctx, request)?;
+        }
+    }
+    if answer.after == After::Close {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), true).await
 }
 
 #[cfg(test)]

@@ -98,6 +98,8 @@ pub struct RequestCtx {
     pub(crate) choice: u8,
     /// How the upstream's circuit breaker let the request through, when it has one.
     pub(crate) breaker: Option<crate::policy::circuit_breaker::Admission>,
+    /// The gRPC call this request is, if it is one.
+    pub(crate) grpc: Option<Box<super::grpc::Call>>,
 }
 
 // The groups keep their 64-byte offsets when a field is added or changed.

@@ -17,6 +17,7 @@
 pub mod answer;
 pub mod client;
 pub mod context;
+pub mod grpc;
 pub mod head;
 
 use crate::accesslog::AccessRecord;
@@ -129,6 +130,27 @@ async fn upstream_guards(up: &Upstream, ctx: &mut RequestCtx) -> Result<(), Answ
             budget.request(now);
         }
     }
+    Ok(())
+}
+
+/// A gRPC call's attempt: `timeouts.stream_idle` in place of the read and write timeouts, and
+/// nothing waits past the call's deadline (504, read as `DEADLINE_EXCEEDED`).
+fn grpc_timeouts(
+    peer: &mut HttpPeer,
+    call: &grpc::Call,
+    stream_idle: std::time::Duration,
+) -> Result<()> {
+    let (mut wait, mut connect) = (stream_idle, peer.options.connection_timeout);
+    if let Some(left) = call.remaining() {
+        if left.is_zero() {
+            return Error::e_explain(ErrorType::HTTPStatus(504), "gRPC deadline exceeded");
+        }
+        wait = wait.min(left);
+        connect = Some(connect.map_or(left, |c| c.min(left)));
+    }
+    peer.options.read_timeout = Some(wait);
+    peer.options.write_timeout = Some(wait);
+    peer.options.connection_timeout = connect;
     Ok(())
 }
 
@@ -295,6 +317,7 @@ fn access_record<'a>(
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|s| crate::downstream::tls_version(&s.version)),
+        grpc_status: None,
     }
 }
 
@@ -322,6 +345,10 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.grpc = grpc::Call::detect(session.req_header());
+        if ctx.grpc.is_some() {
+            METRICS.grpc_in_flight.inc();
+        }
         client::identify(&rt, session.req_header(), peer, ctx);
         let admitted = admit(&rt, session, ctx).await;
         ctx.rt = Some(rt);
@@ -330,6 +357,9 @@ impl ProxyHttp for Gateway {
             Err(refused) => {
                 // Bodiless answers (redirects) carry no request id.
                 let id = refused.message.as_ref().map(|_| ctx.request_id().clone());
+                if let Some(call) = ctx.grpc.as_mut() {
+                    call.status = Some(call.status_for(refused.status));
+                }
                 let dressing = dressing(ctx, refused.status);
                 answer::write(session, &refused, id.as_ref(), dressing).await?;
                 Ok(true)
@@ -379,6 +409,9 @@ impl ProxyHttp for Gateway {
         if let Some(d) = t.write {
             peer.options.write_timeout = Some(d.0);
         }
+        if let Some(call) = &ctx.grpc {
+            grpc_timeouts(&mut peer, call, up.stream_idle())?;
+        }
         replica.begin_request();
         if ctx.tried_len < TRIED_CAP {
             ctx.tried[ctx.tried_len] = replica.id;
@@ -398,6 +431,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         edit_upstream_request(session, up, ctx)?;
+        if let Some(call) = ctx.grpc.as_ref().filter(|c| c.bridged) {
+            call.bridge_request(up)?;
+        }
         if ctx.mirror.is_some() {
             let body_empty = session.as_downstream_mut().is_body_empty();
             crate::policy::mirror::Capture::on_upstream_request(ctx, up, body_empty);
@@ -412,6 +448,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        if let Some(call) = ctx.grpc.as_mut() {
+            call.on_upstream_response(resp);
+        }
         let failed = ctx
             .upstream()
             .and_then(|u| u.breaker.as_ref())
@@ -438,6 +477,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
+            call.bridge_request_body(body, end_of_stream)?;
+        }
         if ctx.mirror.is_some() {
             crate::policy::mirror::Capture::on_body(ctx, body.as_ref(), end_of_stream);
         }
@@ -451,6 +493,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         edit_response_headers(session, resp, ctx)?;
+        if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
+            call.bridge_response(resp)?;
+        }
         if let Some(compression) = ctx.compression.as_mut() {
             let req = session.req_header();
             compression.on_response(resp, &req.method, req.version)?;
@@ -468,7 +513,28 @@ impl ProxyHttp for Gateway {
         if let Some(compression) = ctx.compression.as_mut() {
             compression.on_body(body, end_of_stream)?;
         }
+        if let Some(call) = ctx.grpc.as_mut() {
+            if call.expired() {
+                return Error::e_explain(ErrorType::ReadTimedout, "gRPC deadline exceeded");
+            }
+            if call.bridged {
+                call.bridge_response_body(body, end_of_stream);
+            }
+        }
         Ok(None)
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<Bytes>> {
+        let Some(call) = ctx.grpc.as_mut() else {
+            return Ok(None);
+        };
+        call.on_trailers(trailers);
+        Ok(call.bridged.then(|| call.trailer_frame(trailers)))
     }
 
     fn fail_to_connect(
@@ -518,8 +584,9 @@ impl ProxyHttp for Gateway {
         }
         let body_sent =
             session.as_ref().body_bytes_read() > 0 || session.as_ref().retry_buffer_truncated();
+        // A gRPC call is retried only before any message reached the upstream.
         let safe = upstream_side
-            && session.req_header().method.is_idempotent()
+            && (session.req_header().method.is_idempotent() || ctx.grpc.is_some())
             && !body_sent
             && session.response_written().is_none();
         if safe && stale_pooled && ctx.tried_len > 0 {
@@ -559,6 +626,22 @@ impl ProxyHttp for Gateway {
         // hook answers, so the response must say `Connection: close`: a client that believed
         // the connection would stay open races its next request against the close and gets a
         // reset instead of an answer.
+        if code > 0 && session.response_written().is_some() {
+            if let Some(call) = ctx.grpc.as_mut() {
+                // The call had begun: it ends with a status the client reads, not a reset.
+                let status = match call.expired() {
+                    true => grpc::code::DEADLINE_EXCEEDED,
+                    false => grpc::code::UNAVAILABLE,
+                };
+                grpc::end_with(session, call, status, answer::message_for(code)).await;
+            }
+        }
+        if let (true, Some(call)) = (
+            code > 0 && session.response_written().is_none(),
+            ctx.grpc.as_mut(),
+        ) {
+            call.status = Some(call.status_for(code));
+        }
         if code > 0 && session.response_written().is_none() {
             let refused = Answer::status(code).then(answer::After::Close);
             let id = ctx.request_id().clone();
@@ -578,6 +661,12 @@ impl ProxyHttp for Gateway {
             ctx.record_breaker(true);
         }
         let Some(started) = ctx.started else { return };
+        let grpc_status = ctx.grpc.as_ref().map(|call| grpc::name(call.status));
+        if let Some(code) = grpc_status {
+            METRICS.grpc_in_flight.dec();
+            let route = ctx.route().map_or("", |r| &*r.name);
+            METRICS.grpc_calls.with_label_values(&[route, code]).inc();
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route_metrics = match (&ctx.rt, ctx.route()) {
             (_, Some(route)) => &route.metrics,
@@ -601,7 +690,9 @@ impl ProxyHttp for Gateway {
         }
         if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
             if log.wants() {
-                log.log(&access_record(session, ctx, status, elapsed));
+                let mut record = access_record(session, ctx, status, elapsed);
+                record.grpc_status = grpc_status;
+                log.log(&record);
             }
         }
         if let (Some(span), Some(export)) = (ctx.span, crate::trace::export()) {

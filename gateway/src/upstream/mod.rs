@@ -7,13 +7,17 @@
 
 mod balance;
 mod discovery;
+mod grpc_health;
 mod replica;
 
 pub use balance::ReplicaSet;
 pub use discovery::make_resolver;
 pub use replica::{ms_at, now_ms, PassivePolicy, Replica};
 
-use crate::config::{ActiveHealthConfig, Balance, DnsConfig, HashKey, Target, UpstreamConfig};
+use crate::config::{
+    ActiveHealthConfig, Balance, DnsConfig, H2Config, HashKey, Target, UpstreamConfig,
+    UpstreamProtocol,
+};
 use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
@@ -39,6 +43,8 @@ pub struct UpstreamSpec {
     retries: u32,
     dns: DnsConfig,
     tls: Option<UpstreamTls>,
+    protocol: UpstreamProtocol,
+    h2: H2Config,
     concurrency: Option<crate::policy::ConcurrencySpec>,
     breaker: Option<crate::policy::circuit_breaker::BreakerSpec>,
     retry_budget: Option<crate::policy::retry_budget::BudgetSpec>,
@@ -88,6 +94,19 @@ impl UpstreamSpec {
         }
     }
 
+    /// The HTTP version on a peer of this upstream: ALPN over TLS, prior knowledge for `h2c`,
+    /// and the HTTP/2 connection settings.
+    fn apply_protocol(&self, peer: &mut HttpPeer) {
+        use pingora::protocols::ALPN;
+        peer.options.alpn = match self.protocol {
+            UpstreamProtocol::Http1 => return,
+            UpstreamProtocol::H2 | UpstreamProtocol::H2c => ALPN::H2,
+            UpstreamProtocol::Auto => ALPN::H2H1,
+        };
+        peer.options.max_h2_streams = self.h2.max_streams;
+        peer.options.h2_ping_interval = self.h2.ping_interval.map(|d| d.0);
+    }
+
     /// The spec of a configured upstream.
     pub fn new(cfg: &UpstreamConfig, dns: &DnsConfig) -> UpstreamSpec {
         UpstreamSpec {
@@ -108,6 +127,8 @@ impl UpstreamSpec {
                 ca: t.ca.as_ref().map(|c| c.value.clone()),
                 verify: t.verify,
             }),
+            protocol: cfg.protocol.value,
+            h2: cfg.h2.as_ref().map(|h| h.value).unwrap_or_default(),
             // Checked by validation; an invalid one cannot reach here.
             concurrency: cfg
                 .concurrency
@@ -184,6 +205,7 @@ impl Upstream {
         let spec_has_no_names = spec.targets.iter().all(|t| t.ip().is_some());
         let mut peer_template = HttpPeer::new("127.0.0.1:1", spec.tls.is_some(), spec.sni());
         spec.apply_tls(&mut peer_template);
+        spec.apply_protocol(&mut peer_template);
         let t = &spec.timeouts;
         peer_template.options.connection_timeout = Some(t.connect.0);
         peer_template.options.read_timeout = Some(t.read.0);
@@ -253,6 +275,16 @@ impl Upstream {
                 w => format!("{}:{} weight={w}", t.host, t.port),
             })
             .collect()
+    }
+
+    /// The HTTP version spoken to the replicas.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.spec.protocol
+    }
+
+    /// How long a gRPC call may go without a message (`timeouts.stream_idle`).
+    pub fn stream_idle(&self) -> Duration {
+        self.spec.timeouts.stream_idle.0
     }
 
     /// Whether active health checks are on.
@@ -446,21 +478,67 @@ fn build_check(active: &ActiveHealthConfig, host: &str) -> HttpHealthCheck {
     check
 }
 
-async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
-    let mut tick = tokio::time::interval(active.interval.0);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let host = weak
-        .upgrade()
-        .and_then(|u| u.spec.targets.first().map(|t| t.host.clone()))
-        .unwrap_or_default();
-    let mut check = build_check(&active, &host);
-    if let Some(up) = weak.upgrade() {
+/// An active check of one replica: HTTP or gRPC.
+enum Check {
+    Http(Box<HttpHealthCheck>),
+    Grpc(Box<grpc_health::GrpcHealthCheck>),
+}
+
+impl Check {
+    /// The check of `up`'s replicas, over its protocol and TLS.
+    fn of(up: &Upstream, active: &ActiveHealthConfig) -> Check {
+        let host = up
+            .spec
+            .targets
+            .first()
+            .map(|t| t.host.as_str())
+            .unwrap_or_default();
+        let timeout = Some(active.timeout.0);
+        if let Some(grpc) = &active.grpc {
+            let mut peer = up.peer_template.clone();
+            peer.options.connection_timeout = timeout;
+            peer.options.read_timeout = timeout;
+            peer.options.write_timeout = timeout;
+            let authority = active.host.as_deref().unwrap_or(host);
+            return Check::Grpc(Box::new(grpc_health::GrpcHealthCheck::new(
+                peer,
+                &grpc.service,
+                authority,
+            )));
+        }
+        let mut check = build_check(active, host);
         if up.spec.tls.is_some() {
             check.peer_template.scheme = pingora::upstreams::peer::Scheme::HTTPS;
             check.peer_template.sni = up.spec.sni();
             up.spec.apply_tls(&mut check.peer_template);
         }
+        up.spec.apply_protocol(&mut check.peer_template);
+        Check::Http(Box::new(check))
     }
+
+    async fn run(&self, addr: SocketAddr) -> bool {
+        match self {
+            Check::Http(check) => match Backend::new(&addr.to_string()) {
+                Ok(backend) => check.check(&backend).await.is_ok(),
+                Err(_) => false,
+            },
+            Check::Grpc(check) => match check.check(addr).await {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(replica = %addr, error = %e, "gRPC health check failed");
+                    false
+                }
+            },
+        }
+    }
+}
+
+async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
+    let mut tick = tokio::time::interval(active.interval.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(check) = weak.upgrade().map(|up| Check::of(&up, &active)) else {
+        return;
+    };
     let check = Arc::new(check);
     let looked_up = match weak.upgrade() {
         Some(up) => up.looked_up.clone(),
@@ -485,13 +563,9 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
             let name = name.clone();
             let (rise, fall) = (active.rise, active.fall);
             async move {
-                let ok = match Backend::new(&r.addr.to_string()) {
-                    Ok(backend) => matches!(
-                        tokio::time::timeout(timeout + Duration::from_millis(100), check.check(&backend)).await,
-                        Ok(Ok(()))
-                    ),
-                    Err(_) => false,
-                };
+                let ok = tokio::time::timeout(timeout + Duration::from_millis(100), check.run(r.addr))
+                    .await
+                    .unwrap_or(false);
                 debug!(upstream = %name, replica = %r.addr, ok, "health check");
                 match r.record_check(ok, rise, fall) {
                     Some(true) => info!(upstream = %name, replica = %r.addr, "replica healthy again (active check)"),
