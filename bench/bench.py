@@ -101,6 +101,7 @@ class Proxy:
 
     name = "?"
     binary = None
+    variant = False
 
     def __init__(self, workdir, backends):
         self.dir = os.path.join(workdir, self.name)
@@ -184,6 +185,7 @@ class Gateway(Proxy):
     name = "gateway"
 
     forwarding = ""
+    upstream_extra = ""
 
     def config(self, scenario):
         b = self.backends
@@ -210,7 +212,7 @@ class Gateway(Proxy):
             f"threads: 1\nh2c: {'true' if scenario.get('h2') else 'false'}\n{self.forwarding}{chain}"
             f"listeners:\n  http: {{ address: \"127.0.0.1:{self.port}\"{tls} }}\n"
             f"admin: {{ address: \"127.0.0.1:{self.admin}\" }}\n"
-            f"upstreams:\n  b:\n    targets: [\"{b[0]}\", \"{b[1]}\"]\n    timeouts: {{ idle: 60s }}\n"
+            f"upstreams:\n  b:\n    targets: [\"{b[0]}\", \"{b[1]}\"]\n    timeouts: {{ idle: 60s }}\n{self.upstream_extra}"
             f"routes:\n{routes}  - {{ name: all, upstream: b{policies} }}\n"
         )
 
@@ -239,6 +241,14 @@ class GatewayPlain(Gateway):
 
     name = "gateway-plain"
     forwarding = "forwarding: { x_forwarded: false, request_id: false, traceparent: false }\n"
+
+
+class GatewayH2Upstream(Gateway):
+    """The gateway speaking HTTP/2 in the clear (h2c) to the backends instead of HTTP/1.1."""
+
+    name = "gateway-h2up"
+    variant = True
+    upstream_extra = "    protocol: h2c\n"
 
 
 class Bare(Proxy):
@@ -495,11 +505,13 @@ SCENARIOS = {
                 "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
     "gzip256k": {"title": "gzip (same level) of a 256 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json256k",
                  "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
+    "upstream-h2": {"title": "HTTP/1.1 clients, the gateway's upstream connections HTTP/1.1 (pooled) vs HTTP/2 (h2c, multiplexed)",
+                    "load": "wrk", "path": "/", "only": ["gateway", "gateway-h2up"]},
     "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
               "load": "wrk", "path": "/", "tls": True, "chain": True, "only": ["gateway", "bare-pingora"]},
 }
 
-PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
+PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
 def fmt(v, digits=1):
@@ -559,7 +571,9 @@ def main():
                 scenario["title"] = f"latency at a fixed {scenario['rps']:,} req/s (HTTP/1.1)"
             SCENARIOS[sname]["title"] = scenario["title"]
             print(f"\n== {scenario['title']}", flush=True)
-            these = [p for p in proxies if p.name in scenario.get("only", [p.name])]
+            # A variant of the gateway runs only where a scenario names it.
+            these = [p for p in proxies
+                     if p.name in scenario.get("only", [] if p.variant else [p.name])]
             results[sname] = {p.name: [] for p in these}
             for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
                 for p in these:

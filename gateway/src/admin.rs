@@ -164,6 +164,7 @@ impl ServeHttp for Admin {
                             serde_json::json!({
                                 "targets": up.targets(),
                                 "balance": up.balance().name(),
+                                "protocol": up.protocol().name(),
                                 "active_checks": up.active_checks(),
                                 "circuit": up.breaker.as_ref().map(|b| b.state_name()),
                                 "replicas": replicas,

@@ -43,6 +43,26 @@ async fn tls_client(addr: SocketAddr, dir: &Path, name: &str) -> EchoClient<Chan
     EchoClient::new(channel)
 }
 
+/// The messages of a stream that must end cleanly.
+async fn count(stream: &mut tonic::Streaming<Msg>) -> usize {
+    let mut n = 0;
+    while stream.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    n
+}
+
+/// The status a stream that must fail ends with.
+async fn failure(stream: &mut tonic::Streaming<Msg>) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended cleanly"),
+            Err(e) => return e,
+        }
+    }
+}
+
 fn msg(text: &str) -> Msg {
     Msg {
         text: text.into(),
@@ -193,9 +213,11 @@ async fn every_call_kind_passes_over_tls_and_h2c_with_trailers_and_metadata() {
         &format!(
             r#"h2c: true
 upstreams:
-  plain: {{ targets: ["{}"], protocol: h2c, h2: {{ max_streams: 50, ping_interval: 5s }} }}
-  secure: {{ targets: ["{}"], protocol: h2, tls: {{ sni: backend.test, ca: "{}/ca.pem" }} }}
+  plain: {{ targets: ["{0}"], protocol: h2c, h2: {{ max_streams: 50, ping_interval: 5s }} }}
+  secure: {{ targets: ["{1}"], protocol: h2, tls: {{ sni: backend.test, ca: "{2}/ca.pem" }} }}
+  either: {{ targets: ["{1}"], protocol: auto, tls: {{ sni: backend.test, ca: "{2}/ca.pem" }} }}
 routes:
+  - {{ name: either, upstream: either, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-to, value: auto }} ] }} }}
   - {{ name: secure, upstream: secure, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-to, value: secure }} ] }} }}
   - {{ name: echo, upstream: plain, match: {{ path_prefix: /test.Echo/ }} }}
 "#,
@@ -216,6 +238,12 @@ routes:
     let mut req = Request::new(msg("tls"));
     req.metadata_mut()
         .insert("x-to", MetadataValue::from_static("secure"));
+    let m = to_secure.unary(req).await.unwrap().into_inner();
+    assert_eq!(m.replica, "secure");
+    // `auto`: ALPN picks HTTP/2 with a server that offers it.
+    let mut req = Request::new(msg("alpn"));
+    req.metadata_mut()
+        .insert("x-to", MetadataValue::from_static("auto"));
     let m = to_secure.unary(req).await.unwrap().into_inner();
     assert_eq!(m.replica, "secure");
 
@@ -360,7 +388,7 @@ routes:
 
     let metric =
         |s: &str, r: &str| format!("gateway_grpc_calls_total{{grpc_status=\"{s}\",route=\"{r}\"}}");
-    assert_eq!(gw.metric(&metric("UNIMPLEMENTED", "")).await, 1.0);
+    assert_eq!(gw.metric(&metric("UNIMPLEMENTED", "(none)")).await, 1.0);
     assert_eq!(gw.metric(&metric("UNAUTHENTICATED", "auth")).await, 1.0);
     assert_eq!(gw.metric(&metric("PERMISSION_DENIED", "auth")).await, 1.0);
     assert_eq!(gw.metric(&metric("UNAVAILABLE", "limited")).await, 1.0);
@@ -431,13 +459,7 @@ async fn a_replica_killed_mid_stream_fails_the_stream_unavailable_and_calls_go_t
         _ => (b, "a"),
     };
     victim.kill();
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the stream ended cleanly"),
-            Err(e) => break e,
-        }
-    };
+    let err = failure(&mut stream).await;
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     for i in 0..10 {
@@ -485,6 +507,10 @@ routes:
         a.addr, b.addr
     ))
     .await;
+    assert_eq!(
+        gw.admin_json("/upstreams").await["upstreams"]["echo"]["protocol"],
+        "h2c"
+    );
     let mut client = h2c_client(gw.http).await;
     assert_eq!(answering(&mut client, 10).await, ["a", "b"]);
 
@@ -559,11 +585,7 @@ routes:
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    while stream.message().await.unwrap().is_some() {
-        n += 1;
-    }
-    assert_eq!(n, 20);
+    assert_eq!(count(&mut stream).await, 20);
 
     // The base64 form, by hand: one message in, one message and the trailer frame out.
     let body = frame(0, &msg("text form").encode_to_vec());
@@ -674,11 +696,7 @@ routes:
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    while stream.message().await.unwrap().is_some() {
-        n += 1;
-    }
-    assert_eq!(n, 3);
+    assert_eq!(count(&mut stream).await, 3);
 
     // Past `stream_idle`, the call ends with a status (the gateway's timeout), not a reset.
     let mut req = Request::new(Msg {
@@ -690,16 +708,7 @@ routes:
         .insert("x-to", MetadataValue::from_static("strict"));
     let err = match client.server_stream(req).await {
         Err(e) => e,
-        Ok(resp) => {
-            let mut stream = resp.into_inner();
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => panic!("the idle stream was not cut"),
-                    Err(e) => break e,
-                }
-            }
-        }
+        Ok(resp) => failure(&mut resp.into_inner()).await,
     };
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }

@@ -1,7 +1,7 @@
 //! Benchmark backend: `bench-backend ADDR...` serves, on each address, `GET /` (13 bytes,
 //! `hello world!\n`), `/1k`, `/16k`, `/64k` (that many bytes), `/json16k` and `/json256k` (a
 //! JSON list of products of that size, `application/json`) and `/health`, over HTTP/1.1
-//! keep-alive, on one thread.
+//! keep-alive or HTTP/2 in the clear (prior knowledge), on one thread.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -96,10 +96,11 @@ fn main() {
                             async move { Ok::<_, Infallible>(resp) }
                         });
                     tokio::spawn(async move {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                        let mut builder = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        builder.http1().keep_alive(true);
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                     });
                 }
             }));

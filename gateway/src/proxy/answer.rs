@@ -206,7 +206,9 @@ async fn write_grpc(
         .message
         .as_deref()
         .unwrap_or_else(|| message_for(answer.status));
-    let mut resp = super::grpc::answer_head(call, call.status_for(answer.status), message)?;
+    let http2 = session.as_downstream().is_http2();
+    let status = call.status_for(answer.status);
+    let mut resp = super::grpc::answer_head(call, status, message, http2)?;
     if let Some(ctx) = dressing.ctx {
         let request = &session.req_header().headers;
         for pipeline in dressing.pipelines.into_iter().flatten() {

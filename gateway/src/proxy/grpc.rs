@@ -108,7 +108,7 @@ impl Call {
             .headers
             .get("grpc-timeout")
             .and_then(|v| parse_timeout(v.as_bytes()))
-            .map(|d| Instant::now() + d);
+            .and_then(|d| Instant::now().checked_add(d));
         Some(Box::new(Call {
             wire,
             deadline,
@@ -220,13 +220,14 @@ fn answer_type(wire: Wire) -> &'static str {
     }
 }
 
-/// A trailers-only answer: HTTP 200 and the status in the head, no body.
-pub fn answer_head(call: &Call, status: u8, message: &str) -> Result<ResponseHeader> {
+/// A trailers-only answer: HTTP 200 and the status in the head, no body (on HTTP/1.1, where
+/// gRPC-Web goes, with `Content-Length: 0`).
+pub fn answer_head(call: &Call, status: u8, message: &str, http2: bool) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(200, Some(4))?;
     resp.insert_header(CONTENT_TYPE, answer_type(call.wire))?;
     resp.insert_header("grpc-status", status.to_string())?;
     resp.insert_header("grpc-message", percent_encode(message))?;
-    if call.wire != Wire::Grpc {
+    if !http2 {
         resp.insert_header(CONTENT_LENGTH, 0)?;
     }
     Ok(resp)

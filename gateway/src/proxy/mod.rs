@@ -664,7 +664,7 @@ impl ProxyHttp for Gateway {
         let grpc_status = ctx.grpc.as_ref().map(|call| grpc::name(call.status));
         if let Some(code) = grpc_status {
             METRICS.grpc_in_flight.dec();
-            let route = ctx.route().map_or("", |r| &*r.name);
+            let route = ctx.route().map_or("(none)", |r| &*r.name);
             METRICS.grpc_calls.with_label_values(&[route, code]).inc();
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
