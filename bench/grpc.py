@@ -54,7 +54,10 @@ pid {self.dir}/nginx.pid;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  upstream g {{ server {self.backends[0]}; keepalive 64; }}
+  # Client and upstream connections kept for the whole run, as the gateway keeps them
+  # (nginx's default closes each after 1,000 requests, and h2load does not reconnect).
+  keepalive_requests 10000000;
+  upstream g {{ server {self.backends[0]}; keepalive 64; keepalive_requests 10000000; }}
   server {{
     listen 127.0.0.1:{self.port} http2;
     http2_max_concurrent_streams 128;
@@ -168,6 +171,7 @@ def main():
                     s.stop()
     finally:
         server.kill()
+        B.shutil.rmtree(workdir, ignore_errors=True)
     report = render(results, args)
     print("\n" + report)
     with open(args.out, "w") as f:
