@@ -434,10 +434,18 @@ def h2load(port, path, seconds, conns, streams=10, rps=None, h1=False, logdir=No
     return res
 
 
+def backend_connections(backends):
+    """Connections the backend process has accepted so far (the query's own not counted)."""
+    port = backends[0].rsplit(":", 1)[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_connections", timeout=5) as r:
+        return int(r.read())
+
+
 def measure(proxy, scenario, seconds, workdir):
     port = proxy.port
     pid = proxy.pid()
     kind = scenario["load"]
+    conns0 = backend_connections(proxy.backends)
     cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
     if kind == "wrk":
@@ -453,6 +461,9 @@ def measure(proxy, scenario, seconds, workdir):
     r["rps"] = r["requests"] / elapsed
     r["cpu_us"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
     r["rss_mb"] = memory_kb(pid, "VmHWM") / 1024
+    # Less the query's own connection.
+    opened = backend_connections(proxy.backends) - conns0 - 1
+    r["upstream_conns_per_1k"] = opened / r["requests"] * 1000 if r["requests"] else float("nan")
     if scenario.get("gzip"):
         r["body_bytes"] = response_bytes(port, scenario["path"])
     return r
@@ -590,7 +601,7 @@ def main():
                                 print(f"  WARNING: {p.name} had {r['errors']} failed requests", flush=True)
                             print(
                                 f"  round {rnd + 1} {p.name:13} {r['rps']:10,.0f} req/s  p50 {fmt(r['p50'], 2)} ms  p99 {fmt(r['p99'], 2)} ms  "
-                                f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB",
+                                f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB  {r['upstream_conns_per_1k']:7.2f} upstream conns/1k",
                                 flush=True,
                             )
                             if sname == "routes1000" and type(p) is Gateway:
@@ -634,15 +645,15 @@ def render(results, extra, proxies, args):
         med = {}
         for name, runs in per_proxy.items():
             if runs:
-                med[name] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_us", "rss_mb")}
+                med[name] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_us", "rss_mb", "upstream_conns_per_1k")}
         gz = SCENARIOS[sname].get("gzip")
         for name, runs in per_proxy.items():
             if gz and runs:
                 med[name]["body_bytes"] = statistics.median(r["body_bytes"] for r in runs)
-        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB |" + (" bytes sent |" if gz else ""),
-                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if gz else "")]
+        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | upstream conns / 1k req |" + (" bytes sent |" if gz else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gz else "")]
         for name, m in med.items():
-            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} |"
+            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['upstream_conns_per_1k'], 2)} |"
                          + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
         for mine in ("gateway", "gateway-plain"):
@@ -654,6 +665,8 @@ def render(results, extra, proxies, args):
                     o = med[other]
                     ratios.append(
                         f"{mine}/{other}: CPU per request {g['cpu_us'] / o['cpu_us']:.2f}×, req/s {g['rps'] / o['rps']:.2f}×"
+                        + (f", upstream connections {g['upstream_conns_per_1k'] / o['upstream_conns_per_1k']:.2f}×"
+                           if o['upstream_conns_per_1k'] > 0 else "")
                         + (f", bytes sent {g['body_bytes'] / o['body_bytes']:.3f}×" if gz else "")
                     )
         lines += [""] + [f"- {r}" for r in ratios]

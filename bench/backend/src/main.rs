@@ -1,13 +1,18 @@
 //! Benchmark backend: `bench-backend ADDR...` serves, on each address, `GET /` (13 bytes,
 //! `hello world!\n`), `/1k`, `/16k`, `/64k` (that many bytes), `/json16k` and `/json256k` (a
 //! JSON list of products of that size, `application/json`) and `/health`, over HTTP/1.1
-//! keep-alive or HTTP/2 in the clear (prior knowledge), on one thread.
+//! keep-alive or HTTP/2 in the clear (prior knowledge), on one thread. `GET /_connections`
+//! answers how many connections this process has accepted, over all its addresses.
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Connections accepted so far.
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 use tokio::net::TcpListener;
 
 fn body_for(path: &str) -> Bytes {
@@ -78,14 +83,20 @@ fn main() {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
+                    ACCEPTED.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.set_nodelay(true);
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let path = req.uri().path();
-                            let body = bodies
-                                .iter()
-                                .find(|(p, _)| *p == path)
-                                .map_or_else(|| bodies[0].1.clone(), |(_, b)| b.clone());
+                            let body = match path {
+                                "/_connections" => {
+                                    Bytes::from(ACCEPTED.load(Ordering::Relaxed).to_string())
+                                }
+                                _ => bodies
+                                    .iter()
+                                    .find(|(p, _)| *p == path)
+                                    .map_or_else(|| bodies[0].1.clone(), |(_, b)| b.clone()),
+                            };
                             let mut resp = Response::new(Full::new(body));
                             if path.starts_with("/json") {
                                 resp.headers_mut().insert(
