@@ -164,6 +164,20 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "upstreams.u.timeouts",
         ),
         (
+            "gRPC-Web bridged to an HTTP/1.1 upstream",
+            config("policies:\n  w: { grpc_web: {} }\n", "  - { name: r, upstream: u, policies: [w] }\n"),
+            "routes[0].policies",
+        ),
+        (
+            "a mirror to an HTTP/2 upstream",
+            config(
+                "",
+                "  - { name: r, upstream: u, mirror: { upstream: m } }\n",
+            )
+            .replace("upstreams:\n", "upstreams:\n  m: { targets: [\"127.0.0.1:9\"], protocol: h2c }\n"),
+            "routes[0].mirror.upstream",
+        ),
+        (
             "settings for gRPC-Web",
             config("policies:\n  w: { grpc_web: { text: true } }\n", ROUTE),
             "policies.w.grpc_web.text",

@@ -323,6 +323,7 @@ routes:
   - {{ name: auth, upstream: echo, auth: admins, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-case, value: auth }} ] }} }}
   - {{ name: limited, upstream: echo, rate_limit: one, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-case, value: limit }} ] }} }}
   - {{ name: gone, upstream: gone, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-case, value: gone }} ] }} }}
+  - {{ name: small, upstream: echo, max_request_body: 64, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-case, value: small }} ] }} }}
   - {{ name: silent, upstream: silent, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-case, value: silent }} ] }} }}
   - {{ name: echo, upstream: echo, match: {{ path_prefix: /test.Echo/ }} }}
 "#,
@@ -366,6 +367,15 @@ routes:
     client.unary(case(msg("l"), "limit")).await.unwrap();
     let err = client.unary(case(msg("l"), "limit")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // A request body over the route's limit, to an HTTP/2 upstream: refused at once (413).
+    let started = Instant::now();
+    let err = client
+        .unary(case(msg(&"x".repeat(1000)), "small"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
 
     // No replica answers (502/503).
     let err = client.unary(case(msg("g"), "gone")).await.unwrap_err();
@@ -607,7 +617,7 @@ routes:
         "https://app.test"
     );
     let text = resp.text().await.unwrap();
-    let raw = b64.decode(text.trim()).unwrap();
+    let raw = decode_chunked_base64(text.trim());
     assert_eq!(raw[0], 0);
     let len = u32::from_be_bytes(raw[1..5].try_into().unwrap()) as usize;
     let answer = Msg::decode(&raw[5..5 + len]).unwrap();
@@ -616,6 +626,17 @@ routes:
     assert_eq!(trailer[0], 0x80);
     let trailer_text = String::from_utf8_lossy(&trailer[5..]).to_lowercase();
     assert!(trailer_text.contains("grpc-status:0\r\n"), "{trailer_text}");
+
+    // A text body that is not base64: refused as a status, at once.
+    let bad = client()
+        .post(gw.url("/test.Echo/Unary"))
+        .header("content-type", "application/grpc-web-text")
+        .body("!!!!not base64")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 200);
+    assert_eq!(bad.headers()["grpc-status"], "13");
 
     // The browser's preflight is answered, and a gateway refusal is a gRPC-Web status.
     let pre = client_request("OPTIONS", &gw.url("/test.Echo/Unary"))
@@ -664,6 +685,21 @@ async fn raw_call(
     body.send_data(frame(0, message).into(), true).unwrap();
     let resp = resp.await.unwrap();
     (resp.status().as_u16(), resp.headers().clone())
+}
+
+/// A gRPC-Web text body: base64 that may be padded at the end of each chunk the server sent.
+fn decode_chunked_base64(text: &str) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    let mut start = 0;
+    let bytes = text.as_bytes();
+    for end in (4..=bytes.len()).step_by(4) {
+        if bytes[end - 1] == b'=' || end == bytes.len() {
+            out.extend(b64.decode(&bytes[start..end]).unwrap());
+            start = end;
+        }
+    }
+    out
 }
 
 fn client_request(method: &str, url: &str) -> reqwest::RequestBuilder {

@@ -193,6 +193,10 @@ pub fn compile(loaded: &LoadedConfig) -> Result<Plan, ConfigError> {
                 "missing: a route needs an `upstream` unless a `redirect` or `respond` policy answers for it",
             ));
         }
+        let bridges = |p: &NamedPolicy| matches!(p.get(), Policy::GrpcWeb(_));
+        if defaults.iter().chain(&own).any(bridges) {
+            check_http2_upstreams(&c, config, i, r)?;
+        }
         let mut policies: Vec<PolicyPlan> = defaults
             .iter()
             .chain(&own)
@@ -402,6 +406,33 @@ fn compile_access_log(
         ));
     }
     Ok(Some(log.value.clone()))
+}
+
+/// A route that bridges gRPC-Web sends gRPC, which needs trailers: HTTP/2 upstreams only.
+fn check_http2_upstreams(
+    c: &validate::Checker,
+    config: &Config,
+    i: usize,
+    r: &crate::config::RouteConfig,
+) -> Result<(), ConfigError> {
+    let names = r.upstream.iter().chain(r.split.iter().map(|s| &s.upstream));
+    for name in names {
+        let http1 = config
+            .upstreams
+            .get(&name.value)
+            .is_some_and(|u| u.protocol.value == crate::config::UpstreamProtocol::Http1);
+        if http1 {
+            return Err(c.err_at(
+                name,
+                format!("routes[{i}].policies"),
+                format!(
+                    "`grpc_web` sends gRPC, which needs HTTP/2: upstream `{}` speaks HTTP/1.1 (set its `protocol` to h2c, h2 or auto)",
+                    name.value
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -150,8 +150,10 @@ fn forward_auth(
             );
             return Err(c.err_at(&f.upstream, at("upstream"), m));
         }
-        Some(u) if u.tls.is_some() => {
-            let m = "the auth service is asked in plain HTTP; this upstream has `tls`";
+        Some(u)
+            if u.tls.is_some() || u.protocol.value != crate::config::UpstreamProtocol::Http1 =>
+        {
+            let m = "the auth service is asked in plain HTTP/1.1; this upstream has `tls` or another `protocol`";
             return Err(c.err_at(&f.upstream, at("upstream"), m));
         }
         Some(_) => {}

@@ -2,7 +2,9 @@
 //! but make no sense together. Every error points at the offending field. The policies'
 //! own settings are checked where they are compiled (`plan::compile`).
 
-use crate::config::{Balance, Config, ConfigError, HealthConfig, RouteConfig, UpstreamConfig};
+use crate::config::{
+    Balance, Config, ConfigError, HealthConfig, RouteConfig, UpstreamConfig, UpstreamProtocol,
+};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 use std::collections::{BTreeSet, HashMap};
@@ -390,11 +392,11 @@ fn check_route(c: &Checker, config: &Config, i: usize, r: &RouteConfig) -> Resul
                 let at = field("mirror.upstream");
                 return Err(c.dangling(up, at, "upstream", config.upstreams.keys()));
             }
-            Some(u) if u.tls.is_some() => {
+            Some(u) if u.tls.is_some() || u.protocol.value != UpstreamProtocol::Http1 => {
                 return Err(c.err_at(
                     up,
                     field("mirror.upstream"),
-                    "a mirror speaks plain HTTP; this upstream has `tls`",
+                    "a mirror speaks plain HTTP/1.1; this upstream has `tls` or another `protocol`",
                 ));
             }
             Some(_) => {}

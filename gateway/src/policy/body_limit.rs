@@ -44,9 +44,13 @@ impl BodyLimit {
         if let (Some(max), Some(chunk)) = (ctx.body_limit, chunk) {
             ctx.body_received += chunk.len() as u64;
             if ctx.body_received > max {
-                return Err(Error::explain(
+                // The client's fault: marked so, Pingora stops at once whatever the upstream
+                // protocol (on HTTP/2 it would otherwise only log an upstream send error).
+                return Err(Error::create(
                     ErrorType::HTTPStatus(413),
-                    "request body larger than the route allows",
+                    pingora::ErrorSource::Downstream,
+                    Some("request body larger than the route allows".into()),
+                    None,
                 ));
             }
         }

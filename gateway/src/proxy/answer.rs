@@ -141,17 +141,9 @@ pub async fn write(
     dressing: Dressing<'_>,
 ) -> Result<()> {
     let page = dressing.page;
+    connection_after(session, answer.after);
     if let Some(call) = dressing.ctx.and_then(|c| c.grpc.as_deref()) {
-        return write_grpc(session, answer, call, dressing).await;
-    }
-    match answer.after {
-        After::KeepAlive => {}
-        After::Close => session.set_keepalive(None),
-        After::DrainBody => {
-            let downstream = session.as_downstream_mut();
-            downstream.set_close_on_response_before_downstream_finish(false);
-            downstream.set_total_drain_timeout(Some(BODY_DRAIN_LIMIT));
-        }
+        return write_grpc(session, answer, call, request_id, dressing).await;
     }
     let (body, content_type) = match (answer.fixed.as_deref(), page) {
         (Some((content_type, body)), _) => (Some(body.clone()), content_type.clone()),
@@ -194,12 +186,27 @@ pub async fn write(
     }
 }
 
-/// The answer to a gRPC call: trailers-only, the status mapped from `answer`'s, and the
-/// pipelines' response edits (CORS for gRPC-Web).
+/// What happens to the client connection after the answer.
+fn connection_after(session: &mut Session, after: After) {
+    match after {
+        After::KeepAlive => {}
+        After::Close => session.set_keepalive(None),
+        After::DrainBody => {
+            let downstream = session.as_downstream_mut();
+            downstream.set_close_on_response_before_downstream_finish(false);
+            downstream.set_total_drain_timeout(Some(BODY_DRAIN_LIMIT));
+        }
+    }
+}
+
+/// The answer to a gRPC call: trailers-only, the status mapped from `answer`'s, its headers
+/// (`WWW-Authenticate`, `Retry-After`), the request id, and the pipelines' response edits
+/// (CORS for gRPC-Web).
 async fn write_grpc(
     session: &mut Session,
     answer: &Answer,
     call: &super::grpc::Call,
+    request_id: Option<&HeaderValue>,
     dressing: Dressing<'_>,
 ) -> Result<()> {
     let message = answer
@@ -209,14 +216,17 @@ async fn write_grpc(
     let http2 = session.as_downstream().is_http2();
     let status = call.status_for(answer.status);
     let mut resp = super::grpc::answer_head(call, status, message, http2)?;
+    if let Some(id) = request_id {
+        resp.insert_header("X-Request-Id", id.clone())?;
+    }
+    for (name, value) in &answer.headers {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
     if let Some(ctx) = dressing.ctx {
         let request = &session.req_header().headers;
         for pipeline in dressing.pipelines.into_iter().flatten() {
             pipeline.on_response(&mut resp, ctx, request)?;
         }
-    }
-    if answer.after == After::Close {
-        session.set_keepalive(None);
     }
     session.write_response_header(Box::new(resp), true).await
 }

@@ -93,8 +93,6 @@ pub struct Call {
     pub bridged: bool,
     /// Base64 text the bridge holds back until a whole group arrives (text form).
     text_in: Vec<u8>,
-    /// Response bytes the bridge holds back until a whole group can be encoded (text form).
-    bytes_out: Vec<u8>,
 }
 
 impl Call {
@@ -115,7 +113,6 @@ impl Call {
             status: None,
             bridged: false,
             text_in: Vec::new(),
-            bytes_out: Vec::new(),
         }))
     }
 
@@ -233,24 +230,43 @@ pub fn answer_head(call: &Call, status: u8, message: &str, http2: bool) -> Resul
     Ok(resp)
 }
 
-/// Ends a call whose response has begun with `status`: trailers on HTTP/2, the gRPC-Web
-/// trailer frame on HTTP/1.1. Returns whether the client got it.
-pub async fn end_with(session: &mut Session, call: &mut Call, status: u8, message: &str) -> bool {
+/// Ends a call whose response has begun with `status`: trailers for gRPC, the trailer frame
+/// in the body for gRPC-Web. The status is noted when it could be written.
+pub async fn end_with(session: &mut Session, call: &mut Call, status: u8, message: &str) {
     let mut trailers = HeaderMap::with_capacity(2);
     trailers.insert("grpc-status", HeaderValue::from(u16::from(status)));
     trailers.insert("grpc-message", percent_encode(message));
-    call.status = Some(status);
-    let written = if call.bridged {
-        let frame = call.trailer_frame(&trailers);
-        session.write_response_body(Some(frame), true).await
-    } else {
-        session.write_response_trailers(trailers).await
+    let written = match call.wire {
+        Wire::Grpc => session.write_response_trailers(trailers).await,
+        Wire::Web | Wire::WebText => {
+            let frame = call.trailer_frame(&trailers);
+            session.write_response_body(Some(frame), true).await
+        }
     };
-    written.is_ok()
+    if written.is_ok() {
+        call.status = Some(status);
+    }
 }
 
 // The gRPC-Web bridge.
 impl Call {
+    /// The call as it goes upstream: `grpc-timeout` set to the time left (time queued here
+    /// and earlier attempts spent the rest), and the bridge's edits for gRPC-Web.
+    pub fn on_upstream_request(&self, up: &mut RequestHeader) -> Result<()> {
+        if let Some(left) = self.remaining() {
+            let ms = left.as_millis().max(1);
+            let value = match ms {
+                0..=99_999_999 => format!("{ms}m"),
+                _ => format!("{}S", left.as_secs().min(99_999_999)),
+            };
+            up.insert_header("grpc-timeout", value)?;
+        }
+        if self.bridged {
+            self.bridge_request(up)?;
+        }
+        Ok(())
+    }
+
     /// The request as the gRPC upstream takes it: `application/grpc` and `te: trailers`; a
     /// text body shrinks when decoded, so its length goes.
     pub fn bridge_request(&self, up: &mut RequestHeader) -> Result<()> {
@@ -313,28 +329,21 @@ impl Call {
         Ok(())
     }
 
-    /// The response body chunk, base64-encoded for the text form (as one base64 stream: the
-    /// bytes short of a group wait for the next chunk).
-    pub fn bridge_response_body(&mut self, body: &mut Option<Bytes>, end: bool) {
+    /// The response body chunk, base64-encoded for the text form: each chunk on its own,
+    /// padded, so nothing waits for the next one (gRPC-Web allows padding between chunks).
+    pub fn bridge_response_body(&mut self, body: &mut Option<Bytes>) {
         if self.wire != Wire::WebText {
             return;
         }
-        if let Some(chunk) = body.as_ref() {
-            self.bytes_out.extend_from_slice(chunk);
+        if let Some(chunk) = body.as_ref().filter(|c| !c.is_empty()) {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(chunk);
+            *body = Some(Bytes::from(encoded));
         }
-        let whole = if end {
-            self.bytes_out.len()
-        } else {
-            self.bytes_out.len() / 3 * 3
-        };
-        let encoded = base64::engine::general_purpose::STANDARD.encode(&self.bytes_out[..whole]);
-        self.bytes_out.drain(..whole);
-        *body = Some(Bytes::from(encoded));
     }
 
     /// The trailers as gRPC-Web's final frame (flag 0x80, length, `name:value\r\n` lines);
-    /// base64 with what the body held back, for the text form.
-    pub fn trailer_frame(&mut self, trailers: &HeaderMap) -> Bytes {
+    /// base64 for the text form.
+    pub fn trailer_frame(&self, trailers: &HeaderMap) -> Bytes {
         let mut lines = BytesMut::with_capacity(64);
         for (name, value) in trailers {
             lines.put_slice(name.as_str().as_bytes());
@@ -349,9 +358,7 @@ impl Call {
         if self.wire != Wire::WebText {
             return frame.freeze();
         }
-        let mut rest = std::mem::take(&mut self.bytes_out);
-        rest.extend_from_slice(&frame);
-        Bytes::from(base64::engine::general_purpose::STANDARD.encode(rest))
+        Bytes::from(base64::engine::general_purpose::STANDARD.encode(frame))
     }
 }
 
@@ -359,9 +366,11 @@ impl Call {
 /// group run by group run.
 fn decode_base64(text: &[u8]) -> Result<Bytes> {
     let bad = || {
-        Error::explain(
+        Error::create(
             ErrorType::HTTPStatus(400),
-            "gRPC-Web text body is not base64",
+            pingora::ErrorSource::Downstream,
+            Some("gRPC-Web text body is not base64".into()),
+            None,
         )
     };
     let mut out = Vec::with_capacity(text.len() / 4 * 3);
@@ -443,7 +452,6 @@ mod tests {
             status: None,
             bridged: true,
             text_in: Vec::new(),
-            bytes_out: Vec::new(),
         };
         // "AAAAAAJoaQ==" is the frame of the message "hi"; a second message padded on its own.
         let text = b"AAAAAAJoaQ==AAAAAAE=";
@@ -458,18 +466,27 @@ mod tests {
         let mut bad = Some(Bytes::from_static(b"!!!!"));
         assert!(call.bridge_request_body(&mut bad, true).is_err());
 
-        let mut encoded = Vec::new();
+        // Each response chunk and the trailer frame are base64 on their own.
+        let mut all = Vec::new();
         for piece in [&b"\0\0\0"[..], b"\0\x02h", b"i"] {
             let mut body = Some(Bytes::copy_from_slice(piece));
-            call.bridge_response_body(&mut body, false);
-            encoded.extend_from_slice(&body.unwrap());
+            call.bridge_response_body(&mut body);
+            let text = body.unwrap();
+            assert_eq!(text.len() % 4, 0);
+            all.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&text)
+                    .unwrap(),
+            );
         }
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        encoded.extend_from_slice(&call.trailer_frame(&trailers));
-        let all = base64::engine::general_purpose::STANDARD
-            .decode(&encoded)
-            .unwrap();
+        let frame = call.trailer_frame(&trailers);
+        all.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(&frame)
+                .unwrap(),
+        );
         assert_eq!(&all[..7], b"\0\0\0\0\x02hi");
         assert_eq!(&all[7..12], b"\x80\0\0\0\x0f");
         assert_eq!(&all[12..], b"grpc-status:0\r\n");

@@ -431,8 +431,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         edit_upstream_request(session, up, ctx)?;
-        if let Some(call) = ctx.grpc.as_ref().filter(|c| c.bridged) {
-            call.bridge_request(up)?;
+        if let Some(call) = ctx.grpc.as_ref() {
+            call.on_upstream_request(up)?;
         }
         if ctx.mirror.is_some() {
             let body_empty = session.as_downstream_mut().is_body_empty();
@@ -496,6 +496,10 @@ impl ProxyHttp for Gateway {
         if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
             call.bridge_response(resp)?;
         }
+        if ctx.grpc.is_some() {
+            // gRPC compresses message by message itself (`grpc-encoding`).
+            ctx.compression = None;
+        }
         if let Some(compression) = ctx.compression.as_mut() {
             let req = session.req_header();
             compression.on_response(resp, &req.method, req.version)?;
@@ -518,7 +522,7 @@ impl ProxyHttp for Gateway {
                 return Error::e_explain(ErrorType::ReadTimedout, "gRPC deadline exceeded");
             }
             if call.bridged {
-                call.bridge_response_body(body, end_of_stream);
+                call.bridge_response_body(body);
             }
         }
         Ok(None)

@@ -51,7 +51,11 @@ impl GrpcHealthCheck {
             connector: Connector::new(None),
             template,
             body: body.freeze(),
-            authority: authority.to_string(),
+            // An IPv6 literal is bracketed in an authority.
+            authority: match authority.parse::<std::net::Ipv6Addr>() {
+                Ok(_) => format!("[{authority}]"),
+                Err(_) => authority.to_string(),
+            },
         }
     }
 
@@ -96,9 +100,14 @@ impl GrpcHealthCheck {
         if grpc_status.is_none_or(|s| s.as_bytes() != b"0") {
             return fail("grpc-status is not OK");
         }
-        match decode(&message) {
-            Some(r) if r.status == SERVING => Ok(()),
-            _ => fail("not SERVING"),
+        let serving = decode(&message).is_some_and(|r| r.status == SERVING);
+        // The connection goes back to the pool for the next check.
+        self.connector
+            .release_http_session(HttpSession::H2(h2), &peer, None)
+            .await;
+        match serving {
+            true => Ok(()),
+            false => fail("not SERVING"),
         }
     }
 }
@@ -138,5 +147,11 @@ mod tests {
         assert!(decode(b"\0\0\0\0\x03\x08\x01").is_none());
         assert!(decode(b"\x01\0\0\0\x02\x08\x01").is_none());
         assert!(decode(b"\0\0").is_none());
+        let v6 = GrpcHealthCheck::new(
+            HttpPeer::new("127.0.0.1:1", false, String::new()),
+            "",
+            "::1",
+        );
+        assert_eq!(v6.authority, "[::1]");
     }
 }
