@@ -512,6 +512,53 @@ impl RouteMetrics {
         self.request_bytes.inc_by(bytes_in as u64);
         self.response_bytes.inc_by(bytes_out as u64);
     }
+
+    /// Requests so far, how many were answered 5xx, and the latency histogram's cumulative
+    /// bucket counts (bounds: [`latency_buckets`]). Read by the dashboard's sampler, never on
+    /// the request path.
+    pub fn totals(&self) -> RouteTotals {
+        let mut t = RouteTotals {
+            requests: 0,
+            errors: 0,
+            buckets: vec![0; BUCKETS.len()],
+        };
+        for (m, classes) in self.requests.iter().enumerate() {
+            for (c, counter) in classes.iter().enumerate() {
+                let Some(counter) = counter.get() else {
+                    continue;
+                };
+                t.requests += counter.get();
+                if REQUEST_CLASSES[c] == "5xx" {
+                    t.errors += counter.get();
+                }
+                if let Some(h) = self.duration[m][c].get() {
+                    let proto = prometheus::core::Metric::metric(h);
+                    for (i, b) in proto.get_histogram().get_bucket().iter().enumerate() {
+                        if let Some(sum) = t.buckets.get_mut(i) {
+                            *sum += b.cumulative_count();
+                        }
+                    }
+                }
+            }
+        }
+        t
+    }
+}
+
+/// The upper bounds (seconds) of the latency histograms' buckets.
+pub fn latency_buckets() -> &'static [f64] {
+    BUCKETS
+}
+
+/// A route's counters at one moment (see [`RouteMetrics::totals`]).
+#[derive(Debug, Clone, Default)]
+pub struct RouteTotals {
+    /// Requests finished.
+    pub requests: u64,
+    /// Of those, answered 5xx.
+    pub errors: u64,
+    /// Cumulative count per latency bucket.
+    pub buckets: Vec<u64>,
 }
 
 /// An upstream's handles.
@@ -536,6 +583,11 @@ pub struct UpstreamMetrics {
 }
 
 impl UpstreamMetrics {
+    /// Failed attempts so far: connect errors, timeouts and broken responses.
+    pub fn errors(&self) -> u64 {
+        self.connect_errors.get() + self.timeouts.get() + self.other_errors.get()
+    }
+
     /// Handles for `upstream`.
     pub fn new(upstream: &str) -> UpstreamMetrics {
         let m = &*METRICS;

@@ -27,6 +27,54 @@ pub enum ReloadOutcome {
     Rejected(String),
 }
 
+/// The last reload's outcome and the last rejected file, for the admin views.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    /// `applied` or `rejected`; `none` before any reload.
+    pub last_result: &'static str,
+    /// The last rejected file's error, and when (Unix seconds). Stays after a later success.
+    pub last_rejected: Option<Rejection>,
+}
+
+/// A rejected configuration: the error as logged, and its parts.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Rejection {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// The whole error, `FILE:LINE:COLUMN: field: reason`.
+    pub error: String,
+    /// The file, line and column (0: unknown) and field it names.
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub field: String,
+}
+
+static STATUS: std::sync::Mutex<ReloadStatus> = std::sync::Mutex::new(ReloadStatus {
+    last_result: "none",
+    last_rejected: None,
+});
+
+/// The reloads' outcome so far.
+pub fn status() -> ReloadStatus {
+    STATUS.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+fn note(result: &'static str, rejected: Option<Rejection>) {
+    if let Ok(mut s) = STATUS.lock() {
+        s.last_result = result;
+        if rejected.is_some() {
+            s.last_rejected = rejected;
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Owns reloading for one configuration file.
 pub struct ControlPlane {
     path: PathBuf,
@@ -125,6 +173,17 @@ impl ControlPlane {
             Err(e) => {
                 error!("configuration rejected, the running configuration stays: {e}");
                 METRICS.reloads.with_label_values(&["rejected"]).inc();
+                note(
+                    "rejected",
+                    Some(Rejection {
+                        at: unix_now(),
+                        error: e.to_string(),
+                        file: e.file.display().to_string(),
+                        line: e.line,
+                        column: e.column,
+                        field: e.field.clone(),
+                    }),
+                );
                 return ReloadOutcome::Rejected(e.to_string());
             }
         };
@@ -139,6 +198,16 @@ impl ControlPlane {
                     self.path.display()
                 );
                 METRICS.reloads.with_label_values(&["rejected"]).inc();
+                let file = self.path.display().to_string();
+                note(
+                    "rejected",
+                    Some(Rejection {
+                        at: unix_now(),
+                        error: format!("{file}: {e}"),
+                        file,
+                        ..Rejection::default()
+                    }),
+                );
                 return ReloadOutcome::Rejected(e);
             }
         };
@@ -153,6 +222,7 @@ impl ControlPlane {
         plan::start_tasks(&next);
         METRICS.config_applied(generation, next.source_hash);
         METRICS.reloads.with_label_values(&["applied"]).inc();
+        note("applied", None);
         self.runtime.store(Arc::new(next));
         if last_refused.take().is_some() {
             info!(

@@ -209,6 +209,8 @@ pub struct Runtime {
     pub trusted_proxies: Vec<IpNet>,
     /// Which headers the gateway adds.
     pub forwarding: ForwardingConfig,
+    /// SHA-256 of the admin views' bearer token, when one is set.
+    pub admin_token: Option<[u8; 32]>,
     /// Bounds on client requests.
     pub limits: LimitsConfig,
     /// Listener bindings this runtime was built for.

@@ -137,17 +137,47 @@ fn san_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
 }
 
 /// A certificate's `notAfter`, Unix seconds.
-fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+/// A served certificate as the admin views show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertInfo {
+    /// The names it serves.
+    pub names: Vec<String>,
+    /// Its issuer's distinguished name.
+    pub issuer: String,
+    /// `notAfter`, Unix seconds.
+    pub not_after: i64,
+    /// Where it comes from: `file`.
+    pub source: &'static str,
+    /// The certificate file.
+    pub file: String,
+}
+
+fn cert_info(cert: &CertificateDer<'_>, names: &[String], file: &str) -> Option<CertInfo> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(parsed.validity().not_after.timestamp())
+    Some(CertInfo {
+        names: names.to_vec(),
+        issuer: parsed.issuer().to_string(),
+        not_after: parsed.validity().not_after.timestamp(),
+        source: "file",
+        file: file.to_string(),
+    })
+}
+
+/// Every listener's certificates as last installed, for the admin views.
+static INVENTORY: std::sync::LazyLock<Mutex<std::collections::BTreeMap<String, Vec<CertInfo>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The certificates each TLS listener serves now, by listener name.
+pub fn inventory() -> std::collections::BTreeMap<String, Vec<CertInfo>> {
+    INVENTORY.lock().map(|i| i.clone()).unwrap_or_default()
 }
 
 /// A listener's certificates read and parsed, not yet served: the pure half of a certificate
 /// change, made when a configuration is compiled. [`CertStore::install`] is the other half.
 pub struct LoadedCerts {
     table: CertTable,
-    /// Expiry (Unix seconds) by certificate label, for the metric.
-    expiries: Vec<(String, i64)>,
+    /// What each certificate is (names, issuer, expiry), for the metric and the admin views.
+    expiries: Vec<CertInfo>,
     certs: Vec<CertificateConfig>,
     stamps: Vec<Stamp>,
 }
@@ -167,18 +197,12 @@ impl LoadedCerts {
     }
 }
 
-fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<(String, i64)>), String> {
+fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<CertInfo>), String> {
     let mut table = CertTable::default();
     let mut expiries = Vec::new();
     for c in certs {
         let (key, names) = load_pair(c)?;
-        if let Some(t) = not_after(&key.cert[0]) {
-            let label = names
-                .first()
-                .cloned()
-                .unwrap_or_else(|| c.cert.value.clone());
-            expiries.push((label, t));
-        }
+        expiries.extend(cert_info(&key.cert[0], &names, &c.cert.value));
         for name in names {
             match name.strip_prefix("*.") {
                 Some(parent) => table.wildcard.entry(parent.to_string()),
@@ -191,12 +215,16 @@ fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<(String, i
     Ok((table, expiries))
 }
 
-fn record_expiries(listener: &str, expiries: &[(String, i64)]) {
-    for (name, t) in expiries {
+fn record_expiries(listener: &str, certs: &[CertInfo]) {
+    for c in certs {
+        let label = c.names.first().unwrap_or(&c.file);
         crate::metrics::METRICS
             .cert_expiry
-            .with_label_values(&[listener, name])
-            .set(*t);
+            .with_label_values(&[listener, label])
+            .set(c.not_after);
+    }
+    if let Ok(mut inventory) = INVENTORY.lock() {
+        inventory.insert(listener.to_string(), certs.to_vec());
     }
 }
 

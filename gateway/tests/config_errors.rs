@@ -178,6 +178,11 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "routes[0].mirror.upstream",
         ),
         (
+            "an admin token too short to resist guessing",
+            config("", ROUTE).replace("admin: { address:", "admin: { token: short, address:"),
+            "admin.token",
+        ),
+        (
             "settings for gRPC-Web",
             config("policies:\n  w: { grpc_web: { text: true } }\n", ROUTE),
             "policies.w.grpc_web.text",

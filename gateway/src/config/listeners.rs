@@ -93,4 +93,8 @@ fn default_read_buffer() -> usize {
 pub struct AdminConfig {
     /// `IP:PORT` to bind; keep it on loopback or an internal network.
     pub address: Spanned<Addr>,
+    /// A bearer token the JSON views (`/routes`, `/upstreams`, `/certificates`,
+    /// `/dashboard/state`) require. Default: none (open). Write it as `${VAR}`.
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
 }

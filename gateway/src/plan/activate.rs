@@ -163,6 +163,11 @@ pub async fn activate(
         identity_headers,
         trusted_proxies: plan.trusted_proxies,
         forwarding: config.forwarding,
+        admin_token: config
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .map(|t| crate::admin::token_digest(t.value.as_bytes())),
         limits: config.limits,
         bindings: plan.bindings,
         resolver,

@@ -146,6 +146,9 @@ pub fn validate(file: &Path, config: &Config) -> Result<(), ConfigError> {
         }
     }
     if let Some(admin) = &config.admin {
+        if let Some(t) = admin.token.as_ref().filter(|t| t.value.len() < 16) {
+            return Err(c.err_at(t, "admin.token", "at least 16 characters"));
+        }
         if let Some(other) = bound.get(&admin.address.value.0) {
             return Err(c.err_at(
                 &admin.address,
