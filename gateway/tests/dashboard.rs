@@ -1,6 +1,7 @@
-//! The dashboard in a real browser: headless Chromium driven through WebDriver (chromedriver),
-//! against the real gateway in front of real backends. Screenshots of the page, normal and
-//! failing, go to `target/screenshots/` (or `$SCREENSHOT_DIR`).
+//! The dashboard in real browsers: headless Chromium (through chromedriver) and Firefox
+//! (through geckodriver), driven in plain WebDriver against the real gateway in front of real
+//! backends. Screenshots of the page, normal and failing, go to `target/screenshots/` (or
+//! `$SCREENSHOT_DIR`).
 
 mod common;
 
@@ -14,8 +15,15 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "dashboard-test-token-0123";
 
-/// A headless Chromium session behind chromedriver, spoken to in plain WebDriver.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chromium,
+    Firefox,
+}
+
+/// A headless browser session behind its WebDriver server.
 struct Browser {
+    kind: Kind,
     driver: Child,
     base: String,
     session: String,
@@ -24,11 +32,21 @@ struct Browser {
 }
 
 impl Browser {
-    async fn start() -> Browser {
-        let driver_bin = ["chromedriver", "/usr/bin/chromedriver"]
-            .into_iter()
+    async fn start(kind: Kind) -> Browser {
+        let (candidates, what): (&[&str], _) = match kind {
+            Kind::Chromium => (
+                &["chromedriver", "/usr/bin/chromedriver"],
+                "chromedriver (Debian's chromium-driver; scripts/test installs it)",
+            ),
+            Kind::Firefox => (
+                &["geckodriver", "/usr/local/bin/geckodriver"],
+                "geckodriver (scripts/test installs it from crates.io)",
+            ),
+        };
+        let driver_bin = candidates
+            .iter()
             .find(|b| Command::new(b).arg("--version").output().is_ok())
-            .expect("chromedriver (Debian's chromium-driver; scripts/test installs it)");
+            .expect(what);
         let port = free_port("127.0.0.1");
         // Its own process group, so that the browser it starts goes with it.
         let driver = Command::new(driver_bin)
@@ -46,15 +64,24 @@ impl Browser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let profile = tempfile::tempdir().unwrap();
-        let caps = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": chromium(),
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--window-size=1280,1100", format!("--user-data-dir={}", profile.path().display())],
-            },
-            "goog:loggingPrefs": {"browser": "ALL"},
-        }}});
+        let caps = match kind {
+            Kind::Chromium => json!({"capabilities": {"alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": binary(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]),
+                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             "--window-size=1280,1100", format!("--user-data-dir={}", profile.path().display())],
+                },
+                "goog:loggingPrefs": {"browser": "ALL"},
+            }}}),
+            Kind::Firefox => json!({"capabilities": {"alwaysMatch": {
+                "browserName": "firefox",
+                "moz:firefoxOptions": {
+                    "binary": binary(&["/usr/bin/firefox-esr", "/usr/bin/firefox"]),
+                    "args": ["-headless", "-width", "1280", "-height", "1100"],
+                },
+            }}}),
+        };
         let resp: Value = http
             .post(format!("{base}/session"))
             .json(&caps)
@@ -69,6 +96,7 @@ impl Browser {
             .unwrap_or_else(|| panic!("no WebDriver session: {resp}"))
             .to_string();
         Browser {
+            kind,
             driver,
             base,
             session,
@@ -114,8 +142,13 @@ impl Browser {
         }
     }
 
-    /// The browser console's errors (and the page's uncaught exceptions) so far.
+    /// The browser console's errors (and the page's uncaught exceptions) so far. Firefox's
+    /// driver has no log endpoint: there the page's own record of its errors is read.
     async fn console_errors(&self) -> Vec<String> {
+        if self.kind == Kind::Firefox {
+            let seen = self.eval("return window.__dashboardErrors || [];").await;
+            return serde_json::from_value(seen).unwrap_or_default();
+        }
         let logs = self
             .command("POST", "/se/log", json!({ "type": "browser" }))
             .await;
@@ -161,15 +194,11 @@ impl Drop for Browser {
     }
 }
 
-fn chromium() -> &'static str {
-    [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("chromium (Debian's chromium; scripts/test installs it)")
+fn binary(candidates: &[&'static str]) -> &'static str {
+    candidates
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or_else(|| panic!("no browser at {candidates:?} (scripts/test installs it)"))
 }
 
 /// The text of column `col` of every row of table `id`.
@@ -208,7 +237,17 @@ routes:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_routes_replicas_certificates_and_reloads_live() {
+async fn the_dashboard_shows_routes_replicas_certificates_and_reloads_live_in_chromium() {
+    dashboard_in(Kind::Chromium, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_the_same_in_firefox() {
+    dashboard_in(Kind::Firefox, "firefox-").await;
+}
+
+/// The whole walk through the dashboard in one browser; screenshots named with `prefix`.
+async fn dashboard_in(kind: Kind, prefix: &str) {
     let mut a = Backend::start("127.0.0.1", "a").await;
     let b = Backend::start("127.0.0.1", "b").await;
     let dir = tempfile::tempdir().unwrap();
@@ -248,7 +287,7 @@ async fn the_dashboard_shows_routes_replicas_certificates_and_reloads_live() {
         .unwrap();
     assert_eq!(open.status(), 401);
 
-    let browser = Browser::start().await;
+    let browser = Browser::start(kind).await;
     browser
         .goto(&format!("http://{}/dashboard#token={TOKEN}", gw.admin))
         .await;
@@ -308,7 +347,7 @@ async fn the_dashboard_shows_routes_replicas_certificates_and_reloads_live() {
         browser.eval(&column("routes", 0)).await,
         json!(["everything", "products"])
     );
-    browser.screenshot("dashboard.png").await;
+    browser.screenshot(&format!("{prefix}dashboard.png")).await;
 
     // A replica killed turns its row down within seconds, and back when it returns.
     let a_addr = a.addr;
@@ -350,7 +389,9 @@ async fn the_dashboard_shows_routes_replicas_certificates_and_reloads_live() {
             .await,
         json!("rejected")
     );
-    browser.screenshot("dashboard-failing.png").await;
+    browser
+        .screenshot(&format!("{prefix}dashboard-failing.png"))
+        .await;
     // A phone's width: the tables scroll sideways, the page does not break.
     browser
         .command(
@@ -365,7 +406,9 @@ async fn the_dashboard_shows_routes_replicas_certificates_and_reloads_live() {
             .await,
         json!(true)
     );
-    browser.screenshot("dashboard-phone.png").await;
+    browser
+        .screenshot(&format!("{prefix}dashboard-phone.png"))
+        .await;
 
     let _a = Backend::start_on(a_addr, "a").await;
     browser

@@ -5,6 +5,11 @@
 "use strict";
 
 const POLL_MS = 2000;
+
+// The page's own record of its errors (read by the tests where the browser's log is not).
+window.__dashboardErrors = [];
+window.addEventListener("error", (e) => window.__dashboardErrors.push(String(e.message)));
+window.addEventListener("unhandledrejection", (e) => window.__dashboardErrors.push(String(e.reason)));
 const sorts = {};
 let state = null;
 
