@@ -34,6 +34,9 @@ pub struct ReloadStatus {
     pub last_result: &'static str,
     /// The last rejected file's error, and when (Unix seconds). Stays after a later success.
     pub last_rejected: Option<Rejection>,
+    /// Fields the running file changed that apply only after a restart (listeners, admin
+    /// address, threads, ...); empty when none.
+    pub restart_required: Vec<String>,
 }
 
 /// A rejected configuration: the error as logged, and its parts.
@@ -53,6 +56,7 @@ pub struct Rejection {
 static STATUS: std::sync::Mutex<ReloadStatus> = std::sync::Mutex::new(ReloadStatus {
     last_result: "none",
     last_rejected: None,
+    restart_required: Vec::new(),
 });
 
 /// The reloads' outcome so far.
@@ -212,6 +216,9 @@ impl ControlPlane {
             }
         };
         let restart_only = next.bindings.changes_from(&self.startup_bindings);
+        if let Ok(mut s) = STATUS.lock() {
+            s.restart_required = restart_only.clone();
+        }
         if !restart_only.is_empty() {
             warn!(
                 changed = %restart_only.join(", "),

@@ -39,7 +39,7 @@ pub struct Route {
     /// What it matches, for the admin views.
     pub matcher: serde_json::Value,
     /// The route's metric handles.
-    pub metrics: RouteMetrics,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 impl Route {
@@ -202,7 +202,7 @@ pub struct Runtime {
     /// The access log, when on.
     pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
     /// Metric handles for requests that matched no route.
-    pub unmatched: RouteMetrics,
+    pub unmatched: Arc<RouteMetrics>,
     /// Headers that carry forwarded claims: removed from every client request.
     pub identity_headers: Vec<http::HeaderName>,
     /// Peers whose forwarding headers are believed.

@@ -230,6 +230,7 @@ fn config(a: &Backend, b: &Backend) -> String {
     health: {{ active: {{ interval: 200ms, timeout: 500ms, rise: 1, fall: 1 }} }}
 routes:
   - {{ name: products, upstream: shop, match: {{ path_prefix: /api/products, methods: [GET] }} }}
+  - {{ name: internal, upstream: shop, match: {{ path_prefix: /internal, headers: [ {{ name: x-internal-key, value: s3cret-value }} ] }} }}
   - {{ name: everything, upstream: shop }}
 "#,
         a.addr, b.addr
@@ -286,6 +287,19 @@ async fn dashboard_in(kind: Kind, prefix: &str) {
         .await
         .unwrap();
     assert_eq!(open.status(), 401);
+    let state = client()
+        .get(format!("http://{}/dashboard/state", gw.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        state.contains("x-internal-key") && !state.contains("s3cret"),
+        "{state}"
+    );
 
     let browser = Browser::start(kind).await;
     browser
@@ -302,11 +316,23 @@ async fn dashboard_in(kind: Kind, prefix: &str) {
     // The tables match the configuration.
     assert_eq!(
         browser.eval(&column("routes", 0)).await,
-        json!(["products", "everything"])
+        json!(["products", "internal", "everything"])
     );
     assert_eq!(
         browser.eval(&column("routes", 1)).await,
-        json!(["prefix /api/products; GET", "every request"])
+        json!([
+            "prefix /api/products; GET",
+            "prefix /internal; header x-internal-key",
+            "every request"
+        ])
+    );
+    // A header match's value may be a secret: it is in neither the page nor its data.
+    let html = browser
+        .eval("return document.documentElement.outerHTML;")
+        .await;
+    assert!(
+        !html.to_string().contains("s3cret"),
+        "the page shows a match value"
     );
     let mut addresses: Vec<String> =
         serde_json::from_value(browser.eval(&column("replicas", 1)).await).unwrap();
@@ -345,7 +371,7 @@ async fn dashboard_in(kind: Kind, prefix: &str) {
         .await;
     assert_eq!(
         browser.eval(&column("routes", 0)).await,
-        json!(["everything", "products"])
+        json!(["everything", "internal", "products"])
     );
     browser.screenshot(&format!("{prefix}dashboard.png")).await;
 
@@ -378,7 +404,7 @@ async fn dashboard_in(kind: Kind, prefix: &str) {
     let error = browser
         .eval("return document.getElementById('rejected-error').textContent;")
         .await;
-    assert!(error.to_string().contains("routes[1].upstream"), "{error}");
+    assert!(error.to_string().contains("routes[2].upstream"), "{error}");
     let line = browser
         .eval("return document.getElementById('rejected-line').textContent;")
         .await;

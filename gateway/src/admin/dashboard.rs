@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// The window rates and p95 cover.
 const WINDOW: Duration = Duration::from_secs(60);
+/// The shortest span a rate is given for (a shorter one would turn a request into a burst).
+const MIN_SPAN: Duration = Duration::from_secs(1);
 
 /// The counters at one moment.
+#[derive(Clone)]
 struct Sample {
     at: Instant,
     routes: HashMap<Arc<str>, RouteTotals>,
@@ -45,6 +48,8 @@ fn sample(rt: &Runtime) -> Sample {
 /// The samples of the last minute.
 pub struct Dashboard {
     runtime: Arc<ArcSwap<Runtime>>,
+    /// The listeners as bound at start: a reload cannot change them (it asks for a restart).
+    bound: Vec<(String, std::net::SocketAddr, bool)>,
     samples: Arc<Mutex<VecDeque<Sample>>>,
     started: std::sync::OnceLock<()>,
 }
@@ -52,8 +57,16 @@ pub struct Dashboard {
 impl Dashboard {
     /// A dashboard of whatever `runtime` holds.
     pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Dashboard {
+        let bound = runtime
+            .load()
+            .bindings
+            .listeners
+            .iter()
+            .map(|(name, (addr, _, tls))| (name.clone(), *addr, tls.is_some()))
+            .collect();
         Dashboard {
             runtime,
+            bound,
             samples: Arc::default(),
             started: std::sync::OnceLock::new(),
         }
@@ -63,38 +76,49 @@ impl Dashboard {
     /// their replicas, listeners with their certificates.
     pub fn state(&self, rt: &Runtime) -> serde_json::Value {
         let now = sample(rt);
-        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        let oldest = samples
-            .iter()
-            .find(|s| now.at.duration_since(s.at) <= WINDOW + SAMPLE_EVERY);
+        let oldest = {
+            let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+            samples
+                .iter()
+                .find(|s| now.at.saturating_duration_since(s.at) <= WINDOW)
+                .filter(|s| now.at.saturating_duration_since(s.at) >= MIN_SPAN)
+                .cloned()
+        };
+        let oldest = oldest.as_ref();
         let routes: Vec<serde_json::Value> = super::routes_json(rt)
             .into_iter()
             .zip(&rt.routes)
             .map(|(mut view, route)| {
                 let stats = oldest.and_then(|o| {
                     let then = o.routes.get(&route.name)?;
-                    Some(rates(then, now.routes.get(&route.name)?, now.at - o.at))
+                    let over = now.at.saturating_duration_since(o.at);
+                    Some(rates(then, now.routes.get(&route.name)?, over))
                 });
                 view["stats"] = stats.unwrap_or(serde_json::Value::Null);
+                mask_match_values(&mut view["match"]);
                 view
             })
             .collect();
         let mut upstreams = super::upstreams_json(rt);
         for (name, view) in upstreams.iter_mut() {
-            let errors = oldest
-                .and_then(|o| Some(now.upstream_errors.get(name)? - o.upstream_errors.get(name)?));
+            let errors = oldest.and_then(|o| {
+                Some(
+                    now.upstream_errors
+                        .get(name)?
+                        .saturating_sub(*o.upstream_errors.get(name)?),
+                )
+            });
             view["errors_last_minute"] = errors.into();
         }
-        let certificates = crate::tls::inventory();
-        let listeners: Vec<serde_json::Value> = rt
-            .bindings
-            .listeners
+        let certificates = self.certificates();
+        let listeners: Vec<serde_json::Value> = self
+            .bound
             .iter()
-            .map(|(name, (addr, _, tls))| {
+            .map(|(name, addr, tls)| {
                 serde_json::json!({
                     "name": name,
                     "address": addr.to_string(),
-                    "tls": tls.is_some(),
+                    "tls": tls,
                     "certificates": certificates.get(name).cloned().unwrap_or_default(),
                 })
             })
@@ -105,11 +129,19 @@ impl Dashboard {
             "config_hash": format!("{:016x}", rt.source_hash),
             "applied_at": m.last_reload.get(),
             "reload": crate::reload::status(),
-            "window_seconds": oldest.map(|o| (now.at - o.at).as_secs()),
+            "window_seconds": oldest.map(|o| now.at.saturating_duration_since(o.at).as_secs()),
             "routes": routes,
             "upstreams": upstreams,
             "listeners": listeners,
         })
+    }
+
+    /// The certificates of the listeners bound at start (a listener a reload removed is
+    /// still bound, and one it added is not).
+    pub fn certificates(&self) -> std::collections::BTreeMap<String, Vec<crate::tls::CertInfo>> {
+        let mut all = crate::tls::inventory();
+        all.retain(|name, _| self.bound.iter().any(|(bound, _, _)| bound == name));
+        all
     }
 
     /// Starts the sampler once, on the runtime serving the admin listener. It keeps a
@@ -146,23 +178,40 @@ fn rates(then: &RouteTotals, now: &RouteTotals, over: Duration) -> serde_json::V
     let requests = now.requests.saturating_sub(then.requests);
     let errors = now.errors.saturating_sub(then.errors);
     let secs = over.as_secs_f64().max(0.001);
-    let p95 = (requests > 0)
-        .then(|| {
-            let want = (requests as f64 * 0.95).ceil() as u64;
-            now.buckets
-                .iter()
-                .zip(&then.buckets)
-                .zip(latency_buckets())
-                .find(|((n, t), _)| n.saturating_sub(**t) >= want)
-                .map(|(_, bound)| bound * 1000.0)
-        })
-        .flatten();
+    // The bucket bound the 95th percentile lies under; past the last bucket, that bound
+    // with `p95_beyond`.
+    let want = (requests as f64 * 0.95).ceil() as u64;
+    let bucket = now
+        .buckets
+        .iter()
+        .zip(&then.buckets)
+        .zip(latency_buckets())
+        .find(|((n, t), _)| n.saturating_sub(**t) >= want)
+        .map(|(_, bound)| bound * 1000.0);
+    let last = latency_buckets().last().map_or(0.0, |b| b * 1000.0);
     serde_json::json!({
         "requests_per_second": requests as f64 / secs,
         "error_rate": if requests > 0 { errors as f64 / requests as f64 } else { 0.0 },
-        "p95_ms": p95,
+        "p95_ms": if requests > 0 { Some(bucket.unwrap_or(last)) } else { None },
+        "p95_beyond": requests > 0 && bucket.is_none(),
         "requests": requests,
     })
+}
+
+/// Header and query values of a route's match, which may be secrets (an internal key a
+/// route requires): the state shows the names only.
+fn mask_match_values(matcher: &mut serde_json::Value) {
+    for list in ["headers", "query"] {
+        if let Some(items) = matcher.get_mut(list).and_then(|v| v.as_array_mut()) {
+            for item in items {
+                for field in ["value", "regex"] {
+                    if let Some(v) = item.get_mut(field) {
+                        *v = serde_json::Value::String("…".into());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The page's files, embedded; the page gets a strict Content-Security-Policy (its own
@@ -222,5 +271,23 @@ mod tests {
         assert_eq!(r["p95_ms"], 2.5);
         let idle = rates(&now, &now, Duration::from_secs(10));
         assert!(idle["p95_ms"].is_null());
+        // Slower than the last bucket: its bound, marked.
+        let slow = RouteTotals {
+            requests: 300,
+            errors: 6,
+            buckets: now.buckets.clone(),
+        };
+        let r = rates(&now, &slow, Duration::from_secs(10));
+        assert_eq!(r["p95_ms"], 30000.0);
+        assert_eq!(r["p95_beyond"], true);
+    }
+
+    #[test]
+    fn header_and_query_values_are_not_shown() {
+        let mut m = serde_json::json!({"path_prefix": "/a", "headers": [{"name": "x-key", "value": "s3cret"}],
+            "query": [{"name": "k", "regex": "^s3"}]});
+        mask_match_values(&mut m);
+        assert!(!m.to_string().contains("s3"), "{m}");
+        assert_eq!(m["headers"][0]["name"], "x-key");
     }
 }

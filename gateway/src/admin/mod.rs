@@ -151,7 +151,7 @@ impl ServeHttp for Admin {
                 serde_json::json!({ "config_generation": rt.generation, "upstreams": upstreams_json(rt) })
             }),
             "/certificates" => self.guarded(session, |_| {
-                serde_json::json!({ "listeners": crate::tls::inventory() })
+                serde_json::json!({ "listeners": self.dashboard.certificates() })
             }),
             "/dashboard/state" => self.guarded(session, |rt| self.dashboard.state(rt)),
             "/dashboard" | "/dashboard/" => dashboard::asset("index.html"),

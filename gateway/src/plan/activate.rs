@@ -132,7 +132,23 @@ pub async fn activate(
     }
     let mut routes = Vec::with_capacity(plan.routes.len());
     for (index, r) in plan.routes.into_iter().enumerate() {
-        routes.push(route(r, index, &upstreams, &auth, &rate_limits, &limits)?);
+        // A route that keeps its name keeps its metric handles: the counters behind them are
+        // the same series, and the dashboard reads totals through the handles.
+        let metrics = previous
+            .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
+            .map_or_else(
+                || Arc::new(RouteMetrics::new(&r.name)),
+                |old| old.metrics.clone(),
+            );
+        routes.push(route(
+            r,
+            index,
+            metrics,
+            &upstreams,
+            &auth,
+            &rate_limits,
+            &limits,
+        )?);
     }
 
     let access_log = match (
@@ -158,7 +174,10 @@ pub async fn activate(
         rate_limits,
         tls_stores,
         listeners,
-        unmatched: RouteMetrics::new("(none)"),
+        unmatched: previous.map_or_else(
+            || Arc::new(RouteMetrics::new("(none)")),
+            |p| p.unmatched.clone(),
+        ),
         access_log,
         identity_headers,
         trusted_proxies: plan.trusted_proxies,
@@ -207,6 +226,7 @@ fn resolver(plan: &Plan, previous: Option<&Runtime>) -> Result<Option<TokioResol
 fn route(
     r: RoutePlan,
     index: usize,
+    metrics: Arc<RouteMetrics>,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     auth: &BTreeMap<String, Arc<AuthPolicy>>,
     rate_limits: &BTreeMap<String, Arc<RateLimitPolicy>>,
@@ -283,7 +303,7 @@ fn route(
             .retries
             .or_else(|| upstream.as_ref().map(|u| u.retries()))
             .unwrap_or(0),
-        metrics: RouteMetrics::new(&r.name),
+        metrics,
         name: r.name.into(),
         upstream,
         rewrite: r.rewrite,

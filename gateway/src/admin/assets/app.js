@@ -16,8 +16,12 @@ let state = null;
 function token() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {
-    sessionStorage.setItem("gateway-admin-token", decodeURIComponent(m[1]));
     history.replaceState(null, "", location.pathname);
+    try {
+      sessionStorage.setItem("gateway-admin-token", decodeURIComponent(m[1]));
+    } catch (e) {
+      problem("The token in the address is not valid: " + e.message);
+    }
   }
   return sessionStorage.getItem("gateway-admin-token");
 }
@@ -42,7 +46,9 @@ function describeMatch(m) {
   if (m.path_prefix) parts.push("prefix " + m.path_prefix);
   if (m.path_regex) parts.push("regex " + m.path_regex);
   if (m.methods) parts.push(m.methods.join(" "));
-  if (m.headers) parts.push(m.headers.map((h) => h.name + (h.value ? "=" + h.value : "~" + h.regex)).join(", "));
+  // Header and query values are not sent (they may be secrets): the names show.
+  if (m.headers) parts.push("header " + m.headers.map((h) => h.name).join(", "));
+  if (m.query) parts.push("query " + m.query.map((q) => q.name).join(", "));
   return parts.length ? parts.join("; ") : "every request";
 }
 
@@ -69,7 +75,7 @@ function routeRows(s) {
         text("td", target),
         text("td", st.requests_per_second === undefined ? "–" : st.requests_per_second.toFixed(1), "num"),
         text("td", st.error_rate === undefined ? "–" : (st.error_rate * 100).toFixed(1) + " %", "num"),
-        text("td", st.p95_ms === undefined || st.p95_ms === null ? "–" : "≤ " + st.p95_ms, "num"),
+        text("td", st.p95_ms === undefined || st.p95_ms === null ? "–" : (st.p95_beyond ? "> " : "≤ ") + st.p95_ms, "num"),
       ],
     };
   });
@@ -140,7 +146,8 @@ function show(s) {
   document.getElementById("generation").textContent = s.config_generation + " (" + s.config_hash + ")";
   document.getElementById("applied").textContent = when(s.applied_at);
   const result = document.getElementById("reload-result");
-  result.textContent = s.reload.last_result;
+  result.textContent = s.reload.last_result +
+    (s.reload.restart_required.length ? " (restart needed for " + s.reload.restart_required.join(", ") + ")" : "");
   result.className = s.reload.last_result === "rejected" ? "bad" : "";
   const rej = s.reload.last_rejected;
   const box = document.getElementById("rejected");
@@ -170,7 +177,8 @@ async function poll() {
     const headers = {};
     const t = token();
     if (t) headers.Authorization = "Bearer " + t;
-    const resp = await fetch("/dashboard/state", { headers, cache: "no-store" });
+    // A poll that hangs is given up, so polling goes on.
+    const resp = await fetch("/dashboard/state", { headers, cache: "no-store", signal: AbortSignal.timeout(POLL_MS * 3) });
     if (resp.status === 401) {
       problem("This gateway's admin views need a token: open /dashboard#token=TOKEN.");
     } else if (!resp.ok) {
