@@ -344,7 +344,15 @@ async fn dashboard_in(kind: Kind, prefix: &str) {
         browser.eval(&column("replicas", 2)).await,
         json!(["healthy", "healthy"])
     );
-    // The 20 requests to `products` show as a rate, with a p95 bound.
+    // The 20 requests to `products` show as a rate, with a p95 bound (once the samples span a
+    // second: the page may have asked sooner).
+    browser
+        .wait_for(
+            "return document.querySelector('#routes tbody tr').cells[4].textContent !== '–';",
+            "the first rates",
+            Duration::from_secs(10),
+        )
+        .await;
     let rates = browser.eval(&column("routes", 4)).await;
     assert_ne!(rates[0], json!("0.0"), "{rates}");
     let p95 = browser.eval(&column("routes", 6)).await;
