@@ -454,6 +454,8 @@ pub struct RouteMetrics {
     requests: [[OnceLock<IntCounter>; REQUEST_CLASSES.len()]; 8],
     /// The same for the latency histogram.
     duration: [[OnceLock<Histogram>; REQUEST_CLASSES.len()]; 8],
+    /// gRPC calls by the status they ended with (codes 0-16, then none), made on first use.
+    grpc: [OnceLock<IntCounter>; 18],
     request_bytes: IntCounter,
     response_bytes: IntCounter,
 }
@@ -466,6 +468,7 @@ impl RouteMetrics {
             route: route.to_string(),
             requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             duration: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            grpc: std::array::from_fn(|_| OnceLock::new()),
             request_bytes: m.request_bytes.with_label_values(&[route]),
             response_bytes: m.response_bytes.with_label_values(&[route]),
         }
@@ -511,6 +514,24 @@ impl RouteMetrics {
             .observe(seconds);
         self.request_bytes.inc_by(bytes_in as u64);
         self.response_bytes.inc_by(bytes_out as u64);
+    }
+
+    /// Records a finished gRPC call by its status (`None`: it ended without one).
+    pub fn record_grpc(&self, status: Option<u8>) {
+        // Codes past the known ones count as UNKNOWN (2), as their name says.
+        let i = match status {
+            None => 17,
+            Some(c) if c <= 16 => usize::from(c),
+            Some(_) => 2,
+        };
+        self.grpc[i]
+            .get_or_init(|| {
+                let code = (i < 17).then_some(i as u8);
+                METRICS
+                    .grpc_calls
+                    .with_label_values(&[&self.route, crate::proxy::grpc::name(code)])
+            })
+            .inc();
     }
 
     /// Requests so far, how many were answered 5xx, and the latency histogram's cumulative

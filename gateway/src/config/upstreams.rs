@@ -32,7 +32,7 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
     /// The HTTP version spoken to the replicas. Default `http1`.
-    #[serde(default = "default_protocol")]
+    #[serde(default = "unplaced")]
     pub protocol: Spanned<UpstreamProtocol>,
     /// HTTP/2 connection settings (with `protocol` `h2`, `h2c` or `auto`).
     #[serde(default)]
@@ -73,11 +73,6 @@ impl UpstreamProtocol {
             UpstreamProtocol::Auto => "auto",
         }
     }
-}
-
-fn default_protocol() -> Spanned<UpstreamProtocol> {
-    let nowhere = serde_saphyr::Location::UNKNOWN;
-    Spanned::new(UpstreamProtocol::default(), nowhere, nowhere)
 }
 
 /// `h2`: HTTP/2 connections to the replicas.

@@ -131,15 +131,16 @@ pub async fn activate(
         }
     }
     let mut routes = Vec::with_capacity(plan.routes.len());
+    // A route that keeps its name keeps its metric handles: the counters behind them are the
+    // same series, and the dashboard reads totals through the handles.
+    let old_metrics: BTreeMap<&str, &Arc<RouteMetrics>> = previous
+        .iter()
+        .flat_map(|p| p.routes.iter().map(|r| (&*r.name, &r.metrics)))
+        .collect();
     for (index, r) in plan.routes.into_iter().enumerate() {
-        // A route that keeps its name keeps its metric handles: the counters behind them are
-        // the same series, and the dashboard reads totals through the handles.
-        let metrics = previous
-            .and_then(|p| p.routes.iter().find(|old| *old.name == *r.name))
-            .map_or_else(
-                || Arc::new(RouteMetrics::new(&r.name)),
-                |old| old.metrics.clone(),
-            );
+        let metrics = old_metrics
+            .get(r.name.as_str())
+            .map_or_else(|| Arc::new(RouteMetrics::new(&r.name)), |m| Arc::clone(m));
         routes.push(route(
             r,
             index,

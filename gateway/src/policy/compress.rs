@@ -155,6 +155,10 @@ impl Compress {
         session: &Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), Answer> {
+        // gRPC compresses message by message itself (`grpc-encoding`).
+        if ctx.grpc.is_some() {
+            return Ok(());
+        }
         let request = &session.req_header().headers;
         let untouchable = request.contains_key(RANGE) || no_transform(request);
         let coding = if untouchable {

@@ -88,11 +88,6 @@ impl ConcurrencyLimit {
             }
         }
     }
-
-    /// Requests in flight under the limit now.
-    pub fn in_flight(&self) -> usize {
-        self.spec.max as usize - self.places.available_permits()
-    }
 }
 
 fn busy() -> Answer {

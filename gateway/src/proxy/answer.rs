@@ -168,15 +168,7 @@ pub async fn write(
     if let (Some(id), true) = (request_id, body.is_some()) {
         resp.insert_header("X-Request-Id", id.clone())?;
     }
-    for (name, value) in &answer.headers {
-        resp.insert_header(name.clone(), value.clone())?;
-    }
-    if let Some(ctx) = dressing.ctx {
-        let request = &session.req_header().headers;
-        for pipeline in dressing.pipelines.into_iter().flatten() {
-            pipeline.on_response(&mut resp, ctx, request)?;
-        }
-    }
+    own_headers_and_edits(session, &mut resp, answer, &dressing)?;
     match body {
         Some(body) => {
             session.write_response_header(Box::new(resp), false).await?;
@@ -184,6 +176,25 @@ pub async fn write(
         }
         None => session.write_response_header(Box::new(resp), true).await,
     }
+}
+
+/// The answer's own headers, then the listener's and route's response edits.
+fn own_headers_and_edits(
+    session: &Session,
+    resp: &mut ResponseHeader,
+    answer: &Answer,
+    dressing: &Dressing<'_>,
+) -> Result<()> {
+    for (name, value) in &answer.headers {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
+    if let Some(ctx) = dressing.ctx {
+        let request = &session.req_header().headers;
+        for pipeline in dressing.pipelines.iter().flatten() {
+            pipeline.on_response(resp, ctx, request)?;
+        }
+    }
+    Ok(())
 }
 
 /// What happens to the client connection after the answer.
@@ -214,20 +225,14 @@ async fn write_grpc(
         .as_deref()
         .unwrap_or_else(|| message_for(answer.status));
     let http2 = session.as_downstream().is_http2();
-    let status = call.status_for(answer.status);
+    let status = call
+        .status
+        .unwrap_or_else(|| call.status_for(answer.status));
     let mut resp = super::grpc::answer_head(call, status, message, http2)?;
     if let Some(id) = request_id {
         resp.insert_header("X-Request-Id", id.clone())?;
     }
-    for (name, value) in &answer.headers {
-        resp.insert_header(name.clone(), value.clone())?;
-    }
-    if let Some(ctx) = dressing.ctx {
-        let request = &session.req_header().headers;
-        for pipeline in dressing.pipelines.into_iter().flatten() {
-            pipeline.on_response(&mut resp, ctx, request)?;
-        }
-    }
+    own_headers_and_edits(session, &mut resp, answer, &dressing)?;
     session.write_response_header(Box::new(resp), true).await
 }
 

@@ -317,7 +317,7 @@ fn access_record<'a>(
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|s| crate::downstream::tls_version(&s.version)),
-        grpc_status: None,
+        grpc_status: ctx.grpc.as_ref().map(|call| grpc::name(call.status)),
     }
 }
 
@@ -496,10 +496,6 @@ impl ProxyHttp for Gateway {
         if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
             call.bridge_response(resp)?;
         }
-        if ctx.grpc.is_some() {
-            // gRPC compresses message by message itself (`grpc-encoding`).
-            ctx.compression = None;
-        }
         if let Some(compression) = ctx.compression.as_mut() {
             let req = session.req_header();
             compression.on_response(resp, &req.method, req.version)?;
@@ -665,11 +661,8 @@ impl ProxyHttp for Gateway {
             ctx.record_breaker(true);
         }
         let Some(started) = ctx.started else { return };
-        let grpc_status = ctx.grpc.as_ref().map(|call| grpc::name(call.status));
-        if let Some(code) = grpc_status {
+        if ctx.grpc.is_some() {
             METRICS.grpc_in_flight.dec();
-            let route = ctx.route().map_or("(none)", |r| &*r.name);
-            METRICS.grpc_calls.with_label_values(&[route, code]).inc();
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route_metrics = match (&ctx.rt, ctx.route()) {
@@ -688,15 +681,16 @@ impl ProxyHttp for Gateway {
             session.body_bytes_read(),
             session.body_bytes_sent(),
         );
+        if let Some(call) = &ctx.grpc {
+            route_metrics.record_grpc(call.status);
+        }
         METRICS.in_flight.dec();
         if let Some(compression) = &ctx.compression {
             compression.record();
         }
         if let Some(log) = ctx.rt.as_ref().and_then(|rt| rt.access_log.as_ref()) {
             if log.wants() {
-                let mut record = access_record(session, ctx, status, elapsed);
-                record.grpc_status = grpc_status;
-                log.log(&record);
+                log.log(&access_record(session, ctx, status, elapsed));
             }
         }
         if let (Some(span), Some(export)) = (ctx.span, crate::trace::export()) {
