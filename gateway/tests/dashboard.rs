@@ -300,6 +300,34 @@ async fn dashboard_in(kind: Kind, prefix: &str) {
         state.contains("x-internal-key") && !state.contains("s3cret"),
         "{state}"
     );
+    assert!(!state.contains(TOKEN));
+    // Every JSON view takes the token; a wrong one is refused; /metrics stays open.
+    for view in ["/routes", "/upstreams", "/certificates", "/dashboard/state"] {
+        let url = format!("http://{}{view}", gw.admin);
+        let none = client().get(&url).send().await.unwrap();
+        let wrong = client()
+            .get(&url)
+            .bearer_auth("wrong-token-wrong-token")
+            .send()
+            .await
+            .unwrap();
+        let right = client().get(&url).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(
+            (
+                none.status().as_u16(),
+                wrong.status().as_u16(),
+                right.status().as_u16()
+            ),
+            (401, 401, 200),
+            "{view}"
+        );
+    }
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
 
     let browser = Browser::start(kind).await;
     browser

@@ -506,3 +506,31 @@ async fn start_up_does_not_wait_for_dns() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_goes_over_pooled_h2c_upstream_connections() {
+    let backend = Backend::start("127.0.0.1", "h2").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  b: {{ targets: [\"{}\"], protocol: h2c, h2: {{ max_streams: 8 }} }}\nroutes:\n  - {{ name: r, upstream: b }}\n",
+        backend.addr
+    ))
+    .await;
+    let c = client();
+    let burst = || {
+        let calls = (0..40).map(|i| {
+            let c = c.clone();
+            let url = gw.url(&format!("/item/{i}?sleep=50"));
+            async move { echo(c.get(url).send().await.unwrap()).await }
+        });
+        futures_util::future::join_all(calls)
+    };
+    for seen in burst().await {
+        assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+        assert_eq!(seen["backend"], "h2");
+    }
+    // A burst before any connection exists opens one per request (Pingora's pool); the next
+    // burst finds them pooled and opens none.
+    let opened = backend.connections();
+    burst().await;
+    assert_eq!(backend.connections(), opened);
+}

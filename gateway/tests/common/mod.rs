@@ -219,6 +219,7 @@ async fn handle(
             .unwrap());
     }
     let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
     let path = req.uri().path().to_string();
     let q = req.uri().query().unwrap_or("").to_string();
     let mut headers = serde_json::Map::new();
@@ -245,7 +246,7 @@ async fn handle(
     }
     let out = serde_json::json!({
         "backend": st.name, "method": method, "path": path, "query": q,
-        "headers": headers, "body_len": body_len,
+        "headers": headers, "body_len": body_len, "version": version,
     });
     Ok(Response::builder()
         .header("content-type", "application/json")
@@ -548,15 +549,17 @@ impl Gateway {
     /// The value of one series of `/metrics` (its whole name with labels in Prometheus'
     /// order), 0 when it is not exported.
     pub async fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .filter(|v| v.starts_with(' '))
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .unwrap_or(0.0)
+        self.exported(series).await.unwrap_or(0.0)
+    }
+
+    /// The value of one series of `/metrics`, `None` when it is not exported (for a check
+    /// that a series reads 0, which [`Gateway::metric`] could not tell from a missing one).
+    pub async fn exported(&self, series: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .filter(|v| v.starts_with(' '))
+                .map(|v| v.trim().parse().unwrap())
+        })
     }
 
     /// The configuration generation `/ready` reports.
