@@ -442,6 +442,8 @@ async fn a_replica_killed_mid_stream_fails_the_stream_unavailable_and_calls_go_t
     victim.kill();
     let err = failure(&mut stream).await;
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The gateway's trailers, not a reset (tonic reports a reset as UNAVAILABLE too).
+    assert_eq!(err.message(), "bad gateway");
 
     for i in 0..10 {
         let m = client
@@ -718,4 +720,5 @@ routes:
         Ok(resp) => failure(&mut resp.into_inner()).await,
     };
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "upstream timeout");
 }
