@@ -21,7 +21,7 @@ pub struct Allocator;
 /// Whether a plain allocation of `size` bytes is already aligned to `align`.
 #[inline]
 fn natural(size: usize, align: usize) -> bool {
-    align <= NATURAL_ALIGN && size % align == 0
+    align <= NATURAL_ALIGN && size.is_multiple_of(align)
 }
 
 // SAFETY: every call is forwarded to mimalloc, which returns blocks of at least the requested

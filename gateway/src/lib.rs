@@ -9,6 +9,7 @@
 //! log.
 
 pub mod accesslog;
+pub mod acme;
 pub mod admin;
 pub mod alloc;
 pub mod auth;

@@ -73,6 +73,10 @@ pub struct Metrics {
     config_info: IntGaugeVec,
     /// Certificate `notAfter` (Unix seconds) per listener and certificate name.
     pub cert_expiry: IntGaugeVec,
+    /// ACME orders by listener, kind (`new`, `renewal`) and result (`issued`, `failed`).
+    pub acme_orders: IntCounterVec,
+    /// Failed ACME orders by listener and reason.
+    pub acme_failures: IntCounterVec,
     /// Access-log records dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
     /// Pooled upstream connections Pingora could not hand over for reuse (a new one is made).
@@ -379,6 +383,18 @@ impl Metrics {
                 "gateway_tls_certificate_expiry_timestamp_seconds",
                 "notAfter of each certificate",
                 &["listener", "name"],
+            ),
+            acme_orders: counter(
+                &r,
+                "gateway_acme_orders_total",
+                "ACME certificate orders by kind and result",
+                &["listener", "kind", "result"],
+            ),
+            acme_failures: counter(
+                &r,
+                "gateway_acme_failures_total",
+                "Failed ACME certificate orders by reason",
+                &["listener", "reason"],
             ),
             access_log_dropped,
             pool_reuse_failures,

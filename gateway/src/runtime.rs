@@ -197,6 +197,11 @@ pub struct Runtime {
     /// Certificate stores of the TLS listeners, by listener name. The same stores live on
     /// from runtime to runtime (Pingora holds them as the listeners' resolvers).
     pub tls_stores: BTreeMap<String, Arc<CertStore>>,
+    /// ACME certificate managers, by listener name.
+    pub acme: BTreeMap<String, Arc<crate::acme::Manager>>,
+    /// Storage folders of the ACME managers answering HTTP-01; empty: the challenge path is
+    /// an ordinary path.
+    pub acme_http01: Vec<std::path::PathBuf>,
     /// The policies of listeners that have some (HTTPS redirect, HSTS), by bound address.
     pub listeners: Vec<(SocketAddr, Pipeline)>,
     /// The access log, when on.

@@ -224,7 +224,7 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     for (name, l) in &loaded.config.listeners.value {
         let tls = match (&l.tls, shared.load().tls_stores.get(name)) {
             (Some(tls), Some(store)) => {
-                Some(crate::tls::settings(store.clone(), tls).map_err(|e| {
+                Some(crate::tls::acceptor(store.clone(), tls).map_err(|e| {
                     anyhow::anyhow!("{}: listeners.{name}.tls: {e}", path.display())
                 })?)
             }

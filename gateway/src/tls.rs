@@ -7,7 +7,7 @@
 
 use crate::config::{CertificateConfig, ClientAuthConfig, TlsConfig};
 use arc_swap::ArcSwap;
-use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::tls::Acceptor;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -27,6 +27,19 @@ struct CertTable {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     /// The first certificate: for clients without SNI or with an unknown name.
     default: Option<Arc<CertifiedKey>>,
+    /// What each certificate is, for the metric and the admin views.
+    expiries: Vec<CertInfo>,
+}
+
+/// A listener's ACME certificate and challenge settings.
+#[derive(Default)]
+struct AcmeCerts {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// The ACME certificate, for clients without SNI when no file certificate is configured.
+    default: Option<Arc<CertifiedKey>>,
+    info: Vec<CertInfo>,
+    /// Answer TLS-ALPN-01 validation, with the storage folder other instances publish to.
+    tls_alpn: Option<PathBuf>,
 }
 
 /// A file's identity for change detection.
@@ -42,6 +55,8 @@ fn stamp(path: &Path) -> Stamp {
 pub struct CertStore {
     listener: String,
     table: ArcSwap<CertTable>,
+    /// Certificates from ACME, served for names no file certificate covers.
+    acme: ArcSwap<AcmeCerts>,
     /// The configured pairs and the file stamps they were loaded from.
     source: Mutex<(Vec<CertificateConfig>, Vec<Stamp>)>,
     poll_ms: AtomicU64,
@@ -57,9 +72,13 @@ impl std::fmt::Debug for CertStore {
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let table = self.table.load();
-        if let Some(name) = hello.server_name() {
+        let acme = self.acme.load();
+        let name = hello.server_name().map(str::to_ascii_lowercase);
+        if acme.tls_alpn.is_some() && crate::acme::offers_acme_tls(&hello) {
+            return crate::acme::tls_alpn_cert(name.as_deref()?, acme.tls_alpn.as_deref());
+        }
+        if let Some(name) = name {
             // rustls hands over SNI already validated as a DNS name; compare case-insensitively.
-            let name = name.to_ascii_lowercase();
             if let Some(c) = table.exact.get(&name) {
                 return Some(c.clone());
             }
@@ -68,8 +87,11 @@ impl ResolvesServerCert for CertStore {
                     return Some(c.clone());
                 }
             }
+            if let Some(c) = acme.exact.get(&name) {
+                return Some(c.clone());
+            }
         }
-        table.default.clone()
+        table.default.clone().or_else(|| acme.default.clone())
     }
 }
 
@@ -146,10 +168,58 @@ pub struct CertInfo {
     pub issuer: String,
     /// `notAfter`, Unix seconds.
     pub not_after: i64,
-    /// Where it comes from: `file`.
+    /// Where it comes from: `file` or `acme`.
     pub source: &'static str,
     /// The certificate file.
     pub file: String,
+}
+
+/// A certificate read from ACME storage.
+#[derive(Clone)]
+pub struct StoredCert {
+    pub key: Arc<CertifiedKey>,
+    /// Its DNS names, lower case.
+    pub names: Vec<String>,
+    /// `notBefore` and `notAfter`, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// SHA-256 of the leaf, to tell certificates apart.
+    pub fingerprint: [u8; 32],
+    pub info: CertInfo,
+}
+
+/// Parses a stored chain and key (PEM); `file` names them in errors and in the admin views.
+pub fn stored_cert(chain: &[u8], key: &[u8], file: &str) -> Result<StoredCert, String> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &chain[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{file}: {e}"))?;
+    let Some(leaf) = certs.first().cloned() else {
+        return Err(format!("{file}: no certificate in the file"));
+    };
+    let key = rustls_pemfile::private_key(&mut &key[..])
+        .map_err(|e| format!("{file}: key: {e}"))?
+        .ok_or_else(|| format!("{file}: no private key"))?;
+    let signer = any_supported_type(&key).map_err(|e| format!("{file}: key: {e}"))?;
+    let certified = CertifiedKey::new(certs, signer);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{file}: the key does not belong to it: {e}"))?;
+    let names = san_names(&leaf).map_err(|e| format!("{file}: {e}"))?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| format!("{file}: {e}"))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(digest.as_ref());
+    let mut info = cert_info(&leaf, &names, file).ok_or_else(|| format!("{file}: unreadable"))?;
+    info.source = "acme";
+    Ok(StoredCert {
+        key: Arc::new(certified),
+        names,
+        not_before: parsed.validity().not_before.timestamp(),
+        not_after: parsed.validity().not_after.timestamp(),
+        fingerprint,
+        info,
+    })
 }
 
 fn cert_info(cert: &CertificateDer<'_>, names: &[String], file: &str) -> Option<CertInfo> {
@@ -212,11 +282,13 @@ fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<CertInfo>)
         }
         table.default.get_or_insert(key);
     }
+    table.expiries = expiries.clone();
     Ok((table, expiries))
 }
 
-fn record_expiries(listener: &str, certs: &[CertInfo]) {
-    for c in certs {
+fn record_expiries(listener: &str, files: &[CertInfo], acme: &[CertInfo]) {
+    let certs: Vec<CertInfo> = files.iter().chain(acme).cloned().collect();
+    for c in &certs {
         let label = c.names.first().unwrap_or(&c.file);
         crate::metrics::METRICS
             .cert_expiry
@@ -224,17 +296,18 @@ fn record_expiries(listener: &str, certs: &[CertInfo]) {
             .set(c.not_after);
     }
     if let Ok(mut inventory) = INVENTORY.lock() {
-        inventory.insert(listener.to_string(), certs.to_vec());
+        inventory.insert(listener.to_string(), certs);
     }
 }
 
 impl CertStore {
     /// A store serving `loaded` for the listener named `listener`.
     pub fn new(listener: &str, loaded: LoadedCerts, poll: Duration) -> Arc<CertStore> {
-        record_expiries(listener, &loaded.expiries);
+        record_expiries(listener, &loaded.expiries, &[]);
         Arc::new(CertStore {
             listener: listener.to_string(),
             table: ArcSwap::from_pointee(loaded.table),
+            acme: ArcSwap::from_pointee(AcmeCerts::default()),
             source: Mutex::new((loaded.certs, loaded.stamps)),
             poll_ms: AtomicU64::new(poll.as_millis().max(10) as u64),
             watching: AtomicBool::new(false),
@@ -244,7 +317,7 @@ impl CertStore {
     /// Serves `loaded` from now on (a configuration reload). Cannot fail: everything that can
     /// was done when the certificates were loaded.
     pub fn install(&self, loaded: LoadedCerts) {
-        record_expiries(&self.listener, &loaded.expiries);
+        record_expiries(&self.listener, &loaded.expiries, &self.acme.load().info);
         self.table.store(Arc::new(loaded.table));
         if let Ok(mut source) = self.source.lock() {
             *source = (loaded.certs, loaded.stamps);
@@ -264,7 +337,7 @@ impl CertStore {
         }
         match build_table(&certs) {
             Ok((table, expiries)) => {
-                record_expiries(&self.listener, &expiries);
+                record_expiries(&self.listener, &expiries, &self.acme.load().info);
                 self.table.store(Arc::new(table));
                 info!(listener = %self.listener, "certificates reloaded");
             }
@@ -276,6 +349,44 @@ impl CertStore {
         if let Ok(mut source) = self.source.lock() {
             source.1 = now;
         }
+    }
+
+    /// Serves `cert` for its names from now on, in place of the previous ACME certificate.
+    pub fn install_acme(&self, cert: &StoredCert) {
+        let previous = self.acme.load();
+        let acme = AcmeCerts {
+            exact: cert
+                .names
+                .iter()
+                .map(|n| (n.clone(), cert.key.clone()))
+                .collect(),
+            default: Some(cert.key.clone()),
+            info: vec![cert.info.clone()],
+            tls_alpn: previous.tls_alpn.clone(),
+        };
+        record_expiries(&self.listener, &self.table.load().expiries, &acme.info);
+        self.acme.store(Arc::new(acme));
+    }
+
+    /// Whether the listener answers TLS-ALPN-01 validation, and from which storage folder;
+    /// `None` also for a listener without ACME.
+    pub fn set_acme_challenge(&self, tls_alpn: Option<PathBuf>) {
+        let previous = self.acme.load();
+        self.acme.store(Arc::new(AcmeCerts {
+            exact: previous.exact.clone(),
+            default: previous.default.clone(),
+            info: previous.info.clone(),
+            tls_alpn,
+        }));
+    }
+
+    /// Stops serving ACME certificates (the listener no longer has `acme`).
+    pub fn clear_acme(&self) {
+        if self.acme.load().default.is_none() && self.acme.load().tls_alpn.is_none() {
+            return;
+        }
+        self.acme.store(Arc::new(AcmeCerts::default()));
+        record_expiries(&self.listener, &self.table.load().expiries, &[]);
     }
 
     /// How often the files are checked from now on.
@@ -309,23 +420,28 @@ fn files(c: &CertificateConfig) -> [PathBuf; 2] {
     [PathBuf::from(&c.cert.value), PathBuf::from(&c.key.value)]
 }
 
-/// Pingora's TLS settings for a listener: TLS 1.2 and 1.3 only (Pingora's rustls default),
-/// rustls's modern cipher suites, ALPN h2 + http/1.1, certificates from `store`, and the
-/// client-certificate policy.
-pub fn settings(store: Arc<CertStore>, tls: &TlsConfig) -> Result<TlsSettings, String> {
-    // No certificate paths: the resolver answers every handshake.
-    let mut settings =
-        TlsSettings::intermediate("", "").map_err(|e| format!("TLS settings: {e}"))?;
-    settings.set_cert_resolver(store);
-    if tls.http2 {
-        settings.enable_h2();
+/// The TLS acceptor of a listener: TLS 1.2 and 1.3 with rustls's modern cipher suites (as
+/// Pingora's own settings), certificates from `store`, the client-certificate policy, and ALPN
+/// h2 + http/1.1 (or http/1.1 alone) with `acme-tls/1` last, for ACME validation.
+pub fn acceptor(store: Arc<CertStore>, tls: &TlsConfig) -> Result<Acceptor, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| format!("TLS settings: {e}"))?;
+    let builder = match &tls.client_auth {
+        Some(client) => builder.with_client_cert_verifier(client_verifier(client)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(store);
+    config.alpn_protocols = if tls.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
-        settings.set_alpn(pingora::protocols::ALPN::H1);
-    }
-    if let Some(client) = &tls.client_auth {
-        settings.set_client_cert_verifier(client_verifier(client)?);
-    }
-    Ok(settings)
+        vec![b"http/1.1".to_vec()]
+    };
+    config
+        .alpn_protocols
+        .push(crate::acme::ACME_TLS_ALPN.to_vec());
+    Ok(Acceptor::from_server_config(Arc::new(config)))
 }
 
 fn client_verifier(
@@ -380,8 +496,8 @@ pub fn load_ca(path: &str) -> Result<(Arc<pingora::protocols::tls::CaType>, u64)
 
 /// Compiles a listener's TLS section without serving: every pair loads, the client CA reads.
 pub fn load(tls: &TlsConfig) -> Result<LoadedCerts, String> {
-    if tls.certificates.is_empty() {
-        return Err("certificates: at least one is needed".into());
+    if tls.certificates.is_empty() && tls.acme.is_none() {
+        return Err("certificates: at least one is needed, or `acme`".into());
     }
     let loaded = LoadedCerts::load(&tls.certificates)?;
     if let Some(c) = &tls.client_auth {

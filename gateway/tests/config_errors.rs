@@ -28,6 +28,14 @@ fn with_listener(line: &str) -> String {
     config("", ROUTE).replace("admin:", &format!("{line}admin:"))
 }
 
+/// A TLS listener line with `acme: { <settings> }`.
+fn acme_listener(settings: &str) -> String {
+    format!(
+        "  https: {{ address: \"127.0.0.1:{}\", tls: {{ acme: {{ {settings} }} }} }}\n",
+        free_port("127.0.0.1")
+    )
+}
+
 /// (what is wrong, the file, the field the error must name).
 fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
     vec![
@@ -327,6 +335,46 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "an HSTS value that is not a header value",
             with_listener(&tls_listener("https", dir, &["t.test"], ", hsts: \"a\\u0001b\"").1),
             "listeners.https.tls.hsts",
+        ),
+        (
+            "an ACME wildcard name",
+            with_listener(&acme_listener("domains: [\"*.example.com\"]")),
+            "listeners.https.tls.acme.domains",
+        ),
+        (
+            "an ACME directory that is no https URL",
+            with_listener(&acme_listener(
+                "domains: [example.com], directory: \"http://acme.test/dir\"",
+            )),
+            "listeners.https.tls.acme.directory",
+        ),
+        (
+            "an ACME account binding key that is not base64url",
+            with_listener(&acme_listener(
+                "domains: [example.com], eab: { kid: k, hmac_key: \"no!\" }",
+            )),
+            "listeners.https.tls.acme.eab.hmac_key",
+        ),
+        (
+            "an unknown ACME challenge",
+            with_listener(&acme_listener("domains: [example.com], challenge: dns-01")),
+            "listeners.https.tls.acme.challenge",
+        ),
+        (
+            "HTTP-01 without a plain listener",
+            with_listener(&acme_listener(
+                "domains: [example.com], challenge: http-01",
+            ))
+            .replace("http: { address", "web: { tls: { acme: { domains: [example.org] } }, address"),
+            "listeners.https.tls.acme.challenge",
+        ),
+        (
+            "a TLS listener with neither certificates nor ACME",
+            with_listener(&format!(
+                "  https: {{ address: \"127.0.0.1:{}\", tls: {{}} }}\n",
+                free_port("127.0.0.1")
+            )),
+            "listeners.https.tls",
         ),
         (
             "a redirect on a TLS listener",

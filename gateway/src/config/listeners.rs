@@ -36,8 +36,13 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// Certificate/key pairs; the first is also the default (no SNI, unknown name).
+    /// Certificate/key pairs; the first is also the default (no SNI, unknown name). May be
+    /// empty when `acme` is set.
+    #[serde(default)]
     pub certificates: Vec<CertificateConfig>,
+    /// Certificates obtained and renewed from an ACME server (RFC 8555).
+    #[serde(default)]
+    pub acme: Option<Spanned<AcmeConfig>>,
     /// Offer HTTP/2 in ALPN. Default true.
     #[serde(default = "yes")]
     pub http2: bool,
@@ -69,6 +74,77 @@ pub struct CertificateConfig {
     /// (`*.example.com` covers one label).
     #[serde(default)]
     pub names: Vec<String>,
+}
+
+/// Certificates from an ACME server for a TLS listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// `letsencrypt`, `letsencrypt-staging`, or the directory URL of any ACME server.
+    /// Default `letsencrypt`.
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// Contact address given to the ACME server for its expiry and policy notices.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// The names the certificate is for (one certificate for all of them).
+    pub domains: Vec<String>,
+    /// How names are proven: `tls-alpn-01` (on this listener) or `http-01` (on the plain
+    /// listeners). Default `tls-alpn-01`.
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// Folder for the account key, certificates and the lock shared by gateway instances.
+    /// Default `acme`.
+    #[serde(default = "default_acme_storage")]
+    pub storage: String,
+    /// PEM file of the root the ACME server's own HTTPS certificate chains to, for a private
+    /// ACME server. Default: the system's roots.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Renew when this much of the certificate's lifetime is left. Default: a third of it.
+    #[serde(default)]
+    pub renew_before: Option<Dur>,
+    /// The first wait after a failed order; each further failure doubles it, up to a day.
+    /// Default 1m.
+    #[serde(default = "default_acme_retry")]
+    pub retry_interval: Dur,
+    /// External account binding, for ACME servers that require one.
+    #[serde(default)]
+    pub eab: Option<EabConfig>,
+}
+
+/// The ACME challenge a listener answers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// A certificate made for the challenge, in the TLS handshake (ALPN `acme-tls/1`).
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// `/.well-known/acme-challenge/` on the plain listeners.
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+/// External account binding (RFC 8555 §7.3.4).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EabConfig {
+    /// The key identifier the provider gave.
+    pub kid: String,
+    /// The MAC key the provider gave, base64url. Write it as `${VAR}`.
+    pub hmac_key: String,
+}
+
+fn default_acme_directory() -> String {
+    "letsencrypt".to_string()
+}
+
+fn default_acme_storage() -> String {
+    "acme".to_string()
+}
+
+fn default_acme_retry() -> Dur {
+    Dur::secs(60)
 }
 
 /// Client certificates.

@@ -31,7 +31,7 @@ use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
-use pingora::listeners::tls::{Acceptor, TlsSettings};
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::ALPN;
@@ -86,7 +86,7 @@ impl Downstream {
     pub fn new(
         proxy: HttpProxy<Gateway>,
         runtime: Arc<ArcSwap<Runtime>>,
-        listeners: impl IntoIterator<Item = (String, SocketAddr, Option<TlsSettings>)>,
+        listeners: impl IntoIterator<Item = (String, SocketAddr, Option<Acceptor>)>,
         h2c: bool,
         handing_over: Arc<AtomicBool>,
     ) -> Downstream {
@@ -95,8 +95,8 @@ impl Downstream {
             .map(|(name, address, tls)| ListenerHandles {
                 // Counters made from the start, so that dashboards and alerts see zeros rather
                 // than nothing, and no handshake looks a label up.
-                tls: tls.map(|settings| TlsListener {
-                    acceptor: settings.build(),
+                tls: tls.map(|acceptor| TlsListener {
+                    acceptor,
                     tls12: METRICS
                         .tls_handshakes
                         .with_label_values(&[&name, "TLSv1.2"]),
@@ -280,9 +280,17 @@ impl ServerApp for Downstream {
         }
         let tls = stream.get_ssl_digest();
         let mut protocol = Protocol::Http1;
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            protocol = Protocol::H2;
-        } else if self.h2c && tls.is_none() && stream.as_any().is::<L4Stream>() {
+        match stream.selected_alpn_proto() {
+            Some(ALPN::H2) => protocol = Protocol::H2,
+            // ACME validation (TLS-ALPN-01) ends with the handshake.
+            Some(ALPN::Custom(p)) if p.protocol() == crate::acme::ACME_TLS_ALPN => return None,
+            _ => {}
+        }
+        if !matches!(protocol, Protocol::H2)
+            && self.h2c
+            && tls.is_none()
+            && stream.as_any().is::<L4Stream>()
+        {
             // Bounded: a client that sends nothing is cut off at the head deadline.
             match tokio::time::timeout(header_timeout, read_h2c_preface(stream)).await {
                 Ok(Some((read, is_h2))) => {

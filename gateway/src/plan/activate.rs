@@ -5,6 +5,7 @@
 //! an activation either applies whole or changes nothing.
 
 use super::{ListenerPlan, Plan, PolicyPlan, RoutePlan};
+use crate::acme::Manager as AcmeManager;
 use crate::auth::AuthPolicy;
 use crate::metrics::RouteMetrics;
 use crate::policy::{
@@ -20,10 +21,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tracing::warn;
 
-/// Listener pipelines by bound address, and certificate stores by listener name.
+/// Listener pipelines by bound address, certificate stores and ACME managers by listener
+/// name.
 type Listeners = (
     Vec<(SocketAddr, Pipeline)>,
     BTreeMap<String, Arc<CertStore>>,
+    BTreeMap<String, Arc<AcmeManager>>,
 );
 
 /// Makes the runtime a plan describes. Upstreams whose definition did not change are taken
@@ -162,7 +165,15 @@ pub async fn activate(
     };
 
     // Last, and unable to fail: the certificates go live.
-    let (listeners, tls_stores) = listeners(plan.listeners, previous);
+    let (listeners, tls_stores, acme) = listeners(plan.listeners, previous);
+    let mut acme_http01: Vec<std::path::PathBuf> = Vec::new();
+    for m in acme.values() {
+        let p = m.plan();
+        if p.challenge == crate::config::AcmeChallenge::Http01 && !acme_http01.contains(&p.storage)
+        {
+            acme_http01.push(p.storage.clone());
+        }
+    }
 
     Ok(Runtime {
         generation,
@@ -174,6 +185,8 @@ pub async fn activate(
         auth,
         rate_limits,
         tls_stores,
+        acme,
+        acme_http01,
         listeners,
         unmatched: previous.map_or_else(
             || Arc::new(RouteMetrics::new("(none)")),
@@ -320,6 +333,7 @@ fn route(
 fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners {
     let mut pipelines = Vec::new();
     let mut stores = BTreeMap::new();
+    let mut acme = BTreeMap::new();
     for l in plans {
         let mut policies = Vec::new();
         if let Some(port) = l.redirect_https {
@@ -342,9 +356,20 @@ fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners 
             }
             None => CertStore::new(&l.name, certs, poll),
         };
+        match l.acme {
+            Some(plan) => {
+                let kept = previous
+                    .and_then(|p| p.acme.get(&l.name))
+                    .filter(|m| *m.plan() == plan)
+                    .cloned();
+                let manager = kept.unwrap_or_else(|| AcmeManager::new(plan, store.clone()));
+                acme.insert(l.name.clone(), manager);
+            }
+            None => store.clear_acme(),
+        }
         stores.insert(l.name, store);
     }
-    (pipelines, stores)
+    (pipelines, stores, acme)
 }
 
 /// Starts the background tasks of every part of `rt` that does not run them yet: upstream
@@ -362,6 +387,9 @@ pub fn start_tasks(rt: &Runtime) {
     }
     for store in rt.tls_stores.values() {
         store.spawn_watch();
+    }
+    for manager in rt.acme.values() {
+        manager.start();
     }
     for mirror in rt.routes.iter().filter_map(|r| r.mirror.as_ref()) {
         mirror.spawn_task();

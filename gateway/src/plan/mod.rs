@@ -147,6 +147,8 @@ pub struct ListenerPlan {
     pub hsts: Option<http::HeaderValue>,
     /// A TLS listener's certificates, loaded; and how often their files are polled.
     pub tls: Option<(LoadedCerts, std::time::Duration)>,
+    /// A TLS listener's ACME certificate.
+    pub acme: Option<crate::acme::AcmePlan>,
     /// Named policies run before routing.
     pub policies: Vec<NamedPolicy>,
     /// Bodies of the gateway's own answers on it.
@@ -339,6 +341,24 @@ fn compile_listeners(
             Some(tls) => Some(compile_tls(c, name, &l.address.referenced, tls)?),
             None => None,
         };
+        let acme = match l.tls.as_ref().and_then(|t| t.acme.as_ref()) {
+            Some(acme) => {
+                let plain = config.listeners.value.values().any(|l| l.tls.is_none());
+                if acme.value.challenge == crate::config::AcmeChallenge::Http01 && !plain {
+                    return Err(c.err_at(
+                        acme,
+                        format!("listeners.{name}.tls.acme.challenge"),
+                        "http-01 is answered on a plain listener (port 80), and there is none: add one, or use tls-alpn-01",
+                    ));
+                }
+                Some(
+                    crate::acme::compile(name, &acme.value).map_err(|(field, e)| {
+                        c.err_at(acme, format!("listeners.{name}.tls.acme.{field}"), e)
+                    })?,
+                )
+            }
+            None => None,
+        };
         let hsts = match l.tls.as_ref().and_then(|t| t.hsts.as_ref()) {
             Some(v) => Some(http::HeaderValue::from_str(v).map_err(|_| {
                 c.err_at(
@@ -356,6 +376,7 @@ fn compile_listeners(
             redirect_https: l.redirect_https,
             hsts,
             tls,
+            acme,
             policies: named::resolve(c, named, &l.policies, &field)?,
             error_pages: named::error_pages(
                 c,

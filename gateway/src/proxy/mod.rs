@@ -60,6 +60,17 @@ impl Gateway {
 
 /// Everything `request_filter` decides before the request goes upstream: `Ok` to forward it,
 /// `Err` with the answer to write instead.
+/// The answer to an HTTP-01 validation request.
+async fn acme_http01(rt: &Runtime, token: &str) -> Answer {
+    match crate::acme::http01_answer(&rt.acme_http01, token).await {
+        Some(key_auth) => Answer::fixed(
+            200,
+            Arc::new((http::HeaderValue::from_static("text/plain"), key_auth)),
+        ),
+        None => Answer::error(404, "no such ACME challenge"),
+    }
+}
+
 async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
     let raw_head = session
         .as_downstream()
@@ -69,6 +80,12 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
         Ok(head) => head.path,
         Err(refused) => return Err(refused.answer()),
     };
+    // ACME validation comes before any listener policy (an HTTPS redirect) and any route.
+    if !rt.acme_http01.is_empty() {
+        if let Some(token) = path.strip_prefix(crate::acme::HTTP01_PREFIX) {
+            return Err(acme_http01(rt, token).await);
+        }
+    }
 
     if !rt.listeners.is_empty() {
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();

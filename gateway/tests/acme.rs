@@ -1,0 +1,636 @@
+//! ACME: certificates obtained, stored, renewed and shared, against a real ACME server
+//! (Pebble, Let's Encrypt's test server, from Debian's `pebble` package) that resolves the
+//! names through the tests' DNS server and validates against the gateway's listeners.
+
+mod common;
+
+use common::*;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A running Pebble with its own CA for its API, validating on `http_port` / `tls_port`.
+struct Pebble {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The directory URL.
+    directory: String,
+    management: SocketAddr,
+    /// PEM of the root the API's certificate chains to (the gateway's `acme.ca`).
+    api_ca: PathBuf,
+}
+
+/// Pebble's settings for one test.
+struct PebbleSettings<'a> {
+    http_port: u16,
+    tls_port: u16,
+    dns: SocketAddr,
+    /// Lifetime of the certificates it issues, seconds.
+    validity: u64,
+    /// External account binding keys (kid, base64url key); required when any.
+    eab: &'a [(&'a str, &'a str)],
+}
+
+impl Pebble {
+    fn start(s: PebbleSettings<'_>) -> Pebble {
+        let dir = tempfile::tempdir().unwrap();
+        certs(dir.path(), &["127.0.0.1"]);
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let management: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let keys: serde_json::Map<String, serde_json::Value> = s
+            .eab
+            .iter()
+            .map(|(kid, key)| (kid.to_string(), serde_json::Value::from(*key)))
+            .collect();
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": listen.to_string(),
+                "managementListenAddress": management.to_string(),
+                "certificate": dir.path().join("127.0.0.1.pem"),
+                "privateKey": dir.path().join("127.0.0.1-key.pem"),
+                "httpPort": s.http_port,
+                "tlsPort": s.tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": !s.eab.is_empty(),
+                "externalAccountMACKeys": keys,
+                "certificateValidityPeriod": s.validity,
+            }
+        });
+        let config_path = dir.path().join("pebble.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let log = std::fs::File::create(dir.path().join("pebble.log")).unwrap();
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(&config_path)
+            .arg("-dnsserver")
+            .arg(s.dns.to_string())
+            // Validate at once, and never reuse an earlier validation: every order is proven.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("pebble (Debian package `pebble`; scripts/test installs it)");
+        let pebble = Pebble {
+            child,
+            api_ca: dir.path().join("ca.pem"),
+            directory: format!("https://{listen}/dir"),
+            management,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not start:\n{}",
+                pebble.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pebble
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+
+    /// The root Pebble issues under (made anew at each start), from its management API.
+    fn issuing_root(&self) -> Vec<CertificateDer<'static>> {
+        let out = Command::new("curl")
+            .args(["-sf", "--cacert"])
+            .arg(&self.api_ca)
+            .arg(format!("https://{}/roots/0", self.management))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pebble roots: {out:?}");
+        rustls_pemfile::certs(&mut out.stdout.as_slice())
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What one verified HTTPS request saw: the leaf's SHA-256 and the response.
+struct Seen {
+    leaf: CertificateDer<'static>,
+    response: String,
+}
+
+impl Seen {
+    fn fingerprint(&self) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, self.leaf.as_ref())
+            .as_ref()
+            .to_vec()
+    }
+
+    fn issuer(&self) -> String {
+        let (_, c) = x509_parser::parse_x509_certificate(self.leaf.as_ref()).unwrap();
+        c.issuer().to_string()
+    }
+}
+
+/// `GET /acme-test` on `addr` for `sni` over TLS, verified against `roots`.
+async fn https_get(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+) -> Result<Seen, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    tls.write_all(
+        format!("GET /acme-test HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    Ok(Seen {
+        leaf,
+        response: String::from_utf8_lossy(&out).into_owned(),
+    })
+}
+
+/// A TLS-ALPN-01 validation handshake for `sni` (ALPN `acme-tls/1` only, no verification
+/// beyond recording the certificate): the leaf, and what the server sent after the handshake.
+async fn validation_handshake(addr: SocketAddr, sni: &str) -> (CertificateDer<'static>, Vec<u8>) {
+    #[derive(Debug)]
+    struct AnyCert;
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the validation connection stayed open");
+    (leaf, rest)
+}
+
+/// Waits up to `limit` for a verified certificate on `addr` for `sni`.
+async fn wait_for_cert(
+    gw: &Gateway,
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    limit: Duration,
+) -> Seen {
+    let deadline = Instant::now() + limit;
+    loop {
+        match https_get(addr, sni, roots).await {
+            Ok(seen) => return seen,
+            Err(e) if Instant::now() > deadline => {
+                panic!("no certificate for {sni}: {e}\ngateway log:\n{}", gw.log())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Two free ports on every IP in `ips`: the plain and TLS ports Pebble validates on.
+fn validation_ports(ips: &[&str]) -> (u16, u16) {
+    let pick = || loop {
+        let port = free_port(ips[0]);
+        if ips
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    };
+    (pick(), pick())
+}
+
+/// Listener lines: a plain one on `ip:http` and a TLS one on `ip:https` with `tls` settings.
+fn acme_listeners(ip: &str, http: u16, https: u16, tls: &str) -> String {
+    format!(
+        "  acme_http: {{ address: \"{ip}:{http}\" }}\n  https: {{ address: \"{ip}:{https}\", tls: {{ {tls} }} }}\n"
+    )
+}
+
+/// `acme:` settings for `domains` against `pebble`, storing in `storage`.
+fn acme_settings(pebble: &Pebble, domains: &str, storage: &Path, extra: &str) -> String {
+    format!(
+        "acme: {{ directory: \"{}\", ca: \"{}\", email: ops@example.com, domains: [{domains}], storage: \"{}\"{extra} }}",
+        pebble.directory,
+        pebble.api_ca.display(),
+        storage.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dns = Dns::start().await;
+    dns.set("a.acme.test", &["127.0.0.1"]);
+    let (http, https) = validation_ports(&["127.0.0.1"]);
+    let pebble = Pebble::start(PebbleSettings {
+        http_port: http,
+        tls_port: https,
+        dns: dns.addr,
+        validity: 3600,
+        eab: &[],
+    });
+    let storage = tempfile::tempdir().unwrap();
+    let tls = acme_settings(
+        &pebble,
+        "a.acme.test",
+        storage.path(),
+        ", challenge: http-01",
+    );
+    let listeners = acme_listeners("127.0.0.1", http, https, &tls);
+    let body = one_route_to(&backend, "");
+    let gw = Gateway::start_with("", &listeners, &body).await;
+    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+    let roots = pebble.issuing_root();
+    let seen = wait_for_cert(&gw, addr, "a.acme.test", &roots, Duration::from_secs(30)).await;
+    assert!(
+        seen.response.starts_with("HTTP/1.1 200"),
+        "{}",
+        seen.response
+    );
+    assert!(seen.issuer().contains("Pebble"), "{}", seen.issuer());
+    let orders = "gateway_acme_orders_total{kind=\"new\",listener=\"https\",result=\"issued\"}";
+    assert_eq!(gw.metric(orders).await, 1.0);
+    let log = gw.log();
+    assert!(
+        log.contains("ACME certificate issued") && log.contains("a.acme.test"),
+        "{log}"
+    );
+    // Shown with its source, and in the expiry metric the alert reads.
+    let certs = gw.admin_json("/certificates").await;
+    let listed = &certs["listeners"]["https"][0];
+    assert_eq!(listed["source"], "acme", "{certs}");
+    assert_eq!(listed["names"][0], "a.acme.test");
+    let expiry = gw
+        .metric("gateway_tls_certificate_expiry_timestamp_seconds{listener=\"https\",name=\"a.acme.test\"}")
+        .await;
+    assert_eq!(expiry as i64, listed["not_after"].as_i64().unwrap());
+    // The private keys on disk are the owner's alone.
+    for entry in walk(storage.path()) {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "key.pem" || name.ends_with(".json") {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&entry).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", entry.display());
+        }
+    }
+    // With HTTP-01 on, the challenge path is the gateway's: an unknown token is a 404 of its
+    // own, not a request to the route's backend.
+    let hits = backend.hits();
+    let r = client()
+        .get(format!(
+            "http://127.0.0.1:{http}/.well-known/acme-challenge/unknown"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(backend.hits(), hits);
+    drop(gw);
+
+    // A restart serves the stored certificate at once and orders nothing.
+    let gw = Gateway::start_with("", &listeners, &body).await;
+    let again = https_get(addr, "a.acme.test", &roots).await.unwrap();
+    assert_eq!(again.fingerprint(), seen.fingerprint());
+    assert_eq!(gw.metric(orders).await, 0.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.metric(orders).await, 0.0, "{}", gw.log());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_name() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dns = Dns::start().await;
+    dns.set("b.acme.test", &["127.0.0.1"]);
+    dns.set("c.acme.test", &["127.0.0.1"]);
+    let (http, https) = validation_ports(&["127.0.0.1"]);
+    const KID: &str = "kid-1";
+    const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let pebble = Pebble::start(PebbleSettings {
+        http_port: http,
+        tls_port: https,
+        dns: dns.addr,
+        validity: 3600,
+        eab: &[(KID, KEY)],
+    });
+    let files = tempfile::tempdir().unwrap();
+    certs(files.path(), &["files.acme.test"]);
+    let storage = tempfile::tempdir().unwrap();
+    let tls = format!(
+        "certificates: [ {{ cert: \"{0}/files.acme.test.pem\", key: \"{0}/files.acme.test-key.pem\" }} ], {1}",
+        files.path().display(),
+        acme_settings(
+            &pebble,
+            "b.acme.test, c.acme.test",
+            storage.path(),
+            &format!(", challenge: tls-alpn-01, eab: {{ kid: {KID}, hmac_key: {KEY} }}"),
+        )
+    );
+    // No plain listener is needed for TLS-ALPN-01.
+    let listeners = format!("  https: {{ address: \"127.0.0.1:{https}\", tls: {{ {tls} }} }}\n");
+    let gw = Gateway::start_with("", &listeners, &one_route_to(&backend, "")).await;
+    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+    let roots = pebble.issuing_root();
+    let b = wait_for_cert(&gw, addr, "b.acme.test", &roots, Duration::from_secs(30)).await;
+    assert!(b.response.starts_with("HTTP/1.1 200"), "{}", b.response);
+    // One certificate for both names.
+    let c = https_get(addr, "c.acme.test", &roots).await.unwrap();
+    assert_eq!(c.fingerprint(), b.fingerprint());
+    // The file certificate answers for its own name, ACME for the rest.
+    let dev_ca: Vec<CertificateDer<'static>> = rustls_pemfile::certs(
+        &mut std::fs::read(files.path().join("ca.pem"))
+            .unwrap()
+            .as_slice(),
+    )
+    .map(Result::unwrap)
+    .collect();
+    let f = https_get(addr, "files.acme.test", &dev_ca).await.unwrap();
+    assert!(
+        f.issuer().contains("gateway development CA"),
+        "{}",
+        f.issuer()
+    );
+    let sources: Vec<String> = gw.admin_json("/certificates").await["listeners"]["https"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["source"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sources, ["file", "acme"]);
+    // A validation handshake (ALPN acme-tls/1) gets the challenge certificate published in the
+    // shared folder, and the connection ends with the handshake.
+    let published = storage.path().join("challenges/tls-alpn-01/x.acme.test");
+    std::fs::create_dir_all(published.parent().unwrap()).unwrap();
+    std::fs::write(&published, "token.thumbprint").unwrap();
+    let (leaf, rest) = validation_handshake(addr, "x.acme.test").await;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+        .expect("acmeIdentifier extension");
+    assert!(ext.critical);
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"token.thumbprint");
+    assert!(ext.value.ends_with(digest.as_ref()));
+    assert!(rest.is_empty());
+    // (Pebble here refuses accounts without a binding: the certificate shows it was bound.)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_swaps_the_certificate_without_a_failed_handshake() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dns = Dns::start().await;
+    dns.set("r.acme.test", &["127.0.0.1"]);
+    let (http, https) = validation_ports(&["127.0.0.1"]);
+    // 30 s certificates: renewed once a third of that is left.
+    let pebble = Pebble::start(PebbleSettings {
+        http_port: http,
+        tls_port: https,
+        dns: dns.addr,
+        validity: 30,
+        eab: &[],
+    });
+    let storage = tempfile::tempdir().unwrap();
+    let tls = acme_settings(&pebble, "r.acme.test", storage.path(), "");
+    let listeners = acme_listeners("127.0.0.1", http, https, &tls);
+    let gw = Gateway::start_with("", &listeners, &one_route_to(&backend, "")).await;
+    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+    let roots = pebble.issuing_root();
+    let first = wait_for_cert(&gw, addr, "r.acme.test", &roots, Duration::from_secs(30)).await;
+    // A client connecting back to back until a new certificate comes: no failure between.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (mut handshakes, mut renewed) = (0, None);
+    while Instant::now() < deadline {
+        let seen = https_get(addr, "r.acme.test", &roots)
+            .await
+            .unwrap_or_else(|e| panic!("after {handshakes} handshakes: {e}\n{}", gw.log()));
+        assert!(
+            seen.response.starts_with("HTTP/1.1 200"),
+            "{}",
+            seen.response
+        );
+        handshakes += 1;
+        if seen.fingerprint() != first.fingerprint() {
+            renewed = Some(seen);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(renewed.is_some(), "not renewed; log:\n{}", gw.log());
+    assert!(handshakes > 10, "{handshakes}");
+    let renewals =
+        "gateway_acme_orders_total{kind=\"renewal\",listener=\"https\",result=\"issued\"}";
+    assert_eq!(gw.metric(renewals).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_renewals_keep_the_old_certificate_are_counted_and_back_off_across_restarts() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dns = Dns::start().await;
+    dns.set("f.acme.test", &["127.0.0.1"]);
+    let (http, https) = validation_ports(&["127.0.0.1"]);
+    let mut pebble = Pebble::start(PebbleSettings {
+        http_port: http,
+        tls_port: https,
+        dns: dns.addr,
+        validity: 30,
+        eab: &[],
+    });
+    let storage = tempfile::tempdir().unwrap();
+    let tls = acme_settings(
+        &pebble,
+        "f.acme.test",
+        storage.path(),
+        ", renew_before: 25s, retry_interval: 1m",
+    );
+    let listeners = acme_listeners("127.0.0.1", http, https, &tls);
+    let body = one_route_to(&backend, "");
+    let gw = Gateway::start_with("", &listeners, &body).await;
+    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+    let roots = pebble.issuing_root();
+    let first = wait_for_cert(&gw, addr, "f.acme.test", &roots, Duration::from_secs(30)).await;
+    // The ACME server goes away; the renewal (due 5 s into the 30 s lifetime) fails.
+    pebble.stop();
+    let failures = "gateway_acme_failures_total{listener=\"https\",reason=\"account\"}";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw.metric(failures).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failure counted:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = "gateway_acme_orders_total{kind=\"renewal\",listener=\"https\",result=\"failed\"}";
+    assert_eq!(gw.metric(failed).await, 1.0);
+    // The old certificate keeps serving.
+    let seen = https_get(addr, "f.acme.test", &roots).await.unwrap();
+    assert_eq!(seen.fingerprint(), first.fingerprint());
+    assert!(gw.log().contains("ACME order failed"), "{}", gw.log());
+    // The next try waits out the backoff (1 minute), here and in a restarted instance: no
+    // order storm.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gw.metric(failures).await, 1.0);
+    drop(gw);
+    let gw = Gateway::start_with("", &listeners, &body).await;
+    let seen = https_get(addr, "f.acme.test", &roots).await.unwrap();
+    assert_eq!(seen.fingerprint(), first.fingerprint());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let any_order = gw.metric(failed).await
+        + gw.metric(
+            "gateway_acme_orders_total{kind=\"renewal\",listener=\"https\",result=\"issued\"}",
+        )
+        .await;
+    assert_eq!(any_order, 0.0, "{}", gw.log());
+    let state = walk(storage.path())
+        .into_iter()
+        .find(|p| p.ends_with("state.json"))
+        .unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+    assert_eq!(state["failures"], 1, "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_storage_order_once_and_both_serve_it() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let dns = Dns::start().await;
+    // Validation reaches the first instance only, whichever of the two orders.
+    dns.set("s.acme.test", &["127.0.0.2"]);
+    let (http, https) = validation_ports(&["127.0.0.2", "127.0.0.3"]);
+    let pebble = Pebble::start(PebbleSettings {
+        http_port: http,
+        tls_port: https,
+        dns: dns.addr,
+        validity: 3600,
+        eab: &[],
+    });
+    let storage = tempfile::tempdir().unwrap();
+    let tls = acme_settings(
+        &pebble,
+        "s.acme.test",
+        storage.path(),
+        ", challenge: http-01",
+    );
+    let body = one_route_to(&backend, "");
+    let a_listeners = acme_listeners("127.0.0.2", http, https, &tls);
+    let b_listeners = acme_listeners("127.0.0.3", http, https, &tls);
+    let (a, b) = tokio::join!(
+        Gateway::start_with("", &a_listeners, &body),
+        Gateway::start_with("", &b_listeners, &body)
+    );
+    let roots = pebble.issuing_root();
+    let a_addr: SocketAddr = format!("127.0.0.2:{https}").parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.3:{https}").parse().unwrap();
+    let from_a = wait_for_cert(&a, a_addr, "s.acme.test", &roots, Duration::from_secs(30)).await;
+    let from_b = wait_for_cert(&b, b_addr, "s.acme.test", &roots, Duration::from_secs(30)).await;
+    assert_eq!(from_a.fingerprint(), from_b.fingerprint());
+    let orders = "gateway_acme_orders_total{kind=\"new\",listener=\"https\",result=\"issued\"}";
+    let total = a.metric(orders).await + b.metric(orders).await;
+    assert_eq!(total, 1.0, "A:\n{}\nB:\n{}", a.log(), b.log());
+    // Whichever instance orders, the other answers the validation that reaches it from the
+    // shared folder: a key authorization published there is answered by both.
+    let token = "shared-token_1";
+    let path = storage.path().join("challenges/http-01").join(token);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, "shared-token_1.thumbprint").unwrap();
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let url = format!("http://{ip}:{http}/.well-known/acme-challenge/{token}");
+        let r = client().get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "shared-token_1.thumbprint");
+    }
+}
