@@ -333,7 +333,11 @@ impl AccessLog {
 
     /// Whether the next request is to be logged (sampling).
     pub fn wants(&self) -> bool {
-        self.every == 1 || self.counter.fetch_add(1, Ordering::Relaxed).is_multiple_of(self.every)
+        self.every == 1
+            || self
+                .counter
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(self.every)
     }
 
     /// Formats the record's line and adds it to the batch; never waits for the writer.

@@ -251,7 +251,11 @@ impl RateLimitPolicy {
         };
         // The table size is looked at every 256 checks (and by the cleanup task), not on
         // every request: counting it visits every shard.
-        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(256) {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(256)
+        {
             self.full
                 .store(self.limiter.len() >= self.max_keys, Ordering::Relaxed);
         }

@@ -366,6 +366,13 @@ async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(backend.hits(), hits);
+    // A reload that keeps `acme` keeps the certificate and orders nothing.
+    gw.write_config(&format!("{body}# reloaded\n"));
+    gw.wait_generation(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = https_get(addr, "a.acme.test", &roots).await.unwrap();
+    assert_eq!(after.fingerprint(), seen.fingerprint());
+    assert_eq!(gw.metric(orders).await, 1.0);
     drop(gw);
 
     // A restart serves the stored certificate at once and orders nothing.

@@ -70,12 +70,14 @@ pub fn compile(listener: &str, acme: &AcmeConfig) -> Result<AcmePlan, (String, S
         "letsencrypt-staging" => LETSENCRYPT_STAGING.to_string(),
         url => match url.parse::<http::Uri>() {
             Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => url.to_string(),
-            _ => return fail(
-                "directory",
-                format!(
+            _ => {
+                return fail(
+                    "directory",
+                    format!(
                     "`{url}` is neither `letsencrypt`, `letsencrypt-staging` nor an https:// URL"
                 ),
-            ),
+                )
+            }
         },
     };
     if acme.domains.is_empty() {
