@@ -9,7 +9,8 @@
 #   RUNTIME_IMAGE  the image the binaries run in: glibc, uid 65532 free for the runtime user
 #   BINARIES       `build` compiles here; `prebuilt` copies `gateway` and `services` from the
 #                  context's `.prebuilt/` folder instead (binaries built on the host)
-# Both paths give the same layout: /usr/local/bin/{gateway,services}, /etc/gateway/certs.
+# Both paths give the same layout: /usr/local/bin/{gateway,services}, /etc/gateway/certs,
+# /var/lib/gateway/acme.
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 ARG BINARIES=build
@@ -28,7 +29,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p gateway -p services \
- && mkdir -p /out/certs \
+ && mkdir -p /out/certs /out/acme \
  && cp target/release/gateway target/release/services /out/
 
 FROM scratch AS prebuilt
@@ -43,6 +44,9 @@ COPY --from=binaries /out/gateway /usr/local/bin/gateway
 COPY gateway.yaml /etc/gateway/gateway.yaml
 # Owned by the runtime user, so a volume mounted here can be written by `gateway certs`.
 COPY --from=binaries --chown=65532:65532 /out/certs /etc/gateway/certs
+# ACME storage (`tls.acme.storage`): a named volume mounted here starts owned by the runtime
+# user, and is what replicas share.
+COPY --from=binaries --chown=65532:65532 /out/acme /var/lib/gateway/acme
 USER 65532:65532
 EXPOSE 8080 8443 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
