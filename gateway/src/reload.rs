@@ -230,7 +230,9 @@ impl ControlPlane {
         METRICS.config_applied(generation, next.source_hash);
         METRICS.reloads.with_label_values(&["applied"]).inc();
         note("applied", None);
-        self.runtime.store(Arc::new(next));
+        let old = self.runtime.swap(Arc::new(next));
+        let now = self.runtime.load();
+        crate::acme::retire(&old.acme, &now.acme, &now.tls_stores);
         if last_refused.take().is_some() {
             info!(
                 generation,

@@ -255,6 +255,7 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     // Pingora binds the listeners in its service threads; `/ready` waits for them, and a
     // listener that cannot be bound ends the process rather than leaving it up without it.
     let listeners_bound = Arc::new(AtomicBool::new(false));
+    crate::acme::listeners_bound_at(listeners_bound.clone());
     let addresses = loaded
         .config
         .listeners

@@ -38,8 +38,9 @@ struct AcmeCerts {
     /// The ACME certificate, for clients without SNI when no file certificate is configured.
     default: Option<Arc<CertifiedKey>>,
     info: Vec<CertInfo>,
-    /// Answer TLS-ALPN-01 validation, with the storage folder other instances publish to.
-    tls_alpn: Option<PathBuf>,
+    /// Answer TLS-ALPN-01 validation for these names, with the storage folder other
+    /// instances publish to.
+    tls_alpn: Option<(PathBuf, Vec<String>)>,
 }
 
 /// A file's identity for change detection.
@@ -74,8 +75,12 @@ impl ResolvesServerCert for CertStore {
         let table = self.table.load();
         let acme = self.acme.load();
         let name = hello.server_name().map(str::to_ascii_lowercase);
-        if acme.tls_alpn.is_some() && crate::acme::offers_acme_tls(&hello) {
-            return crate::acme::tls_alpn_cert(name.as_deref()?, acme.tls_alpn.as_deref());
+        if let Some((root, names)) = &acme.tls_alpn {
+            if crate::acme::offers_acme_tls(&hello) {
+                // Only the listener's own names: any other gets no certificate.
+                let name = name.filter(|n| names.contains(n))?;
+                return crate::acme::tls_alpn_cert(&name, root);
+            }
         }
         if let Some(name) = name {
             // rustls hands over SNI already validated as a DNS name; compare case-insensitively.
@@ -288,14 +293,21 @@ fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<CertInfo>)
 
 fn record_expiries(listener: &str, files: &[CertInfo], acme: &[CertInfo]) {
     let certs: Vec<CertInfo> = files.iter().chain(acme).cloned().collect();
-    for c in &certs {
-        let label = c.names.first().unwrap_or(&c.file);
-        crate::metrics::METRICS
-            .cert_expiry
-            .with_label_values(&[listener, label])
-            .set(c.not_after);
-    }
+    let label = |c: &CertInfo| c.names.first().unwrap_or(&c.file).clone();
+    let gauge = &crate::metrics::METRICS.cert_expiry;
     if let Ok(mut inventory) = INVENTORY.lock() {
+        // A certificate no longer served leaves the metric (else its alert would fire).
+        for gone in inventory.get(listener).into_iter().flatten() {
+            let name = label(gone);
+            if !certs.iter().any(|c| label(c) == name) {
+                let _ = gauge.remove_label_values(&[listener, &name]);
+            }
+        }
+        for c in &certs {
+            gauge
+                .with_label_values(&[listener, &label(c)])
+                .set(c.not_after);
+        }
         inventory.insert(listener.to_string(), certs);
     }
 }
@@ -353,8 +365,7 @@ impl CertStore {
 
     /// Serves `cert` for its names from now on, in place of the previous ACME certificate.
     pub fn install_acme(&self, cert: &StoredCert) {
-        let previous = self.acme.load();
-        let acme = AcmeCerts {
+        self.acme.rcu(|previous| AcmeCerts {
             exact: cert
                 .names
                 .iter()
@@ -363,21 +374,23 @@ impl CertStore {
             default: Some(cert.key.clone()),
             info: vec![cert.info.clone()],
             tls_alpn: previous.tls_alpn.clone(),
-        };
-        record_expiries(&self.listener, &self.table.load().expiries, &acme.info);
-        self.acme.store(Arc::new(acme));
+        });
+        record_expiries(
+            &self.listener,
+            &self.table.load().expiries,
+            std::slice::from_ref(&cert.info),
+        );
     }
 
-    /// Whether the listener answers TLS-ALPN-01 validation, and from which storage folder;
-    /// `None` also for a listener without ACME.
-    pub fn set_acme_challenge(&self, tls_alpn: Option<PathBuf>) {
-        let previous = self.acme.load();
-        self.acme.store(Arc::new(AcmeCerts {
+    /// Whether the listener answers TLS-ALPN-01 validation: for which names, from which
+    /// storage folder; `None` also for a listener without ACME.
+    pub fn set_acme_challenge(&self, tls_alpn: Option<(PathBuf, Vec<String>)>) {
+        self.acme.rcu(|previous| AcmeCerts {
             exact: previous.exact.clone(),
             default: previous.default.clone(),
             info: previous.info.clone(),
-            tls_alpn,
-        }));
+            tls_alpn: tls_alpn.clone(),
+        });
     }
 
     /// Stops serving ACME certificates (the listener no longer has `acme`).

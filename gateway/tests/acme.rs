@@ -191,6 +191,20 @@ async fn https_get(
 /// A TLS-ALPN-01 validation handshake for `sni` (ALPN `acme-tls/1` only, no verification
 /// beyond recording the certificate): the leaf, and what the server sent after the handshake.
 async fn validation_handshake(addr: SocketAddr, sni: &str) -> (CertificateDer<'static>, Vec<u8>) {
+    let mut tls = try_validation_handshake(addr, sni).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the validation connection stayed open");
+    (leaf, rest)
+}
+
+/// The handshake of [`validation_handshake`].
+async fn try_validation_handshake(
+    addr: SocketAddr,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     #[derive(Debug)]
     struct AnyCert;
     impl rustls::client::danger::ServerCertVerifier for AnyCert {
@@ -233,17 +247,10 @@ async fn validation_handshake(addr: SocketAddr, sni: &str) -> (CertificateDer<'s
         .with_custom_certificate_verifier(Arc::new(AnyCert))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
-    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
-    assert!(ended.is_ok(), "the validation connection stayed open");
-    (leaf, rest)
 }
 
 /// Waits up to `limit` for a verified certificate on `addr` for `sni`.
@@ -354,8 +361,8 @@ async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart
             assert_eq!(mode & 0o777, 0o600, "{}", entry.display());
         }
     }
-    // With HTTP-01 on, the challenge path is the gateway's: an unknown token is a 404 of its
-    // own, not a request to the route's backend.
+    // A challenge token the gateway did not publish is routed as any other path (a backend
+    // may run its own ACME client for other names).
     let hits = backend.hits();
     let r = client()
         .get(format!(
@@ -364,8 +371,8 @@ async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
-    assert_eq!(backend.hits(), hits);
+    assert_eq!(r.status(), 200);
+    assert_eq!(backend.hits(), hits + 1);
     // A reload that keeps `acme` keeps the certificate and orders nothing.
     gw.write_config(&format!("{body}# reloaded\n"));
     gw.wait_generation(2).await;
@@ -417,19 +424,20 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
     let files = tempfile::tempdir().unwrap();
     certs(files.path(), &["files.acme.test"]);
     let storage = tempfile::tempdir().unwrap();
+    let acme = acme_settings(
+        &pebble,
+        "b.acme.test, c.acme.test",
+        storage.path(),
+        &format!(", challenge: tls-alpn-01, eab: {{ kid: {KID}, hmac_key: {KEY} }}"),
+    );
     let tls = format!(
-        "certificates: [ {{ cert: \"{0}/files.acme.test.pem\", key: \"{0}/files.acme.test-key.pem\" }} ], {1}",
+        "certificates: [ {{ cert: \"{0}/files.acme.test.pem\", key: \"{0}/files.acme.test-key.pem\" }} ], {acme}",
         files.path().display(),
-        acme_settings(
-            &pebble,
-            "b.acme.test, c.acme.test",
-            storage.path(),
-            &format!(", challenge: tls-alpn-01, eab: {{ kid: {KID}, hmac_key: {KEY} }}"),
-        )
     );
     // No plain listener is needed for TLS-ALPN-01.
     let listeners = format!("  https: {{ address: \"127.0.0.1:{https}\", tls: {{ {tls} }} }}\n");
-    let gw = Gateway::start_with("", &listeners, &one_route_to(&backend, "")).await;
+    let body = one_route_to(&backend, "");
+    let gw = Gateway::start_with("", &listeners, &body).await;
     let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
     let roots = pebble.issuing_root();
     let b = wait_for_cert(&gw, addr, "b.acme.test", &roots, Duration::from_secs(30)).await;
@@ -460,10 +468,10 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
     assert_eq!(sources, ["file", "acme"]);
     // A validation handshake (ALPN acme-tls/1) gets the challenge certificate published in the
     // shared folder, and the connection ends with the handshake.
-    let published = storage.path().join("challenges/tls-alpn-01/x.acme.test");
+    let published = storage.path().join("challenges/tls-alpn-01/c.acme.test");
     std::fs::create_dir_all(published.parent().unwrap()).unwrap();
     std::fs::write(&published, "token.thumbprint").unwrap();
-    let (leaf, rest) = validation_handshake(addr, "x.acme.test").await;
+    let (leaf, rest) = validation_handshake(addr, "c.acme.test").await;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
     let ext = cert
         .extensions()
@@ -474,6 +482,24 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
     let digest = ring::digest::digest(&ring::digest::SHA256, b"token.thumbprint");
     assert!(ext.value.ends_with(digest.as_ref()));
     assert!(rest.is_empty());
+    // Only the listener's own names get one.
+    std::fs::write(
+        storage.path().join("challenges/tls-alpn-01/other.test"),
+        "token.thumbprint",
+    )
+    .unwrap();
+    assert!(try_validation_handshake(addr, "other.test").await.is_err());
+
+    // A reload without `acme` stops serving its certificate: the file one answers.
+    let without = gw.config_text(&body).replace(&format!(", {acme}"), "");
+    gw.write_raw_config(&without);
+    gw.wait_generation(2).await;
+    assert!(https_get(addr, "b.acme.test", &roots).await.is_err());
+    let f = https_get(addr, "b.acme.test", &dev_ca).await;
+    assert!(f.is_err(), "the file certificate is not for b.acme.test");
+    let sources = gw.admin_json("/certificates").await["listeners"]["https"].clone();
+    assert_eq!(sources.as_array().unwrap().len(), 1, "{sources}");
+    assert_eq!(sources[0]["source"], "file");
     // (Pebble here refuses accounts without a binding: the certificate shows it was bound.)
 }
 
@@ -550,10 +576,11 @@ async fn failed_renewals_keep_the_old_certificate_are_counted_and_back_off_acros
     let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
     let roots = pebble.issuing_root();
     let first = wait_for_cert(&gw, addr, "f.acme.test", &roots, Duration::from_secs(30)).await;
-    // The ACME server goes away; the renewal (due 5 s into the 30 s lifetime) fails.
+    // The ACME server goes away; the renewal fails. (`renew_before` is longer than half the
+    // lifetime, so the renewal comes at half of it, 15 s in, not 5 s.)
     pebble.stop();
     let failures = "gateway_acme_failures_total{listener=\"https\",reason=\"account\"}";
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while gw.metric(failures).await < 1.0 {
         assert!(
             Instant::now() < deadline,

@@ -361,6 +361,14 @@ fn corpus(dir: &Path) -> Vec<(&'static str, String, &'static str)> {
             "listeners.https.tls.acme.challenge",
         ),
         (
+            "TLS-ALPN-01 on a listener that requires client certificates",
+            with_listener(&acme_listener(&format!(
+                "domains: [example.com] }}, client_auth: {{ ca: \"{}/ca.pem\"",
+                dir.display()
+            ))),
+            "listeners.https.tls.acme.challenge",
+        ),
+        (
             "HTTP-01 without a plain listener",
             with_listener(&acme_listener(
                 "domains: [example.com], challenge: http-01",

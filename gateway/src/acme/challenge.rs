@@ -109,15 +109,36 @@ pub fn offers_acme_tls(hello: &rustls::server::ClientHello<'_>) -> bool {
         .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN))
 }
 
-/// The TLS-ALPN-01 certificate for `name`: this instance's, else made from what another
-/// instance published in `root` (read from a small local file; only validation handshakes
-/// get here).
-pub fn tls_alpn_cert(name: &str, root: Option<&Path>) -> Option<Arc<CertifiedKey>> {
+/// Challenge certificates made from what other instances published, by name, with the key
+/// authorization they were made for: one key pair per challenge, not per handshake.
+static PICKED_UP: LazyLock<RwLock<HashMap<String, MadeFor>>> = LazyLock::new(Default::default);
+
+/// A challenge certificate and the key authorization it carries.
+type MadeFor = (String, Arc<CertifiedKey>);
+
+/// The TLS-ALPN-01 certificate for `name` (one of the listener's ACME names): this
+/// instance's, else made from what another instance published in `root`. Reading that small
+/// file is the only file access in a handshake, and only validation handshakes for the
+/// listener's own names get here.
+pub fn tls_alpn_cert(name: &str, root: &Path) -> Option<Arc<CertifiedKey>> {
     if let Some(cert) = TLS_ALPN.read().ok().and_then(|m| m.get(name).cloned()) {
         return Some(cert);
     }
-    let key_auth = std::fs::read_to_string(storage::tls_alpn_path(root?, name)).ok()?;
-    challenge_cert(name, key_auth.trim()).ok()
+    let key_auth = std::fs::read_to_string(storage::tls_alpn_path(root, name)).ok()?;
+    let key_auth = key_auth.trim();
+    let cached = PICKED_UP.read().ok().and_then(|m| {
+        m.get(name)
+            .filter(|(made_for, _)| made_for == key_auth)
+            .map(|(_, c)| c.clone())
+    });
+    if cached.is_some() {
+        return cached;
+    }
+    let cert = challenge_cert(name, key_auth).ok()?;
+    if let Ok(mut m) = PICKED_UP.write() {
+        m.insert(name.to_string(), (key_auth.to_string(), cert.clone()));
+    }
+    Some(cert)
 }
 
 /// A self-signed certificate for `name` with the `acmeIdentifier` extension holding the
@@ -166,7 +187,7 @@ mod tests {
         assert_eq!(http01_answer(&roots, "tok-1").await, None);
 
         let published = publish_tls_alpn01(dir.path(), "a.test", "k.a").unwrap();
-        let cert = tls_alpn_cert("a.test", None).unwrap();
+        let cert = tls_alpn_cert("a.test", Path::new("/nonexistent")).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.cert[0].as_ref()).unwrap();
         // id-pe-acmeIdentifier, critical, holding the digest.
         let ext = parsed
@@ -178,6 +199,6 @@ mod tests {
         let digest = ring::digest::digest(&ring::digest::SHA256, b"k.a");
         assert!(ext.value.ends_with(digest.as_ref()));
         drop(published);
-        assert!(tls_alpn_cert("a.test", Some(dir.path())).is_none());
+        assert!(tls_alpn_cert("a.test", dir.path()).is_none());
     }
 }

@@ -16,9 +16,10 @@ use crate::config::{AcmeChallenge, AcmeConfig};
 use crate::metrics::METRICS;
 use crate::tls::{CertStore, StoredCert};
 use order::Failure;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use storage::{unix_now, Storage};
 use tokio::sync::Notify;
@@ -142,10 +143,10 @@ pub fn compile(listener: &str, acme: &AcmeConfig) -> Result<AcmePlan, (String, S
     })
 }
 
-/// A listener's ACME certificate, kept and renewed while the manager lives.
+/// A listener's ACME certificate, kept and renewed until the manager is stopped (a reload
+/// that replaces or removes it) or dropped.
 pub struct Manager {
     work: Arc<Work>,
-    stop: Arc<Notify>,
     started: AtomicBool,
 }
 
@@ -154,6 +155,12 @@ struct Work {
     plan: AcmePlan,
     store: Arc<CertStore>,
     storage: Storage,
+    /// Set by [`Manager::stop`]; checked before anything is served.
+    stopped: AtomicBool,
+    wake: Notify,
+    /// This instance's own failure count and next attempt (Unix seconds), in case the
+    /// storage folder cannot record them: the backoff holds either way.
+    backoff: Mutex<(u32, u64)>,
 }
 
 /// The certificate being served.
@@ -168,16 +175,18 @@ impl Manager {
     /// A manager for `plan` serving through `store`; nothing runs before [`Manager::start`].
     pub fn new(plan: AcmePlan, store: Arc<CertStore>) -> Arc<Manager> {
         let storage = Storage::new(&plan.storage, &plan.directory, &plan.domains);
-        store.set_acme_challenge(
-            (plan.challenge == AcmeChallenge::TlsAlpn01).then(|| plan.storage.clone()),
-        );
+        let tls_alpn = (plan.challenge == AcmeChallenge::TlsAlpn01)
+            .then(|| (plan.storage.clone(), plan.domains.clone()));
+        store.set_acme_challenge(tls_alpn);
         Arc::new(Manager {
             work: Arc::new(Work {
                 plan,
                 store,
                 storage,
+                stopped: AtomicBool::new(false),
+                wake: Notify::new(),
+                backoff: Mutex::new((0, 0)),
             }),
-            stop: Arc::new(Notify::new()),
             started: AtomicBool::new(false),
         })
     }
@@ -201,77 +210,123 @@ impl Manager {
                     .with_label_values(&[listener, kind, result]);
             }
         }
-        let serving = self.work.pick_up(None);
+        // Made at once, so that the alert's `increase` sees the first failure.
+        for reason in order::Reason::ALL {
+            METRICS
+                .acme_failures
+                .with_label_values(&[listener, reason.label()]);
+        }
+        let serving = self.work.pick_up(None, true);
         if serving.is_none() {
             info!(listener = %listener, names = %plan.domains.join(","), directory = %plan.directory, "no stored ACME certificate: ordering one");
         }
-        tokio::spawn(run(self.work.clone(), self.stop.clone(), serving));
+        tokio::spawn(run(self.work.clone(), serving));
+    }
+
+    /// Stops the manager: nothing more is ordered or served by it; an order under way is
+    /// abandoned.
+    pub fn stop(&self) {
+        self.work.stopped.store(true, Ordering::Release);
+        self.work.wake.notify_waiters();
+        // A permit for a task between two waits.
+        self.work.wake.notify_one();
     }
 }
 
 impl Drop for Manager {
     fn drop(&mut self) {
-        // Wakes the task, which ends (a stored permit if it is busy ordering).
-        self.stop.notify_one();
+        self.stop();
     }
 }
 
-/// The manager's task: wait for the renewal time, order (or pick up what another instance
-/// ordered), back off after failures.
-async fn run(work: Arc<Work>, stop: Arc<Notify>, mut serving: Option<Serving>) {
-    let wait = |d: Duration| {
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => true,
-                _ = stop.notified() => false,
+/// Stops the managers of `old` that `new` does not carry over, once `new` serves; a listener
+/// that no longer has `acme` stops serving its certificate.
+pub fn retire(
+    old: &BTreeMap<String, Arc<Manager>>,
+    new: &BTreeMap<String, Arc<Manager>>,
+    stores: &BTreeMap<String, Arc<CertStore>>,
+) {
+    for (listener, manager) in old {
+        let kept = new.get(listener).is_some_and(|m| Arc::ptr_eq(m, manager));
+        if kept {
+            continue;
+        }
+        manager.stop();
+        if !new.contains_key(listener) {
+            if let Some(store) = stores.get(listener) {
+                store.clear_acme();
             }
         }
-    };
+    }
+}
+
+/// The longest single wait: long waits are cut so that a clock set right, a suspended machine
+/// or another instance's renewal is noticed within it.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The manager's task: wait for the renewal time, order (or pick up what another instance
+/// ordered), back off after failures. Ends when the manager stops.
+async fn run(work: Arc<Work>, mut serving: Option<Serving>) {
+    let mut first_order = true;
     loop {
+        if work.stopped.load(Ordering::Acquire) {
+            return;
+        }
         let now = unix_now() as i64;
         if let Some(s) = &serving {
             if now < s.renew_at {
-                if !wait(secs(s.renew_at - now)).await {
+                if !work.wait(secs(s.renew_at - now)).await {
                     return;
                 }
+                serving = work.pick_up(serving, true);
                 continue;
             }
         }
-        let state = work.storage.read_state();
-        if state.next_attempt as i64 > now {
-            if !wait(secs(state.next_attempt as i64 - now)).await {
+        let next_attempt = work.next_attempt();
+        if next_attempt > now {
+            if !work.wait(secs(next_attempt - now)).await {
                 return;
             }
-            serving = work.pick_up(serving);
+            serving = work.pick_up(serving, true);
             continue;
+        }
+        if first_order {
+            // Validation must find this instance's listeners bound.
+            first_order = false;
+            if !work.wait_for_listeners().await {
+                return;
+            }
         }
         let lock = match work.storage.try_lock() {
             Ok(lock) => lock,
             Err(e) => {
-                work.failed(&serving, &Failure::storage(e), work.plan.retry);
-                if !wait(work.plan.retry).await {
-                    return;
-                }
+                work.failed(&serving, &Failure::storage(e));
                 continue;
             }
         };
         let Some(lock) = lock else {
             // Another instance is ordering: its result appears in the folder.
-            if !wait(LOCK_POLL).await {
+            if !work.wait(LOCK_POLL).await {
                 return;
             }
-            serving = work.pick_up(serving);
+            serving = work.pick_up(serving, true);
             continue;
         };
         // Under the lock: another instance may have just stored a certificate or a failure.
         let before = serving.as_ref().map(|s| s.cert.fingerprint);
-        serving = work.pick_up(serving);
+        serving = work.pick_up(serving, true);
         let renewed = serving.as_ref().map(|s| s.cert.fingerprint) != before;
-        if renewed || work.storage.read_state().next_attempt as i64 > now {
+        if renewed || work.next_attempt() > now {
             continue;
         }
-        serving = work.order(serving).await;
+        tokio::select! {
+            next = work.order(serving.clone()) => serving = next,
+            _ = work.wake.notified() => {
+                if work.stopped.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+        }
         drop(lock);
     }
 }
@@ -290,9 +345,43 @@ impl Failure {
 }
 
 impl Work {
+    /// Sleeps `d` (at most [`MAX_WAIT`]); false when the manager stopped meanwhile.
+    async fn wait(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d.min(MAX_WAIT)) => {}
+            _ = self.wake.notified() => {}
+        }
+        !self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Waits until the gateway's client listeners are bound; false when stopped meanwhile.
+    async fn wait_for_listeners(&self) -> bool {
+        let Some(bound) = LISTENERS_BOUND.get() else {
+            return true;
+        };
+        while !bound.load(Ordering::Acquire) {
+            if !self.wait(Duration::from_millis(100)).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// When the next order may be made, Unix seconds: the later of what the storage folder
+    /// and this instance recorded, and never further than the longest backoff.
+    fn next_attempt(&self) -> i64 {
+        let stored = self.storage.read_state().next_attempt;
+        let own = self.backoff.lock().map_or(0, |b| b.1);
+        let latest = unix_now() + MAX_BACKOFF.as_secs();
+        stored.max(own).min(latest) as i64
+    }
+
     /// Serves the stored certificate when it is valid for the configured names and is not
-    /// the one served already; returns what is served now.
-    fn pick_up(&self, serving: Option<Serving>) -> Option<Serving> {
+    /// the one served already; returns what is served now. `log`: say so.
+    fn pick_up(&self, serving: Option<Serving>, log: bool) -> Option<Serving> {
+        if self.stopped.load(Ordering::Acquire) {
+            return serving;
+        }
         let (chain, key) = self.storage.read_cert()?;
         let path = self.storage.cert_path().display().to_string();
         let cert = match crate::tls::stored_cert(&chain, &key, &path) {
@@ -308,19 +397,27 @@ impl Work {
         {
             return serving;
         }
-        let covers = self.plan.domains.iter().all(|d| cert.names.contains(d));
-        if !covers || cert.not_after <= unix_now() as i64 {
+        if !self.usable(&cert) {
             return serving;
         }
         let renew_at = self.renew_at(&cert);
-        info!(listener = %self.plan.listener, names = %cert.names.join(","), not_after = cert.not_after, "ACME certificate served from storage");
+        if log {
+            info!(listener = %self.plan.listener, names = %cert.names.join(","), not_after = cert.not_after, "ACME certificate served from storage");
+        }
         self.store.install_acme(&cert);
         Some(Serving { cert, renew_at })
     }
 
+    /// Whether `cert` covers every configured name and has not expired.
+    fn usable(&self, cert: &StoredCert) -> bool {
+        let covers = self.plan.domains.iter().all(|d| cert.names.contains(d));
+        covers && cert.not_after > unix_now() as i64
+    }
+
     /// When to renew `cert`: `renew_before` (else a third of its lifetime) before it
     /// expires, less a random part of up to a thirtieth of its lifetime (at most an hour), so
-    /// that instances and names do not all renew at once.
+    /// that instances and names do not all renew at once; never before half its lifetime, so
+    /// that a `renew_before` longer than the lifetime cannot renew without end.
     fn renew_at(&self, cert: &StoredCert) -> i64 {
         let lifetime = (cert.not_after - cert.not_before).max(1);
         let before = self
@@ -328,7 +425,7 @@ impl Work {
             .renew_before
             .map_or(lifetime / 3, |d| d.as_secs() as i64);
         let jitter = fastrand::i64(0..=(lifetime / 30).min(3600));
-        cert.not_after - before - jitter
+        (cert.not_after - before - jitter).max(cert.not_before + lifetime / 2)
     }
 
     /// Orders a certificate; on success stores and serves it, on failure records when to try
@@ -345,50 +442,85 @@ impl Work {
                     detail: format!("no certificate within {}s", ORDER_LIMIT.as_secs()),
                 }),
             };
-        let issued = result.and_then(|issued| {
-            self.storage
-                .write_cert(&issued.chain_pem, &issued.key_pem)
-                .map_err(Failure::storage)
-        });
-        let labels = [self.plan.listener.as_str(), kind];
-        if let Err(f) = issued {
+        let issued = result.and_then(|issued| self.store_issued(&issued));
+        let count = |result: &str| {
             METRICS
                 .acme_orders
-                .with_label_values(&[labels[0], labels[1], "failed"])
+                .with_label_values(&[&self.plan.listener, kind, result])
                 .inc();
-            let state = self.storage.read_state();
-            let wait = backoff(self.plan.retry, state.failures + 1, f.reason);
-            self.failed(&serving, &f, wait);
-            let _ = self.storage.write_state(&storage::OrderState {
-                failures: state.failures + 1,
-                next_attempt: unix_now() + wait.as_secs(),
-                last_error: format!("{}: {}", f.reason.label(), f.detail),
-            });
-            return serving;
-        }
-        METRICS
-            .acme_orders
-            .with_label_values(&[labels[0], labels[1], "issued"])
-            .inc();
-        let _ = self.storage.write_state(&storage::OrderState::default());
-        let now_serving = self.pick_up(serving.clone());
-        match &now_serving {
-            Some(s) => {
-                info!(listener = %self.plan.listener, names = %self.plan.domains.join(","), kind, not_after = s.cert.not_after, took_ms = started.elapsed().as_millis() as u64, "ACME certificate issued")
+        };
+        let cert = match issued {
+            Ok(cert) => cert,
+            Err(f) => {
+                count("failed");
+                self.failed(&serving, &f);
+                return serving;
             }
-            None => {
-                error!(listener = %self.plan.listener, names = %self.plan.domains.join(","), "ACME certificate issued but not usable for the configured names")
-            }
+        };
+        count("issued");
+        if let Ok(mut b) = self.backoff.lock() {
+            *b = (0, 0);
         }
-        now_serving.or(serving)
+        if let Err(e) = self.storage.write_state(&storage::OrderState::default()) {
+            warn!(listener = %self.plan.listener, error = %e, "ACME order state not written");
+        }
+        info!(listener = %self.plan.listener, names = %self.plan.domains.join(","), kind, not_after = cert.not_after, took_ms = started.elapsed().as_millis() as u64, "ACME certificate issued");
+        self.pick_up(serving.clone(), false).or(serving)
     }
 
-    /// Counts and logs a failure: ERROR when nothing valid is left to serve soon, else WARN.
-    fn failed(&self, serving: &Option<Serving>, f: &Failure, retry_in: Duration) {
+    /// Checks a new certificate and stores it; one that does not serve the configured names
+    /// (or has expired) is a failed order.
+    fn store_issued(&self, issued: &order::Issued) -> Result<StoredCert, Failure> {
+        let path = self.storage.cert_path().display().to_string();
+        let cert = crate::tls::stored_cert(
+            issued.chain_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            &path,
+        )
+        .map_err(|e| Failure {
+            reason: order::Reason::Finalize,
+            detail: e,
+        })?;
+        if !self.usable(&cert) {
+            return Err(Failure {
+                reason: order::Reason::Finalize,
+                detail: format!(
+                    "the issued certificate is for {} until {}: not usable for {}",
+                    cert.names.join(","),
+                    cert.not_after,
+                    self.plan.domains.join(",")
+                ),
+            });
+        }
+        self.storage
+            .write_cert(&issued.chain_pem, &issued.key_pem)
+            .map_err(Failure::storage)?;
+        Ok(cert)
+    }
+
+    /// Counts, logs and backs off a failure: ERROR when nothing valid is left to serve soon,
+    /// else WARN. The wait holds in this instance even if the folder cannot record it.
+    fn failed(&self, serving: &Option<Serving>, f: &Failure) {
         METRICS
             .acme_failures
             .with_label_values(&[&self.plan.listener, f.reason.label()])
             .inc();
+        let stored = self.storage.read_state();
+        let own = self.backoff.lock().map_or(0, |b| b.0);
+        let failures = stored.failures.max(own) + 1;
+        let wait = backoff(self.plan.retry, failures, f.reason);
+        let next_attempt = unix_now() + wait.as_secs();
+        if let Ok(mut b) = self.backoff.lock() {
+            *b = (failures, next_attempt);
+        }
+        let state = storage::OrderState {
+            failures,
+            next_attempt,
+            last_error: format!("{}: {}", f.reason.label(), f.detail),
+        };
+        if let Err(e) = self.storage.write_state(&state) {
+            error!(listener = %self.plan.listener, storage = %self.plan.storage.display(), error = %e, "ACME storage not writable: certificates cannot be kept");
+        }
         let names = self.plan.domains.join(",");
         let left = serving
             .as_ref()
@@ -397,13 +529,22 @@ impl Work {
         let expiring = serving
             .as_ref()
             .is_none_or(|s| left < (s.cert.not_after - s.renew_at) / 2);
-        let retry_in_s = retry_in.as_secs();
+        let retry_in_s = wait.as_secs();
         if expiring {
             error!(listener = %self.plan.listener, names = %names, reason = f.reason.label(), error = %f.detail, expires_in_s = left.max(0), retry_in_s, "ACME order failed and the certificate is expiring or missing");
         } else {
             warn!(listener = %self.plan.listener, names = %names, reason = f.reason.label(), error = %f.detail, expires_in_s = left, retry_in_s, "ACME order failed; the current certificate keeps serving");
         }
     }
+}
+
+/// Whether the gateway's client listeners are bound, once the server says where to look.
+static LISTENERS_BOUND: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Tells the managers where the server records that its client listeners are bound: no order
+/// is made before, since validation must reach them.
+pub fn listeners_bound_at(flag: Arc<AtomicBool>) {
+    let _ = LISTENERS_BOUND.set(flag);
 }
 
 /// The wait before the next order after `failures` failures in a row: `first`, doubling, up

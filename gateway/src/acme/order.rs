@@ -30,6 +30,17 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 7] = [
+        Reason::Account,
+        Reason::RateLimited,
+        Reason::Order,
+        Reason::Challenge,
+        Reason::Finalize,
+        Reason::Storage,
+        Reason::Timeout,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -62,9 +73,16 @@ impl Failure {
     /// An instant-acme error in a step that fails for `reason`, unless the server said it
     /// was its rate limit.
     fn acme(reason: Reason, e: instant_acme::Error) -> Failure {
-        let limited = matches!(&e, instant_acme::Error::Api(p)
-            if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited"));
-        Failure::new(if limited { Reason::RateLimited } else { reason }, e)
+        let reason = match &e {
+            instant_acme::Error::Api(p)
+                if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited") =>
+            {
+                Reason::RateLimited
+            }
+            instant_acme::Error::Timeout(_) => Reason::Timeout,
+            _ => reason,
+        };
+        Failure::new(reason, e)
     }
 }
 
@@ -135,12 +153,13 @@ pub async fn obtain(plan: &AcmePlan, storage: &Storage) -> Result<Issued, Failur
     match order.poll_ready(&POLL).await {
         Ok(OrderStatus::Ready) => {}
         Ok(status) => {
-            let why = order
+            let mut why = vec![order
                 .state()
                 .error
                 .as_ref()
-                .map_or_else(|| format!("order is {status:?}"), |p| p.to_string());
-            return Err(Failure::new(Reason::Challenge, why));
+                .map_or_else(|| format!("order is {status:?}"), |p| p.to_string())];
+            why.extend(challenge_errors(&mut order).await);
+            return Err(Failure::new(Reason::Challenge, why.join("; ")));
         }
         Err(e) => return Err(Failure::acme(Reason::Challenge, e)),
     }
@@ -155,6 +174,25 @@ pub async fn obtain(plan: &AcmePlan, storage: &Storage) -> Result<Issued, Failur
         .await
         .map_err(|e| Failure::acme(Reason::Finalize, e))?;
     Ok(Issued { chain_pem, key_pem })
+}
+
+/// What the server said of each failed challenge (the cause: connection refused, wrong
+/// answer, no DNS record).
+async fn challenge_errors(order: &mut instant_acme::Order) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authz)) = authorizations.next().await {
+        if authz.refresh().await.is_err() {
+            continue;
+        }
+        let name = authz.identifier().to_string();
+        for c in &authz.challenges {
+            if let Some(e) = &c.error {
+                out.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    out
 }
 
 /// The stored account, or a new one (stored at once).

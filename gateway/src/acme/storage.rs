@@ -44,22 +44,23 @@ pub struct Lock(#[allow(dead_code)] std::fs::File);
 impl Storage {
     /// The place of the certificate for `names` from the server at `directory`.
     pub fn new(root: &Path, directory: &str, names: &[String]) -> Storage {
-        let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
-        let hash: String = digest.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = short_hash(directory);
         let host = directory
             .split("://")
             .nth(1)
             .and_then(|rest| rest.split(['/', ':']).next())
             .unwrap_or("server");
         let server = format!("{}-{hash}", safe(host));
+        // One folder per set of names (in any order): lists that share a first name do not
+        // share a certificate, and the failures of one list do not hold back a corrected one.
+        let mut set: Vec<&str> = names.iter().map(String::as_str).collect();
+        set.sort_unstable();
         let first = names.first().map_or("certificate", String::as_str);
+        let cert_dir = format!("{}-{}", safe(first), short_hash(&set.join(",")));
         Storage {
             root: root.to_path_buf(),
             account: root.join("accounts").join(format!("{server}.json")),
-            cert_dir: root.join("certificates").join(server).join(safe(first)),
+            cert_dir: root.join("certificates").join(server).join(cert_dir),
         }
     }
 
@@ -149,17 +150,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    // A new file of its own (never one left behind, nor a link followed to elsewhere).
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:08x}.tmp",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        // The rename itself made durable.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Eight hex digits of `text`'s SHA-256.
+fn short_hash(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A name made safe as one path component: DNS names pass unchanged.

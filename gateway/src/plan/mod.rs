@@ -344,6 +344,20 @@ fn compile_listeners(
         let acme = match l.tls.as_ref().and_then(|t| t.acme.as_ref()) {
             Some(acme) => {
                 let plain = config.listeners.value.values().any(|l| l.tls.is_none());
+                let required_client_cert = l
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.client_auth.as_ref())
+                    .is_some_and(|a| a.required);
+                if acme.value.challenge == crate::config::AcmeChallenge::TlsAlpn01
+                    && required_client_cert
+                {
+                    return Err(c.err_at(
+                        acme,
+                        format!("listeners.{name}.tls.acme.challenge"),
+                        "tls-alpn-01 validation presents no client certificate, and this listener requires one: use http-01, or make client_auth optional",
+                    ));
+                }
                 if acme.value.challenge == crate::config::AcmeChallenge::Http01 && !plain {
                     return Err(c.err_at(
                         acme,

@@ -60,15 +60,13 @@ impl Gateway {
 
 /// Everything `request_filter` decides before the request goes upstream: `Ok` to forward it,
 /// `Err` with the answer to write instead.
-/// The answer to an HTTP-01 validation request.
-async fn acme_http01(rt: &Runtime, token: &str) -> Answer {
-    match crate::acme::http01_answer(&rt.acme_http01, token).await {
-        Some(key_auth) => Answer::fixed(
-            200,
-            Arc::new((http::HeaderValue::from_static("text/plain"), key_auth)),
-        ),
-        None => Answer::error(404, "no such ACME challenge"),
-    }
+/// The answer to an HTTP-01 validation request, when the token is one the gateway published.
+async fn acme_http01(rt: &Runtime, token: &str) -> Option<Answer> {
+    let key_auth = crate::acme::http01_answer(&rt.acme_http01, token).await?;
+    Some(Answer::fixed(
+        200,
+        Arc::new((http::HeaderValue::from_static("text/plain"), key_auth)),
+    ))
 }
 
 async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
@@ -80,10 +78,13 @@ async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<
         Ok(head) => head.path,
         Err(refused) => return Err(refused.answer()),
     };
-    // ACME validation comes before any listener policy (an HTTPS redirect) and any route.
-    if !rt.acme_http01.is_empty() {
+    // ACME validation on plain listeners comes before any listener policy (an HTTPS
+    // redirect) and any route; a token the gateway did not publish is routed as usual.
+    if !rt.acme_http01.is_empty() && !ctx.tls {
         if let Some(token) = path.strip_prefix(crate::acme::HTTP01_PREFIX) {
-            return Err(acme_http01(rt, token).await);
+            if let Some(answer) = acme_http01(rt, token).await {
+                return Err(answer);
+            }
         }
     }
 
