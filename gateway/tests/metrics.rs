@@ -205,10 +205,14 @@ async fn monitoring_assets_match_the_exported_metrics() {
         .output()
         .unwrap();
     assert!(certs.status.success());
+    // ACME against a directory that refuses connections: its series exist, nothing leaves
+    // the machine.
+    let dead = DeadPort::reserve();
     let tls = format!(
-        "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{1}/localhost.pem\", key: \"{1}/localhost-key.pem\" }} ] }} }}\n",
+        "  https: {{ address: \"127.0.0.1:{}\", tls: {{ certificates: [ {{ cert: \"{1}/localhost.pem\", key: \"{1}/localhost-key.pem\" }} ], acme: {{ directory: \"https://127.0.0.1:{2}/dir\", domains: [acme.example.com], storage: \"{1}/acme\" }} }} }}\n",
         free_port("127.0.0.1"),
-        dir.path().display()
+        dir.path().display(),
+        dead.port
     );
     let body = format!(
         "auth:\n  hs: {{ secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }}\nrate_limits:\n  rl: {{ rate: 10/s }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b, auth: hs, rate_limit: rl }}\n",
