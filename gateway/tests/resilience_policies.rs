@@ -110,6 +110,31 @@ routes:
     assert_eq!(r.status(), 200);
 }
 
+#[tokio::test]
+async fn a_listener_limit_survives_a_reload() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let gw = Gateway::start_with(
+        ", policies: [one]",
+        "",
+        &format!(
+            "policies:\n  one: {{ concurrency: {{ max: 1, queue: 0 }} }}\n{}",
+            one_route_to(&backend, "")
+        ),
+    )
+    .await;
+    let c = client();
+    let held = tokio::spawn(c.get(gw.url("/a?sleep=1500")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.get(gw.url("/z")).send().await.unwrap().status(), 503);
+    // A reload that keeps the policy keeps its places: the one in flight is still taken.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    gw.write_raw_config(&format!("{text}# touched\n"));
+    gw.wait_generation(2).await;
+    assert_eq!(c.get(gw.url("/z")).send().await.unwrap().status(), 503);
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+    assert_eq!(c.get(gw.url("/z")).send().await.unwrap().status(), 200);
+}
+
 /// A metric's value (0 when absent), by its whole series name.
 async fn series(gw: &Gateway, key: &str) -> i64 {
     gw.metric(key).await as i64

@@ -4,7 +4,7 @@
 //! fail runs before the one step that changes running state (new certificates in a store), so
 //! an activation either applies whole or changes nothing.
 
-use super::{ListenerPlan, Plan, PolicyPlan, RoutePlan};
+use super::{ListenerPlan, NamedPolicy, Plan, PolicyPlan, RoutePlan};
 use crate::acme::Manager as AcmeManager;
 use crate::auth::AuthPolicy;
 use crate::metrics::RouteMetrics;
@@ -105,11 +105,15 @@ pub async fn activate(
     }
 
     // Concurrency limits whose settings did not change keep their places across the reload:
-    // the requests in flight on the old runtime still count.
+    // the requests in flight on the old runtime still count. Listeners and routes naming one
+    // limit keep sharing it.
     let limits: BTreeMap<&str, &Arc<ConcurrencyLimit>> = previous
         .iter()
-        .flat_map(|p| p.routes.iter())
-        .flat_map(|r| r.policies.policies())
+        .flat_map(|p| {
+            let routes = p.routes.iter().map(|r| &r.policies);
+            routes.chain(p.listeners.iter().map(|(_, pipeline)| pipeline))
+        })
+        .flat_map(|pipeline| pipeline.policies())
         .filter_map(|p| match p {
             Policy::Concurrency(l) => Some((&*l.name, l)),
             _ => None,
@@ -165,7 +169,7 @@ pub async fn activate(
     };
 
     // Last, and unable to fail: the certificates go live.
-    let (listeners, tls_stores, acme) = listeners(plan.listeners, previous);
+    let (listeners, tls_stores, acme) = listeners(plan.listeners, previous, &limits);
     let mut acme_http01: Vec<std::path::PathBuf> = Vec::new();
     for m in acme.values() {
         let p = m.plan();
@@ -259,15 +263,7 @@ fn route(
     let mut policies = Vec::with_capacity(r.policies.len());
     for p in &r.policies {
         policies.push(match p {
-            PolicyPlan::Named(named) => match named.get() {
-                Policy::Concurrency(new) => Policy::Concurrency(
-                    limits
-                        .get(&*new.name)
-                        .filter(|old| old.spec == new.spec)
-                        .map_or_else(|| new.clone(), |old| Arc::clone(old)),
-                ),
-                _ => named.policy(),
-            },
+            PolicyPlan::Named(named) => carried_over(named, limits),
             PolicyPlan::BodyLimit(max) => Policy::BodyLimit(BodyLimit { max: *max }),
             PolicyPlan::Jwt { policy, optional } => Policy::Jwt(Jwt {
                 policy: auth
@@ -330,7 +326,25 @@ fn route(
 /// The listeners' pipelines (only those with policies), and their certificate stores with the
 /// plan's certificates installed: the same stores live on from runtime to runtime, since
 /// Pingora holds them as the listeners' resolvers.
-fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners {
+/// A named policy as the new runtime runs it: a concurrency limit whose settings did not
+/// change is the previous runtime's.
+fn carried_over(named: &NamedPolicy, limits: &BTreeMap<&str, &Arc<ConcurrencyLimit>>) -> Policy {
+    match named.get() {
+        Policy::Concurrency(new) => Policy::Concurrency(
+            limits
+                .get(&*new.name)
+                .filter(|old| old.spec == new.spec)
+                .map_or_else(|| new.clone(), |old| Arc::clone(old)),
+        ),
+        _ => named.policy(),
+    }
+}
+
+fn listeners(
+    plans: Vec<ListenerPlan>,
+    previous: Option<&Runtime>,
+    limits: &BTreeMap<&str, &Arc<ConcurrencyLimit>>,
+) -> Listeners {
     let mut pipelines = Vec::new();
     let mut stores = BTreeMap::new();
     let mut acme = BTreeMap::new();
@@ -342,7 +356,7 @@ fn listeners(plans: Vec<ListenerPlan>, previous: Option<&Runtime>) -> Listeners 
         if let Some(value) = l.hsts {
             policies.push(Policy::Hsts(Hsts { value }));
         }
-        policies.extend(l.policies.iter().map(|p| p.policy()));
+        policies.extend(l.policies.iter().map(|p| carried_over(p, limits)));
         let pipeline = Pipeline::new(policies).with_error_pages(l.error_pages);
         if !pipeline.is_empty() {
             pipelines.push((l.address, pipeline));
