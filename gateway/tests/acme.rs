@@ -253,6 +253,68 @@ async fn try_validation_handshake(
         .await
 }
 
+/// A verified HTTPS keep-alive connection.
+struct KeptAlive {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    host: String,
+}
+
+impl KeptAlive {
+    async fn open(addr: SocketAddr, sni: &str, roots: &[CertificateDer<'static>]) -> KeptAlive {
+        let mut store = rustls::RootCertStore::empty();
+        for r in roots {
+            store.add(r.clone()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+            .await
+            .unwrap();
+        KeptAlive {
+            tls,
+            host: sni.to_string(),
+        }
+    }
+
+    /// One request on the connection; the whole response (its length given by
+    /// `Content-Length`).
+    async fn get(&mut self) -> String {
+        let head = format!("GET /acme-test HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.tls.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self.tls.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
 /// Waits up to `limit` for a verified certificate on `addr` for `sni`.
 async fn wait_for_cert(
     gw: &Gateway,
@@ -287,49 +349,88 @@ fn validation_ports(ips: &[&str]) -> (u16, u16) {
     (pick(), pick())
 }
 
-/// Listener lines: a plain one on `ip:http` and a TLS one on `ip:https` with `tls` settings.
-fn acme_listeners(ip: &str, http: u16, https: u16, tls: &str) -> String {
-    format!(
-        "  acme_http: {{ address: \"{ip}:{http}\" }}\n  https: {{ address: \"{ip}:{https}\", tls: {{ {tls} }} }}\n"
-    )
+/// One test's world: a backend, the DNS server answering `names` with the first of `ips`,
+/// Pebble validating on two ports free on every one of `ips`, an empty storage folder.
+struct Scene {
+    backend: Backend,
+    _dns: Dns,
+    pebble: Pebble,
+    storage: tempfile::TempDir,
+    /// The ports Pebble validates on: HTTP-01 and TLS-ALPN-01.
+    http: u16,
+    https: u16,
+    /// Pebble's issuing root.
+    roots: Vec<CertificateDer<'static>>,
+    /// A configuration with one route to the backend.
+    body: String,
 }
 
-/// `acme:` settings for `domains` against `pebble`, storing in `storage`.
-fn acme_settings(pebble: &Pebble, domains: &str, storage: &Path, extra: &str) -> String {
-    format!(
-        "acme: {{ directory: \"{}\", ca: \"{}\", email: ops@example.com, domains: [{domains}], storage: \"{}\"{extra} }}",
-        pebble.directory,
-        pebble.api_ca.display(),
-        storage.display()
-    )
+impl Scene {
+    async fn start(ips: &[&str], names: &[&str], validity: u64, eab: &[(&str, &str)]) -> Scene {
+        let backend = Backend::start("127.0.0.1", "b").await;
+        let dns = Dns::start().await;
+        for name in names {
+            dns.set(name, &ips[..1]);
+        }
+        let (http, https) = validation_ports(ips);
+        let pebble = Pebble::start(PebbleSettings {
+            http_port: http,
+            tls_port: https,
+            dns: dns.addr,
+            validity,
+            eab,
+        });
+        Scene {
+            roots: pebble.issuing_root(),
+            body: one_route_to(&backend, ""),
+            backend,
+            _dns: dns,
+            pebble,
+            storage: tempfile::tempdir().unwrap(),
+            http,
+            https,
+        }
+    }
+
+    /// `acme:` settings for `domains` against Pebble, with `extra` (`, key: value` pairs).
+    fn acme(&self, domains: &str, extra: &str) -> String {
+        format!(
+            "acme: {{ directory: \"{}\", ca: \"{}\", email: ops@example.com, domains: [{domains}], storage: \"{}\"{extra} }}",
+            self.pebble.directory,
+            self.pebble.api_ca.display(),
+            self.storage.path().display()
+        )
+    }
+
+    /// The TLS listener's address on `ip`.
+    fn tls_addr(&self, ip: &str) -> SocketAddr {
+        format!("{ip}:{}", self.https).parse().unwrap()
+    }
+
+    /// Listener lines on `ip`: a plain one, and a TLS one with `tls` settings.
+    fn listeners(&self, ip: &str, tls: &str) -> String {
+        format!(
+            "  acme_http: {{ address: \"{ip}:{}\" }}\n  https: {{ address: \"{ip}:{}\", tls: {{ {tls} }} }}\n",
+            self.http, self.https
+        )
+    }
+
+    /// A gateway with `listeners` and the route to the backend.
+    async fn gateway(&self, listeners: &str) -> Gateway {
+        Gateway::start_with("", listeners, &self.body).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart() {
-    let backend = Backend::start("127.0.0.1", "b").await;
-    let dns = Dns::start().await;
-    dns.set("a.acme.test", &["127.0.0.1"]);
-    let (http, https) = validation_ports(&["127.0.0.1"]);
-    let pebble = Pebble::start(PebbleSettings {
-        http_port: http,
-        tls_port: https,
-        dns: dns.addr,
-        validity: 3600,
-        eab: &[],
-    });
-    let storage = tempfile::tempdir().unwrap();
-    let tls = acme_settings(
-        &pebble,
-        "a.acme.test",
-        storage.path(),
-        ", challenge: http-01",
-    );
-    let listeners = acme_listeners("127.0.0.1", http, https, &tls);
-    let body = one_route_to(&backend, "");
-    let gw = Gateway::start_with("", &listeners, &body).await;
-    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
-    let roots = pebble.issuing_root();
-    let seen = wait_for_cert(&gw, addr, "a.acme.test", &roots, Duration::from_secs(30)).await;
+    let scene = Scene::start(&["127.0.0.1"], &["a.acme.test"], 3600, &[]).await;
+    let tls = scene.acme("a.acme.test", ", challenge: http-01");
+    let listeners = scene.listeners("127.0.0.1", &tls);
+    let gw = scene.gateway(&listeners).await;
+    let (backend, storage, body, roots) =
+        (&scene.backend, &scene.storage, &scene.body, &scene.roots);
+    let (addr, http) = (scene.tls_addr("127.0.0.1"), scene.http);
+    let seen = wait_for_cert(&gw, addr, "a.acme.test", roots, Duration::from_secs(30)).await;
     assert!(
         seen.response.starts_with("HTTP/1.1 200"),
         "{}",
@@ -377,14 +478,14 @@ async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart
     gw.write_config(&format!("{body}# reloaded\n"));
     gw.wait_generation(2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = https_get(addr, "a.acme.test", &roots).await.unwrap();
+    let after = https_get(addr, "a.acme.test", roots).await.unwrap();
     assert_eq!(after.fingerprint(), seen.fingerprint());
     assert_eq!(gw.metric(orders).await, 1.0);
     drop(gw);
 
     // A restart serves the stored certificate at once and orders nothing.
-    let gw = Gateway::start_with("", &listeners, &body).await;
-    let again = https_get(addr, "a.acme.test", &roots).await.unwrap();
+    let gw = Gateway::start_with("", &listeners, body).await;
+    let again = https_get(addr, "a.acme.test", roots).await.unwrap();
     assert_eq!(again.fingerprint(), seen.fingerprint());
     assert_eq!(gw.metric(orders).await, 0.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -407,27 +508,14 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_name() {
-    let backend = Backend::start("127.0.0.1", "b").await;
-    let dns = Dns::start().await;
-    dns.set("b.acme.test", &["127.0.0.1"]);
-    dns.set("c.acme.test", &["127.0.0.1"]);
-    let (http, https) = validation_ports(&["127.0.0.1"]);
     const KID: &str = "kid-1";
     const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
-    let pebble = Pebble::start(PebbleSettings {
-        http_port: http,
-        tls_port: https,
-        dns: dns.addr,
-        validity: 3600,
-        eab: &[(KID, KEY)],
-    });
+    let names = ["b.acme.test", "c.acme.test"];
+    let scene = Scene::start(&["127.0.0.1"], &names, 3600, &[(KID, KEY)]).await;
     let files = tempfile::tempdir().unwrap();
     certs(files.path(), &["files.acme.test"]);
-    let storage = tempfile::tempdir().unwrap();
-    let acme = acme_settings(
-        &pebble,
+    let acme = scene.acme(
         "b.acme.test, c.acme.test",
-        storage.path(),
         &format!(", challenge: tls-alpn-01, eab: {{ kid: {KID}, hmac_key: {KEY} }}"),
     );
     let tls = format!(
@@ -435,15 +523,17 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
         files.path().display(),
     );
     // No plain listener is needed for TLS-ALPN-01.
-    let listeners = format!("  https: {{ address: \"127.0.0.1:{https}\", tls: {{ {tls} }} }}\n");
-    let body = one_route_to(&backend, "");
-    let gw = Gateway::start_with("", &listeners, &body).await;
-    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
-    let roots = pebble.issuing_root();
-    let b = wait_for_cert(&gw, addr, "b.acme.test", &roots, Duration::from_secs(30)).await;
+    let addr = scene.tls_addr("127.0.0.1");
+    let gw = scene
+        .gateway(&format!(
+            "  https: {{ address: \"{addr}\", tls: {{ {tls} }} }}\n"
+        ))
+        .await;
+    let (storage, body, roots) = (&scene.storage, &scene.body, &scene.roots);
+    let b = wait_for_cert(&gw, addr, "b.acme.test", roots, Duration::from_secs(30)).await;
     assert!(b.response.starts_with("HTTP/1.1 200"), "{}", b.response);
     // One certificate for both names.
-    let c = https_get(addr, "c.acme.test", &roots).await.unwrap();
+    let c = https_get(addr, "c.acme.test", roots).await.unwrap();
     assert_eq!(c.fingerprint(), b.fingerprint());
     // The file certificate answers for its own name, ACME for the rest.
     let dev_ca: Vec<CertificateDer<'static>> = rustls_pemfile::certs(
@@ -491,10 +581,10 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
     assert!(try_validation_handshake(addr, "other.test").await.is_err());
 
     // A reload without `acme` stops serving its certificate: the file one answers.
-    let without = gw.config_text(&body).replace(&format!(", {acme}"), "");
+    let without = gw.config_text(body).replace(&format!(", {acme}"), "");
     gw.write_raw_config(&without);
     gw.wait_generation(2).await;
-    assert!(https_get(addr, "b.acme.test", &roots).await.is_err());
+    assert!(https_get(addr, "b.acme.test", roots).await.is_err());
     let f = https_get(addr, "b.acme.test", &dev_ca).await;
     assert!(f.is_err(), "the file certificate is not for b.acme.test");
     let sources = gw.admin_json("/certificates").await["listeners"]["https"].clone();
@@ -505,30 +595,20 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_swaps_the_certificate_without_a_failed_handshake() {
-    let backend = Backend::start("127.0.0.1", "b").await;
-    let dns = Dns::start().await;
-    dns.set("r.acme.test", &["127.0.0.1"]);
-    let (http, https) = validation_ports(&["127.0.0.1"]);
     // 30 s certificates: renewed once a third of that is left.
-    let pebble = Pebble::start(PebbleSettings {
-        http_port: http,
-        tls_port: https,
-        dns: dns.addr,
-        validity: 30,
-        eab: &[],
-    });
-    let storage = tempfile::tempdir().unwrap();
-    let tls = acme_settings(&pebble, "r.acme.test", storage.path(), "");
-    let listeners = acme_listeners("127.0.0.1", http, https, &tls);
-    let gw = Gateway::start_with("", &listeners, &one_route_to(&backend, "")).await;
-    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
-    let roots = pebble.issuing_root();
-    let first = wait_for_cert(&gw, addr, "r.acme.test", &roots, Duration::from_secs(30)).await;
-    // A client connecting back to back until a new certificate comes: no failure between.
+    let scene = Scene::start(&["127.0.0.1"], &["r.acme.test"], 30, &[]).await;
+    let tls = scene.acme("r.acme.test", "");
+    let gw = scene.gateway(&scene.listeners("127.0.0.1", &tls)).await;
+    let (addr, roots) = (scene.tls_addr("127.0.0.1"), &scene.roots);
+    let first = wait_for_cert(&gw, addr, "r.acme.test", roots, Duration::from_secs(30)).await;
+    // A keep-alive connection opened on the first certificate...
+    let mut kept = KeptAlive::open(addr, "r.acme.test", roots).await;
+    assert!(kept.get().await.starts_with("HTTP/1.1 200"));
+    // ...and a client connecting back to back until a new certificate comes: no failure.
     let deadline = Instant::now() + Duration::from_secs(40);
     let (mut handshakes, mut renewed) = (0, None);
     while Instant::now() < deadline {
-        let seen = https_get(addr, "r.acme.test", &roots)
+        let seen = https_get(addr, "r.acme.test", roots)
             .await
             .unwrap_or_else(|e| panic!("after {handshakes} handshakes: {e}\n{}", gw.log()));
         assert!(
@@ -544,6 +624,8 @@ async fn renewal_swaps_the_certificate_without_a_failed_handshake() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(renewed.is_some(), "not renewed; log:\n{}", gw.log());
+    // The connection opened before the swap carries on.
+    assert!(kept.get().await.starts_with("HTTP/1.1 200"));
     assert!(handshakes > 10, "{handshakes}");
     let renewals =
         "gateway_acme_orders_total{kind=\"renewal\",listener=\"https\",result=\"issued\"}";
@@ -552,33 +634,15 @@ async fn renewal_swaps_the_certificate_without_a_failed_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_renewals_keep_the_old_certificate_are_counted_and_back_off_across_restarts() {
-    let backend = Backend::start("127.0.0.1", "b").await;
-    let dns = Dns::start().await;
-    dns.set("f.acme.test", &["127.0.0.1"]);
-    let (http, https) = validation_ports(&["127.0.0.1"]);
-    let mut pebble = Pebble::start(PebbleSettings {
-        http_port: http,
-        tls_port: https,
-        dns: dns.addr,
-        validity: 30,
-        eab: &[],
-    });
-    let storage = tempfile::tempdir().unwrap();
-    let tls = acme_settings(
-        &pebble,
-        "f.acme.test",
-        storage.path(),
-        ", renew_before: 25s, retry_interval: 1m",
-    );
-    let listeners = acme_listeners("127.0.0.1", http, https, &tls);
-    let body = one_route_to(&backend, "");
-    let gw = Gateway::start_with("", &listeners, &body).await;
-    let addr: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
-    let roots = pebble.issuing_root();
+    let mut scene = Scene::start(&["127.0.0.1"], &["f.acme.test"], 30, &[]).await;
+    let tls = scene.acme("f.acme.test", ", renew_before: 25s, retry_interval: 1m");
+    let listeners = scene.listeners("127.0.0.1", &tls);
+    let gw = scene.gateway(&listeners).await;
+    let (addr, roots) = (scene.tls_addr("127.0.0.1"), scene.roots.clone());
     let first = wait_for_cert(&gw, addr, "f.acme.test", &roots, Duration::from_secs(30)).await;
     // The ACME server goes away; the renewal fails. (`renew_before` is longer than half the
     // lifetime, so the renewal comes at half of it, 15 s in, not 5 s.)
-    pebble.stop();
+    scene.pebble.stop();
     let failures = "gateway_acme_failures_total{listener=\"https\",reason=\"account\"}";
     let deadline = Instant::now() + Duration::from_secs(30);
     while gw.metric(failures).await < 1.0 {
@@ -600,7 +664,7 @@ async fn failed_renewals_keep_the_old_certificate_are_counted_and_back_off_acros
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(gw.metric(failures).await, 1.0);
     drop(gw);
-    let gw = Gateway::start_with("", &listeners, &body).await;
+    let gw = scene.gateway(&listeners).await;
     let seen = https_get(addr, "f.acme.test", &roots).await.unwrap();
     assert_eq!(seen.fingerprint(), first.fingerprint());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -610,7 +674,7 @@ async fn failed_renewals_keep_the_old_certificate_are_counted_and_back_off_acros
         )
         .await;
     assert_eq!(any_order, 0.0, "{}", gw.log());
-    let state = walk(storage.path())
+    let state = walk(scene.storage.path())
         .into_iter()
         .find(|p| p.ends_with("state.json"))
         .unwrap();
@@ -620,37 +684,18 @@ async fn failed_renewals_keep_the_old_certificate_are_counted_and_back_off_acros
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_sharing_storage_order_once_and_both_serve_it() {
-    let backend = Backend::start("127.0.0.1", "b").await;
-    let dns = Dns::start().await;
     // Validation reaches the first instance only, whichever of the two orders.
-    dns.set("s.acme.test", &["127.0.0.2"]);
-    let (http, https) = validation_ports(&["127.0.0.2", "127.0.0.3"]);
-    let pebble = Pebble::start(PebbleSettings {
-        http_port: http,
-        tls_port: https,
-        dns: dns.addr,
-        validity: 3600,
-        eab: &[],
-    });
-    let storage = tempfile::tempdir().unwrap();
-    let tls = acme_settings(
-        &pebble,
-        "s.acme.test",
-        storage.path(),
-        ", challenge: http-01",
+    let scene = Scene::start(&["127.0.0.2", "127.0.0.3"], &["s.acme.test"], 3600, &[]).await;
+    let tls = scene.acme("s.acme.test", ", challenge: http-01");
+    let (a_listeners, b_listeners) = (
+        scene.listeners("127.0.0.2", &tls),
+        scene.listeners("127.0.0.3", &tls),
     );
-    let body = one_route_to(&backend, "");
-    let a_listeners = acme_listeners("127.0.0.2", http, https, &tls);
-    let b_listeners = acme_listeners("127.0.0.3", http, https, &tls);
-    let (a, b) = tokio::join!(
-        Gateway::start_with("", &a_listeners, &body),
-        Gateway::start_with("", &b_listeners, &body)
-    );
-    let roots = pebble.issuing_root();
-    let a_addr: SocketAddr = format!("127.0.0.2:{https}").parse().unwrap();
-    let b_addr: SocketAddr = format!("127.0.0.3:{https}").parse().unwrap();
-    let from_a = wait_for_cert(&a, a_addr, "s.acme.test", &roots, Duration::from_secs(30)).await;
-    let from_b = wait_for_cert(&b, b_addr, "s.acme.test", &roots, Duration::from_secs(30)).await;
+    let (a, b) = tokio::join!(scene.gateway(&a_listeners), scene.gateway(&b_listeners));
+    let (storage, roots, http) = (&scene.storage, &scene.roots, scene.http);
+    let (a_addr, b_addr) = (scene.tls_addr("127.0.0.2"), scene.tls_addr("127.0.0.3"));
+    let from_a = wait_for_cert(&a, a_addr, "s.acme.test", roots, Duration::from_secs(30)).await;
+    let from_b = wait_for_cert(&b, b_addr, "s.acme.test", roots, Duration::from_secs(30)).await;
     assert_eq!(from_a.fingerprint(), from_b.fingerprint());
     let orders = "gateway_acme_orders_total{kind=\"new\",listener=\"https\",result=\"issued\"}";
     let total = a.metric(orders).await + b.metric(orders).await;

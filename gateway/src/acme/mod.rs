@@ -501,10 +501,6 @@ impl Work {
     /// Counts, logs and backs off a failure: ERROR when nothing valid is left to serve soon,
     /// else WARN. The wait holds in this instance even if the folder cannot record it.
     fn failed(&self, serving: &Option<Serving>, f: &Failure) {
-        METRICS
-            .acme_failures
-            .with_label_values(&[&self.plan.listener, f.reason.label()])
-            .inc();
         let stored = self.storage.read_state();
         let own = self.backoff.lock().map_or(0, |b| b.0);
         let failures = stored.failures.max(own) + 1;
@@ -535,6 +531,11 @@ impl Work {
         } else {
             warn!(listener = %self.plan.listener, names = %names, reason = f.reason.label(), error = %f.detail, expires_in_s = left, retry_in_s, "ACME order failed; the current certificate keeps serving");
         }
+        // Counted once recorded and logged.
+        METRICS
+            .acme_failures
+            .with_label_values(&[&self.plan.listener, f.reason.label()])
+            .inc();
     }
 }
 
