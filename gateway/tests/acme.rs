@@ -129,10 +129,6 @@ impl Drop for Pebble {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// What one verified HTTPS request saw: the leaf's SHA-256 and the response.
 struct Seen {
     leaf: CertificateDer<'static>,
@@ -152,12 +148,12 @@ impl Seen {
     }
 }
 
-/// `GET /acme-test` on `addr` for `sni` over TLS, verified against `roots`.
-async fn https_get(
+/// A TLS connection to `addr` for `sni`, verified against `roots`.
+async fn connect(
     addr: SocketAddr,
     sni: &str,
     roots: &[CertificateDer<'static>],
-) -> Result<Seen, String> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).unwrap();
@@ -170,10 +166,19 @@ async fn https_get(
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| format!("handshake: {e}"))
+}
+
+/// `GET /acme-test` on `addr` for `sni` over TLS, verified against `roots`.
+async fn https_get(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+) -> Result<Seen, String> {
+    let mut tls = connect(addr, sni, roots).await?;
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     tls.write_all(
         format!("GET /acme-test HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -205,46 +210,11 @@ async fn try_validation_handshake(
     addr: SocketAddr,
     sni: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    #[derive(Debug)]
-    struct AnyCert;
-    impl rustls::client::danger::ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_custom_certificate_verifier(Arc::new(Recorder::default()))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -261,20 +231,7 @@ struct KeptAlive {
 
 impl KeptAlive {
     async fn open(addr: SocketAddr, sni: &str, roots: &[CertificateDer<'static>]) -> KeptAlive {
-        let mut store = rustls::RootCertStore::empty();
-        for r in roots {
-            store.add(r.clone()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-            .await
-            .unwrap();
+        let tls = connect(addr, sni, roots).await.unwrap();
         KeptAlive {
             tls,
             host: sni.to_string(),
