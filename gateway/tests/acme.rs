@@ -670,3 +670,35 @@ async fn two_gateways_sharing_storage_order_once_and_both_serve_it() {
         assert_eq!(r.text().await.unwrap(), "shared-token_1.thumbprint");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_validation_is_counted_with_the_servers_cause() {
+    // The name does not resolve: Pebble cannot validate it and refuses the order.
+    let scene = Scene::start(&["127.0.0.1"], &[], 3600, &[]).await;
+    let tls = scene.acme("nowhere.acme.test", ", challenge: http-01");
+    let gw = scene.gateway(&scene.listeners("127.0.0.1", &tls)).await;
+    let failures = "gateway_acme_failures_total{listener=\"https\",reason=\"challenge\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric(failures).await < 1.0 {
+        assert!(Instant::now() < deadline, "no failure:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new_failed = "gateway_acme_orders_total{kind=\"new\",listener=\"https\",result=\"failed\"}";
+    assert_eq!(gw.metric(new_failed).await, 1.0);
+    // The log line names the server's cause, and with no certificate to serve it is an ERROR.
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ACME order failed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("names=nowhere.acme.test"), "{line}");
+    assert!(line.contains("could not resolve"), "{line}");
+    assert!(https_get(
+        scene.tls_addr("127.0.0.1"),
+        "nowhere.acme.test",
+        &scene.roots
+    )
+    .await
+    .is_err());
+}
