@@ -177,6 +177,9 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the control-plane runtime")?;
+    // Made before any task starts: ACME managers make no order before the listeners are bound.
+    let listeners_bound = Arc::new(AtomicBool::new(false));
+    crate::acme::listeners_bound_at(listeners_bound.clone());
     let first = control
         .block_on(plan::activate(compiled, None, 1))
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -254,8 +257,6 @@ pub fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     // Pingora binds the listeners in its service threads; `/ready` waits for them, and a
     // listener that cannot be bound ends the process rather than leaving it up without it.
-    let listeners_bound = Arc::new(AtomicBool::new(false));
-    crate::acme::listeners_bound_at(listeners_bound.clone());
     let addresses = loaded
         .config
         .listeners

@@ -41,6 +41,9 @@ struct AcmeCerts {
     /// Answer TLS-ALPN-01 validation for these names, with the storage folder other
     /// instances publish to.
     tls_alpn: Option<(PathBuf, Vec<String>)>,
+    /// The manager that may install certificates here (0: none): one that a reload replaced
+    /// or removed cannot put its certificate back.
+    owner: u64,
 }
 
 /// A file's identity for change detection.
@@ -363,43 +366,56 @@ impl CertStore {
         }
     }
 
-    /// Serves `cert` for its names from now on, in place of the previous ACME certificate.
-    pub fn install_acme(&self, cert: &StoredCert) {
-        self.acme.rcu(|previous| AcmeCerts {
-            exact: cert
-                .names
-                .iter()
-                .map(|n| (n.clone(), cert.key.clone()))
-                .collect(),
-            default: Some(cert.key.clone()),
-            info: vec![cert.info.clone()],
-            tls_alpn: previous.tls_alpn.clone(),
+    /// Serves `cert` for its names from now on, in place of the previous ACME certificate,
+    /// when `owner` is the store's ACME manager; false (nothing changes) otherwise.
+    pub fn install_acme(&self, owner: u64, cert: &StoredCert) -> bool {
+        let previous = self.acme.rcu(|previous| {
+            if previous.owner != owner {
+                return Arc::clone(previous);
+            }
+            Arc::new(AcmeCerts {
+                exact: cert
+                    .names
+                    .iter()
+                    .map(|n| (n.clone(), cert.key.clone()))
+                    .collect(),
+                default: Some(cert.key.clone()),
+                info: vec![cert.info.clone()],
+                tls_alpn: previous.tls_alpn.clone(),
+                owner,
+            })
         });
+        if previous.owner != owner {
+            return false;
+        }
         record_expiries(
             &self.listener,
             &self.table.load().expiries,
             std::slice::from_ref(&cert.info),
         );
+        true
     }
 
-    /// Whether the listener answers TLS-ALPN-01 validation: for which names, from which
-    /// storage folder; `None` also for a listener without ACME.
-    pub fn set_acme_challenge(&self, tls_alpn: Option<(PathBuf, Vec<String>)>) {
+    /// Makes `owner` the store's ACME manager, answering TLS-ALPN-01 validation for the names
+    /// and storage folder in `tls_alpn` (`None`: HTTP-01). The certificate in use serves until
+    /// the new manager installs one.
+    pub fn set_acme_owner(&self, owner: u64, tls_alpn: Option<(PathBuf, Vec<String>)>) {
         self.acme.rcu(|previous| AcmeCerts {
             exact: previous.exact.clone(),
             default: previous.default.clone(),
             info: previous.info.clone(),
             tls_alpn: tls_alpn.clone(),
+            owner,
         });
     }
 
-    /// Stops serving ACME certificates (the listener no longer has `acme`).
+    /// Stops serving ACME certificates (the listener no longer has `acme`); no manager may
+    /// install one after this.
     pub fn clear_acme(&self) {
-        if self.acme.load().default.is_none() && self.acme.load().tls_alpn.is_none() {
-            return;
+        let previous = self.acme.swap(Arc::new(AcmeCerts::default()));
+        if previous.default.is_some() {
+            record_expiries(&self.listener, &self.table.load().expiries, &[]);
         }
-        self.acme.store(Arc::new(AcmeCerts::default()));
-        record_expiries(&self.listener, &self.table.load().expiries, &[]);
     }
 
     /// How often the files are checked from now on.

@@ -109,36 +109,60 @@ pub fn offers_acme_tls(hello: &rustls::server::ClientHello<'_>) -> bool {
         .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN))
 }
 
-/// Challenge certificates made from what other instances published, by name, with the key
-/// authorization they were made for: one key pair per challenge, not per handshake.
-static PICKED_UP: LazyLock<RwLock<HashMap<String, MadeFor>>> = LazyLock::new(Default::default);
+/// What other instances published, by name: when the folder was last read, and the
+/// challenge certificate made from what it held (with that key authorization), if anything.
+/// The folder is read at most once a second a name, and one key pair is made per challenge.
+static PICKED_UP: LazyLock<RwLock<HashMap<String, PickedUp>>> = LazyLock::new(Default::default);
 
-/// A challenge certificate and the key authorization it carries.
-type MadeFor = (String, Arc<CertifiedKey>);
+/// A read of the folder for one name.
+#[derive(Clone)]
+struct PickedUp {
+    read_at: std::time::Instant,
+    made: Option<(String, Arc<CertifiedKey>)>,
+}
+
+/// How long a read of the folder is used before the folder is read again.
+const REREAD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The TLS-ALPN-01 certificate for `name` (one of the listener's ACME names): this
-/// instance's, else made from what another instance published in `root`. Reading that small
-/// file is the only file access in a handshake, and only validation handshakes for the
-/// listener's own names get here.
+/// instance's, else made from what another instance published in `root`. Only handshakes
+/// offering `acme-tls/1` for the listener's own names get here; the small file is read at
+/// most once a second a name.
 pub fn tls_alpn_cert(name: &str, root: &Path) -> Option<Arc<CertifiedKey>> {
     if let Some(cert) = TLS_ALPN.read().ok().and_then(|m| m.get(name).cloned()) {
         return Some(cert);
     }
-    let key_auth = std::fs::read_to_string(storage::tls_alpn_path(root, name)).ok()?;
-    let key_auth = key_auth.trim();
-    let cached = PICKED_UP.read().ok().and_then(|m| {
-        m.get(name)
-            .filter(|(made_for, _)| made_for == key_auth)
-            .map(|(_, c)| c.clone())
+    let recent = PICKED_UP
+        .read()
+        .ok()
+        .and_then(|m| m.get(name).cloned())
+        .filter(|p| p.read_at.elapsed() < REREAD);
+    if let Some(p) = recent {
+        return p.made.map(|(_, cert)| cert);
+    }
+    let key_auth = std::fs::read_to_string(storage::tls_alpn_path(root, name)).ok();
+    let previous = PICKED_UP.read().ok().and_then(|m| m.get(name).cloned());
+    let made = key_auth.and_then(|k| {
+        let k = k.trim().to_string();
+        match previous
+            .and_then(|p| p.made)
+            .filter(|(made_for, _)| *made_for == k)
+        {
+            Some(same) => Some(same),
+            None => challenge_cert(name, &k).ok().map(|cert| (k, cert)),
+        }
     });
-    if cached.is_some() {
-        return cached;
-    }
-    let cert = challenge_cert(name, key_auth).ok()?;
     if let Ok(mut m) = PICKED_UP.write() {
-        m.insert(name.to_string(), (key_auth.to_string(), cert.clone()));
+        let read_at = std::time::Instant::now();
+        m.insert(
+            name.to_string(),
+            PickedUp {
+                read_at,
+                made: made.clone(),
+            },
+        );
     }
-    Some(cert)
+    made.map(|(_, cert)| cert)
 }
 
 /// A self-signed certificate for `name` with the `acmeIdentifier` extension holding the

@@ -101,6 +101,8 @@ pub fn compile(listener: &str, acme: &AcmeConfig) -> Result<AcmePlan, (String, S
             domains.push(d);
         }
     }
+    // In a fixed order: listing the names otherwise is the same certificate.
+    domains.sort_unstable();
     if let Some(email) = &acme.email {
         if !email.contains('@') || email.contains(char::is_whitespace) {
             return fail("email", format!("`{email}` is not an email address"));
@@ -154,6 +156,8 @@ pub struct Manager {
 struct Work {
     plan: AcmePlan,
     store: Arc<CertStore>,
+    /// This manager's id in the store: a replaced one cannot install there.
+    owner: u64,
     storage: Storage,
     /// Set by [`Manager::stop`]; checked before anything is served.
     stopped: AtomicBool,
@@ -174,14 +178,17 @@ struct Serving {
 impl Manager {
     /// A manager for `plan` serving through `store`; nothing runs before [`Manager::start`].
     pub fn new(plan: AcmePlan, store: Arc<CertStore>) -> Arc<Manager> {
+        static OWNERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let owner = OWNERS.fetch_add(1, Ordering::Relaxed);
         let storage = Storage::new(&plan.storage, &plan.directory, &plan.domains);
         let tls_alpn = (plan.challenge == AcmeChallenge::TlsAlpn01)
             .then(|| (plan.storage.clone(), plan.domains.clone()));
-        store.set_acme_challenge(tls_alpn);
+        store.set_acme_owner(owner, tls_alpn);
         Arc::new(Manager {
             work: Arc::new(Work {
                 plan,
                 store,
+                owner,
                 storage,
                 stopped: AtomicBool::new(false),
                 wake: Notify::new(),
@@ -368,12 +375,14 @@ impl Work {
     }
 
     /// When the next order may be made, Unix seconds: the later of what the storage folder
-    /// and this instance recorded, and never further than the longest backoff.
+    /// and this instance recorded. A time further ahead than the longest backoff was written
+    /// under a wrong clock (or the file is damaged) and does not count.
     fn next_attempt(&self) -> i64 {
-        let stored = self.storage.read_state().next_attempt;
-        let own = self.backoff.lock().map_or(0, |b| b.1);
         let latest = unix_now() + MAX_BACKOFF.as_secs();
-        stored.max(own).min(latest) as i64
+        let valid = |t: u64| if t > latest { 0 } else { t };
+        let stored = valid(self.storage.read_state().next_attempt);
+        let own = valid(self.backoff.lock().map_or(0, |b| b.1));
+        stored.max(own) as i64
     }
 
     /// Serves the stored certificate when it is valid for the configured names and is not
@@ -382,9 +391,9 @@ impl Work {
         if self.stopped.load(Ordering::Acquire) {
             return serving;
         }
-        let (chain, key) = self.storage.read_cert()?;
+        let bundle = self.storage.read_cert()?;
         let path = self.storage.cert_path().display().to_string();
-        let cert = match crate::tls::stored_cert(&chain, &key, &path) {
+        let cert = match crate::tls::stored_cert(&bundle, &bundle, &path) {
             Ok(c) => c,
             Err(e) => {
                 warn!(listener = %self.plan.listener, error = %e, "stored ACME certificate unusable: a new one is ordered");
@@ -400,11 +409,17 @@ impl Work {
         if !self.usable(&cert) {
             return serving;
         }
-        let renew_at = self.renew_at(&cert);
+        if !self.store.install_acme(self.owner, &cert) {
+            return serving;
+        }
         if log {
             info!(listener = %self.plan.listener, names = %cert.names.join(","), not_after = cert.not_after, "ACME certificate served from storage");
         }
-        self.store.install_acme(&cert);
+        // A certificate another instance ordered ends this one's run of failures too.
+        if let Ok(mut b) = self.backoff.lock() {
+            *b = (0, 0);
+        }
+        let renew_at = self.renew_at(&cert);
         Some(Serving { cert, renew_at })
     }
 
@@ -465,7 +480,15 @@ impl Work {
             warn!(listener = %self.plan.listener, error = %e, "ACME order state not written");
         }
         info!(listener = %self.plan.listener, names = %self.plan.domains.join(","), kind, not_after = cert.not_after, took_ms = started.elapsed().as_millis() as u64, "ACME certificate issued");
-        self.pick_up(serving.clone(), false).or(serving)
+        if self.stopped.load(Ordering::Acquire) || !self.store.install_acme(self.owner, &cert) {
+            return serving;
+        }
+        // Never due again before a tenth of its validity has passed, whatever its `notBefore`
+        // says: a new certificate cannot make the next order at once.
+        let now = unix_now() as i64;
+        let soonest = now + ((cert.not_after - now) / 10).max(1);
+        let renew_at = self.renew_at(&cert).max(soonest);
+        Some(Serving { cert, renew_at })
     }
 
     /// Checks a new certificate and stores it; one that does not serve the configured names
@@ -586,7 +609,7 @@ mod tests {
             &config(&["Example.COM.", "example.com", "a.example.com"]),
         )
         .unwrap();
-        assert_eq!(plan.domains, ["example.com", "a.example.com"]);
+        assert_eq!(plan.domains, ["a.example.com", "example.com"]);
         assert_eq!(plan.directory, LETSENCRYPT_STAGING);
         let field = |c: AcmeConfig| compile("https", &c).unwrap_err().0;
         assert_eq!(field(config(&["*.example.com"])), "domains");

@@ -100,16 +100,26 @@ const POLL: RetryPolicy = RetryPolicy::new()
 
 /// Orders a certificate for `plan.domains`, answering the challenges while it is validated.
 pub async fn obtain(plan: &AcmePlan, storage: &Storage) -> Result<Issued, Failure> {
-    let account = account(plan, storage).await?;
     let identifiers: Vec<Identifier> = plan
         .domains
         .iter()
         .map(|d| Identifier::Dns(d.clone()))
         .collect();
-    let mut order = account
-        .new_order(&NewOrder::new(&identifiers))
-        .await
-        .map_err(|e| Failure::acme(Reason::Order, e))?;
+    let new_order = NewOrder::new(&identifiers);
+    let mut order = match account(plan, storage).await?.new_order(&new_order).await {
+        // The server no longer knows the stored account (its database was reset): a new one.
+        Err(instant_acme::Error::Api(p))
+            if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist") =>
+        {
+            tracing::warn!(listener = %plan.listener, "the ACME server no longer knows the stored account: a new one is made");
+            storage
+                .remove_account()
+                .map_err(|e| Failure::new(Reason::Storage, e))?;
+            account(plan, storage).await?.new_order(&new_order).await
+        }
+        other => other,
+    }
+    .map_err(|e| Failure::acme(Reason::Order, e))?;
     // Answers stay published until the order is done, then are withdrawn (dropped).
     let mut published: Vec<Published> = Vec::new();
     let mut authorizations = order.authorizations();

@@ -3,7 +3,8 @@
 //! ```text
 //! <storage>/lock                                   held (flock) by the instance ordering
 //! <storage>/accounts/<server>.json                 account key and URL (0600)
-//! <storage>/certificates/<server>/<name>/          cert.pem, key.pem (0600), state.json
+//! <storage>/certificates/<server>/<name>-<hash>/   certificate.pem (chain and key, 0600),
+//!                                                  state.json
 //! <storage>/challenges/http-01/<token>             key authorizations being validated
 //! <storage>/challenges/tls-alpn-01/<name>
 //! ```
@@ -55,7 +56,7 @@ impl Storage {
         // share a certificate, and the failures of one list do not hold back a corrected one.
         let mut set: Vec<&str> = names.iter().map(String::as_str).collect();
         set.sort_unstable();
-        let first = names.first().map_or("certificate", String::as_str);
+        let first = set.first().copied().unwrap_or("certificate");
         let cert_dir = format!("{}-{}", safe(first), short_hash(&set.join(",")));
         Storage {
             root: root.to_path_buf(),
@@ -69,22 +70,26 @@ impl Storage {
         &self.root
     }
 
-    /// The stored certificate chain's path.
+    /// The stored certificate's path: its chain and key in one PEM file, so that one rename
+    /// replaces both and a reader never sees a chain with another's key.
     pub fn cert_path(&self) -> PathBuf {
-        self.cert_dir.join("cert.pem")
+        self.cert_dir.join("certificate.pem")
     }
 
-    /// The stored certificate and key, PEM, if both are there.
-    pub fn read_cert(&self) -> Option<(Vec<u8>, Vec<u8>)> {
-        let cert = std::fs::read(self.cert_path()).ok()?;
-        let key = std::fs::read(self.cert_dir.join("key.pem")).ok()?;
-        Some((cert, key))
+    /// The stored chain and key, PEM.
+    pub fn read_cert(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.cert_path()).ok()
     }
 
-    /// Stores a new certificate: the key first, so that a chain on disk always has its key.
+    /// Stores a new certificate.
     pub fn write_cert(&self, chain_pem: &str, key_pem: &str) -> std::io::Result<()> {
-        write_atomic(&self.cert_dir.join("key.pem"), key_pem.as_bytes())?;
-        write_atomic(&self.cert_path(), chain_pem.as_bytes())
+        let bundle = format!("{}\n{key_pem}", chain_pem.trim_end());
+        write_atomic(&self.cert_path(), bundle.as_bytes())
+    }
+
+    /// Forgets the stored account (the server no longer knows it).
+    pub fn remove_account(&self) -> std::io::Result<()> {
+        std::fs::remove_file(&self.account)
     }
 
     /// The stored account, JSON.
@@ -233,13 +238,25 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::new(dir.path(), "https://a/dir", &["a.test".to_string()]);
-        s.write_cert("CHAIN", "KEY").unwrap();
-        let mode = std::fs::metadata(s.cert_dir.join("key.pem"))
+        s.write_cert("CHAIN\n", "KEY").unwrap();
+        let mode = std::fs::metadata(s.cert_path())
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(s.read_cert().unwrap(), (b"CHAIN".to_vec(), b"KEY".to_vec()));
+        assert_eq!(s.read_cert().unwrap(), b"CHAIN\nKEY".to_vec());
+        // The same names in another order: the same place.
+        let reordered = Storage::new(
+            dir.path(),
+            "https://a/dir",
+            &["b.test".into(), "a.test".into()],
+        );
+        let ordered = Storage::new(
+            dir.path(),
+            "https://a/dir",
+            &["a.test".into(), "b.test".into()],
+        );
+        assert_eq!(reordered.cert_path(), ordered.cert_path());
         let held = s.try_lock().unwrap();
         assert!(held.is_some());
         assert!(s.try_lock().unwrap().is_none());
