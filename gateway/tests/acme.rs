@@ -178,10 +178,20 @@ async fn https_get(
     sni: &str,
     roots: &[CertificateDer<'static>],
 ) -> Result<Seen, String> {
+    https_get_path(addr, sni, roots, "/acme-test").await
+}
+
+/// [`https_get`] for `path`.
+async fn https_get_path(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    path: &str,
+) -> Result<Seen, String> {
     let mut tls = connect(addr, sni, roots).await?;
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     tls.write_all(
-        format!("GET /acme-test HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
     .map_err(|e| format!("write: {e}"))?;
@@ -431,6 +441,28 @@ async fn http01_certificate_is_obtained_served_stored_and_reused_after_a_restart
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(backend.hits(), hits + 1);
+    // A published one is answered on the plain listener only; over TLS it is routed.
+    let published = storage.path().join("challenges/http-01/published-token");
+    std::fs::create_dir_all(published.parent().unwrap()).unwrap();
+    std::fs::write(&published, "published-token.thumbprint").unwrap();
+    let path = "/.well-known/acme-challenge/published-token";
+    let r = client()
+        .get(format!("http://127.0.0.1:{http}{path}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "published-token.thumbprint");
+    assert_eq!(backend.hits(), hits + 1);
+    let over_tls = https_get_path(addr, "a.acme.test", roots, path)
+        .await
+        .unwrap();
+    assert!(over_tls.response.starts_with("HTTP/1.1 200"));
+    assert!(
+        !over_tls.response.contains("thumbprint"),
+        "{}",
+        over_tls.response
+    );
+    assert_eq!(backend.hits(), hits + 2);
     // A reload that keeps `acme` keeps the certificate and orders nothing.
     gw.write_config(&format!("{body}# reloaded\n"));
     gw.wait_generation(2).await;
@@ -724,4 +756,38 @@ async fn a_refused_validation_is_counted_with_the_servers_cause() {
     )
     .await
     .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_the_folder_cannot_record_still_waits_its_backoff() {
+    // 20 s certificates, renewed at half their lifetime.
+    let mut scene = Scene::start(&["127.0.0.1"], &["u.acme.test"], 20, &[]).await;
+    let tls = scene.acme("u.acme.test", ", renew_before: 15s, retry_interval: 1m");
+    let gw = scene.gateway(&scene.listeners("127.0.0.1", &tls)).await;
+    let (addr, roots) = (scene.tls_addr("127.0.0.1"), scene.roots.clone());
+    wait_for_cert(&gw, addr, "u.acme.test", &roots, Duration::from_secs(30)).await;
+    // The order state cannot be written (a folder where its file goes; permissions would not
+    // stop a root process), and the ACME server goes away.
+    let state = walk(scene.storage.path())
+        .into_iter()
+        .find(|p| p.ends_with("state.json"))
+        .unwrap();
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("blocker"), "").unwrap();
+    scene.pebble.stop();
+    let failures = "gateway_acme_failures_total{listener=\"https\",reason=\"account\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric(failures).await < 1.0 {
+        assert!(Instant::now() < deadline, "no failure:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gw.log().contains("ACME storage not writable"),
+        "{}",
+        gw.log()
+    );
+    // The backoff holds in memory: no second order.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gw.metric(failures).await, 1.0, "{}", gw.log());
 }
