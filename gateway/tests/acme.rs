@@ -206,31 +206,15 @@ async fn https_get_path(
 /// A TLS-ALPN-01 validation handshake for `sni` (ALPN `acme-tls/1` only, no verification
 /// beyond recording the certificate): the leaf, and what the server sent after the handshake.
 async fn validation_handshake(addr: SocketAddr, sni: &str) -> (CertificateDer<'static>, Vec<u8>) {
-    let mut tls = try_validation_handshake(addr, sni).await.unwrap();
+    let mut tls = unverified_handshake(addr, sni, &[b"acme-tls/1"])
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the validation connection stayed open");
     (leaf, rest)
-}
-
-/// The handshake of [`validation_handshake`].
-async fn try_validation_handshake(
-    addr: SocketAddr,
-    sni: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Recorder::default()))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-        .await
 }
 
 /// A verified HTTPS keep-alive connection.
@@ -569,27 +553,16 @@ async fn tls_alpn01_with_account_binding_and_a_file_certificate_winning_for_its_
         "token.thumbprint",
     )
     .unwrap();
-    assert!(try_validation_handshake(addr, "other.test").await.is_err());
+    assert!(unverified_handshake(addr, "other.test", &[b"acme-tls/1"])
+        .await
+        .is_err());
 
     // A reload without `acme` stops serving its certificate: the file one answers.
     let without = gw.config_text(body).replace(&format!(", {acme}"), "");
     gw.write_raw_config(&without);
     gw.wait_generation(2).await;
     assert!(https_get(addr, "b.acme.test", roots).await.is_err());
-    let recorder = Arc::new(Recorder::default());
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(recorder.clone())
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let sni = ServerName::try_from("b.acme.test").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(sni, tcp)
-        .await
-        .unwrap();
-    let served = recorder.0.lock().unwrap().clone().unwrap();
+    let served = served_leaf(addr, "b.acme.test").await;
     let (_, served) = x509_parser::parse_x509_certificate(served.as_ref()).unwrap();
     assert!(
         served.subject().to_string().contains("files.acme.test"),

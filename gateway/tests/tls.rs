@@ -12,34 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The DNS names of the certificate served for `sni`.
-async fn served_names(addr: SocketAddr, sni: &str) -> Vec<String> {
-    let recorder = Arc::new(Recorder::default());
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(recorder.clone())
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let der = recorder.0.lock().unwrap().clone().unwrap();
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
-    let san = cert.subject_alternative_name().unwrap().unwrap();
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A verifying client that trusts the development CA: a request for `/x` over TLS, and the
 /// ALPN result.
 async fn https_get(

@@ -802,21 +802,19 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A TLS client's certificate check that accepts any certificate and keeps the one it was
-/// shown, to see which one was served.
-#[derive(Debug, Default)]
-pub struct Recorder(pub Mutex<Option<rustls::pki_types::CertificateDer<'static>>>);
+/// A TLS client's certificate check that accepts any certificate: to see which one is served.
+#[derive(Debug)]
+struct AnyCertificate;
 
-impl rustls::client::danger::ServerCertVerifier for Recorder {
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::pki_types::CertificateDer<'_>,
         _: &[rustls::pki_types::CertificateDer<'_>],
         _: &rustls::pki_types::ServerName<'_>,
         _: &[u8],
         _: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        *self.0.lock().unwrap() = Some(end_entity.clone().into_owned());
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -840,4 +838,50 @@ impl rustls::client::danger::ServerCertVerifier for Recorder {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// A TLS handshake with `addr` for `sni`, offering `alpn`, that accepts any certificate; the
+/// leaf served is the stream's `peer_certificates()[0]`.
+pub async fn unverified_handshake(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// The leaf certificate served on `addr` for `sni`, parsed.
+pub async fn served_leaf(
+    addr: SocketAddr,
+    sni: &str,
+) -> rustls::pki_types::CertificateDer<'static> {
+    let tls = unverified_handshake(addr, sni, &[]).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// The DNS names of the certificate served on `addr` for `sni`.
+pub async fn served_names(addr: SocketAddr, sni: &str) -> Vec<String> {
+    let der = served_leaf(addr, sni).await;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
 }
