@@ -232,7 +232,7 @@ impl ControlPlane {
         note("applied", None);
         let old = self.runtime.swap(Arc::new(next));
         let now = self.runtime.load();
-        crate::acme::retire(&old.acme, &now.acme, &now.tls_stores);
+        crate::acme::retire(&old.acme, &now.acme);
         if last_refused.take().is_some() {
             info!(
                 generation,

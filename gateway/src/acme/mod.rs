@@ -246,23 +246,13 @@ impl Drop for Manager {
     }
 }
 
-/// Stops the managers of `old` that `new` does not carry over, once `new` serves; a listener
-/// that no longer has `acme` stops serving its certificate.
-pub fn retire(
-    old: &BTreeMap<String, Arc<Manager>>,
-    new: &BTreeMap<String, Arc<Manager>>,
-    stores: &BTreeMap<String, Arc<CertStore>>,
-) {
+/// Stops the managers of `old` that `new` does not carry over, once `new` serves. (Their
+/// stores already refuse their certificates: activation gave each store its new owner, or
+/// none.)
+pub fn retire(old: &BTreeMap<String, Arc<Manager>>, new: &BTreeMap<String, Arc<Manager>>) {
     for (listener, manager) in old {
-        let kept = new.get(listener).is_some_and(|m| Arc::ptr_eq(m, manager));
-        if kept {
-            continue;
-        }
-        manager.stop();
-        if !new.contains_key(listener) {
-            if let Some(store) = stores.get(listener) {
-                store.clear_acme();
-            }
+        if !new.get(listener).is_some_and(|m| Arc::ptr_eq(m, manager)) {
+            manager.stop();
         }
     }
 }
@@ -340,15 +330,6 @@ async fn run(work: Arc<Work>, mut serving: Option<Serving>) {
 
 fn secs(s: i64) -> Duration {
     Duration::from_secs(s.max(1) as u64)
-}
-
-impl Failure {
-    fn storage(e: std::io::Error) -> Failure {
-        Failure {
-            reason: order::Reason::Storage,
-            detail: e.to_string(),
-        }
-    }
 }
 
 impl Work {
@@ -452,10 +433,10 @@ impl Work {
             match tokio::time::timeout(ORDER_LIMIT, order::obtain(&self.plan, &self.storage)).await
             {
                 Ok(result) => result,
-                Err(_) => Err(Failure {
-                    reason: order::Reason::Timeout,
-                    detail: format!("no certificate within {}s", ORDER_LIMIT.as_secs()),
-                }),
+                Err(_) => Err(Failure::new(
+                    order::Reason::Timeout,
+                    format!("no certificate within {}s", ORDER_LIMIT.as_secs()),
+                )),
             };
         let issued = result.and_then(|issued| self.store_issued(&issued));
         let count = |result: &str| {
@@ -500,20 +481,17 @@ impl Work {
             issued.key_pem.as_bytes(),
             &path,
         )
-        .map_err(|e| Failure {
-            reason: order::Reason::Finalize,
-            detail: e,
-        })?;
+        .map_err(|e| Failure::new(order::Reason::Finalize, e))?;
         if !self.usable(&cert) {
-            return Err(Failure {
-                reason: order::Reason::Finalize,
-                detail: format!(
+            return Err(Failure::new(
+                order::Reason::Finalize,
+                format!(
                     "the issued certificate is for {} until {}: not usable for {}",
                     cert.names.join(","),
                     cert.not_after,
                     self.plan.domains.join(",")
                 ),
-            });
+            ));
         }
         self.storage
             .write_cert(&issued.chain_pem, &issued.key_pem)

@@ -63,11 +63,16 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(reason: Reason, detail: impl std::fmt::Display) -> Failure {
+    pub fn new(reason: Reason, detail: impl std::fmt::Display) -> Failure {
         Failure {
             reason,
             detail: detail.to_string(),
         }
+    }
+
+    /// The storage folder could not be read or written.
+    pub fn storage(e: std::io::Error) -> Failure {
+        Failure::new(Reason::Storage, e)
     }
 
     /// An instant-acme error in a step that fails for `reason`, unless the server said it
@@ -114,7 +119,7 @@ pub async fn obtain(plan: &AcmePlan, storage: &Storage) -> Result<Issued, Failur
             tracing::warn!(listener = %plan.listener, "the ACME server no longer knows the stored account: a new one is made");
             storage
                 .remove_account()
-                .map_err(|e| Failure::new(Reason::Storage, e))?;
+                .map_err(Failure::storage)?;
             account(plan, storage).await?.new_order(&new_order).await
         }
         other => other,
@@ -155,7 +160,7 @@ pub async fn obtain(plan: &AcmePlan, storage: &Storage) -> Result<Issued, Failur
                 challenge::publish_tls_alpn01(storage.root(), &name, key_auth.as_str())
             }
         };
-        published.push(answer.map_err(|e| Failure::new(Reason::Storage, e))?);
+        published.push(answer.map_err(Failure::storage)?);
         ch.set_ready()
             .await
             .map_err(|e| Failure::acme(Reason::Challenge, e))?;
@@ -240,9 +245,7 @@ async fn account(plan: &AcmePlan, storage: &Storage) -> Result<Account, Failure>
         .await
         .map_err(|e| Failure::acme(Reason::Account, e))?;
     let json = serde_json::to_vec(&credentials).map_err(|e| Failure::new(Reason::Storage, e))?;
-    storage
-        .write_account(&json)
-        .map_err(|e| Failure::new(Reason::Storage, e))?;
+    storage.write_account(&json).map_err(Failure::storage)?;
     Ok(account)
 }
 
