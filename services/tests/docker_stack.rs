@@ -9,6 +9,7 @@ mod docker;
 use docker::{container_ips, docker, docker_ok, Compose, Swarm};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +65,7 @@ async fn compose_end_to_end() {
     .await;
     runs_locked_down(&stack);
 
+    reload_follows_a_replaced_file(&c, &web, &stack).await;
     scale_under_load(&c, &web, &admin, &stack).await;
     kill_under_load(&c, &web, &stack).await;
     restart_keeps_certificates(&c, &stack, &ca).await;
@@ -219,6 +221,38 @@ fn runs_locked_down(stack: &Compose) {
             );
         }
     }
+}
+
+/// gateway.yaml replaced by a rename in the mounted folder (what editors and `sed -i` do): the
+/// gateway in its container sees the new file and serves the route it adds.
+async fn reload_follows_a_replaced_file(c: &reqwest::Client, web: &str, stack: &Compose) {
+    let probe = format!("{web}/reload-probe");
+    let before = c.get(&probe).send().await.expect("get").status();
+    assert_ne!(before, 200, "the probe route exists before the change");
+    let dir = stack.config_dir();
+    let mut text = std::fs::read_to_string(dir.join("gateway.yaml")).expect("read");
+    text.push_str(
+        "  - { name: reload-probe, match: { path: /reload-probe }, policies: [probe] }\n\
+         policies:\n  probe: { respond: { status: 200, body: \"replaced by rename\\n\" } }\n",
+    );
+    let new = dir.join(".gateway.yaml.new");
+    std::fs::write(&new, text).expect("write");
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::rename(&new, dir.join("gateway.yaml")).expect("rename");
+    let replaced = Instant::now();
+    loop {
+        let r = c.get(&probe).send().await.expect("get");
+        if r.status() == 200 {
+            assert_eq!(r.text().await.expect("body"), "replaced by rename\n");
+            break;
+        }
+        assert!(
+            replaced.elapsed() < Duration::from_secs(15),
+            "the replaced file was not applied within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("replaced file applied after {:?}", replaced.elapsed());
 }
 
 /// `--scale product-service=5` under load: the gateway finds the new replicas within one DNS

@@ -3,6 +3,7 @@
 //! when the value that started it is dropped.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -121,7 +122,7 @@ pub struct Compose {
     command: Vec<String>,
     files: Vec<PathBuf>,
     project: String,
-    _scratch: tempfile::TempDir,
+    scratch: tempfile::TempDir,
 }
 
 impl Compose {
@@ -154,11 +155,19 @@ impl Compose {
                 copy,
             )
         };
+        // The gateway's configuration folder: a copy of gateway.yaml that a test may replace.
+        let conf = scratch.path().join("conf");
+        std::fs::create_dir(&conf).expect("conf dir");
+        std::fs::copy(root().join("gateway.yaml"), conf.join("gateway.yaml")).expect("copy");
+        // The gateway runs as 65532 in its container.
+        for (path, mode) in [(&conf, 0o755), (&conf.join("gateway.yaml"), 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
         let stack = Compose {
             command,
             files: vec![main, root().join("tests/compose/local-images.yml")],
             project: format!("shop-test-{}", std::process::id()),
-            _scratch: scratch,
+            scratch,
         };
         // Every service but Grafana, whose image cannot be had here (local-images.yml).
         let services = stack.run(&["config", "--services"]);
@@ -177,8 +186,13 @@ impl Compose {
             cmd.arg("-f").arg(file);
         }
         cmd.args(["-p", &self.project]);
-        stack_env(&mut cmd);
+        stack_env(&mut cmd).env("GATEWAY_CONFIG_DIR", self.config_dir());
         cmd
+    }
+
+    /// The folder mounted as the gateway's configuration folder.
+    pub fn config_dir(&self) -> PathBuf {
+        self.scratch.path().join("conf")
     }
 
     pub fn run(&self, args: &[&str]) -> String {
