@@ -722,3 +722,82 @@ routes:
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(err.message(), "upstream timeout");
 }
+
+/// An upstream's gRPC status judges the call for its circuit breaker, mapped to HTTP as Envoy
+/// maps it: `UNAVAILABLE` counts as a 503, whether it comes in the head (trailers-only) or in
+/// the trailers after messages; `NOT_FOUND` (a 404) does not count.
+#[tokio::test]
+async fn unavailable_calls_open_the_circuit_as_503s_would() {
+    let unary = Server::start("127.0.0.1", "unary", None).unwrap();
+    let streams = Server::start("127.0.0.1", "streams", None).unwrap();
+    let breaker =
+        "circuit_breaker: { min_requests: 4, failure_percent: 50, window: 10s, open_for: 30s }";
+    let gw = Gateway::start(&format!(
+        r#"h2c: true
+upstreams:
+  unary: {{ targets: ["{}"], protocol: h2c, retries: 0, {breaker} }}
+  streams: {{ targets: ["{}"], protocol: h2c, retries: 0, {breaker} }}
+routes:
+  - {{ name: streams, upstream: streams, match: {{ path_prefix: /test.Echo/, headers: [ {{ name: x-case, value: streams }} ] }} }}
+  - {{ name: unary, upstream: unary, match: {{ path_prefix: /test.Echo/ }} }}
+"#,
+        unary.addr, streams.addr
+    ))
+    .await;
+    let mut client = h2c_client(gw.http).await;
+    let circuit = |ups: &serde_json::Value, name: &str| ups["upstreams"][name]["circuit"].clone();
+
+    // Statuses a breaker does not count: the circuit stays closed.
+    for _ in 0..6 {
+        let err = client.unary(msg("fail:5:not here")).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    assert_eq!(
+        circuit(&gw.admin_json("/upstreams").await, "unary"),
+        "closed"
+    );
+
+    // Trailers-only UNAVAILABLE answers: with the sixth, half the attempts have failed and the
+    // circuit opens; the next call is refused by the gateway without reaching the service.
+    for _ in 0..6 {
+        let err = client.unary(msg("fail:14:down")).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::Unavailable, "down"));
+    }
+    assert_eq!(circuit(&gw.admin_json("/upstreams").await, "unary"), "open");
+    let err = client.unary(msg("hello")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "upstream circuit open");
+
+    // Streams that fail after their messages: the status in the trailers is what counts.
+    let streamed = |text: &'static str| {
+        let mut req = Request::new(Msg {
+            count: 2,
+            ..msg(text)
+        });
+        req.metadata_mut()
+            .insert("x-case", MetadataValue::from_static("streams"));
+        req
+    };
+    for _ in 0..4 {
+        let mut stream = client
+            .server_stream(streamed("fail:14:gone late"))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = failure(&mut stream).await;
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::Unavailable, "gone late")
+        );
+    }
+    assert_eq!(
+        circuit(&gw.admin_json("/upstreams").await, "streams"),
+        "open"
+    );
+    let err = client
+        .server_stream(streamed("s"))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.message(), "upstream circuit open");
+}

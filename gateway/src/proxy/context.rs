@@ -169,11 +169,32 @@ impl RequestCtx {
         let Some(admission) = self.breaker else {
             return;
         };
+        if let Some(call) = self.grpc.as_mut() {
+            call.verdict_pending = false;
+        }
         if let Some(breaker) = self.upstream().and_then(|u| u.breaker.as_ref()) {
             breaker.record(admission, failed, now_ms());
         }
         if admission == crate::policy::circuit_breaker::Admission::Trial {
             self.breaker = None;
+        }
+    }
+
+    /// Gives the circuit breaker an upstream answer's outcome by its (HTTP) status.
+    pub(crate) fn judge_breaker(&mut self, status: u16) {
+        let failed = self
+            .upstream()
+            .and_then(|u| u.breaker.as_ref())
+            .is_some_and(|b| b.is_failure(status));
+        self.record_breaker(failed);
+    }
+
+    /// Judges a gRPC call whose answer began without its status once the status is known (in
+    /// the trailers), or when the call ends without one (`UNKNOWN`, as its client reads it).
+    pub(crate) fn judge_pending_call(&mut self) {
+        if let Some(call) = self.grpc.as_ref().filter(|c| c.verdict_pending) {
+            let code = call.status.unwrap_or(super::grpc::code::UNKNOWN);
+            self.judge_breaker(super::grpc::to_http(code));
         }
     }
 

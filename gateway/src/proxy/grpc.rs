@@ -69,6 +69,25 @@ pub fn from_http(status: u16) -> u8 {
     }
 }
 
+/// The HTTP status a gRPC status stands for, as Envoy maps it for outlier detection and its
+/// statistics: what an upstream's `circuit_breaker.statuses` are compared with for a call.
+pub fn to_http(code: u8) -> u16 {
+    match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
+    }
+}
+
 /// How the call reached the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
@@ -91,6 +110,8 @@ pub struct Call {
     pub status: Option<u8>,
     /// A gRPC-Web call the `grpc_web` policy translates to gRPC for the upstream.
     pub bridged: bool,
+    /// The upstream's circuit breaker waits for the status in the trailers.
+    pub verdict_pending: bool,
     /// Base64 text the bridge holds back until a whole group arrives (text form).
     text_in: Vec<u8>,
 }
@@ -112,6 +133,7 @@ impl Call {
             deadline,
             status: None,
             bridged: false,
+            verdict_pending: false,
             text_in: Vec::new(),
         }))
     }
@@ -135,12 +157,19 @@ impl Call {
         from_http(status)
     }
 
-    /// Notes the status in an upstream's response head (a trailers-only answer).
-    pub fn on_upstream_response(&mut self, resp: &ResponseHeader) {
+    /// Notes the status in an upstream's response head (a trailers-only answer), and returns
+    /// the HTTP status the attempt is judged by: the head's own unless it is 200, else the
+    /// gRPC status's (`None` while that is still to come in the trailers).
+    pub fn on_upstream_response(&mut self, resp: &ResponseHeader) -> Option<u16> {
+        let http = resp.status.as_u16();
         if let Some(c) = resp.headers.get("grpc-status").and_then(parse_status) {
             self.status = Some(c);
-        } else if resp.status != 200 {
-            self.status = Some(from_http(resp.status.as_u16()));
+        } else if http != 200 {
+            self.status = Some(from_http(http));
+        }
+        match http {
+            200 => self.status.map(to_http),
+            _ => Some(http),
         }
     }
 
@@ -445,12 +474,25 @@ mod tests {
     }
 
     #[test]
+    fn grpc_statuses_map_to_http_as_envoy_maps_them() {
+        let http: Vec<u16> = (0..=17).map(to_http).collect();
+        assert_eq!(
+            http,
+            [
+                200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500,
+                401, 500
+            ]
+        );
+    }
+
+    #[test]
     fn text_bodies_decode_in_any_chunking_and_encode_as_one_stream() {
         let mut call = Call {
             wire: Wire::WebText,
             deadline: None,
             status: None,
             bridged: true,
+            verdict_pending: false,
             text_in: Vec::new(),
         };
         // "AAAAAAJoaQ==" is the frame of the message "hi"; a second message padded on its own.

@@ -466,14 +466,16 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-        if let Some(call) = ctx.grpc.as_mut() {
-            call.on_upstream_response(resp);
+        // A gRPC call is judged by its status, which may come only in the trailers.
+        let judged = match ctx.grpc.as_mut() {
+            Some(call) => call.on_upstream_response(resp),
+            None => Some(resp.status.as_u16()),
+        };
+        match (judged, ctx.grpc.as_mut()) {
+            (Some(status), _) => ctx.judge_breaker(status),
+            (None, Some(call)) => call.verdict_pending = ctx.breaker.is_some(),
+            (None, None) => {}
         }
-        let failed = ctx
-            .upstream()
-            .and_then(|u| u.breaker.as_ref())
-            .is_some_and(|b| b.is_failure(resp.status.as_u16()));
-        ctx.record_breaker(failed);
         if let Some(up) = ctx.upstream() {
             let m = &up.metrics;
             m.response(resp.status.as_u16());
@@ -552,7 +554,9 @@ impl ProxyHttp for Gateway {
             return Ok(None);
         };
         call.on_trailers(trailers);
-        Ok(call.bridged.then(|| call.trailer_frame(trailers)))
+        let frame = call.bridged.then(|| call.trailer_frame(trailers));
+        ctx.judge_pending_call();
+        Ok(frame)
     }
 
     fn fail_to_connect(
@@ -674,6 +678,8 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         ctx.release_replica();
+        // A call whose upstream ended it without trailers is judged by what it ended with.
+        ctx.judge_pending_call();
         // A trial that got no verdict must not keep its place: it counts as a failure.
         if ctx.breaker == Some(crate::policy::circuit_breaker::Admission::Trial) {
             ctx.record_breaker(true);
