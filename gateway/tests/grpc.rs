@@ -801,3 +801,51 @@ routes:
         .unwrap_err();
     assert_eq!(err.message(), "upstream circuit open");
 }
+
+/// Calls their client ends get no verdict from the upstream's breaker, whatever statuses it
+/// counts: streams whose deadline runs out after their answer began (the gateway ends them
+/// `DEADLINE_EXCEEDED`) and streams the client leaves. The same breaker opens on the
+/// upstream's own failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_ended_by_their_client_do_not_count_against_the_upstream() {
+    let server = Server::start("127.0.0.1", "slow", None).unwrap();
+    let gw = Gateway::start(&format!(
+        r#"h2c: true
+upstreams:
+  echo: {{ targets: ["{}"], protocol: h2c, retries: 0, circuit_breaker: {{ min_requests: 2, failure_percent: 50, window: 10s, open_for: 30s, statuses: [499, 500, 503, 504] }} }}
+routes:
+  - {{ name: echo, upstream: echo, match: {{ path_prefix: /test.Echo/ }} }}
+"#,
+        server.addr
+    ))
+    .await;
+    let mut client = h2c_client(gw.http).await;
+    let slow = || Msg {
+        count: 20,
+        delay_ms: 100,
+        ..msg("s")
+    };
+    for _ in 0..3 {
+        let mut req = Request::new(slow());
+        req.set_timeout(Duration::from_millis(350));
+        let mut stream = client.server_stream(req).await.unwrap().into_inner();
+        let err = failure(&mut stream).await;
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    }
+    for _ in 0..3 {
+        let mut stream = client.server_stream(slow()).await.unwrap().into_inner();
+        stream.message().await.unwrap().unwrap();
+        drop(stream);
+    }
+    // The gateway sees the resets and ends those calls.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ups = gw.admin_json("/upstreams").await;
+    assert_eq!(ups["upstreams"]["echo"]["circuit"], "closed", "{ups}");
+
+    for _ in 0..2 {
+        let err = client.unary(msg("fail:14:down")).await.unwrap_err();
+        assert_eq!(err.message(), "down");
+    }
+    let ups = gw.admin_json("/upstreams").await;
+    assert_eq!(ups["upstreams"]["echo"]["circuit"], "open", "{ups}");
+}

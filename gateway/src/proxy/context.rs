@@ -190,10 +190,13 @@ impl RequestCtx {
     }
 
     /// Judges a gRPC call whose answer began without its status once the status is known (in
-    /// the trailers), or when the call ends without one (`UNKNOWN`, as its client reads it).
+    /// the trailers). A call that ends without one (its client gone) gets no verdict.
     pub(crate) fn judge_pending_call(&mut self) {
-        if let Some(call) = self.grpc.as_ref().filter(|c| c.verdict_pending) {
-            let code = call.status.unwrap_or(super::grpc::code::UNKNOWN);
+        let Some(call) = self.grpc.as_mut().filter(|c| c.verdict_pending) else {
+            return;
+        };
+        call.verdict_pending = false;
+        if let Some(code) = call.status {
             self.judge_breaker(super::grpc::to_http(code));
         }
     }

@@ -159,7 +159,9 @@ impl Call {
 
     /// Notes the status in an upstream's response head (a trailers-only answer), and returns
     /// the HTTP status the attempt is judged by: the head's own unless it is 200, else the
-    /// gRPC status's (`None` while that is still to come in the trailers).
+    /// gRPC status's; `None` while that is still to come in HTTP/2 trailers (gRPC-Web passed
+    /// through carries it in the body, and HTTP/1.1 answers bring no trailers to the gateway:
+    /// those are judged by the head).
     pub fn on_upstream_response(&mut self, resp: &ResponseHeader) -> Option<u16> {
         let http = resp.status.as_u16();
         if let Some(c) = resp.headers.get("grpc-status").and_then(parse_status) {
@@ -167,8 +169,11 @@ impl Call {
         } else if http != 200 {
             self.status = Some(from_http(http));
         }
-        match http {
-            200 => self.status.map(to_http),
+        let trailers_to_come =
+            resp.version == http::Version::HTTP_2 && (self.wire == Wire::Grpc || self.bridged);
+        match (http, self.status) {
+            (200, Some(code)) => Some(to_http(code)),
+            (200, None) if trailers_to_come => None,
             _ => Some(http),
         }
     }

@@ -27,6 +27,7 @@ use crate::headers::{
     TRACEPARENT, TRACESTATE, X_REQUEST_ID,
 };
 use crate::metrics::METRICS;
+use crate::policy::circuit_breaker::Admission;
 use crate::policy::BodyLimit;
 use crate::runtime::Runtime;
 use crate::trace::FinishedRequest;
@@ -473,6 +474,8 @@ impl ProxyHttp for Gateway {
         };
         match (judged, ctx.grpc.as_mut()) {
             (Some(status), _) => ctx.judge_breaker(status),
+            // A trial is judged by its head: a long stream must not hold a trial's place.
+            (None, _) if ctx.breaker == Some(Admission::Trial) => ctx.judge_breaker(200),
             (None, Some(call)) => call.verdict_pending = ctx.breaker.is_some(),
             (None, None) => {}
         }
@@ -648,6 +651,12 @@ impl ProxyHttp for Gateway {
         // hook answers, so the response must say `Connection: close`: a client that believed
         // the connection would stay open races its next request against the close and gets a
         // reset instead of an answer.
+        if let Some(call) = ctx.grpc.as_mut() {
+            // The gateway ends the call itself: an upstream-side failure was judged when it
+            // happened; the client's deadline running out mid-stream, or the client leaving, is
+            // not the upstream's doing.
+            call.verdict_pending = false;
+        }
         if code > 0 && session.response_written().is_some() {
             if let Some(call) = ctx.grpc.as_mut() {
                 // The call had begun: it ends with a status the client reads, not a reset.
@@ -681,7 +690,7 @@ impl ProxyHttp for Gateway {
         // A call whose upstream ended it without trailers is judged by what it ended with.
         ctx.judge_pending_call();
         // A trial that got no verdict must not keep its place: it counts as a failure.
-        if ctx.breaker == Some(crate::policy::circuit_breaker::Admission::Trial) {
+        if ctx.breaker == Some(Admission::Trial) {
             ctx.record_breaker(true);
         }
         let Some(started) = ctx.started else { return };
