@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -435,10 +436,15 @@ def h2load(port, path, seconds, conns, streams=10, rps=None, h1=False, logdir=No
 
 
 def backend_connections(backends):
-    """Connections the backend process has accepted so far (the query's own not counted)."""
+    """Connections the backend process has accepted so far, this query's own among them: the
+    bench backend's `/_connections` count, or nginx's `stub_status` "accepts"."""
     port = backends[0].rsplit(":", 1)[1]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_connections", timeout=5) as r:
-        return int(r.read())
+        text = r.read().decode()
+    if text.strip().isdigit():
+        return int(text)
+    # Active connections: N\nserver accepts handled requests\n A H R\n...
+    return int(text.splitlines()[2].split()[0])
 
 
 def measure(proxy, scenario, seconds, workdir):
@@ -449,21 +455,37 @@ def measure(proxy, scenario, seconds, workdir):
     cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
     if kind == "wrk":
-        r = wrk(port, scenario["path"], seconds, scenario.get("conns", 64), scenario)
+        load = lambda: wrk(port, scenario["path"], seconds, scenario.get("conns", 64), scenario)
     elif kind == "h2":
-        r = h2load(port, scenario["path"], seconds, scenario.get("conns", 64), logdir=workdir)
+        load = lambda: h2load(port, scenario["path"], seconds, scenario.get("conns", 64), logdir=workdir)
     elif kind == "rate":
-        r = h2load(port, scenario["path"], seconds, 64, streams=1, rps=scenario["rps"] // 64, h1=True, logdir=workdir)
+        load = lambda: h2load(port, scenario["path"], seconds, 64, streams=1, rps=scenario["rps"] // 64, h1=True, logdir=workdir)
     else:
         raise ValueError(kind)
+    # Upstream connections are also counted over the run's steady middle, from one second in to
+    # one second before its end: the load generator's start and its end (clients closing with
+    # requests in flight, whose upstream connections a proxy may then not keep) stay out of it.
+    done = {}
+    runner = threading.Thread(target=lambda: done.update(r=load()))
+    runner.start()
+    steady = []
+    for at in (1.0, seconds - 1.0):
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        steady.append((backend_connections(proxy.backends), time.perf_counter()))
+    runner.join()
+    r = done["r"]
     elapsed = time.perf_counter() - t0
     cpu = cpu_seconds(pid) - cpu0
     r["rps"] = r["requests"] / elapsed
     r["cpu_us"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
     r["rss_mb"] = memory_kb(pid, "VmHWM") / 1024
-    # Less the query's own connection.
-    opened = backend_connections(proxy.backends) - conns0 - 1
+    # Less the three queries' own connections.
+    opened = backend_connections(proxy.backends) - conns0 - 3
     r["upstream_conns_per_1k"] = opened / r["requests"] * 1000 if r["requests"] else float("nan")
+    # The window's requests estimated at the run's mean rate; less the second query's connection.
+    (c_a, t_a), (c_b, t_b) = steady
+    in_window = r["rps"] * (t_b - t_a)
+    r["steady_conns_per_1k"] = (c_b - c_a - 1) / in_window * 1000 if in_window else float("nan")
     if scenario.get("gzip"):
         r["body_bytes"] = response_bytes(port, scenario["path"])
     return r
@@ -525,6 +547,64 @@ SCENARIOS = {
 PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
+BACKENDS = {
+    "bench": "bench/backend (hyper, one thread): `Content-Length` and `Date` only",
+    "nginx": "nginx 1 worker, `keepalive_requests` raised to 1,000,000 (`Server`, `Date`, `Content-Type`, `Connection` on every answer)",
+    "nginx-default": "nginx 1 worker, its default `keepalive_requests 1000`: it closes each upstream connection after 1,000 requests",
+}
+
+
+def start_backend(kind, backends, workdir):
+    """The two backends the proxies share, on CPU LOAD_CPU: the bench backend, or one nginx
+    worker listening on both addresses with the same paths (`/` 13 bytes, `/1k`, `/16k`,
+    `/64k`, `/health`) and `stub_status` at `/_connections`."""
+    if kind == "bench":
+        return subprocess.Popen(
+            ["taskset", "-c", LOAD_CPU, os.path.join(RELEASE, "bench-backend")] + backends,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    d = os.path.join(workdir, "nginx-backend")
+    os.makedirs(os.path.join(d, "www"), exist_ok=True)
+    for name, size in (("1k", 1024), ("16k", 16384), ("64k", 65536)):
+        with open(os.path.join(d, "www", name), "wb") as f:
+            f.write(b"x" * size)
+    keepalive = "keepalive_requests 1000000;" if kind == "nginx" else ""
+    listen = "".join(f"    listen {b};\n" for b in backends)
+    cfg = f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {MAXCONN * 2}; }}
+worker_rlimit_nofile {MAXCONN * 2 + 100};
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  default_type text/plain;
+  {keepalive}
+  server {{
+{listen}    root {d}/www;
+    location = / {{ return 200 "hello world!\\n"; }}
+    location = /health {{ return 200 "ok\\n"; }}
+    location = /_connections {{ stub_status; }}
+  }}
+}}
+"""
+    path = os.path.join(d, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(cfg)
+    return subprocess.Popen(
+        ["taskset", "-c", LOAD_CPU, "nginx", "-c", path, "-p", d],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def fmt(v, digits=1):
     return "—" if v is None or v != v else f"{v:,.{digits}f}"
 
@@ -539,6 +619,8 @@ def main():
     ap.add_argument("--rate", type=int, default=0, help="fixed rate for 'rate' (default: half of nginx's http1 req/s, or 10000)")
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--gzip-level", type=int, default=5, help="gzip level for gzip16k and gzip256k (both proxies)")
+    ap.add_argument("--backend", default="bench", choices=list(BACKENDS),
+                    help="what the proxies forward to: " + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
     args = ap.parse_args()
 
@@ -554,11 +636,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     b_ports = [free_port(), free_port()]
     backends = [f"127.0.0.1:{p}" for p in b_ports]
-    backend = subprocess.Popen(
-        ["taskset", "-c", LOAD_CPU, os.path.join(RELEASE, "bench-backend")] + backends,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    backend = start_backend(args.backend, backends, workdir)
     for p in b_ports:
         wait_port(p)
     make_certs(workdir)
@@ -601,7 +679,7 @@ def main():
                                 print(f"  WARNING: {p.name} had {r['errors']} failed requests", flush=True)
                             print(
                                 f"  round {rnd + 1} {p.name:13} {r['rps']:10,.0f} req/s  p50 {fmt(r['p50'], 2)} ms  p99 {fmt(r['p99'], 2)} ms  "
-                                f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB  {r['upstream_conns_per_1k']:7.2f} upstream conns/1k",
+                                f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB  upstream conns/1k {r['steady_conns_per_1k']:.3f} steady, {r['upstream_conns_per_1k']:.2f} whole",
                                 flush=True,
                             )
                             if sname == "routes1000" and type(p) is Gateway:
@@ -632,6 +710,10 @@ def render(results, extra, proxies, args):
         f"{time.strftime('%Y-%m-%d %H:%M')} · {os.cpu_count()} CPUs ({cpu_model}) · proxy pinned to CPU {PROXY_CPU}, "
         f"load and backends on CPU {LOAD_CPU} · {args.rounds} interleaved rounds of {args.seconds}s, medians",
         "",
+        f"Backend: {BACKENDS[args.backend]}. Upstream connections opened per 1,000 requests: over the "
+        "steady middle of each run (from 1 s in to 1 s before its end), and over the whole run (with "
+        "the load generator's start and end, where clients close with requests in flight).",
+        "",
     ]
     for sname, per_proxy in results.items():
         lines += [f"## {SCENARIOS[sname]['title']}", ""]
@@ -645,15 +727,15 @@ def render(results, extra, proxies, args):
         med = {}
         for name, runs in per_proxy.items():
             if runs:
-                med[name] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_us", "rss_mb", "upstream_conns_per_1k")}
+                med[name] = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_us", "rss_mb", "steady_conns_per_1k", "upstream_conns_per_1k")}
         gz = SCENARIOS[sname].get("gzip")
         for name, runs in per_proxy.items():
             if gz and runs:
                 med[name]["body_bytes"] = statistics.median(r["body_bytes"] for r in runs)
-        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | upstream conns / 1k req |" + (" bytes sent |" if gz else ""),
-                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gz else "")]
+        lines += ["| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | upstream conns / 1k req, steady | whole run |" + (" bytes sent |" if gz else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gz else "")]
         for name, m in med.items():
-            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['upstream_conns_per_1k'], 2)} |"
+            lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['steady_conns_per_1k'], 3)} | {fmt(m['upstream_conns_per_1k'], 2)} |"
                          + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
         for mine in ("gateway", "gateway-plain"):
@@ -665,8 +747,8 @@ def render(results, extra, proxies, args):
                     o = med[other]
                     ratios.append(
                         f"{mine}/{other}: CPU per request {g['cpu_us'] / o['cpu_us']:.2f}×, req/s {g['rps'] / o['rps']:.2f}×"
-                        + (f", upstream connections {g['upstream_conns_per_1k'] / o['upstream_conns_per_1k']:.2f}×"
-                           if o['upstream_conns_per_1k'] > 0 else "")
+                        + (f", upstream connections (steady) {g['steady_conns_per_1k'] / o['steady_conns_per_1k']:.2f}×"
+                           if o['steady_conns_per_1k'] > 0 else "")
                         + (f", bytes sent {g['body_bytes'] / o['body_bytes']:.3f}×" if gz else "")
                     )
         lines += [""] + [f"- {r}" for r in ratios]
