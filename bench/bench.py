@@ -262,6 +262,17 @@ class Bare(Proxy):
         return [os.path.join(RELEASE, "bare-pingora")] + args + [f"127.0.0.1:{self.port}"] + self.backends, None
 
 
+class Lean(Proxy):
+    """pingora-core's HTTP/1.1 sessions driven directly (bench/lean-pingora): the floor of a
+    proxy path of the gateway's own below Pingora's proxy. HTTP/1.1 GETs only."""
+
+    name = "lean-pingora"
+    variant = True
+
+    def command(self, scenario):
+        return [os.path.join(RELEASE, "lean-pingora"), f"127.0.0.1:{self.port}"] + self.backends, None
+
+
 class Nginx(Proxy):
     name = "nginx"
     binary = "nginx"
@@ -538,13 +549,15 @@ SCENARIOS = {
                 "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
     "gzip256k": {"title": "gzip (same level) of a 256 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json256k",
                  "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
+    "floor": {"title": "HTTP/1.1, 64 connections, 13-byte body: Pingora's proxy against pingora-core's sessions driven directly",
+              "load": "wrk", "path": "/", "only": ["gateway-plain", "bare-pingora", "lean-pingora", "nginx"]},
     "upstream-h2": {"title": "HTTP/1.1 clients, the gateway's upstream connections HTTP/1.1 (pooled) vs HTTP/2 (h2c, multiplexed)",
                     "load": "wrk", "path": "/", "only": ["gateway", "gateway-h2up"]},
     "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
               "load": "wrk", "path": "/", "tls": True, "chain": True, "only": ["gateway", "bare-pingora"]},
 }
 
-PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
+PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "lean-pingora": Lean, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
 BACKENDS = {
@@ -738,7 +751,7 @@ def render(results, extra, proxies, args):
             lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['steady_conns_per_1k'], 3)} | {fmt(m['upstream_conns_per_1k'], 2)} |"
                          + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
-        for mine in ("gateway", "gateway-plain"):
+        for mine in ("gateway", "gateway-plain", "lean-pingora"):
             if mine not in med:
                 continue
             g = med[mine]
