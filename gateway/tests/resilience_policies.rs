@@ -333,6 +333,7 @@ routes:
 async fn a_mirror_copies_requests_and_never_holds_the_real_one_back() {
     let backend = Backend::start("127.0.0.1", "real").await;
     let (shadow, heads) = recording_upstream(OK_RESPONSE).await;
+    let kept = Backend::start("127.0.0.1", "kept").await;
     // A shadow that takes connections and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
@@ -348,12 +349,14 @@ upstreams:
   real: {{ targets: ["{}"] }}
   shadow: {{ targets: ["{shadow}"] }}
   silent: {{ targets: ["{silent_addr}"] }}
+  kept: {{ targets: ["{}"] }}
 routes:
+  - {{ name: pooled, upstream: real, match: {{ path_prefix: /pooled }}, mirror: {{ upstream: kept }} }}
   - {{ name: copied, upstream: real, match: {{ path_prefix: /copied }}, mirror: {{ upstream: shadow, max_body: 2KiB }} }}
   - {{ name: half, upstream: real, match: {{ path_prefix: /half }}, mirror: {{ upstream: shadow, percent: 50 }} }}
   - {{ name: hung, upstream: real, match: {{ path_prefix: /hung }}, mirror: {{ upstream: silent, timeout: 3s }} }}
 "#,
-        backend.addr
+        backend.addr, kept.addr
     ))
     .await;
     let c = client();
@@ -403,6 +406,17 @@ routes:
     assert!(lower[1].starts_with("post /copied/b") && lower[1].contains("content-length: 1024"));
     assert_eq!(metric("copied", "too_large").await, 1);
     assert_eq!(metric("copied", "sent").await, 2);
+
+    // Copies one after another go over one kept connection, not one each.
+    for n in 1..=30 {
+        assert_eq!(c.get(gw.url("/pooled")).send().await.unwrap().status(), 200);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while kept.hits() < n && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(kept.hits(), 30);
+    assert_eq!(kept.connections(), 1);
 
     // Half of 200 requests, give or take.
     for _ in 0..200 {

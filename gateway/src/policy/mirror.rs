@@ -7,6 +7,8 @@ use crate::proxy::context::RequestCtx;
 use crate::upstream::{ms_at, Upstream};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::Full;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use pingora::http::RequestHeader;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,8 @@ pub struct Mirror {
     queue: mpsc::Sender<Copy>,
     /// Taken by the sending task when the runtime starts.
     pending: Mutex<Option<mpsc::Receiver<Copy>>>,
+    /// Connections to the shadow's replicas, kept between copies.
+    client: Client<HttpConnector, Full<Bytes>>,
     metrics: crate::metrics::MirrorMetrics,
 }
 
@@ -62,6 +66,13 @@ impl Mirror {
         timeout: Duration,
     ) -> Mirror {
         let (queue, pending) = mpsc::channel(QUEUE);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(IN_FLIGHT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
         Mirror {
             upstream,
             percent,
@@ -70,6 +81,7 @@ impl Mirror {
             counter: AtomicU64::new(0),
             queue,
             pending: Mutex::new(Some(pending)),
+            client,
             metrics: crate::metrics::MirrorMetrics::new(route),
         }
     }
@@ -134,9 +146,10 @@ impl Mirror {
         });
     }
 
-    /// Sends one copy to a replica of the shadow upstream and reads its answer to the end.
+    /// Sends one copy to a replica of the shadow upstream, over a kept connection when one is
+    /// idle, and reads its answer to the end.
     async fn send(&self, copy: Copy) -> Result<(), String> {
-        use http_body_util::{BodyExt, Full};
+        use http_body_util::BodyExt;
         let now = std::time::Instant::now();
         let (replica, probe) = self
             .upstream
@@ -145,25 +158,17 @@ impl Mirror {
         if probe {
             replica.release_probe();
         }
-        let stream = tokio::net::TcpStream::connect(replica.addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let target = copy.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: http::Uri = format!("http://{}{target}", replica.addr)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
         let mut request = http::Request::new(Full::new(copy.body.freeze()));
         *request.method_mut() = copy.method;
-        *request.uri_mut() = copy.uri.path_and_query().map_or_else(
-            || http::Uri::from_static("/"),
-            |p| p.as_str().parse().unwrap_or_default(),
-        );
+        *request.uri_mut() = uri;
         *request.headers_mut() = copy.headers;
-        let response = sender
-            .send_request(request)
+        let response = self
+            .client
+            .request(request)
             .await
             .map_err(|e| e.to_string())?;
         // The answer is read (so the shadow sees a complete exchange) and thrown away.
