@@ -297,19 +297,24 @@ fn build_table(certs: &[CertificateConfig]) -> Result<(CertTable, Vec<CertInfo>)
 fn record_expiries(listener: &str, files: &[CertInfo], acme: &[CertInfo]) {
     let certs: Vec<CertInfo> = files.iter().chain(acme).cloned().collect();
     let label = |c: &CertInfo| c.names.first().unwrap_or(&c.file).clone();
+    // Certificates sharing a first name (a file's and ACME's) share a series: it shows the
+    // earliest expiry, so that its alert fires for whichever runs out first.
+    let mut earliest: HashMap<String, i64> = HashMap::new();
+    for c in &certs {
+        let at = earliest.entry(label(c)).or_insert(c.not_after);
+        *at = (*at).min(c.not_after);
+    }
     let gauge = &crate::metrics::METRICS.cert_expiry;
     if let Ok(mut inventory) = INVENTORY.lock() {
         // A certificate no longer served leaves the metric (else its alert would fire).
         for gone in inventory.get(listener).into_iter().flatten() {
             let name = label(gone);
-            if !certs.iter().any(|c| label(c) == name) {
+            if !earliest.contains_key(&name) {
                 let _ = gauge.remove_label_values(&[listener, &name]);
             }
         }
-        for c in &certs {
-            gauge
-                .with_label_values(&[listener, &label(c)])
-                .set(c.not_after);
+        for (name, not_after) in &earliest {
+            gauge.with_label_values(&[listener, name]).set(*not_after);
         }
         inventory.insert(listener.to_string(), certs);
     }
@@ -610,4 +615,46 @@ fn positive_serial() -> Result<rcgen::SerialNumber, String> {
         .map_err(|_| "no randomness for a serial number".to_string())?;
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
     Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(name: &str, not_after: i64, source: &'static str) -> CertInfo {
+        CertInfo {
+            names: vec![name.to_string()],
+            issuer: String::new(),
+            not_after,
+            source,
+            file: format!("{name}.pem"),
+        }
+    }
+
+    /// The series' value, if it exists.
+    fn expiry(listener: &str, name: &str) -> Option<i64> {
+        use prometheus::core::Collector;
+        let families = crate::metrics::METRICS.cert_expiry.collect();
+        let m = families.first()?.get_metric().iter().find(|m| {
+            let labels = m.get_label();
+            let has = |k: &str, v: &str| labels.iter().any(|l| l.name() == k && l.value() == v);
+            has("listener", listener) && has("name", name)
+        })?;
+        Some(m.get_gauge().get_value() as i64)
+    }
+
+    #[test]
+    fn certificates_sharing_a_name_show_the_earliest_expiry_and_leave_with_it() {
+        let listener = "unit-expiry";
+        let file = cert("shop.test", 1_000, "file");
+        let acme = cert("shop.test", 2_000, "acme");
+        record_expiries(listener, &[file], std::slice::from_ref(&acme));
+        assert_eq!(expiry(listener, "shop.test"), Some(1_000));
+        // The same the other way round: the order of the sources does not decide.
+        record_expiries(listener, &[cert("shop.test", 3_000, "file")], &[acme]);
+        assert_eq!(expiry(listener, "shop.test"), Some(2_000));
+        record_expiries(listener, &[], &[cert("other.test", 5_000, "acme")]);
+        assert_eq!(expiry(listener, "shop.test"), None);
+        assert_eq!(expiry(listener, "other.test"), Some(5_000));
+    }
 }
