@@ -477,3 +477,46 @@ routes:
     let cached = gw.metric("gateway_forward_auth_total{policy=\"sso\",result=\"cached\"}");
     assert_eq!(cached.await, 1.0);
 }
+
+/// The auth service's replicas get passive health as proxied requests' do: a dead replica is
+/// ejected after its failed calls (`max_fails`) and the others answer from then on.
+#[tokio::test]
+async fn forward_auth_ejects_a_dead_replica_of_the_auth_service() {
+    let backend = Backend::start("127.0.0.1", "b").await;
+    let auth = auth_service().await;
+    let dead = DeadPort::reserve();
+    let gw = Gateway::start(&format!(
+        r#"
+policies:
+  sso: {{ forward_auth: {{ upstream: auth, path: /verify, timeout: 1s }} }}
+upstreams:
+  b: {{ targets: ["{}"] }}
+  auth: {{ targets: ["{}", "127.0.0.1:{}"], health: {{ passive: {{ max_fails: 2, fail_timeout: 60s }} }} }}
+routes:
+  - {{ name: app, upstream: b, policies: [sso] }}
+"#,
+        backend.addr, auth.addr, dead.port
+    ))
+    .await;
+    let c = client();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let r = c
+            .get(gw.url("/x"))
+            .header("authorization", "Bearer good")
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => {}
+            503 => refused += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(refused, 2, "the dead replica's calls before its ejection");
+    assert_eq!(
+        gw.metric("gateway_upstream_ejections_total{upstream=\"auth\"}")
+            .await,
+        1.0
+    );
+}

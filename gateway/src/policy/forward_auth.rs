@@ -163,16 +163,13 @@ impl ForwardAuth {
 
     async fn ask(&self, session: &Session, ctx: &RequestCtx) -> Result<Verdict, String> {
         let req = session.req_header();
-        let (replica, probe) = self
+        let mut attempt = self
             .upstream
             .get()
             .ok_or("no upstream")?
-            .pick(None, &[], ms_at(Instant::now()))
+            .attempt(ms_at(Instant::now()))
             .ok_or("no replica")?;
-        if probe {
-            replica.release_probe();
-        }
-        let uri = format!("http://{}{}", replica.addr, self.path);
+        let uri = format!("http://{}{}", attempt.addr(), self.path);
         let mut ask = http::Request::get(uri)
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
@@ -206,6 +203,7 @@ impl ForwardAuth {
             h.insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
         }
         let answer = self.client.request(ask).await.map_err(|e| e.to_string())?;
+        attempt.answered();
         let (parts, body) = answer.into_parts();
         if parts.status.is_success() {
             let copied: Vec<_> = self

@@ -151,15 +151,9 @@ impl Mirror {
     async fn send(&self, copy: Copy) -> Result<(), String> {
         use http_body_util::BodyExt;
         let now = std::time::Instant::now();
-        let (replica, probe) = self
-            .upstream
-            .pick(None, &[], ms_at(now))
-            .ok_or("no replica")?;
-        if probe {
-            replica.release_probe();
-        }
+        let mut attempt = self.upstream.attempt(ms_at(now)).ok_or("no replica")?;
         let target = copy.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: http::Uri = format!("http://{}{target}", replica.addr)
+        let uri: http::Uri = format!("http://{}{target}", attempt.addr())
             .parse()
             .map_err(|e: http::uri::InvalidUri| e.to_string())?;
         let mut request = http::Request::new(Full::new(copy.body.freeze()));
@@ -171,6 +165,7 @@ impl Mirror {
             .request(request)
             .await
             .map_err(|e| e.to_string())?;
+        attempt.answered();
         // The answer is read (so the shadow sees a complete exchange) and thrown away.
         let mut body = response.into_body();
         while let Some(frame) = body.frame().await {

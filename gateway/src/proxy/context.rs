@@ -145,19 +145,11 @@ impl RequestCtx {
         self.verdict = false;
     }
 
-    /// Passive health: the current attempt failed on the upstream side. The last available
-    /// replica of an upstream is never ejected (as nginx never marks a lone server down):
-    /// ejecting it would turn a partial failure into a total one.
+    /// Passive health: the current attempt failed on the upstream side.
     pub(crate) fn report_failure(&mut self) {
         self.record_breaker(true);
         if let (Some(r), Some(up)) = (&self.replica, self.upstream()) {
-            if let Some(policy) = up.passive() {
-                let now = now_ms();
-                let may_eject = up.has_alternative(&[r.id], now);
-                if r.report_failure(policy, now, may_eject) {
-                    up.metrics.ejections.inc();
-                }
-            }
+            up.report_failure(r, now_ms());
             self.verdict = true;
         }
     }

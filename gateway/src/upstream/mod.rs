@@ -307,6 +307,30 @@ impl Upstream {
         self.spec.passive.as_ref()
     }
 
+    /// Passive health: an attempt at `replica` failed on the upstream side. The last available
+    /// replica is never ejected (as nginx never marks a lone server down): ejecting it would
+    /// turn a partial failure into a total one.
+    pub fn report_failure(&self, replica: &Replica, now_ms: u64) {
+        if let Some(policy) = self.passive() {
+            let may_eject = self.has_alternative(&[replica.id], now_ms);
+            if replica.report_failure(policy, now_ms, may_eject) {
+                self.metrics.ejections.inc();
+            }
+        }
+    }
+
+    /// A replica for a call the gateway makes itself (forward auth, a mirror's copy), whose
+    /// outcome goes to passive health as a proxied request's does.
+    pub fn attempt(self: &Arc<Self>, now_ms: u64) -> Option<Attempt> {
+        let (replica, probe) = self.pick(None, &[], now_ms)?;
+        Some(Attempt {
+            upstream: self.clone(),
+            replica,
+            probe,
+            answered: false,
+        })
+    }
+
     /// Whether the first round of active checks has answered (true without active checks):
     /// until then `/ready` waits, so a gateway started in front of a half-up stack does not
     /// send traffic to replicas that are not up.
@@ -580,6 +604,41 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
         }
         if let (true, Some(up)) = (counts, weak.upgrade()) {
             up.first_round_done.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A call the gateway makes itself to one replica. Passive health hears of it when it is
+/// dropped: a success once it got an answer ([`Attempt::answered`]), otherwise a failure (a
+/// connection error, or its time ran out and the call was dropped unfinished).
+pub struct Attempt {
+    upstream: Arc<Upstream>,
+    replica: Arc<Replica>,
+    probe: bool,
+    answered: bool,
+}
+
+impl Attempt {
+    /// The replica's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.replica.addr
+    }
+
+    /// The replica answered (whatever the status).
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if self.answered {
+            self.replica.report_success();
+        } else {
+            self.upstream.report_failure(&self.replica, now_ms());
+        }
+        if self.probe {
+            self.replica.release_probe();
         }
     }
 }
