@@ -115,7 +115,8 @@ impl ForwardAuth {
             ctx.forwarded_auth = Some(headers);
             return Ok(());
         }
-        let asked = tokio::time::timeout(self.timeout, self.ask(session, ctx)).await;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let asked = tokio::time::timeout_at(deadline, self.ask(session, ctx, deadline)).await;
         match asked {
             Ok(Ok(Verdict::Allow(headers))) => {
                 self.metrics.allowed.inc();
@@ -161,7 +162,15 @@ impl ForwardAuth {
         Ok(())
     }
 
-    async fn ask(&self, session: &Session, ctx: &RequestCtx) -> Result<Verdict, String> {
+    /// One call; `deadline` is the caller's, checked here too so that a call without an answer
+    /// in time counts against the replica (the caller's timeout, the same instant, would only
+    /// drop it).
+    async fn ask(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        deadline: tokio::time::Instant,
+    ) -> Result<Verdict, String> {
         let req = session.req_header();
         let mut attempt = self
             .upstream
@@ -202,7 +211,21 @@ impl ForwardAuth {
         if let Some(id) = &ctx.request_id {
             h.insert(crate::headers::X_REQUEST_ID.clone(), id.clone());
         }
-        let answer = self.client.request(ask).await.map_err(|e| e.to_string())?;
+        let answer = match tokio::time::timeout_at(deadline, self.client.request(ask)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                // A pooled connection the service had closed is retried by the client; what
+                // is left is the replica's only when no connection could be made.
+                if e.is_connect() {
+                    attempt.failed();
+                }
+                return Err(e.to_string());
+            }
+            Err(_) => {
+                attempt.failed();
+                return Err("no answer in time".into());
+            }
+        };
         attempt.answered();
         let (parts, body) = answer.into_parts();
         if parts.status.is_success() {

@@ -160,11 +160,15 @@ impl Mirror {
         *request.method_mut() = copy.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = copy.headers;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        // A copy counts for the replica when it is answered and against it when no connection
+        // could be made; a slow answer cut by `timeout` counts neither way: a mirror's
+        // deadline must not eject a replica that also serves real routes.
+        let response = self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                attempt.failed();
+            }
+            e.to_string()
+        })?;
         attempt.answered();
         // The answer is read (so the shadow sees a complete exchange) and thrown away.
         let mut body = response.into_body();

@@ -319,15 +319,16 @@ impl Upstream {
         }
     }
 
-    /// A replica for a call the gateway makes itself (forward auth, a mirror's copy), whose
-    /// outcome goes to passive health as a proxied request's does.
+    /// A replica for a call the gateway makes itself (forward auth, a mirror's copy), counted
+    /// in flight, whose outcome goes to passive health as a proxied request's does.
     pub fn attempt(self: &Arc<Self>, now_ms: u64) -> Option<Attempt> {
         let (replica, probe) = self.pick(None, &[], now_ms)?;
+        replica.begin_request();
         Some(Attempt {
             upstream: self.clone(),
             replica,
             probe,
-            answered: false,
+            verdict: None,
         })
     }
 
@@ -608,14 +609,14 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
     }
 }
 
-/// A call the gateway makes itself to one replica. Passive health hears of it when it is
-/// dropped: a success once it got an answer ([`Attempt::answered`]), otherwise a failure (a
-/// connection error, or its time ran out and the call was dropped unfinished).
+/// A call the gateway makes itself to one replica. Passive health hears the verdict given
+/// ([`Attempt::answered`], [`Attempt::failed`]) when the call is dropped; a call dropped
+/// without one (cancelled, or an error that is not the replica's) counts neither way.
 pub struct Attempt {
     upstream: Arc<Upstream>,
     replica: Arc<Replica>,
     probe: bool,
-    answered: bool,
+    verdict: Option<bool>,
 }
 
 impl Attempt {
@@ -626,19 +627,23 @@ impl Attempt {
 
     /// The replica answered (whatever the status).
     pub fn answered(&mut self) {
-        self.answered = true;
+        self.verdict = Some(true);
+    }
+
+    /// The replica failed the call: no connection, or no answer in time.
+    pub fn failed(&mut self) {
+        self.verdict = Some(false);
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        if self.answered {
-            self.replica.report_success();
-        } else {
-            self.upstream.report_failure(&self.replica, now_ms());
-        }
-        if self.probe {
-            self.replica.release_probe();
+        self.replica.end_request();
+        match self.verdict {
+            Some(true) => self.replica.report_success(),
+            Some(false) => self.upstream.report_failure(&self.replica, now_ms()),
+            None if self.probe => self.replica.release_probe(),
+            None => {}
         }
     }
 }
