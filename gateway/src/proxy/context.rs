@@ -181,14 +181,12 @@ impl RequestCtx {
         self.record_breaker(failed);
     }
 
-    /// Judges a gRPC call whose answer began without its status once the status is known (in
-    /// the trailers). A call that ends without one (its client gone) gets no verdict.
-    pub(crate) fn judge_pending_call(&mut self) {
-        let Some(call) = self.grpc.as_mut().filter(|c| c.verdict_pending) else {
-            return;
-        };
-        call.verdict_pending = false;
-        if let Some(code) = call.status {
+    /// Judges a gRPC call whose answer began without its status by the status its trailers
+    /// brought. A call that never gets its upstream's trailers (its client gone, its deadline
+    /// over, the gateway ending it) gets no verdict.
+    pub(crate) fn judge_trailers(&mut self) {
+        let pending = self.grpc.as_ref().filter(|c| c.verdict_pending);
+        if let Some(code) = pending.and_then(|c| c.status) {
             self.judge_breaker(super::grpc::to_http(code));
         }
     }

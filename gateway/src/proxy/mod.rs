@@ -558,7 +558,7 @@ impl ProxyHttp for Gateway {
         };
         call.on_trailers(trailers);
         let frame = call.bridged.then(|| call.trailer_frame(trailers));
-        ctx.judge_pending_call();
+        ctx.judge_trailers();
         Ok(frame)
     }
 
@@ -651,12 +651,6 @@ impl ProxyHttp for Gateway {
         // hook answers, so the response must say `Connection: close`: a client that believed
         // the connection would stay open races its next request against the close and gets a
         // reset instead of an answer.
-        if let Some(call) = ctx.grpc.as_mut() {
-            // The gateway ends the call itself: an upstream-side failure was judged when it
-            // happened; the client's deadline running out mid-stream, or the client leaving, is
-            // not the upstream's doing.
-            call.verdict_pending = false;
-        }
         if code > 0 && session.response_written().is_some() {
             if let Some(call) = ctx.grpc.as_mut() {
                 // The call had begun: it ends with a status the client reads, not a reset.
@@ -687,8 +681,6 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         ctx.release_replica();
-        // A call whose upstream ended it without trailers is judged by what it ended with.
-        ctx.judge_pending_call();
         // A trial that got no verdict must not keep its place: it counts as a failure.
         if ctx.breaker == Some(Admission::Trial) {
             ctx.record_breaker(true);
