@@ -76,9 +76,6 @@ impl ForwardAuth {
         max_body: usize,
         cache: Option<(HeaderName, Duration)>,
     ) -> ForwardAuth {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
         ForwardAuth {
             upstream_name,
             upstream: std::sync::OnceLock::new(),
@@ -92,9 +89,7 @@ impl ForwardAuth {
             cache,
             verdicts: Mutex::new(AHashMap::new()),
             metrics: crate::metrics::ForwardAuthMetrics::new(name),
-            client: Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
+            client: crate::upstream::own_client(Some(timeout), usize::MAX),
         }
     }
 

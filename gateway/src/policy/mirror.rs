@@ -66,13 +66,6 @@ impl Mirror {
         timeout: Duration,
     ) -> Mirror {
         let (queue, pending) = mpsc::channel(QUEUE);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(IN_FLIGHT)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
         Mirror {
             upstream,
             percent,
@@ -81,7 +74,7 @@ impl Mirror {
             counter: AtomicU64::new(0),
             queue,
             pending: Mutex::new(Some(pending)),
-            client,
+            client: crate::upstream::own_client(None, IN_FLIGHT),
             metrics: crate::metrics::MirrorMetrics::new(route),
         }
     }

@@ -609,6 +609,26 @@ async fn health_loop(weak: Weak<Upstream>, active: ActiveHealthConfig) {
     }
 }
 
+/// The HTTP/1.1 client of the calls the gateway makes itself to replicas (plain HTTP): a
+/// connection is kept between calls, up to `max_idle` a replica, and closed after 30 s unused.
+pub fn own_client<B>(
+    connect_timeout: Option<Duration>,
+    max_idle: usize,
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_connect_timeout(connect_timeout);
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_idle)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
+}
+
 /// A call the gateway makes itself to one replica. Passive health hears the verdict given
 /// ([`Attempt::answered`], [`Attempt::failed`]) when the call is dropped; a call dropped
 /// without one (cancelled, or an error that is not the replica's) counts neither way.
