@@ -390,15 +390,12 @@ impl CertStore {
                 owner,
             })
         });
-        if previous.owner != owner {
-            return false;
+        let installed = previous.owner == owner;
+        if installed {
+            let files = &self.table.load().expiries;
+            record_expiries(&self.listener, files, std::slice::from_ref(&cert.info));
         }
-        record_expiries(
-            &self.listener,
-            &self.table.load().expiries,
-            std::slice::from_ref(&cert.info),
-        );
-        true
+        installed
     }
 
     /// Makes `owner` the store's ACME manager, answering TLS-ALPN-01 validation for the names

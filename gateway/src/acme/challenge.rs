@@ -132,35 +132,22 @@ pub fn tls_alpn_cert(name: &str, root: &Path) -> Option<Arc<CertifiedKey>> {
     if let Some(cert) = TLS_ALPN.read().ok().and_then(|m| m.get(name).cloned()) {
         return Some(cert);
     }
-    let recent = PICKED_UP
-        .read()
-        .ok()
-        .and_then(|m| m.get(name).cloned())
-        .filter(|p| p.read_at.elapsed() < REREAD);
-    if let Some(p) = recent {
-        return p.made.map(|(_, cert)| cert);
+    let previous = PICKED_UP.read().ok().and_then(|m| m.get(name).cloned());
+    if let Some(p) = previous.as_ref().filter(|p| p.read_at.elapsed() < REREAD) {
+        return p.made.as_ref().map(|(_, cert)| cert.clone());
     }
     let key_auth = std::fs::read_to_string(storage::tls_alpn_path(root, name)).ok();
-    let previous = PICKED_UP.read().ok().and_then(|m| m.get(name).cloned());
     let made = key_auth.and_then(|k| {
         let k = k.trim().to_string();
-        match previous
+        let same = previous
             .and_then(|p| p.made)
-            .filter(|(made_for, _)| *made_for == k)
-        {
-            Some(same) => Some(same),
-            None => challenge_cert(name, &k).ok().map(|cert| (k, cert)),
-        }
+            .filter(|(made_for, _)| *made_for == k);
+        same.or_else(|| challenge_cert(name, &k).ok().map(|cert| (k, cert)))
     });
     if let Ok(mut m) = PICKED_UP.write() {
         let read_at = std::time::Instant::now();
-        m.insert(
-            name.to_string(),
-            PickedUp {
-                read_at,
-                made: made.clone(),
-            },
-        );
+        let made = made.clone();
+        m.insert(name.to_string(), PickedUp { read_at, made });
     }
     made.map(|(_, cert)| cert)
 }
