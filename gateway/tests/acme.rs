@@ -714,11 +714,7 @@ async fn a_refused_validation_is_counted_with_the_servers_cause() {
     let new_failed = "gateway_acme_orders_total{kind=\"new\",listener=\"https\",result=\"failed\"}";
     assert_eq!(gw.metric(new_failed).await, 1.0);
     // The log line names the server's cause, and with no certificate to serve it is an ERROR.
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("ACME order failed"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let line = gw.log_line("ACME order failed");
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains("names=nowhere.acme.test"), "{line}");
     assert!(line.contains("could not resolve"), "{line}");

@@ -209,11 +209,7 @@ async fn reload_applies_changes_and_rejects_broken_files() {
     while !gw.log().contains("no upstream named `nope`") && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("no upstream named `nope`"))
-        .expect("rejection not logged");
+    let line = gw.log_line("no upstream named `nope`");
     assert!(
         line.contains("gateway.yaml:12:26:") && line.contains("routes[1].upstream"),
         "{line}"
@@ -249,11 +245,7 @@ async fn reload_applies_changes_and_rejects_broken_files() {
         .replace(&gw.http.to_string(), "127.0.0.1:1");
     gw.write_raw_config(&moved);
     gw.wait_generation(5).await;
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("restart required"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let line = gw.log_line("restart required");
     // The field that changed is named, and only that one.
     assert!(line.contains("changed=listeners.http.address"), "{line}");
     assert_eq!(

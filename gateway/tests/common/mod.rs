@@ -534,6 +534,14 @@ impl Gateway {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The first log line containing `text` (the test fails, showing the log, without one).
+    pub fn log_line(&self, text: &str) -> String {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains(text));
+        line.unwrap_or_else(|| panic!("no log line with {text:?}:\n{log}"))
+            .to_string()
+    }
+
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
         client()
