@@ -478,24 +478,40 @@ routes:
     assert_eq!(cached.await, 1.0);
 }
 
-/// The auth service's replicas get passive health as proxied requests' do: a dead replica is
-/// ejected after its failed calls (`max_fails`) and the others answer from then on.
+/// The auth service's replicas get passive health as proxied requests' do: a dead replica, or
+/// one that never answers within `timeout`, is ejected after its failed calls (`max_fails`)
+/// and the others answer from then on.
 #[tokio::test]
 async fn forward_auth_ejects_a_dead_replica_of_the_auth_service() {
+    let dead = DeadPort::reserve();
+    ejects_the_auth_replica_at(&format!("127.0.0.1:{}", dead.port)).await;
+    // Takes connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    ejects_the_auth_replica_at(&silent_addr.to_string()).await;
+    held.abort();
+}
+
+async fn ejects_the_auth_replica_at(failing: &str) {
     let backend = Backend::start("127.0.0.1", "b").await;
     let auth = auth_service().await;
-    let dead = DeadPort::reserve();
     let gw = Gateway::start(&format!(
         r#"
 policies:
-  sso: {{ forward_auth: {{ upstream: auth, path: /verify, timeout: 1s }} }}
+  sso: {{ forward_auth: {{ upstream: auth, path: /verify, timeout: 300ms }} }}
 upstreams:
   b: {{ targets: ["{}"] }}
-  auth: {{ targets: ["{}", "127.0.0.1:{}"], health: {{ passive: {{ max_fails: 2, fail_timeout: 60s }} }} }}
+  auth: {{ targets: ["{}", "{failing}"], health: {{ passive: {{ max_fails: 2, fail_timeout: 60s }} }} }}
 routes:
   - {{ name: app, upstream: b, policies: [sso] }}
 "#,
-        backend.addr, auth.addr, dead.port
+        backend.addr, auth.addr
     ))
     .await;
     let c = client();
@@ -513,7 +529,7 @@ routes:
             other => panic!("status {other}"),
         }
     }
-    assert_eq!(refused, 2, "the dead replica's calls before its ejection");
+    assert_eq!(refused, 2, "{failing}: its calls before its ejection");
     assert_eq!(
         gw.metric("gateway_upstream_ejections_total{upstream=\"auth\"}")
             .await,

@@ -334,6 +334,7 @@ async fn a_mirror_copies_requests_and_never_holds_the_real_one_back() {
     let backend = Backend::start("127.0.0.1", "real").await;
     let (shadow, heads) = recording_upstream(OK_RESPONSE).await;
     let kept = Backend::start("127.0.0.1", "kept").await;
+    let spare = Backend::start("127.0.0.1", "spare").await;
     // A shadow that takes connections and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
@@ -350,13 +351,15 @@ upstreams:
   shadow: {{ targets: ["{shadow}"] }}
   silent: {{ targets: ["{silent_addr}"] }}
   kept: {{ targets: ["{}"] }}
+  slowpair: {{ targets: ["{silent_addr}", "{}"] }}
 routes:
+  - {{ name: slow, upstream: real, match: {{ path_prefix: /slow }}, mirror: {{ upstream: slowpair, timeout: 200ms }} }}
   - {{ name: pooled, upstream: real, match: {{ path_prefix: /pooled }}, mirror: {{ upstream: kept }} }}
   - {{ name: copied, upstream: real, match: {{ path_prefix: /copied }}, mirror: {{ upstream: shadow, max_body: 2KiB }} }}
   - {{ name: half, upstream: real, match: {{ path_prefix: /half }}, mirror: {{ upstream: shadow, percent: 50 }} }}
   - {{ name: hung, upstream: real, match: {{ path_prefix: /hung }}, mirror: {{ upstream: silent, timeout: 3s }} }}
 "#,
-        backend.addr, kept.addr
+        backend.addr, kept.addr, spare.addr
     ))
     .await;
     let c = client();
@@ -422,6 +425,22 @@ routes:
         "{} connections",
         kept.connections()
     );
+
+    // A copy cut by its timeout counts neither way for its replica: a slow shadow replica that
+    // may also serve real routes is not ejected for a mirror's deadline.
+    for _ in 0..6 {
+        assert_eq!(c.get(gw.url("/slow")).send().await.unwrap().status(), 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric("slow", "failed").await < 3 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric("slow", "sent").await, 3);
+    let ejected = gw
+        .metric("gateway_upstream_ejections_total{upstream=\"slowpair\"}")
+        .await;
+    assert_eq!(ejected, 0.0);
 
     // Half of 200 requests, give or take.
     for _ in 0..200 {
