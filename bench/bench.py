@@ -557,6 +557,21 @@ SCENARIOS = {
               "load": "wrk", "path": "/", "tls": True, "chain": True, "only": ["gateway", "bare-pingora"]},
 }
 
+def baseline_of(cls, directory, label):
+    """`cls` running the binaries of another build in `directory` (`--baseline DIR[=LABEL]`),
+    named `NAME@LABEL`, beside this build's: an A/B of a change in one run."""
+
+    class Baseline(cls):
+        name = f"{cls.name}@{label}"
+        of = cls.name
+
+        def command(self, scenario):
+            cmd, env = super().command(scenario)
+            return [os.path.join(directory, os.path.basename(cmd[0]))] + cmd[1:], env
+
+    return Baseline
+
+
 PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "lean-pingora": Lean, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
@@ -634,6 +649,9 @@ def main():
     ap.add_argument("--gzip-level", type=int, default=5, help="gzip level for gzip16k and gzip256k (both proxies)")
     ap.add_argument("--backend", default="bench", choices=list(BACKENDS),
                     help="what the proxies forward to: " + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
+    ap.add_argument("--baseline", metavar="DIR[=LABEL]", action="append", default=[],
+                    help="also run the gateway and bare Pingora built in DIR (another build's target/release) "
+                         "as NAME@LABEL (default label: base); may be repeated")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
     args = ap.parse_args()
 
@@ -661,6 +679,9 @@ def main():
             proxies.append(p)
         else:
             print(f"skipping {name}: not installed", file=sys.stderr)
+        for base in args.baseline if name in ("gateway", "gateway-plain", "bare-pingora") else []:
+            directory, _, label = base.partition("=")
+            proxies.append(baseline_of(PROXIES[name], directory, label or "base")(workdir, backends))
 
     results = {}  # scenario -> proxy -> list of runs
     extra = {}
@@ -675,7 +696,7 @@ def main():
             print(f"\n== {scenario['title']}", flush=True)
             # A variant of the gateway runs only where a scenario names it.
             these = [p for p in proxies
-                     if p.name in scenario.get("only", [] if p.variant else [p.name])]
+                     if getattr(p, "of", p.name) in scenario.get("only", [] if p.variant else [getattr(p, "of", p.name)])]
             results[sname] = {p.name: [] for p in these}
             for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
                 for p in these:
@@ -751,11 +772,14 @@ def render(results, extra, proxies, args):
             lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['steady_conns_per_1k'], 3)} | {fmt(m['upstream_conns_per_1k'], 2)} |"
                          + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
-        for mine in ("gateway", "gateway-plain", "lean-pingora"):
+        for mine in ("gateway", "gateway-plain", "lean-pingora", "bare-pingora"):
             if mine not in med:
                 continue
             g = med[mine]
-            for other in ("bare-pingora", "nginx", "haproxy", "caddy"):
+            bases = [n for n in med if n.startswith(mine + "@")]
+            for other in bases + ["bare-pingora", "nginx", "haproxy", "caddy"]:
+                if other == mine:
+                    continue
                 if other in med:
                     o = med[other]
                     ratios.append(
