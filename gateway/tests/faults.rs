@@ -261,6 +261,51 @@ routes:
     }
 }
 
+/// A client that leaves while its request waits on the upstream frees that upstream connection
+/// at once, not at the answer or the read timeout, and its leaving is no error for an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_frees_its_upstream_connection_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                // Reads the request, never answers, and notes when the gateway lets go.
+                let mut buf = [0u8; 4096];
+                while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+                let _ = closed.send(Instant::now());
+            });
+        }
+    });
+    let gw = Gateway::start(&single_upstream(
+        &[upstream],
+        ", timeouts: { read: 30s }",
+        "",
+    ))
+    .await;
+
+    for path in ["/first", "/second"] {
+        let mut client = TcpStream::connect(gw.http).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let left = Instant::now();
+        drop(client);
+        let closed = tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+            .await
+            .expect("the upstream connection outlived its client by 5 s")
+            .unwrap();
+        assert!(
+            closed.duration_since(left) < Duration::from_secs(2),
+            "{path}: the upstream connection was closed {:?} after the client left",
+            closed.duration_since(left)
+        );
+    }
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_resetting_and_idle_closing_replicas() {
     // Slow but within the timeout: answered.
