@@ -485,17 +485,8 @@ routes:
 async fn forward_auth_ejects_a_dead_replica_of_the_auth_service() {
     let dead = DeadPort::reserve();
     ejects_the_auth_replica_at(&format!("127.0.0.1:{}", dead.port)).await;
-    // Takes connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            open.push(s);
-        }
-    });
-    ejects_the_auth_replica_at(&silent_addr.to_string()).await;
-    held.abort();
+    let silent = SilentPort::start().await;
+    ejects_the_auth_replica_at(&silent.addr.to_string()).await;
 }
 
 async fn ejects_the_auth_replica_at(failing: &str) {

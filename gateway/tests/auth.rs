@@ -655,15 +655,8 @@ async fn a_remembered_token_still_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_jwks_endpoint_costs_its_timeout_not_more() {
     let backend = Backend::start("127.0.0.1", "b").await;
-    // Accepts connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let _hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let silent = SilentPort::start().await;
+    let addr = silent.addr;
     let started = std::time::Instant::now();
     let gw = Gateway::start(&format!(
         "auth:\n  j: {{ jwks_url: \"http://{addr}/jwks\", jwks: {{ timeout: 300ms }} }}\nupstreams:\n  b: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, upstream: b, auth: j }}\n",

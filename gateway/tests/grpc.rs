@@ -270,15 +270,9 @@ async fn the_gateways_own_refusals_read_as_grpc_statuses() {
     let dead = DeadPort::reserve();
     let logdir = tempfile::tempdir().unwrap();
     let log = logdir.path().join("access.log");
-    // Accepts connections and never answers: only the gateway can end a call to it.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            held.push(conn);
-        }
-    });
+    // Never answers: only the gateway can end a call to it.
+    let silent = SilentPort::start().await;
+    let silent_addr = silent.addr;
     let gw = Gateway::start(&format!(
         r#"h2c: true
 auth:

@@ -336,14 +336,8 @@ async fn a_mirror_copies_requests_and_never_holds_the_real_one_back() {
     let kept = Backend::start("127.0.0.1", "kept").await;
     let spare = Backend::start("127.0.0.1", "spare").await;
     // A shadow that takes connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            open.push(s);
-        }
-    });
+    let silent = SilentPort::start().await;
+    let silent_addr = silent.addr;
     let gw = Gateway::start(&format!(
         r#"
 upstreams:
@@ -471,5 +465,4 @@ routes:
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    held.abort();
 }

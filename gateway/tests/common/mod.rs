@@ -39,6 +39,33 @@ impl DeadPort {
     }
 }
 
+/// An upstream that hangs: takes connections on 127.0.0.1 and neither answers nor closes them,
+/// for as long as the value lives.
+pub struct SilentPort {
+    pub addr: SocketAddr,
+    holder: tokio::task::JoinHandle<()>,
+}
+
+impl SilentPort {
+    pub async fn start() -> SilentPort {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        SilentPort { addr, holder }
+    }
+}
+
+impl Drop for SilentPort {
+    fn drop(&mut self) {
+        self.holder.abort();
+    }
+}
+
 /// A port free on `ip` now, for a server the test starts next. Chosen below Linux's ephemeral
 /// range (32768 and up), where the outgoing connections of tests running in parallel take
 /// their ports: a port from `bind(0)` could be taken by one of those before the server binds.
