@@ -104,6 +104,11 @@ class Proxy:
     binary = None
     variant = False
 
+    @property
+    def of(self):
+        """The proxy this one stands for in a scenario's list (a baseline build's: its own)."""
+        return self.name
+
     def __init__(self, workdir, backends):
         self.dir = os.path.join(workdir, self.name)
         os.makedirs(self.dir, exist_ok=True)
@@ -696,7 +701,7 @@ def main():
             print(f"\n== {scenario['title']}", flush=True)
             # A variant of the gateway runs only where a scenario names it.
             these = [p for p in proxies
-                     if getattr(p, "of", p.name) in scenario.get("only", [] if p.variant else [getattr(p, "of", p.name)])]
+                     if p.of in scenario.get("only", [] if p.variant else [p.of])]
             results[sname] = {p.name: [] for p in these}
             for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
                 for p in these:
