@@ -306,6 +306,134 @@ async fn a_client_that_leaves_frees_its_upstream_connection_at_once() {
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 }
 
+/// A raw upstream that answers every request with keep-alive and notes, per connection, when the
+/// gateway closed it. With `half_close_after`, it shuts its own side of a connection once it has
+/// been idle that long and keeps reading, so the gateway's close of an idle connection the
+/// upstream ended shows too.
+struct KeepAliveUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    closed: tokio::sync::mpsc::UnboundedReceiver<Instant>,
+}
+
+impl KeepAliveUpstream {
+    async fn start(half_close_after: Option<Duration>) -> KeepAliveUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(Self::serve(conn, half_close_after, tx.clone()));
+            }
+        });
+        KeepAliveUpstream {
+            addr,
+            accepted,
+            closed,
+        }
+    }
+
+    async fn serve(
+        mut conn: TcpStream,
+        half_close_after: Option<Duration>,
+        closed: tokio::sync::mpsc::UnboundedSender<Instant>,
+    ) {
+        let mut buf = [0u8; 4096];
+        let mut shut = false;
+        loop {
+            let read = match half_close_after.filter(|_| !shut) {
+                Some(idle) => match tokio::time::timeout(idle, conn.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let _ = conn.shutdown().await;
+                        shut = true;
+                        continue;
+                    }
+                },
+                None => conn.read(&mut buf).await,
+            };
+            match read {
+                Ok(n) if n > 0 && !shut => {
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if conn.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        let _ = closed.send(Instant::now());
+    }
+}
+
+/// Kept upstream connections are reused, closed by the gateway at their idle timeout, and let
+/// go soon after the upstream ends them (within the idle list's one-second sweep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_reused_and_closed_when_idle_or_ended() {
+    let c = client();
+    // Idle timeout: five requests in a row share one connection, which is closed 400 ms after
+    // the last answer, not before and not at the next use.
+    let mut up = KeepAliveUpstream::start(None).await;
+    let gw = Gateway::start(&single_upstream(
+        &[up.addr],
+        ", timeouts: { idle: 400ms }",
+        "",
+    ))
+    .await;
+    for _ in 0..5 {
+        let r = c.get(gw.url("/ka")).send().await.unwrap();
+        assert_eq!(
+            (r.status().as_u16(), r.text().await.unwrap()),
+            (200, "ok".into())
+        );
+    }
+    let answered = Instant::now();
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "the connection was not reused"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), up.closed.recv())
+        .await
+        .expect("the idle connection outlived its 400 ms idle timeout by 5 s")
+        .unwrap();
+    let idle = closed.duration_since(answered);
+    assert!(
+        idle >= Duration::from_millis(350) && idle < Duration::from_millis(2500),
+        "closed after {idle:?} idle (timeout 400 ms, swept every second)"
+    );
+    drop(gw);
+
+    // The upstream ends an idle connection (a FIN after 200 ms, a keep-alive timeout shorter
+    // than the gateway's): the gateway closes its side within the sweep, not at its own 4 s idle
+    // timeout, and the next request opens a new connection and is answered.
+    let mut up = KeepAliveUpstream::start(Some(Duration::from_millis(200))).await;
+    let gw = Gateway::start(&single_upstream(&[up.addr], "", "")).await;
+    let r = c.get(gw.url("/ka")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answered = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), up.closed.recv())
+        .await
+        .expect("a connection the upstream ended was held 5 s")
+        .unwrap();
+    let held = closed.duration_since(answered);
+    assert!(
+        held < Duration::from_millis(2500),
+        "held {held:?} after the answer"
+    );
+    let r = c.get(gw.url("/ka")).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (200, "ok".into())
+    );
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_resetting_and_idle_closing_replicas() {
     // Slow but within the timeout: answered.

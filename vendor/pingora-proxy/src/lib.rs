@@ -86,6 +86,7 @@ const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 type DownstreamCustomMessageReader =
     Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>;
 
+mod idle_h1;
 mod proxy_cache;
 mod proxy_common;
 mod proxy_custom;
@@ -193,6 +194,8 @@ where
     pub upstream_modules: HttpModules,
     max_retries: usize,
     process_custom_session: Option<ProcessCustomSession<SV, C>>,
+    /// Idle HTTP/1 upstream connections each thread keeps in its own list (`idle_h1`).
+    idle_h1_per_thread: usize,
 }
 
 impl<SV> HttpProxy<SV, ()> {
@@ -229,6 +232,7 @@ impl<SV> HttpProxy<SV, ()> {
             upstream_modules: HttpModules::new(),
             max_retries: conf.max_retries,
             process_custom_session: None,
+            idle_h1_per_thread: conf.upstream_keepalive_pool_size / conf.threads.max(1),
         }
     }
 }
@@ -251,6 +255,7 @@ where
     {
         let client_options =
             client_options.unwrap_or_else(|| ConnectorOptions::from_server_conf(&conf));
+        let idle_h1_per_thread = client_options.keepalive_pool_size / conf.threads.max(1);
         let client_upstream = Connector::new_custom(Some(client_options), connector);
 
         HttpProxy {
@@ -265,6 +270,7 @@ where
             max_retries: conf.max_retries,
             process_custom_session: on_custom,
             h2_options: None,
+            idle_h1_per_thread,
         }
     }
 
@@ -412,7 +418,15 @@ where
             Err(e) => return (false, Some(e)),
         };
 
-        let client_session = self.client_upstream.get_http_session(&*peer).await;
+        let idle_h1 =
+            self.idle_h1_per_thread > 0 && idle_h1::h1_only(&*peer) && idle_h1::enabled();
+        let client_session = match idle_h1.then(|| idle_h1::take(&*peer)).flatten() {
+            Some(stream) => Ok((
+                ClientSession::H1(HttpSessionV1::new_with_options(stream, &*peer)),
+                true,
+            )),
+            None => self.client_upstream.get_http_session(&*peer).await,
+        };
         match client_session {
             Ok((client_session, client_reused)) => {
                 let (server_reused, error) = match client_session {
@@ -420,7 +434,13 @@ where
                         let (server_reused, client_reuse, error) = self
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
-                        if client_reuse {
+                        if client_reuse && idle_h1 {
+                            h1.respect_keepalive();
+                            if let Some(stream) = h1.reuse().await {
+                                let cap = self.idle_h1_per_thread;
+                                idle_h1::put(&*peer, stream, peer.idle_timeout(), cap);
+                            }
+                        } else if client_reuse {
                             let session = ClientSession::H1(h1);
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())
