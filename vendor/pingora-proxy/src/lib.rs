@@ -194,8 +194,8 @@ where
     pub upstream_modules: HttpModules,
     max_retries: usize,
     process_custom_session: Option<ProcessCustomSession<SV, C>>,
-    /// Idle HTTP/1 upstream connections each thread keeps in its own list (`idle_h1`).
-    idle_h1_per_thread: usize,
+    /// Idle HTTP/1 upstream connections each thread keeps in its own list.
+    idle_h1: idle_h1::IdleH1,
 }
 
 impl<SV> HttpProxy<SV, ()> {
@@ -220,9 +220,15 @@ impl<SV> HttpProxy<SV, ()> {
     /// // Use proxy.process_new_http() in your custom accept loop
     /// ```
     pub fn new(inner: SV, conf: Arc<ServerConf>) -> Self {
+        let client_upstream = Connector::new(Some(ConnectorOptions::from_server_conf(&conf)));
+        let idle_h1 = idle_h1::IdleH1::new(
+            conf.upstream_keepalive_pool_size,
+            client_upstream.unexpected_data_connection_counter(),
+        );
         HttpProxy {
             inner,
-            client_upstream: Connector::new(Some(ConnectorOptions::from_server_conf(&conf))),
+            client_upstream,
+            idle_h1,
             shutdown: ShardedNotify::new(conf.threads),
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             server_options: None,
@@ -232,7 +238,6 @@ impl<SV> HttpProxy<SV, ()> {
             upstream_modules: HttpModules::new(),
             max_retries: conf.max_retries,
             process_custom_session: None,
-            idle_h1_per_thread: conf.upstream_keepalive_pool_size / conf.threads.max(1),
         }
     }
 }
@@ -255,8 +260,17 @@ where
     {
         let client_options =
             client_options.unwrap_or_else(|| ConnectorOptions::from_server_conf(&conf));
-        let idle_h1_per_thread = client_options.keepalive_pool_size / conf.threads.max(1);
+        // The connector's pool is per process (from_server_conf multiplies the per-thread size
+        // by the thread count); a pool callback needs the connector's pool.
+        let idle_h1_per_thread = match client_options.keepalive_pool_callback {
+            Some(_) => 0,
+            None => client_options.keepalive_pool_size / conf.threads.max(1),
+        };
         let client_upstream = Connector::new_custom(Some(client_options), connector);
+        let idle_h1 = idle_h1::IdleH1::new(
+            idle_h1_per_thread,
+            client_upstream.unexpected_data_connection_counter(),
+        );
 
         HttpProxy {
             inner,
@@ -270,7 +284,7 @@ where
             max_retries: conf.max_retries,
             process_custom_session: on_custom,
             h2_options: None,
-            idle_h1_per_thread,
+            idle_h1,
         }
     }
 
@@ -418,9 +432,8 @@ where
             Err(e) => return (false, Some(e)),
         };
 
-        let idle_h1 =
-            self.idle_h1_per_thread > 0 && idle_h1::h1_only(&*peer) && idle_h1::enabled();
-        let client_session = match idle_h1.then(|| idle_h1::take(&*peer)).flatten() {
+        let idle_h1 = self.idle_h1.serves(&*peer);
+        let client_session = match idle_h1.then(|| self.idle_h1.take(&*peer)).flatten() {
             Some(stream) => Ok((
                 ClientSession::H1(HttpSessionV1::new_with_options(stream, &*peer)),
                 true,
@@ -437,8 +450,7 @@ where
                         if client_reuse && idle_h1 {
                             h1.respect_keepalive();
                             if let Some(stream) = h1.reuse().await {
-                                let cap = self.idle_h1_per_thread;
-                                idle_h1::put(&*peer, stream, peer.idle_timeout(), cap);
+                                self.idle_h1.put(&*peer, stream);
                             }
                         } else if client_reuse {
                             let session = ClientSession::H1(h1);
