@@ -655,7 +655,7 @@ def main():
     ap.add_argument("--backend", default="bench", choices=list(BACKENDS),
                     help="what the proxies forward to: " + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     ap.add_argument("--baseline", metavar="DIR[=LABEL]", action="append", default=[],
-                    help="also run the gateway and bare Pingora built in DIR (another build's target/release) "
+                    help="also run the gateway, gateway-plain and bare Pingora built in DIR (another build's target/release) "
                          "as NAME@LABEL (default label: base); may be repeated")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
     args = ap.parse_args()

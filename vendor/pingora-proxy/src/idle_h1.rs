@@ -191,19 +191,18 @@ async fn sweep() {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         let now = Instant::now();
-        let done = LISTS.with(|l| {
+        let emptied = LISTS.with(|l| {
             let mut l = l.borrow_mut();
             for list in l.proxies.iter_mut() {
                 let unexpected = &list.unexpected;
                 list.idle
                     .retain_mut(|i| !i.expired(now) && still_open(&mut i.stream, unexpected));
             }
-            if l.proxies.iter().all(|p| p.idle.is_empty()) {
-                l.sweeping = false;
-            }
-            !l.sweeping
+            let empty = l.proxies.iter().all(|p| p.idle.is_empty());
+            l.sweeping = !empty;
+            empty
         });
-        if done {
+        if emptied {
             return;
         }
     }
