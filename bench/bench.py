@@ -278,6 +278,22 @@ class Lean(Proxy):
         return [os.path.join(RELEASE, "lean-pingora"), f"127.0.0.1:{self.port}"] + self.backends, None
 
 
+class LeanGateway(Gateway):
+    """The gateway's phases on pingora-core's HTTP/1.1 sessions (bench/lean-gateway), with the
+    gateway's default headers: what a request path of the gateway's own would cost. HTTP/1.1
+    GETs only; its configuration's listener is not bound (it listens on the proxy's port)."""
+
+    name = "lean-gateway"
+    variant = True
+
+    def command(self, scenario):
+        own_port, self.port = self.port, free_port()
+        config = self.config(scenario)
+        self.port = own_port
+        self.cfg = self.write("lean-gateway.yaml", config)
+        return [os.path.join(RELEASE, "lean-gateway"), self.cfg, f"127.0.0.1:{self.port}"], {"RUST_LOG": "warn"}
+
+
 class Nginx(Proxy):
     name = "nginx"
     binary = "nginx"
@@ -555,7 +571,7 @@ SCENARIOS = {
     "gzip256k": {"title": "gzip (same level) of a 256 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json256k",
                  "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
     "floor": {"title": "HTTP/1.1, 64 connections, 13-byte body: Pingora's proxy against pingora-core's sessions driven directly",
-              "load": "wrk", "path": "/", "only": ["gateway-plain", "bare-pingora", "lean-pingora", "nginx"]},
+              "load": "wrk", "path": "/", "only": ["gateway", "gateway-plain", "bare-pingora", "lean-gateway", "lean-pingora", "nginx"]},
     "upstream-h2": {"title": "HTTP/1.1 clients, the gateway's upstream connections HTTP/1.1 (pooled) vs HTTP/2 (h2c, multiplexed)",
                     "load": "wrk", "path": "/", "only": ["gateway", "gateway-h2up"]},
     "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
@@ -577,7 +593,7 @@ def baseline_of(cls, directory, label):
     return Baseline
 
 
-PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "lean-pingora": Lean, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
+PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "lean-pingora": Lean, "lean-gateway": LeanGateway, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
 BACKENDS = {
@@ -645,7 +661,8 @@ def fmt(v, digits=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
-    ap.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated: " + ", ".join(PROXIES))
+    ap.add_argument("--proxies", default=None, help="comma-separated: " + ", ".join(PROXIES)
+                    + " (a variant (gateway-h2up, lean-pingora, lean-gateway) runs where a scenario names it, or in any scenario when named here)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -677,8 +694,9 @@ def main():
         wait_port(p)
     make_certs(workdir)
 
+    named = set(args.proxies.split(",")) if args.proxies else set()
     proxies = []
-    for name in args.proxies.split(","):
+    for name in (args.proxies or ",".join(PROXIES)).split(","):
         p = PROXIES[name](workdir, backends)
         if p.available():
             proxies.append(p)
@@ -699,9 +717,10 @@ def main():
                 scenario["title"] = f"latency at a fixed {scenario['rps']:,} req/s (HTTP/1.1)"
             SCENARIOS[sname]["title"] = scenario["title"]
             print(f"\n== {scenario['title']}", flush=True)
-            # A variant of the gateway runs only where a scenario names it.
+            # A variant of the gateway runs only where a scenario names it, or where `--proxies`
+            # names it and the scenario names none.
             these = [p for p in proxies
-                     if p.of in scenario.get("only", [] if p.variant else [p.of])]
+                     if p.of in scenario.get("only", [p.of] if not p.variant or p.of in named else [])]
             results[sname] = {p.name: [] for p in these}
             for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
                 for p in these:
@@ -777,7 +796,7 @@ def render(results, extra, proxies, args):
             lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['steady_conns_per_1k'], 3)} | {fmt(m['upstream_conns_per_1k'], 2)} |"
                          + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
-        for mine in ("gateway", "gateway-plain", "lean-pingora", "bare-pingora"):
+        for mine in ("gateway", "gateway-plain", "lean-gateway", "lean-pingora", "bare-pingora"):
             if mine not in med:
                 continue
             g = med[mine]

@@ -1,0 +1,216 @@
+//! A measurement for the benchmark, not a proxy: the gateway's own phases (its `ProxyHttp`
+//! callbacks: `request_filter`, `upstream_peer`, `upstream_request_filter`,
+//! `upstream_response_filter`, `response_filter`, `response_body_filter`, `logging`) driven on
+//! pingora-core's HTTP/1.1 sessions the way `lean-pingora` drives them, instead of through
+//! Pingora's proxy: one task per client connection, kept upstream connections in a list per
+//! thread. It tells what a request path of the gateway's own would cost with the gateway's
+//! phases in it. It forwards GETs without a body to HTTP/1 upstreams and nothing else: no
+//! retries, no error answers (a failure closes the connection), no TLS, no upgrades.
+//!
+//! `lean-gateway CONFIG LISTEN`: routes and upstreams from the gateway's configuration file;
+//! one proxy thread listening on `LISTEN`.
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use gateway::proxy::Gateway;
+use pingora::apps::ServerApp;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::v1::client::HttpSession as Upstream;
+use pingora::protocols::Stream;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::listening::Service;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: gateway::alloc::Allocator = gateway::alloc::Allocator;
+
+/// Hop-by-hop fields, removed from what goes upstream and what goes back (RFC 9110 §7.6.1),
+/// as Pingora's proxy removes them.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+struct Lean {
+    gateway: Gateway,
+}
+
+thread_local! {
+    /// Idle upstream connections of this thread, per upstream address.
+    static IDLE: RefCell<Vec<(SocketAddr, Vec<Stream>)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_idle(addr: SocketAddr) -> Option<Stream> {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let (_, list) = idle.iter_mut().find(|(a, _)| *a == addr)?;
+        list.pop()
+    })
+}
+
+fn keep_idle(addr: SocketAddr, stream: Stream) {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        match idle.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, list)) => list.push(stream),
+            None => idle.push((addr, vec![stream])),
+        }
+    })
+}
+
+async fn connect(addr: SocketAddr, peer: &HttpPeer) -> Option<Stream> {
+    let timeout = peer.connection_timeout().unwrap_or(Duration::from_secs(2));
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    tcp.set_nodelay(true).ok()?;
+    Some(Box::new(pingora::protocols::l4::stream::Stream::from(tcp)))
+}
+
+fn strip_request(req: &mut RequestHeader) {
+    for name in HOP_BY_HOP {
+        req.remove_header(name);
+    }
+}
+
+fn strip_response(resp: &mut ResponseHeader) {
+    for name in HOP_BY_HOP {
+        resp.remove_header(name);
+    }
+}
+
+impl Lean {
+    /// One request through the gateway's phases: `None` when either side cannot go on.
+    async fn proxy(&self, session: &mut Session) -> Option<()> {
+        let gw = &self.gateway;
+        let mut ctx = gw.new_ctx();
+        if gw.request_filter(session, &mut ctx).await.ok()? {
+            gw.logging(session, None, &mut ctx).await;
+            return Some(());
+        }
+        let peer = gw.upstream_peer(session, &mut ctx).await.ok()?;
+        let addr = *peer.address().as_inet()?;
+        let stream = match take_idle(addr) {
+            Some(s) => s,
+            None => connect(addr, &peer).await?,
+        };
+        let mut up = Upstream::new_with_options(stream, &*peer);
+        let mut req = Box::new(session.req_header().clone());
+        strip_request(&mut req);
+        gw.upstream_request_filter(session, &mut req, &mut ctx)
+            .await
+            .ok()?;
+        up.write_request_header(req).await.ok()?;
+        up.read_response().await.ok()?;
+        let mut resp = Box::new(up.resp_header()?.clone());
+        strip_response(&mut resp);
+        gw.upstream_response_filter(session, &mut resp, &mut ctx)
+            .await
+            .ok()?;
+        gw.response_filter(session, &mut resp, &mut ctx)
+            .await
+            .ok()?;
+        session.write_response_header(resp, false).await.ok()?;
+        loop {
+            let mut body = up.read_body_bytes().await.ok()?;
+            let end = body.is_none() || up.is_body_done();
+            gw.response_body_filter(session, &mut body, end, &mut ctx)
+                .ok()?;
+            session.write_response_body(body, end).await.ok()?;
+            if end {
+                break;
+            }
+        }
+        gw.logging(session, None, &mut ctx).await;
+        up.respect_keepalive();
+        if let Some(stream) = up.reuse().await {
+            keep_idle(addr, stream);
+        }
+        Some(())
+    }
+}
+
+#[async_trait]
+impl ServerApp for Lean {
+    async fn process_new(self: &Arc<Self>, stream: Stream, _: &ShutdownWatch) -> Option<Stream> {
+        let mut stream = stream;
+        loop {
+            let mut session = Session::new_h1(stream);
+            if !session.downstream_session.read_request().await.ok()? {
+                return None;
+            }
+            session.downstream_session.set_keepalive(Some(60));
+            self.proxy(&mut session).await?;
+            let reused = session.downstream_session.finish().await.ok()??;
+            let (next, prefix) = reused.into_parts();
+            if prefix.is_some() {
+                return None;
+            }
+            stream = next;
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() != 2 {
+        eprintln!("usage: lean-gateway CONFIG LISTEN");
+        std::process::exit(2);
+    }
+    let plan = match gateway::plan::load(Path::new(&args[0])) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    // The upstreams' own tasks (discovery, health checks) run on a runtime of their own, as in
+    // the gateway.
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let runtime = match control.block_on(gateway::plan::activate(plan, None, 1)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let shared = Arc::new(ArcSwap::from_pointee(runtime));
+    {
+        let _in_runtime = control.enter();
+        gateway::plan::start_tasks(&shared.load());
+    }
+    let pid = std::process::id();
+    let conf = ServerConf {
+        threads: 1,
+        work_stealing: false,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        pid_file: format!("/tmp/lean-gateway-{pid}.pid"),
+        upgrade_sock: format!("/tmp/lean-gateway-{pid}.sock"),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let app = Lean {
+        gateway: Gateway::new(shared),
+    };
+    let mut service = Service::new("lean-gateway".to_string(), app);
+    service.add_tcp(&args[1]);
+    server.add_service(service);
+    server.run_forever();
+}
