@@ -104,6 +104,10 @@ class Proxy:
     binary = None
     variant = False
 
+    def supports(self, scenario):
+        """Whether this proxy can serve the scenario at all."""
+        return True
+
     @property
     def of(self):
         """The proxy this one stands for in a scenario's list (a baseline build's: its own)."""
@@ -274,6 +278,9 @@ class Lean(Proxy):
     name = "lean-pingora"
     variant = True
 
+    def supports(self, scenario):
+        return not (scenario.get("tls") or scenario.get("h2"))
+
     def command(self, scenario):
         return [os.path.join(RELEASE, "lean-pingora"), f"127.0.0.1:{self.port}"] + self.backends, None
 
@@ -286,11 +293,12 @@ class LeanGateway(Gateway):
     name = "lean-gateway"
     variant = True
 
+    def supports(self, scenario):
+        return not (scenario.get("tls") or scenario.get("h2"))
+
     def command(self, scenario):
-        own_port, self.port = self.port, free_port()
-        config = self.config(scenario)
-        self.port = own_port
-        self.cfg = self.write("lean-gateway.yaml", config)
+        # The configuration names the port lean-gateway listens on; it binds it itself.
+        self.cfg = self.write("lean-gateway.yaml", self.config(scenario))
         return [os.path.join(RELEASE, "lean-gateway"), self.cfg, f"127.0.0.1:{self.port}"], {"RUST_LOG": "warn"}
 
 
@@ -662,7 +670,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--proxies", default=None, help="comma-separated: " + ", ".join(PROXIES)
-                    + " (a variant (gateway-h2up, lean-pingora, lean-gateway) runs where a scenario names it, or in any scenario when named here)")
+                    + " (a variant (gateway-h2up, lean-pingora, lean-gateway) runs where a scenario names it, and also, when named"
+                    " here, in scenarios that name no proxies and that it can serve)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -718,9 +727,10 @@ def main():
             SCENARIOS[sname]["title"] = scenario["title"]
             print(f"\n== {scenario['title']}", flush=True)
             # A variant of the gateway runs only where a scenario names it, or where `--proxies`
-            # names it and the scenario names none.
+            # names it and the scenario names none; never where it cannot serve.
             these = [p for p in proxies
-                     if p.of in scenario.get("only", [p.of] if not p.variant or p.of in named else [])]
+                     if p.of in scenario.get("only", [p.of] if not p.variant or p.of in named else [])
+                     and p.supports(scenario)]
             results[sname] = {p.name: [] for p in these}
             for rnd in range(args.rounds if scenario["load"] != "idle" else 1):
                 for p in these:
@@ -801,7 +811,8 @@ def render(results, extra, proxies, args):
                 continue
             g = med[mine]
             bases = [n for n in med if n.startswith(mine + "@")]
-            for other in bases + ["bare-pingora", "nginx", "haproxy", "caddy"]:
+            others = ["gateway", "lean-pingora"] if mine == "lean-gateway" else []
+            for other in bases + others + ["bare-pingora", "nginx", "haproxy", "caddy"]:
                 if other == mine:
                     continue
                 if other in med:

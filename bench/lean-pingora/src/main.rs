@@ -69,6 +69,8 @@ impl Lean {
             }
         };
         let mut up = Upstream::new_with_options(stream, peer);
+        up.read_timeout = peer.options.read_timeout;
+        up.write_timeout = peer.options.write_timeout;
         up.write_request_header(Box::new(down.req_header().clone()))
             .await
             .ok()?;
@@ -93,8 +95,9 @@ impl ServerApp for Lean {
         let mut stream = stream;
         loop {
             let mut down = Downstream::new(stream);
-            down.read_request().await.ok()??;
+            // Before the read, as Pingora's loop does: the request may still turn it off.
             down.set_server_keepalive(Some(60));
+            down.read_request().await.ok()??;
             self.proxy(&mut down).await?;
             let (next, prefix) = down.reuse().await.ok()??.into_parts();
             if prefix.is_some() {
