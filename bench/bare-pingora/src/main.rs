@@ -53,16 +53,9 @@ fn main() {
         eprintln!("usage: bare-pingora [--h2c] LISTEN BACKEND [BACKEND...]");
         std::process::exit(2);
     }
-    let pid = std::process::id();
     let conf = ServerConf {
-        threads: 1,
-        work_stealing: false,
         upstream_keepalive_pool_size: 1024,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        pid_file: format!("/tmp/bare-pingora-{pid}.pid"),
-        upgrade_sock: format!("/tmp/bare-pingora-{pid}.sock"),
-        ..ServerConf::default()
+        ..bench_common::server_conf("bare-pingora")
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let peers = args[1..]

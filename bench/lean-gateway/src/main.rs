@@ -15,17 +15,16 @@
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bench_common::{keep_idle, server_conf, take_idle};
 use gateway::proxy::Gateway;
 use pingora::apps::ServerApp;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::Stream;
 use pingora::proxy::{ProxyHttp, Session};
-use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::listening::Service;
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -51,29 +50,6 @@ const HOP_BY_HOP: [&str; 10] = [
 
 struct Lean {
     gateway: Gateway,
-}
-
-thread_local! {
-    /// Idle upstream connections of this thread, per upstream address.
-    static IDLE: RefCell<Vec<(SocketAddr, Vec<Stream>)>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_idle(addr: SocketAddr) -> Option<Stream> {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let (_, list) = idle.iter_mut().find(|(a, _)| *a == addr)?;
-        list.pop()
-    })
-}
-
-fn keep_idle(addr: SocketAddr, stream: Stream) {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        match idle.iter_mut().find(|(a, _)| *a == addr) {
-            Some((_, list)) => list.push(stream),
-            None => idle.push((addr, vec![stream])),
-        }
-    })
 }
 
 async fn connect(addr: SocketAddr, peer: &HttpPeer) -> Option<Stream> {
@@ -235,17 +211,7 @@ fn main() {
         let _in_runtime = control.enter();
         gateway::plan::start_tasks(&shared.load());
     }
-    let pid = std::process::id();
-    let conf = ServerConf {
-        threads: 1,
-        work_stealing: false,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        pid_file: format!("/tmp/lean-gateway-{pid}.pid"),
-        upgrade_sock: format!("/tmp/lean-gateway-{pid}.sock"),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut server = Server::new_with_opt_and_conf(None, server_conf("lean-gateway"));
     let app = Lean {
         gateway: Gateway::new(shared),
     };

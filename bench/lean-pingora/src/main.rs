@@ -10,15 +10,14 @@
 //! `lean-pingora LISTEN BACKEND [BACKEND...]`
 
 use async_trait::async_trait;
+use bench_common::{keep_idle, server_conf, take_idle};
 use pingora::apps::ServerApp;
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::http::v1::server::HttpSession as Downstream;
 use pingora::protocols::Stream;
-use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,31 +31,12 @@ struct Lean {
     next: AtomicUsize,
 }
 
-thread_local! {
-    /// Idle upstream connections of this thread, per backend.
-    static IDLE: RefCell<Vec<Vec<Stream>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_idle(i: usize) -> Option<Stream> {
-    IDLE.with(|idle| idle.borrow_mut().get_mut(i).and_then(Vec::pop))
-}
-
-fn keep_idle(i: usize, stream: Stream) {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        if idle.len() <= i {
-            idle.resize_with(i + 1, Vec::new);
-        }
-        idle[i].push(stream);
-    })
-}
-
 impl Lean {
     /// One request: `None` when either side cannot go on.
     async fn proxy(&self, down: &mut Downstream) -> Option<()> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
         let (addr, peer) = &self.backends[i];
-        let stream = match take_idle(i) {
+        let stream = match take_idle(*addr) {
             Some(s) => s,
             None => {
                 let connect = tokio::net::TcpStream::connect(addr);
@@ -83,7 +63,7 @@ impl Lean {
         down.finish_body().await.ok()?;
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
-            keep_idle(i, stream);
+            keep_idle(*addr, stream);
         }
         Some(())
     }
@@ -114,17 +94,7 @@ fn main() {
         eprintln!("usage: lean-pingora LISTEN BACKEND [BACKEND...]");
         std::process::exit(2);
     }
-    let pid = std::process::id();
-    let conf = ServerConf {
-        threads: 1,
-        work_stealing: false,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        pid_file: format!("/tmp/lean-pingora-{pid}.pid"),
-        upgrade_sock: format!("/tmp/lean-pingora-{pid}.sock"),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut server = Server::new_with_opt_and_conf(None, server_conf("lean-pingora"));
     let backends = args[1..]
         .iter()
         .map(|a| {
