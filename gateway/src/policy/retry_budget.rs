@@ -34,15 +34,18 @@ impl RetryBudget {
         self.window.add(now_ms, 1, 0);
     }
 
-    /// Takes a retry from the budget, if it has one left.
+    /// Takes a retry from the budget, if it has one left. The place is taken before the
+    /// budget is checked and given back when over it, so retries racing for the last place
+    /// never all get it (two may both be refused, and the next asks again).
     pub fn try_retry(&self, now_ms: u64) -> bool {
+        self.window.add(now_ms, 0, 1);
         let (requests, retries) = self.window.sums(now_ms);
         let allowed = (requests * u64::from(self.spec.budget_percent) / 100)
             .max(u64::from(self.spec.min_retries));
-        if retries < allowed {
-            self.window.add(now_ms, 0, 1);
+        if retries <= allowed {
             true
         } else {
+            self.window.take_back(now_ms, 0, 1);
             self.exhausted.inc();
             false
         }
@@ -75,5 +78,44 @@ mod tests {
         assert_eq!(granted, 8);
         // Once the window has passed, the budget is whole again.
         assert!(b.try_retry(t + 11_000));
+    }
+
+    #[test]
+    fn retries_racing_for_the_last_places_never_exceed_the_budget() {
+        // Threads asking at once must not all be granted the same place: whatever the
+        // interleaving, no more than `min_retries` retries are granted without requests, and
+        // none of the places is lost.
+        let threads = 4;
+        for trial in 0..300 {
+            let b = std::sync::Arc::new(RetryBudget::new(
+                "unit-budget-race",
+                BudgetSpec {
+                    budget_percent: 20,
+                    min_retries: 3,
+                    window_secs: 10,
+                },
+            ));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
+            let granted: usize = (0..threads)
+                .map(|_| {
+                    let (b, start) = (b.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        (0..4).filter(|_| b.try_retry(5_000_000)).count()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum();
+            assert!(granted <= 3, "trial {trial}: {granted} granted, budget 3");
+            // A place refused in a race is given back: the budget ends with exactly three.
+            let later = (0..4).filter(|_| b.try_retry(5_000_000)).count();
+            assert_eq!(
+                granted + later,
+                3,
+                "trial {trial}: {granted} + {later} granted"
+            );
+        }
     }
 }

@@ -1,13 +1,53 @@
 //! A sliding window of two counters (requests and failures, or requests and retries) in
 //! one-second buckets, lock-free: what the circuit breaker and the retry budget count over.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One counter of one bucket: the second it counts in the high 32 bits (0: never used), the
+/// count in the low 32. One atomic word, so a bucket moved on to a new second starts from
+/// zero without losing a count made at the same moment by another thread.
+struct Counter(AtomicU64);
+
+impl Counter {
+    fn pack(second: u64, count: u32) -> u64 {
+        (second << 32) | u64::from(count)
+    }
+
+    fn add(&self, second: u64, n: u32) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(if v >> 32 == second {
+                    Self::pack(second, (v as u32).saturating_add(n))
+                } else {
+                    Self::pack(second, n)
+                })
+            });
+    }
+
+    fn take_back(&self, second: u64, n: u32) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v >> 32 == second).then(|| Self::pack(second, (v as u32).saturating_sub(n)))
+            });
+    }
+
+    /// The count, when it is of a second from `oldest` to `newest`.
+    fn within(&self, oldest: u64, newest: u64) -> u64 {
+        let v = self.0.load(Ordering::Acquire);
+        let second = v >> 32;
+        if second >= oldest && second <= newest {
+            u64::from(v as u32)
+        } else {
+            0
+        }
+    }
+}
 
 struct Bucket {
-    /// The second this bucket counts (0: never used).
-    second: AtomicU64,
-    a: AtomicU32,
-    b: AtomicU32,
+    a: Counter,
+    b: Counter,
 }
 
 /// Counts over the last `len` seconds.
@@ -22,56 +62,59 @@ impl Window {
         Window {
             buckets: (0..len)
                 .map(|_| Bucket {
-                    second: AtomicU64::new(0),
-                    a: AtomicU32::new(0),
-                    b: AtomicU32::new(0),
+                    a: Counter(AtomicU64::new(0)),
+                    b: Counter(AtomicU64::new(0)),
                 })
                 .collect(),
         }
     }
 
+    /// The second of `now_ms` (from 1, so that 0 marks a bucket never used; 32 bits last
+    /// past the year 2100), and its bucket.
+    fn bucket(&self, now_ms: u64) -> (u64, &Bucket) {
+        let second = (now_ms / 1000 + 1) & u64::from(u32::MAX);
+        (
+            second,
+            &self.buckets[(second % self.buckets.len() as u64) as usize],
+        )
+    }
+
     /// Adds `a` and `b` to the bucket of `now_ms`.
     pub fn add(&self, now_ms: u64, a: u32, b: u32) {
-        let second = now_ms / 1000 + 1;
-        let bucket = &self.buckets[(second % self.buckets.len() as u64) as usize];
-        let seen = bucket.second.load(Ordering::Acquire);
-        if seen != second
-            && bucket
-                .second
-                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // This thread moved the bucket to a new second: it starts from zero. A count
-            // made by another thread in between may be lost, never doubled.
-            bucket.a.store(0, Ordering::Release);
-            bucket.b.store(0, Ordering::Release);
+        let (second, bucket) = self.bucket(now_ms);
+        if a > 0 {
+            bucket.a.add(second, a);
         }
-        bucket.a.fetch_add(a, Ordering::AcqRel);
-        bucket.b.fetch_add(b, Ordering::AcqRel);
+        if b > 0 {
+            bucket.b.add(second, b);
+        }
+    }
+
+    /// Takes `a` and `b` back from the bucket of `now_ms`, never below zero; nothing when the
+    /// bucket has moved on to a later second.
+    pub fn take_back(&self, now_ms: u64, a: u32, b: u32) {
+        let (second, bucket) = self.bucket(now_ms);
+        bucket.a.take_back(second, a);
+        bucket.b.take_back(second, b);
     }
 
     /// The sums of `a` and `b` over the window ending at `now_ms`.
     pub fn sums(&self, now_ms: u64) -> (u64, u64) {
-        let second = now_ms / 1000 + 1;
+        let (second, _) = self.bucket(now_ms);
         let oldest = second.saturating_sub(self.buckets.len() as u64 - 1);
-        self.buckets
-            .iter()
-            .filter(|b| {
-                let s = b.second.load(Ordering::Acquire);
-                s >= oldest && s <= second
-            })
-            .fold((0, 0), |(a, b), bucket| {
-                (
-                    a + u64::from(bucket.a.load(Ordering::Acquire)),
-                    b + u64::from(bucket.b.load(Ordering::Acquire)),
-                )
-            })
+        self.buckets.iter().fold((0, 0), |(a, b), bucket| {
+            (
+                a + bucket.a.within(oldest, second),
+                b + bucket.b.within(oldest, second),
+            )
+        })
     }
 
     /// Forgets everything.
     pub fn clear(&self) {
         for b in self.buckets.iter() {
-            b.second.store(0, Ordering::Release);
+            b.a.0.store(0, Ordering::Release);
+            b.b.0.store(0, Ordering::Release);
         }
     }
 }
@@ -91,6 +134,11 @@ mod tests {
         assert_eq!(w.sums(3_000), (2, 2));
         w.add(3_100, 5, 0);
         assert_eq!(w.sums(3_100), (7, 2));
+        // Taken back from its own second only, and never below zero.
+        w.take_back(3_200, 1, 3);
+        assert_eq!(w.sums(3_200), (6, 2));
+        w.take_back(13_200, 1, 1);
+        assert_eq!(w.sums(3_200), (6, 2));
         assert_eq!(w.sums(10_000), (0, 0));
         w.clear();
         assert_eq!(w.sums(3_100), (0, 0));
