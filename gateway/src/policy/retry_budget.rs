@@ -35,8 +35,8 @@ impl RetryBudget {
     }
 
     /// Takes a retry from the budget, if it has one left. The place is taken before the
-    /// budget is checked and given back when over it, so retries racing for the last place
-    /// never all get it (two may both be refused, and the next asks again).
+    /// budget is checked and given back when over it, so retries racing for the last places
+    /// never overdraw it (they may all be refused: a refusal errs on the budget's side).
     pub fn try_retry(&self, now_ms: u64) -> bool {
         self.window.add(now_ms, 0, 1);
         let (requests, retries) = self.window.sums(now_ms);

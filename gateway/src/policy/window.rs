@@ -13,12 +13,14 @@ impl Counter {
         (second << 32) | u64::from(count)
     }
 
+    /// Counts `n` in `second`. A counter already on a later second (a thread whose clock
+    /// reading is a little old) counts it there: a counter never moves back.
     fn add(&self, second: u64, n: u32) {
         let _ = self
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(if v >> 32 == second {
-                    Self::pack(second, (v as u32).saturating_add(n))
+                Some(if v >> 32 >= second {
+                    Self::pack(v >> 32, (v as u32).saturating_add(n))
                 } else {
                     Self::pack(second, n)
                 })
@@ -69,8 +71,8 @@ impl Window {
         }
     }
 
-    /// The second of `now_ms` (from 1, so that 0 marks a bucket never used; 32 bits last
-    /// past the year 2100), and its bucket.
+    /// The second of `now_ms` (from 1, so that 0 marks a bucket never used; the clock starts
+    /// with the process, and 32 bits of seconds last 136 years), and its bucket.
     fn bucket(&self, now_ms: u64) -> (u64, &Bucket) {
         let second = (now_ms / 1000 + 1) & u64::from(u32::MAX);
         (
@@ -137,8 +139,16 @@ mod tests {
         // Taken back from its own second only, and never below zero.
         w.take_back(3_200, 1, 3);
         assert_eq!(w.sums(3_200), (6, 2));
+        w.take_back(3_200, 10, 0);
+        assert_eq!(w.sums(3_200), (2, 2));
         w.take_back(13_200, 1, 1);
-        assert_eq!(w.sums(3_200), (6, 2));
+        assert_eq!(w.sums(3_200), (2, 2));
+        // A late count (a clock read a window ago) goes to the later second it finds, which
+        // stays whole.
+        w.add(4_000, 1, 0);
+        assert_eq!(w.sums(4_000), (2, 1));
+        w.add(1_000, 1, 0);
+        assert_eq!(w.sums(4_000), (3, 1));
         assert_eq!(w.sums(10_000), (0, 0));
         w.clear();
         assert_eq!(w.sums(3_100), (0, 0));
