@@ -760,3 +760,138 @@ async fn a_failure_the_folder_cannot_record_still_waits_its_backoff() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(gw.metric(failures).await, 1.0, "{}", gw.log());
 }
+
+/// A TCP relay in front of Pebble's API. Connections accepted while it holds are never
+/// forwarded (a CA that stops answering in the middle of an order); it counts those it
+/// accepted.
+struct Relay {
+    addr: SocketAddr,
+    held: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, a) = (held.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let stuck = h.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                    tokio::join!(pump(cr, sw, stuck), pump(sr, cw, stuck));
+                });
+            }
+        });
+        Relay {
+            addr,
+            held,
+            accepted,
+            task,
+        }
+    }
+
+    fn hold(&self, on: bool) {
+        self.held.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`; a `stuck` connection's bytes are read and never passed on.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stuck: bool,
+) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !stuck && to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_replaced_mid_order_gives_way_to_its_successor() {
+    let scene = Scene::start(&["127.0.0.1"], &["r.acme.test"], 3600, &[]).await;
+    let api: SocketAddr = scene
+        .pebble
+        .directory
+        .trim_start_matches("https://")
+        .trim_end_matches("/dir")
+        .parse()
+        .unwrap();
+    // Pebble writes its URLs for the host it was asked by: the whole order goes through the
+    // relay.
+    let relay = Relay::start(api).await;
+    relay.hold(true);
+    let tls = scene.acme("r.acme.test", ", challenge: http-01").replace(
+        &scene.pebble.directory,
+        &format!("https://{}/dir", relay.addr),
+    );
+    let gw = scene.gateway(&scene.listeners("127.0.0.1", &tls)).await;
+    // The first manager holds the storage folder's lock, its first request to the CA never
+    // answered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.accepted() == 0 {
+        assert!(Instant::now() < deadline, "no order began:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A reload that changes the plan (the account's e-mail) replaces the manager mid-order;
+    // the successor orders under the same lock, which the first lets go of only by abandoning
+    // its order.
+    // (The held connection stays held; the successor's go through.)
+    relay.hold(false);
+    let changed = gw
+        .config_text(&scene.body)
+        .replace("ops@example.com", "ops2@example.com");
+    assert_ne!(changed, gw.config_text(&scene.body));
+    gw.write_raw_config(&changed);
+    gw.wait_generation(2).await;
+    let addr = scene.tls_addr("127.0.0.1");
+    let seen = wait_for_cert(
+        &gw,
+        addr,
+        "r.acme.test",
+        &scene.roots,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        seen.response.starts_with("HTTP/1.1 200"),
+        "{}",
+        seen.response
+    );
+    // One order issued, the successor's; the abandoned one is counted neither way.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let orders = |result: &str| {
+        format!("gateway_acme_orders_total{{kind=\"new\",listener=\"https\",result=\"{result}\"}}")
+    };
+    assert_eq!(gw.metric(&orders("issued")).await, 1.0, "{}", gw.log());
+    assert_eq!(gw.metric(&orders("failed")).await, 0.0, "{}", gw.log());
+    let again = https_get(addr, "r.acme.test", &scene.roots).await.unwrap();
+    assert_eq!(again.fingerprint(), seen.fingerprint());
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+}
