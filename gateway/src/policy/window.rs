@@ -9,41 +9,59 @@ use std::sync::atomic::{AtomicU64, Ordering};
 struct Counter(AtomicU64);
 
 impl Counter {
+    fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+
     fn pack(second: u64, count: u32) -> u64 {
         (second << 32) | u64::from(count)
+    }
+
+    fn unpack(v: u64) -> (u64, u32) {
+        (v >> 32, v as u32)
     }
 
     /// Counts `n` in `second`. A counter already on a later second (a thread whose clock
     /// reading is a little old) counts it there: a counter never moves back.
     fn add(&self, second: u64, n: u32) {
+        if n == 0 {
+            return;
+        }
         let _ = self
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(if v >> 32 >= second {
-                    Self::pack(v >> 32, (v as u32).saturating_add(n))
-                } else {
-                    Self::pack(second, n)
+                Some(match Self::unpack(v) {
+                    (at, count) if at >= second => Self::pack(at, count.saturating_add(n)),
+                    _ => Self::pack(second, n),
                 })
             });
     }
 
+    /// Takes `n` back from `second`, never below zero; nothing once the counter has moved on.
     fn take_back(&self, second: u64, n: u32) {
+        if n == 0 {
+            return;
+        }
         let _ = self
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                (v >> 32 == second).then(|| Self::pack(second, (v as u32).saturating_sub(n)))
+                let (at, count) = Self::unpack(v);
+                (at == second).then(|| Self::pack(second, count.saturating_sub(n)))
             });
     }
 
     /// The count, when it is of a second from `oldest` to `newest`.
     fn within(&self, oldest: u64, newest: u64) -> u64 {
-        let v = self.0.load(Ordering::Acquire);
-        let second = v >> 32;
-        if second >= oldest && second <= newest {
-            u64::from(v as u32)
+        let (at, count) = Self::unpack(self.0.load(Ordering::Acquire));
+        if (oldest..=newest).contains(&at) {
+            u64::from(count)
         } else {
             0
         }
+    }
+
+    fn clear(&self) {
+        self.0.store(0, Ordering::Release);
     }
 }
 
@@ -64,8 +82,8 @@ impl Window {
         Window {
             buckets: (0..len)
                 .map(|_| Bucket {
-                    a: Counter(AtomicU64::new(0)),
-                    b: Counter(AtomicU64::new(0)),
+                    a: Counter::new(),
+                    b: Counter::new(),
                 })
                 .collect(),
         }
@@ -84,12 +102,8 @@ impl Window {
     /// Adds `a` and `b` to the bucket of `now_ms`.
     pub fn add(&self, now_ms: u64, a: u32, b: u32) {
         let (second, bucket) = self.bucket(now_ms);
-        if a > 0 {
-            bucket.a.add(second, a);
-        }
-        if b > 0 {
-            bucket.b.add(second, b);
-        }
+        bucket.a.add(second, a);
+        bucket.b.add(second, b);
     }
 
     /// Takes `a` and `b` back from the bucket of `now_ms`, never below zero; nothing when the
@@ -115,8 +129,8 @@ impl Window {
     /// Forgets everything.
     pub fn clear(&self) {
         for b in self.buckets.iter() {
-            b.a.0.store(0, Ordering::Release);
-            b.b.0.store(0, Ordering::Release);
+            b.a.clear();
+            b.b.clear();
         }
     }
 }
