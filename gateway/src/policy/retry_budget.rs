@@ -87,27 +87,26 @@ mod tests {
         // none of the places is lost.
         let threads = 4;
         for trial in 0..300 {
-            let b = std::sync::Arc::new(RetryBudget::new(
+            let b = RetryBudget::new(
                 "unit-budget-race",
                 BudgetSpec {
                     budget_percent: 20,
                     min_retries: 3,
                     window_secs: 10,
                 },
-            ));
-            let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
-            let granted: usize = (0..threads)
-                .map(|_| {
-                    let (b, start) = (b.clone(), start.clone());
-                    std::thread::spawn(move || {
-                        start.wait();
-                        (0..4).filter(|_| b.try_retry(5_000_000)).count()
+            );
+            let start = std::sync::Barrier::new(threads);
+            let granted: usize = std::thread::scope(|scope| {
+                let asking: Vec<_> = (0..threads)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            (0..4).filter(|_| b.try_retry(5_000_000)).count()
+                        })
                     })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|t| t.join().unwrap())
-                .sum();
+                    .collect();
+                asking.into_iter().map(|t| t.join().unwrap()).sum()
+            });
             assert!(granted <= 3, "trial {trial}: {granted} granted, budget 3");
             // A place refused in a race is given back: the budget ends with exactly three.
             let later = (0..4).filter(|_| b.try_retry(5_000_000)).count();
