@@ -789,11 +789,9 @@ impl Relay {
                     continue;
                 }
                 tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(to).await else {
-                        return;
-                    };
-                    let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
-                    tokio::join!(pump(cr, sw), pump(sr, cw));
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
                 });
             }
         });
@@ -820,21 +818,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// Copies `from` to `to` until either side ends.
-async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
-    let mut buf = vec![0u8; 16384];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
