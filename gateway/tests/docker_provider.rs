@@ -267,8 +267,7 @@ async fn containers_declare_routes_through_labels() {
     assert_eq!(backend.hits(), 1);
 
     // A container that stops leaves, on its events or at the latest on the next refresh (2 s):
-    // a killed container may still be listed as running when its events are handled (seen on
-    // a slow machine), and then only the refresh removes it.
+    // on a slow machine a killed one has stayed past its events, until a refresh.
     let a_ip = engine.ip(&a);
     docker(&["kill", &a]).expect("kill");
     eventually("a gone", Duration::from_secs(10), || async {
