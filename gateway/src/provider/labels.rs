@@ -16,6 +16,8 @@ pub const PREFIX: &str = "gateway.";
 /// What the provider knows of one running container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Container {
+    /// The engine's id for it.
+    pub id: String,
     /// Its name, without Docker's leading `/`.
     pub name: String,
     /// All its labels.
@@ -331,6 +333,7 @@ mod tests {
 
     fn container(labels: &[(&str, &str)]) -> Container {
         Container {
+            id: "0123abcd".into(),
             name: "web-1".into(),
             labels: labels
                 .iter()

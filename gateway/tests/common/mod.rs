@@ -526,7 +526,7 @@ impl Gateway {
         let child = Command::new(gateway_bin())
             .arg("-c")
             .arg(&self.config_path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,gateway::provider=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
