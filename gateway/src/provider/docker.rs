@@ -3,8 +3,9 @@
 //!
 //! A full list at start, after every container event (start, die, health change, ...) and every
 //! `refresh`. A container serves once it runs and, if it has a Docker health check, passes it;
-//! it leaves once a list no longer shows it (`Leaving`). If the engine cannot be reached, the
-//! last list stays.
+//! it leaves with the next list that no longer shows it; while one still shows a container an
+//! event said stopped, the list is read again shortly (`Leaving`). If the engine cannot be
+//! reached, the last list stays.
 
 use super::labels::{self, Container};
 use super::Provided;
@@ -84,27 +85,38 @@ async fn watch(
     ));
     let mut tick = tokio::time::interval(settings.refresh.0);
     let mut leaving = Leaving::default();
-    let mut recheck = None;
     loop {
         tokio::select! {
             event = events.next() => match event {
                 Some(Ok(e)) => {
+                    log_event(&e);
                     leaving.note(&e, Instant::now());
                     // Let a burst (a compose up, a scale) settle into one list.
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    while let Some(Some(Ok(e))) = events.next().now_or_never() {
-                        leaving.note(&e, Instant::now());
+                    loop {
+                        match events.next().now_or_never() {
+                            Some(Some(Ok(e))) => {
+                                log_event(&e);
+                                leaving.note(&e, Instant::now());
+                            }
+                            Some(Some(Err(e))) => return Err(e),
+                            Some(None) => return Ok(()),
+                            None => break,
+                        }
                     }
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
             },
             _ = tick.tick() => {}
-            () = sleep_until(recheck), if recheck.is_some() => {}
+            () = sleep_until(leaving.due), if leaving.due.is_some() => {}
         }
         let containers = list(docker).await?;
-        debug!(serving = ?containers.iter().map(|c| &c.name).collect::<Vec<_>>(), "docker provider: listed");
-        recheck = leaving.listed(&containers, Instant::now());
+        debug!(
+            listed = ?containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            "docker provider: listed"
+        );
+        leaving.listed(&containers, Instant::now());
         let provided = declare(&containers, settings.network.as_deref(), reported);
         plane.provide(provided).await;
     }
@@ -121,10 +133,12 @@ async fn sleep_until(at: Option<Instant>) {
 /// its `die` event, so they are listed again, sooner than the refresh, until they are gone.
 #[derive(Debug, Default)]
 struct Leaving {
-    /// Container id → when to stop asking (a container that came back, say).
+    /// Container id → when to stop asking (one the engine keeps listing).
     ids: HashMap<String, Instant>,
-    /// The wait before the next list while some are still shown; doubles each time.
+    /// The wait before the next list while some are still shown; doubles after each.
     wait: Duration,
+    /// When to list again; `None` while none is waited for.
+    due: Option<Instant>,
 }
 
 impl Leaving {
@@ -133,14 +147,15 @@ impl Leaving {
     const GIVE_UP: Duration = Duration::from_secs(10);
 
     fn note(&mut self, e: &EventMessage, now: Instant) {
-        log_event(e);
         let Some(id) = e.actor.as_ref().and_then(|a| a.id.as_deref()) else {
             return;
         };
         match e.action.as_deref().unwrap_or_default() {
             "die" | "stop" | "destroy" | "pause" | "health_status: unhealthy" => {
                 self.ids.insert(id.to_string(), now + Self::GIVE_UP);
+                // The waits start over, for the others too: at most GIVE_UP more lists.
                 self.wait = Self::FIRST_WAIT;
+                self.due = None;
             }
             "start" | "unpause" | "health_status: healthy" => {
                 self.ids.remove(id);
@@ -150,21 +165,32 @@ impl Leaving {
     }
 
     /// After a list: forgets the containers it no longer shows (or asked about long enough)
-    /// and says when to list again for the others.
-    fn listed(&mut self, containers: &[Container], now: Instant) -> Option<Instant> {
+    /// and sets when to list again for the others, never past the last one's give-up time.
+    fn listed(&mut self, containers: &[Container], now: Instant) {
         self.ids
             .retain(|id, until| now < *until && containers.iter().any(|c| &c.id == id));
-        if self.ids.is_empty() {
-            return None;
+        let Some(last) = self.ids.values().max().copied() else {
+            self.due = None;
+            return;
+        };
+        match self.due {
+            // A list of its own (an event's, the refresh's) before the one due: the wait stays.
+            Some(due) if now < due => {}
+            Some(_) => {
+                self.wait = (self.wait * 2).min(Self::LAST_WAIT);
+                self.due = Some((now + self.wait).min(last));
+            }
+            None => self.due = Some((now + self.wait).min(last)),
         }
-        debug!(count = self.ids.len(), wait = ?self.wait, "docker provider: stopped containers still listed; listing again");
-        let at = now + self.wait;
-        self.wait = (self.wait * 2).min(Self::LAST_WAIT);
-        Some(at)
+        debug!(
+            count = self.ids.len(),
+            wait = ?self.wait,
+            "docker provider: stopped containers still listed; listing again"
+        );
     }
 }
 
-/// An event at debug level: what the list that follows it answers.
+/// An event at debug level, to explain the list that follows it.
 fn log_event(e: &EventMessage) {
     let actor = e.actor.as_ref();
     let name = actor
@@ -287,51 +313,55 @@ mod tests {
         let t = Instant::now();
         let mut leaving = Leaving::default();
         leaving.note(&event("kill", "a"), t);
-        assert_eq!(
-            leaving.listed(&shown(&["a", "b"]), t),
-            None,
-            "kill: may still run"
-        );
+        leaving.listed(&shown(&["a", "b"]), t);
+        assert_eq!(leaving.due, None, "after kill it may still run");
         leaving.note(&event("die", "a"), t);
-        let waits: Vec<_> = (0..7)
-            .map(|_| leaving.listed(&shown(&["a", "b"]), t).map(|at| at - t))
-            .collect();
-        let ms = |n| Some(Duration::from_millis(n));
-        assert_eq!(
-            waits,
-            [
-                ms(100),
-                ms(200),
-                ms(400),
-                ms(800),
-                ms(1600),
-                ms(2000),
-                ms(2000)
-            ]
-        );
+        leaving.listed(&shown(&["a", "b"]), t);
+        assert_eq!(leaving.due, Some(t + Duration::from_millis(100)));
+        // A list of its own (another event's, the refresh's) before then changes nothing.
+        leaving.listed(&shown(&["a", "b"]), t + Duration::from_millis(50));
+        assert_eq!(leaving.due, Some(t + Duration::from_millis(100)));
+        // Each list when due: the wait doubles up to 2 s, the last one at the give-up time.
+        let mut waits = Vec::new();
+        let mut now = t;
+        while let Some(due) = leaving.due {
+            waits.push((due - now).as_millis());
+            now = due;
+            leaving.listed(&shown(&["a", "b"]), now);
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000, 2000, 900]);
+        assert_eq!(now, t + Leaving::GIVE_UP);
+
         // Gone from the list: no more lists before the refresh.
-        assert_eq!(leaving.listed(&shown(&["b"]), t), None);
-        assert_eq!(leaving.listed(&shown(&["a", "b"]), t), None);
+        leaving.note(&event("die", "b"), now);
+        leaving.listed(&shown(&["b"]), now);
+        assert!(leaving.due.is_some());
+        leaving.listed(&shown(&[]), now + Duration::from_millis(100));
+        assert_eq!(leaving.due, None);
+        assert!(leaving.ids.is_empty());
     }
 
     #[test]
-    fn a_container_that_comes_back_or_stays_is_not_asked_about_for_ever() {
+    fn containers_that_come_back_are_forgotten_and_new_events_start_the_waits_over() {
         let t = Instant::now();
         let mut leaving = Leaving::default();
-        leaving.note(&event("die", "a"), t);
-        leaving.note(&event("start", "a"), t);
-        assert_eq!(leaving.listed(&shown(&["a"]), t), None, "restarted");
-        leaving.note(&event("health_status: unhealthy", "b"), t);
-        assert!(leaving.listed(&shown(&["b"]), t).is_some());
-        let late = t + Leaving::GIVE_UP;
-        assert_eq!(leaving.listed(&shown(&["b"]), late), None, "given up");
-        // A new event starts the waits over.
-        leaving.note(&event("stop", "c"), late);
-        leaving.listed(&shown(&["c"]), late);
-        leaving.note(&event("destroy", "d"), late);
-        assert_eq!(
-            leaving.listed(&shown(&["c", "d"]), late),
-            Some(late + Duration::from_millis(100))
-        );
+        for (gone, back) in [
+            ("die", "start"),
+            ("pause", "unpause"),
+            ("health_status: unhealthy", "health_status: healthy"),
+        ] {
+            leaving.note(&event(gone, "a"), t);
+            leaving.note(&event(back, "a"), t);
+            leaving.listed(&shown(&["a"]), t);
+            assert_eq!(leaving.due, None, "{gone}, then {back}");
+        }
+        leaving.note(&event("stop", "c"), t);
+        leaving.listed(&shown(&["c"]), t);
+        let second = t + Duration::from_millis(100);
+        leaving.listed(&shown(&["c"]), second);
+        assert_eq!(leaving.due, Some(second + Duration::from_millis(200)));
+        leaving.note(&event("destroy", "d"), second);
+        leaving.listed(&shown(&["c", "d"]), second);
+        assert_eq!(leaving.due, Some(second + Duration::from_millis(100)));
     }
 }
