@@ -302,6 +302,14 @@ class LeanGateway(Gateway):
         return [os.path.join(RELEASE, "lean-gateway"), self.cfg, f"127.0.0.1:{self.port}"], {"RUST_LOG": "warn"}
 
 
+class LeanGatewayPlain(LeanGateway):
+    """`lean-gateway` with no headers added, as gateway-plain: with `lean-gateway`, what the
+    added headers cost off Pingora's proxy."""
+
+    name = "lean-gateway-plain"
+    forwarding = GatewayPlain.forwarding
+
+
 class Nginx(Proxy):
     name = "nginx"
     binary = "nginx"
@@ -579,7 +587,7 @@ SCENARIOS = {
     "gzip256k": {"title": "gzip (same level) of a 256 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json256k",
                  "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
     "floor": {"title": "HTTP/1.1, 64 connections, 13-byte body: Pingora's proxy against pingora-core's sessions driven directly",
-              "load": "wrk", "path": "/", "only": ["gateway", "gateway-plain", "bare-pingora", "lean-gateway", "lean-pingora", "nginx"]},
+              "load": "wrk", "path": "/", "only": ["gateway", "gateway-plain", "bare-pingora", "lean-gateway", "lean-gateway-plain", "lean-pingora", "nginx"]},
     "upstream-h2": {"title": "HTTP/1.1 clients, the gateway's upstream connections HTTP/1.1 (pooled) vs HTTP/2 (h2c, multiplexed)",
                     "load": "wrk", "path": "/", "only": ["gateway", "gateway-h2up"]},
     "chain": {"title": "full chain: TLS + JWT (HS256) + rate limit per user + metrics + JSON access log (gateway) vs bare Pingora with TLS",
@@ -601,7 +609,7 @@ def baseline_of(cls, directory, label):
     return Baseline
 
 
-PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "lean-pingora": Lean, "lean-gateway": LeanGateway, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
+PROXIES = {"gateway": Gateway, "gateway-plain": GatewayPlain, "gateway-h2up": GatewayH2Upstream, "bare-pingora": Bare, "lean-pingora": Lean, "lean-gateway": LeanGateway, "lean-gateway-plain": LeanGatewayPlain, "nginx": Nginx, "haproxy": HAProxy, "caddy": Caddy}
 
 
 BACKENDS = {
@@ -670,7 +678,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--proxies", default=None, help="comma-separated: " + ", ".join(PROXIES)
-                    + " (a variant (gateway-h2up, lean-pingora, lean-gateway) runs where a scenario names it, and also, when named"
+                    + " (a variant (gateway-h2up, lean-pingora, lean-gateway, lean-gateway-plain) runs where a scenario names it, and also, when named"
                     " here, in scenarios that name no proxies and that it can serve)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
@@ -806,12 +814,13 @@ def render(results, extra, proxies, args):
             lines.append(f"| {name} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 2)} | {fmt(m['p99'], 2)} | {fmt(m['cpu_us'])} | {fmt(m['rss_mb'])} | {fmt(m['steady_conns_per_1k'], 3)} | {fmt(m['upstream_conns_per_1k'], 2)} |"
                          + (f" {fmt(m['body_bytes'], 0)} |" if gz else ""))
         ratios = []
-        for mine in ("gateway", "gateway-plain", "lean-gateway", "lean-pingora", "bare-pingora"):
+        for mine in ("gateway", "gateway-plain", "lean-gateway", "lean-gateway-plain", "lean-pingora", "bare-pingora"):
             if mine not in med:
                 continue
             g = med[mine]
             bases = [n for n in med if n.startswith(mine + "@")]
-            others = ["gateway", "lean-pingora"] if mine == "lean-gateway" else []
+            others = {"lean-gateway": ["gateway", "lean-pingora"],
+                      "lean-gateway-plain": ["gateway", "gateway-plain", "lean-gateway", "lean-pingora"]}.get(mine, [])
             for other in bases + others + ["bare-pingora", "nginx", "haproxy", "caddy"]:
                 if other == mine:
                     continue
