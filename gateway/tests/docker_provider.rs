@@ -42,9 +42,20 @@ impl Engine {
         }
     }
 
-    /// Starts a container named `name` with `labels` and, optionally, a Docker health check
-    /// that passes once `/tmp/ready` exists.
+    /// Starts a container named `name` on the test's network with `labels` and, optionally, a
+    /// Docker health check that passes once `/tmp/ready` exists.
     fn run(&self, name: &str, labels: &[(&str, &str)], health_gate: bool) -> String {
+        self.run_on(&self.network, name, labels, health_gate)
+    }
+
+    /// The same on `network`.
+    fn run_on(
+        &self,
+        network: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        health_gate: bool,
+    ) -> String {
         let name = format!("{}-{name}", self.network);
         let mut args: Vec<String> = [
             "run",
@@ -54,7 +65,7 @@ impl Engine {
             "--hostname",
             &name,
             "--network",
-            &self.network,
+            network,
         ]
         .map(String::from)
         .to_vec();
@@ -173,7 +184,7 @@ async fn containers_declare_routes_through_labels() {
     let engine = Engine::new();
     let backend = Backend::start("127.0.0.1", "file").await;
     let gw = Gateway::start(&format!(
-        "providers: {{ docker: {{ network: \"{}\", refresh: 60s }} }}\nauth:\n  t: {{ secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }}\nupstreams: {{ files: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n",
+        "providers: {{ docker: {{ network: \"{}\", refresh: 10m }} }}\nauth:\n  t: {{ secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }}\nupstreams: {{ files: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n",
         engine.network, backend.addr
     ))
     .await;
@@ -278,7 +289,7 @@ async fn containers_declare_routes_through_labels() {
     assert_eq!(r.status(), 200);
     assert_eq!(backend.hits(), 1);
 
-    // A container that stops leaves on its events: the refresh (60 s) is out of the test's reach.
+    // A container that stops leaves on its events: the refresh (10 min) is out of the test's reach.
     // The engine lists a killed container as running for a while after its `die` event.
     let a_ip = engine.ip(&a);
     let clock = || docker(&["system", "info", "--format", "{{.SystemTime}}"]);
@@ -318,5 +329,43 @@ async fn containers_declare_routes_through_labels() {
         client().get(gw.url("/web")).send().await.unwrap().status(),
         404
     );
-    assert!(!gw.log().contains("panicked"));
+
+    // What no container event announces, a running container joining the network, only the
+    // refresh finds: a second gateway that refreshes every second serves it, the first not.
+    let gw2 = Gateway::start(&format!(
+        "providers: {{ docker: {{ network: \"{}\", refresh: 1s }} }}\nupstreams: {{ files: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n",
+        engine.network, backend.addr
+    ))
+    .await;
+    let late = &[
+        ("gateway.port", "8000"),
+        ("gateway.route.late.match.path_prefix", "/late"),
+    ];
+    let late = engine.run_on("bridge", "late", late, false);
+    let off_network = format!("container {late}: label gateway.network");
+    eventually(
+        "late refused off the network",
+        Duration::from_secs(10),
+        || async { gw.log().contains(&off_network) && gw2.log().contains(&off_network) },
+    )
+    .await;
+    docker(&["network", "connect", &engine.network, &late]).expect("connect");
+    eventually(
+        "late served by the refresh",
+        Duration::from_secs(5),
+        || async { route_names(&gw2).await.contains("late") },
+    )
+    .await;
+    eventually("late answers", Duration::from_secs(20), || async {
+        match client().get(gw2.url("/late")).send().await {
+            Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == late),
+            _ => false,
+        }
+    })
+    .await;
+    assert!(
+        !route_names(&gw).await.contains("late"),
+        "no event announced it, and the first gateway's refresh is 10 minutes away"
+    );
+    assert!(!gw.log().contains("panicked") && !gw2.log().contains("panicked"));
 }
