@@ -153,7 +153,8 @@ impl Leaving {
         match e.action.as_deref().unwrap_or_default() {
             "die" | "stop" | "destroy" | "pause" | "health_status: unhealthy" => {
                 self.ids.insert(id.to_string(), now + Self::GIVE_UP);
-                // The waits start over, for the others too: at most GIVE_UP more lists.
+                // The waits start over, for the others too; each is still dropped GIVE_UP after
+                // its own event.
                 self.wait = Self::FIRST_WAIT;
                 self.due = None;
             }
