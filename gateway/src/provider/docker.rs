@@ -89,16 +89,12 @@ async fn watch(
         tokio::select! {
             event = events.next() => match event {
                 Some(Ok(e)) => {
-                    log_event(&e);
-                    leaving.note(&e, Instant::now());
+                    heard(&e, &mut leaving);
                     // Let a burst (a compose up, a scale) settle into one list.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     loop {
                         match events.next().now_or_never() {
-                            Some(Some(Ok(e))) => {
-                                log_event(&e);
-                                leaving.note(&e, Instant::now());
-                            }
+                            Some(Some(Ok(e))) => heard(&e, &mut leaving),
                             Some(Some(Err(e))) => return Err(e),
                             Some(None) => return Ok(()),
                             None => break,
@@ -191,8 +187,9 @@ impl Leaving {
     }
 }
 
-/// An event at debug level, to explain the list that follows it.
-fn log_event(e: &EventMessage) {
+/// An event: noted for `leaving`, and logged at debug level to explain the list that follows.
+fn heard(e: &EventMessage, leaving: &mut Leaving) {
+    leaving.note(e, Instant::now());
     let actor = e.actor.as_ref();
     let name = actor
         .and_then(|a| a.attributes.as_ref()?.get("name"))
