@@ -159,6 +159,22 @@ where
     true
 }
 
+/// Whether a request to `path` is answered 200 by the container named `name`.
+async fn answers_as(gw: &Gateway, path: &str, name: &str) -> bool {
+    match client().get(gw.url(path)).send().await {
+        Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == name),
+        _ => false,
+    }
+}
+
+/// The gateway's configuration: the Docker provider on `network`, refreshing every `refresh`,
+/// beside a route `file` to `files`, with `more` added.
+fn config(network: &str, refresh: &str, files: impl std::fmt::Display, more: &str) -> String {
+    format!(
+        "providers: {{ docker: {{ network: \"{network}\", refresh: {refresh} }} }}\n{more}upstreams: {{ files: {{ targets: [\"{files}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n"
+    )
+}
+
 /// Host names that answered `n` requests to `path`.
 async fn answered_by(gw: &Gateway, path: &str, n: usize) -> BTreeSet<String> {
     let c = client();
@@ -183,11 +199,8 @@ async fn containers_declare_routes_through_labels() {
 
     let engine = Engine::new();
     let backend = Backend::start("127.0.0.1", "file").await;
-    let gw = Gateway::start(&format!(
-        "providers: {{ docker: {{ network: \"{}\", refresh: 10m }} }}\nauth:\n  t: {{ secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }}\nupstreams: {{ files: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n",
-        engine.network, backend.addr
-    ))
-    .await;
+    let auth = "auth:\n  t: { secret: \"an-hmac-secret-that-is-long-enough-0123456789\" }\n";
+    let gw = Gateway::start(&config(&engine.network, "10m", backend.addr, auth)).await;
 
     // A labelled container: its route and its replica appear, and traffic reaches it.
     let web = &[
@@ -204,11 +217,8 @@ async fn containers_declare_routes_through_labels() {
     .await;
     // The container runs before its server listens: the first requests may find nothing
     // there (and the replica resting after that failure), then it answers.
-    eventually("a answers", Duration::from_secs(20), || async {
-        match client().get(gw.url("/web/x")).send().await {
-            Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == a),
-            _ => false,
-        }
+    eventually("a answers", Duration::from_secs(20), || {
+        answers_as(&gw, "/web/x", &a)
     })
     .await;
     assert_eq!(
@@ -332,11 +342,7 @@ async fn containers_declare_routes_through_labels() {
 
     // What no container event announces, a running container joining the network, only the
     // refresh finds: a second gateway that refreshes every second serves it, the first not.
-    let gw2 = Gateway::start(&format!(
-        "providers: {{ docker: {{ network: \"{}\", refresh: 1s }} }}\nupstreams: {{ files: {{ targets: [\"{}\"] }} }}\nroutes: [ {{ name: file, upstream: files, match: {{ path_prefix: /file }} }} ]\n",
-        engine.network, backend.addr
-    ))
-    .await;
+    let gw2 = Gateway::start(&config(&engine.network, "1s", backend.addr, "")).await;
     let late = &[
         ("gateway.port", "8000"),
         ("gateway.route.late.match.path_prefix", "/late"),
@@ -356,11 +362,8 @@ async fn containers_declare_routes_through_labels() {
         || async { route_names(&gw2).await.contains("late") },
     )
     .await;
-    eventually("late answers", Duration::from_secs(20), || async {
-        match client().get(gw2.url("/late")).send().await {
-            Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == late),
-            _ => false,
-        }
+    eventually("late answers", Duration::from_secs(20), || {
+        answers_as(&gw2, "/late", &late)
     })
     .await;
     assert!(
