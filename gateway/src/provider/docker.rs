@@ -125,8 +125,8 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Containers an event said no longer serve (died, stopped, removed, paused, unhealthy) that a
-/// list still showed: the engine lists a container as running for tens of milliseconds after
-/// its `die` event, so they are listed again, sooner than the refresh, until they are gone.
+/// list still showed: the engine can list a container as running for a while after its `die`
+/// event, so they are listed again, sooner than the refresh, until they are gone.
 #[derive(Debug, Default)]
 struct Leaving {
     /// Container id → when to stop asking (one the engine keeps listing).
