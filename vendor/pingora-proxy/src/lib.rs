@@ -86,6 +86,7 @@ const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 type DownstreamCustomMessageReader =
     Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>;
 
+mod app_h1;
 mod idle_h1;
 mod proxy_cache;
 mod proxy_common;
@@ -98,6 +99,7 @@ pub mod subrequest;
 
 use subrequest::{BodyMode, Ctx as SubrequestCtx};
 
+pub use app_h1::{finish_h1_upstream_request, h1_upstream_request};
 pub use proxy_cache::range_filter::{range_header_filter, MultiRangeInfo, RangeType};
 pub use proxy_purge::PurgeStatus;
 pub use proxy_trait::{FailToProxy, ProxyHttp, ProxyWarnLogContext};
@@ -550,7 +552,9 @@ where
         Ok(duration)
     }
 
-    async fn finish(
+    /// Ends a request (`logging`, the failure noted on the session): the connection, if
+    /// `reuse` and the client may send another request on it.
+    pub async fn finish(
         &self,
         mut session: Session,
         ctx: &mut SV::CTX,
@@ -1245,6 +1249,22 @@ where
             }
         }
 
+        self.process_filtered(session, ctx).await
+    }
+
+    /// The proxy's phases for a request that has been through `request_filter` without an
+    /// answer: the cache, `proxy_upstream_filter`, the upstream attempts with their retries,
+    /// `fail_to_proxy` and `logging`. For an application that runs the earlier phases itself
+    /// (its own request path, see [`HttpProxy::new_session`]) and hands this request on.
+    pub async fn process_filtered(
+        self: &Arc<Self>,
+        mut session: Session,
+        mut ctx: <SV as ProxyHttp>::CTX,
+    ) -> Option<ReusedHttpStream>
+    where
+        SV: ProxyHttp + Send + Sync + 'static,
+        <SV as ProxyHttp>::CTX: Send + Sync,
+    {
         if let Some((reuse, err)) = self.proxy_cache(&mut session, &mut ctx).await {
             // cache hit
             return self.finish(session, &mut ctx, reuse, err).await;
@@ -1396,7 +1416,9 @@ where
             .await
     }
 
-    async fn handle_error(
+    /// Answers a request whose phases failed with `e` (`fail_to_proxy`, the error log,
+    /// `logging`), as the proxy answers its own: the connection, if it may be kept.
+    pub async fn handle_error(
         &self,
         mut session: Session,
         ctx: &mut <SV as ProxyHttp>::CTX,
