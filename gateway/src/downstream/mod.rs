@@ -5,10 +5,11 @@
 //! small writes held so that a response's head goes out with its body in one send.
 //!
 //! [`Downstream`] is the listening service's application. It wraps each accepted stream in a
-//! [`HeadGuard`] and runs Pingora's HTTP/1 keep-alive loop itself, so that the guard is re-armed
-//! before every request, and so that Pingora's per-request state is made only when a request's
-//! first byte has arrived; HTTP/2 connections go to Pingora's own loop (their heads are frames,
-//! bounded by the h2 settings).
+//! [`HeadGuard`] and runs the HTTP/1 keep-alive loop itself, so that the guard is re-armed
+//! before every request, and so that the per-request state is made only when a request's first
+//! byte has arrived; each HTTP/1 request goes to the gateway's own path
+//! ([`crate::proxy::own`]), which hands what it does not serve to Pingora's proxy. HTTP/2
+//! connections go to Pingora's own loop (their heads are frames, bounded by the h2 settings).
 //!
 //! By concern: [`tls_accept`] (the handshake and its failure reasons), [`h2c`] (HTTP/2 with
 //! prior knowledge told from HTTP/1), [`head_deadline`] (the guard and its head deadline),
@@ -26,6 +27,7 @@ pub(crate) use tls_accept::tls_version;
 use tls_accept::{tls_handshake, HandshakeFailure};
 
 use crate::metrics::METRICS;
+use crate::proxy::own::OwnPath;
 use crate::proxy::Gateway;
 use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
@@ -70,9 +72,10 @@ struct TlsListener {
     failures: [IntCounter; HandshakeFailure::ALL.len()],
 }
 
-/// The application of the client listeners: the guard around Pingora's HTTP proxy.
+/// The application of the client listeners: the guard around the gateway's own HTTP/1 path and
+/// Pingora's HTTP proxy.
 pub struct Downstream {
-    proxy: Arc<HttpProxy<Gateway>>,
+    own: OwnPath,
     runtime: Arc<ArcSwap<Runtime>>,
     listeners: Vec<ListenerHandles>,
     h2c: bool,
@@ -118,7 +121,7 @@ impl Downstream {
             })
             .collect();
         Downstream {
-            proxy: Arc::new(proxy),
+            own: OwnPath::new(Arc::new(proxy), Gateway::new(runtime.clone())),
             runtime,
             listeners,
             h2c,
@@ -136,9 +139,8 @@ impl Downstream {
     }
 
     /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), with the guard
-    /// re-armed before every request. Each request's session and Pingora's request future
-    /// are made only once its first byte has arrived, so an idle keep-alive
-    /// connection holds neither.
+    /// re-armed before every request. Each request's session and request future are made only
+    /// once its first byte has arrived, so an idle keep-alive connection holds neither.
     async fn serve_http1(self: &Arc<Self>, guard: Box<HeadGuard>, shutdown: &ShutdownWatch) {
         let keepalive = guard.keepalive.as_secs().max(1);
         // One shutdown waiter for the connection's life, rather than one per request.
@@ -166,7 +168,7 @@ impl Downstream {
                 // Stop clients from reusing the connection once shutdown has begun.
                 session.set_keepalive(None);
             }
-            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else {
+            let Some(reused) = self.own.serve(session, shutdown).await else {
                 return;
             };
             let stream;
@@ -349,13 +351,13 @@ impl ServerApp for Downstream {
             Protocol::Http1 => self.serve_http1(guarded, shutdown).await,
             // Pingora's own loop: the h2 handshake and one task per stream.
             Protocol::H2 | Protocol::H2c => {
-                self.proxy.process_new(guarded, shutdown).await;
+                self.own.proxy().process_new(guarded, shutdown).await;
             }
         }
         None
     }
 
     async fn cleanup(&self) {
-        self.proxy.http_cleanup().await;
+        self.own.proxy().http_cleanup().await;
     }
 }

@@ -13,12 +13,17 @@
 //! 5. `fail_to_connect` / `error_while_proxy`: passive health and the retry decision.
 //! 6. `fail_to_proxy`: the JSON error answer (502/503/504) with the request id.
 //! 7. `logging`: release the replica, metrics, access log, span.
+//!
+//! Two paths call these phases: the gateway's own HTTP/1 path ([`own`]), for requests without
+//! a body to HTTP/1 upstreams, and Pingora's proxy for the rest. A callback added here must be
+//! called in [`own`] too.
 
 pub mod answer;
 pub mod client;
 pub mod context;
 pub mod grpc;
 pub mod head;
+pub mod own;
 
 use crate::accesslog::AccessRecord;
 use crate::config::HashKey;

@@ -237,6 +237,15 @@ impl Upstream {
         up
     }
 
+    /// Whether its replicas are spoken to in HTTP/1 only (the gateway's own HTTP/1 path serves
+    /// such an upstream's requests; Pingora's proxy those of one that may use HTTP/2).
+    pub fn http1_only(&self) -> bool {
+        matches!(
+            self.peer_template.options.alpn,
+            pingora::protocols::ALPN::H1
+        )
+    }
+
     /// Picks a replica for a request (see [`ReplicaSet::pick`]).
     #[inline]
     pub fn pick(

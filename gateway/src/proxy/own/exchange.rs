@@ -1,0 +1,240 @@
+//! One exchange with an HTTP/1 upstream for a request without a body, as Pingora's proxy makes
+//! it for such a request (its `proxy_1to1` and the exchange in turn of the carried patch):
+//! the head prepared by Pingora's rules around `upstream_request_filter`, the empty body
+//! through `request_body_filter`, then the response's parts as they are read (those already
+//! read written together, so a head and its body go out in one write) through the response
+//! callbacks, while the client connection is watched for a close.
+
+use super::Ctx;
+use crate::proxy::Gateway;
+use futures_util::FutureExt;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::v1::client::HttpSession as Upstream;
+use pingora::protocols::http::HttpTask;
+use pingora::proxy::{finish_h1_upstream_request, h1_upstream_request, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+
+/// The most response parts written in one go (Pingora's task buffer).
+const BATCH: usize = 4;
+
+/// How an exchange ended.
+pub(super) struct Done {
+    /// The client connection may carry another request.
+    pub client_reusable: bool,
+    /// The upstream connection may carry another request.
+    pub upstream_reusable: bool,
+    pub error: Option<Box<Error>>,
+}
+
+impl Done {
+    fn failed(upstream_reusable: bool, e: Box<Error>) -> Done {
+        Done {
+            client_reusable: false,
+            upstream_reusable,
+            error: Some(e),
+        }
+    }
+}
+
+pub(super) async fn exchange(
+    gw: &Gateway,
+    session: &mut Session,
+    up: &mut Upstream,
+    peer: &HttpPeer,
+    ctx: &mut Ctx,
+) -> Done {
+    up.read_timeout = peer.options.read_timeout;
+    up.write_timeout = peer.options.write_timeout;
+    let req = match upstream_head(gw, session, peer, ctx).await {
+        Ok(req) => req,
+        // Nothing was written: the connection is as good as it was.
+        Err(e) => return Done::failed(true, e),
+    };
+    if let Err(e) = up.write_request_header(Box::new(req)).await {
+        return Done::failed(false, e.into_up());
+    }
+    // The empty body goes through the request body filter, as Pingora passes it on.
+    let mut body = None;
+    if let Err(e) = gw.request_body_filter(session, &mut body, true, ctx).await {
+        return Done::failed(false, e);
+    }
+    let mut sent = Ok(());
+    if let Some(data) = body {
+        sent = up.write_body(&data).await.map(|_| ());
+    }
+    if let Err(e) = sent.and(up.finish_body().await.map(|_| ())) {
+        // As Pingora does: the upstream may still have answered; its answer is read.
+        tracing::debug!("send error, draining read buf: {e}");
+        let mut done = respond(gw, session, up, ctx, Some(e.into_up())).await;
+        done.upstream_reusable = false;
+        return done;
+    }
+    respond(gw, session, up, ctx, None).await
+}
+
+/// The upstream's request head: Pingora's preparation around `upstream_request_filter`.
+async fn upstream_head(
+    gw: &Gateway,
+    session: &mut Session,
+    peer: &HttpPeer,
+    ctx: &mut Ctx,
+) -> Result<pingora::http::RequestHeader> {
+    let mut req = h1_upstream_request(session, peer)?;
+    gw.upstream_request_filter(session, &mut req, ctx).await?;
+    finish_h1_upstream_request(session, &mut req, false)?;
+    Ok(req)
+}
+
+/// Reads the response and writes it to the client, part by part, until it ends; the client
+/// connection is watched for a close meanwhile. `send_error` is an error writing the request,
+/// reported if reading the response fails too.
+async fn respond(
+    gw: &Gateway,
+    session: &mut Session,
+    up: &mut Upstream,
+    ctx: &mut Ctx,
+    mut send_error: Option<Box<Error>>,
+) -> Done {
+    let mut upstream_reusable = true;
+    let mut tasks = Vec::new();
+    let mut response_done = false;
+    while !response_done {
+        tokio::select! {
+            read = up.read_response_task() => {
+                let (mut end, mut failed) = push_task(read, &mut tasks, &mut send_error);
+                // Take what is already read, so a head and its body go out in one write.
+                while !end && tasks.len() < BATCH {
+                    let Some(read) = tokio::task::unconstrained(up.read_response_task())
+                        .now_or_never()
+                    else {
+                        break;
+                    };
+                    (end, failed) = push_task(read, &mut tasks, &mut send_error);
+                }
+                response_done = end;
+                if failed {
+                    // The response's framing was not read to its end.
+                    upstream_reusable = false;
+                }
+                let client_done = match write_tasks(gw, session, ctx, &mut tasks).await {
+                    Ok(done) => done,
+                    Err(e) => return Done::failed(false, e),
+                };
+                if client_done && !response_done {
+                    // The client's answer ended by its own framing (a callback changed the
+                    // status or the length): the rest of the upstream's is unread.
+                    upstream_reusable = false;
+                    break;
+                }
+            }
+            read = session.downstream_session.read_body_or_idle(true) => {
+                // With no body to read, only a close or an error ends the wait.
+                if let Err(e) = read {
+                    return Done::failed(false, e.into_down());
+                }
+            }
+        }
+    }
+    let mut client_reusable = true;
+    if let Err(e) = session.as_mut().finish_body().await {
+        tracing::debug!("Error finish sending body to downstream: {e}");
+        client_reusable = false;
+    }
+    Done {
+        client_reusable,
+        upstream_reusable,
+        error: None,
+    }
+}
+
+/// Adds a part read from the upstream to `tasks`, a read error as a failed part (the earlier
+/// send error first): (the response ended, the read failed).
+fn push_task(
+    read: Result<HttpTask>,
+    tasks: &mut Vec<HttpTask>,
+    send_error: &mut Option<Box<Error>>,
+) -> (bool, bool) {
+    match read {
+        Ok(task) => {
+            let end = task.is_end();
+            tasks.push(task);
+            (end, false)
+        }
+        Err(e) => {
+            tasks.push(HttpTask::Failed(send_error.take().unwrap_or(e).into_up()));
+            (true, true)
+        }
+    }
+}
+
+/// The parts through the response callbacks, then written to the client in one go: whether the
+/// client's response is complete.
+async fn write_tasks(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    tasks: &mut Vec<HttpTask>,
+) -> Result<bool> {
+    for task in tasks.iter_mut() {
+        match task {
+            HttpTask::Header(header, end) => response_head(gw, session, header, *end, ctx).await?,
+            HttpTask::Body(data, end) => {
+                gw.upstream_response_body_filter(session, data, *end, ctx)?;
+                if let Some(pause) = gw.response_body_filter(session, data, *end, ctx)? {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            // Not read from an HTTP/1 upstream without an upgrade.
+            HttpTask::UpgradedBody(..) => {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "an upgraded body")
+                    .map_err(|e| e.into_up());
+            }
+            HttpTask::Trailer(_) | HttpTask::Done | HttpTask::Failed(_) => {}
+        }
+    }
+    session.write_response_tasks(std::mem::take(tasks)).await
+}
+
+/// A response head through `upstream_response_filter` and `response_filter`, as Pingora's
+/// proxy passes it: a `101` refused (the request asked for no upgrade), a body without framing
+/// (an HTTP/1.0 upstream's, ended by the close) sent chunked so the client connection stays.
+async fn response_head(
+    gw: &Gateway,
+    session: &mut Session,
+    header: &mut Box<ResponseHeader>,
+    end: bool,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    gw.upstream_response_filter(session, header, ctx).await?;
+    if header.status == 101 {
+        return Error::e_explain(
+            ErrorType::InvalidHTTPHeader,
+            "101 without an upgrade request",
+        )
+        .map_err(|e| e.into_up());
+    }
+    let no_body = session.req_header().method == pingora::http::Method::HEAD
+        || matches!(header.status.as_u16(), 204 | 304);
+    if !no_body
+        && !header.status.is_informational()
+        && !end
+        && header
+            .headers
+            .get(http::header::TRANSFER_ENCODING)
+            .is_none()
+        && header.headers.get(http::header::CONTENT_LENGTH).is_none()
+    {
+        header.set_version(http::Version::HTTP_11);
+        header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
+    gw.response_filter(session, header, ctx).await?;
+    if header.status == 101 {
+        return Error::e_explain(
+            ErrorType::InvalidHTTPHeader,
+            "101 without an upgrade request",
+        )
+        .map_err(|e| e.into_in());
+    }
+    Ok(())
+}
