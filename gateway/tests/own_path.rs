@@ -177,7 +177,8 @@ async fn every_framing_of_an_answer_passes_on_one_kept_client_connection() {
     );
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 
-    // A 101 to a request that asked for no upgrade is the upstream's error.
+    // A 101 to a request that asked for no upgrade is refused as an invalid answer (Pingora's
+    // proxy would pass it on).
     let text = exchange(&mut s, &get("/switch"), "\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 502"), "{text}");
 

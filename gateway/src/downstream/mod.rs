@@ -121,7 +121,7 @@ impl Downstream {
             })
             .collect();
         Downstream {
-            own: OwnPath::new(Arc::new(proxy), Gateway::new(runtime.clone())),
+            own: OwnPath::new(Arc::new(proxy)),
             runtime,
             listeners,
             h2c,

@@ -41,6 +41,11 @@ where
         )
     }
 
+    /// The application the proxy drives (its `ProxyHttp`).
+    pub fn app(&self) -> &SV {
+        &self.inner
+    }
+
     /// The most attempts the proxy gives a request (the server's `max_retries`).
     pub fn max_retries(&self) -> usize {
         self.max_retries

@@ -325,7 +325,7 @@ where
     /// `shutdown_flag` is checked, so a shutdown firing in between cannot be
     /// missed: either the flag load sees the store, or the registered waiter
     /// receives the notification.
-    async fn await_shutdown(&self) {
+    pub async fn await_shutdown(&self) {
         let notified = self.shutdown.local().notified();
         tokio::pin!(notified);
 

@@ -21,7 +21,7 @@ const BATCH: usize = 4;
 /// How an exchange ended.
 pub(super) struct Done {
     /// The client connection may carry another request.
-    pub client_reusable: bool,
+    pub downstream_reusable: bool,
     /// The upstream connection may carry another request.
     pub upstream_reusable: bool,
     pub error: Option<Box<Error>>,
@@ -30,7 +30,7 @@ pub(super) struct Done {
 impl Done {
     fn failed(upstream_reusable: bool, e: Box<Error>) -> Done {
         Done {
-            client_reusable: false,
+            downstream_reusable: false,
             upstream_reusable,
             error: Some(e),
         }
@@ -59,18 +59,24 @@ pub(super) async fn exchange(
     if let Err(e) = gw.request_body_filter(session, &mut body, true, ctx).await {
         return Done::failed(false, e);
     }
-    let mut sent = Ok(());
-    if let Some(data) = body {
-        sent = up.write_body(&data).await.map(|_| ());
-    }
-    if let Err(e) = sent.and(up.finish_body().await.map(|_| ())) {
+    if let Err(e) = send_body(up, body).await {
         // As Pingora does: the upstream may still have answered; its answer is read.
-        tracing::debug!("send error, draining read buf: {e}");
+        tracing::warn!("send error, draining read buf: {e}");
         let mut done = respond(gw, session, up, ctx, Some(e.into_up())).await;
         done.upstream_reusable = false;
         return done;
     }
     respond(gw, session, up, ctx, None).await
+}
+
+/// What the request body filter left (nothing, for a request without a body), and the body's
+/// end.
+async fn send_body(up: &mut Upstream, body: Option<bytes::Bytes>) -> Result<()> {
+    if let Some(data) = body {
+        up.write_body(&data).await?;
+    }
+    up.finish_body().await?;
+    Ok(())
 }
 
 /// The upstream's request head: Pingora's preparation around `upstream_request_filter`.
@@ -136,13 +142,14 @@ async fn respond(
             }
         }
     }
-    let mut client_reusable = true;
+    let mut downstream_reusable = true;
     if let Err(e) = session.as_mut().finish_body().await {
+        // A client's hang-up: routine (Pingora logs it as an error).
         tracing::debug!("Error finish sending body to downstream: {e}");
-        client_reusable = false;
+        downstream_reusable = false;
     }
     Done {
-        client_reusable,
+        downstream_reusable,
         upstream_reusable,
         error: None,
     }
@@ -180,7 +187,9 @@ async fn write_tasks(
         match task {
             HttpTask::Header(header, end) => response_head(gw, session, header, *end, ctx).await?,
             HttpTask::Body(data, end) => {
-                gw.upstream_response_body_filter(session, data, *end, ctx)?;
+                if let Some(pause) = gw.upstream_response_body_filter(session, data, *end, ctx)? {
+                    tokio::time::sleep(pause).await;
+                }
                 if let Some(pause) = gw.response_body_filter(session, data, *end, ctx)? {
                     tokio::time::sleep(pause).await;
                 }
@@ -197,8 +206,9 @@ async fn write_tasks(
 }
 
 /// A response head through `upstream_response_filter` and `response_filter`, as Pingora's
-/// proxy passes it: a `101` refused (the request asked for no upgrade), a body without framing
-/// (an HTTP/1.0 upstream's, ended by the close) sent chunked so the client connection stays.
+/// proxy passes it, but for a `101`, refused before the callbacks as an invalid answer (the
+/// request asked for no upgrade; Pingora passes it on). A body without framing (an HTTP/1.0
+/// upstream's, ended by the close) is sent chunked so the client connection stays.
 async fn response_head(
     gw: &Gateway,
     session: &mut Session,
@@ -206,7 +216,6 @@ async fn response_head(
     end: bool,
     ctx: &mut Ctx,
 ) -> Result<()> {
-    gw.upstream_response_filter(session, header, ctx).await?;
     if header.status == 101 {
         return Error::e_explain(
             ErrorType::InvalidHTTPHeader,
@@ -214,6 +223,7 @@ async fn response_head(
         )
         .map_err(|e| e.into_up());
     }
+    gw.upstream_response_filter(session, header, ctx).await?;
     let no_body = session.req_header().method == pingora::http::Method::HEAD
         || matches!(header.status.as_u16(), 204 | 304);
     if !no_body

@@ -11,8 +11,19 @@
 //! from there. The same request costs less here: none of the proxy's per-request machinery
 //! for caching, subrequests, body channels and task pipes (`bench/README.md` has the figures).
 //!
-//! The callbacks called here are those the gateway implements (`proxy/mod.rs`); a callback
-//! the gateway comes to implement must be called here too.
+//! It calls the callbacks the gateway implements (`proxy/mod.rs`) and the defaults it reads
+//! (`request_summary`, `upstream_response_body_filter`). Those the gateway leaves at Pingora's
+//! defaults, which do nothing, are not called, on this path nor for a request it hands on:
+//! `early_request_filter`, `on_connection_reuse`, `proxy_upstream_filter`,
+//! `connected_to_upstream`, `suppress_proxy_warn_log`; nor are the session's upstream byte
+//! counts and write-pending time recorded (the gateway does not read them). A callback the
+//! gateway comes to implement must be called here too.
+//!
+//! One deliberate difference: a `101` to a request that asked for no upgrade is refused as an
+//! invalid answer (502, and the replica's failure); Pingora's proxy passes it on.
+//! Log lines come from this module (`gateway::proxy::own`) rather than from `pingora_proxy`,
+//! at the levels Pingora uses, but for a client's hang-up (debug; Pingora: error, which the
+//! gateway's log filter quiets anyway).
 
 mod exchange;
 
@@ -30,13 +41,12 @@ type Ctx = <Gateway as ProxyHttp>::CTX;
 /// The own path, and Pingora's proxy for what it hands on.
 pub struct OwnPath {
     proxy: Arc<HttpProxy<Gateway>>,
-    gateway: Gateway,
 }
 
 impl OwnPath {
-    /// `gateway` must serve the same runtime as the one inside `proxy`.
-    pub fn new(proxy: Arc<HttpProxy<Gateway>>, gateway: Gateway) -> OwnPath {
-        OwnPath { proxy, gateway }
+    /// The own path beside `proxy`, driving the same `Gateway`.
+    pub fn new(proxy: Arc<HttpProxy<Gateway>>) -> OwnPath {
+        OwnPath { proxy }
     }
 
     /// Pingora's proxy, for the connections this path does not read (HTTP/2).
@@ -51,13 +61,13 @@ impl OwnPath {
         http: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let http = read_request(Box::new(http)).await?;
+        let http = self.read_request(Box::new(http)).await?;
         let mut session = self.proxy.new_session(http);
         if *shutdown.borrow() {
             // Stop clients from reusing the connection once shutdown has begun.
             session.set_keepalive(None);
         }
-        let gw = &self.gateway;
+        let gw = self.proxy.app();
         let mut ctx = gw.new_ctx();
         let req = session.downstream_session.req_header_mut();
         if let Err(e) = session
@@ -87,7 +97,7 @@ impl OwnPath {
     /// `max_retries` are spent; then the final error's answer (`fail_to_proxy`). Whether the
     /// client connection may be kept, and the final error.
     async fn attempts(&self, session: &mut Session, ctx: &mut Ctx) -> (bool, Option<Box<Error>>) {
-        let gw = &self.gateway;
+        let gw = self.proxy.app();
         let mut tries = 0;
         let mut reuse = false;
         let mut error = None;
@@ -124,7 +134,7 @@ impl OwnPath {
     /// One attempt, as Pingora's `proxy_to_upstream` makes it: a replica, a connection to it
     /// (`fail_to_connect` when none), the exchange (`error_while_proxy` when it fails).
     async fn attempt(&self, session: &mut Session, ctx: &mut Ctx) -> (bool, Option<Box<Error>>) {
-        let gw = &self.gateway;
+        let gw = self.proxy.app();
         let peer = match gw.upstream_peer(session, ctx).await {
             Ok(peer) => peer,
             Err(e) => return (false, Some(e)),
@@ -144,14 +154,33 @@ impl OwnPath {
         let error = done
             .error
             .map(|e| gw.error_while_proxy(&peer, session, e, ctx, reused));
-        (done.client_reusable, error)
+        (done.downstream_reusable, error)
+    }
+
+    /// Reads the request head as Pingora's proxy reads it: dropped when shutdown begins first;
+    /// 400 for a malformed head, 405 for `CONNECT` unless the server allows it; `None` when
+    /// there is no request to serve.
+    async fn read_request(&self, mut http: Box<ServerSession>) -> Option<Box<ServerSession>> {
+        // Biased: a head already read is served (the read is not cancel-safe: a read
+        // dropped half-way loses what it read, so it is never tried on its own first).
+        let read = tokio::select! {
+            biased;
+            read = http.read_request() => read,
+            _ = self.proxy.await_shutdown() => return None,
+        };
+        let connect_allowed =
+            (self.proxy.server_options.as_ref()).is_some_and(|o| o.allow_connect_method_proxying);
+        read_head(http, read, connect_allowed).await
     }
 }
 
-/// Reads the request head, answering as Pingora's proxy answers: 400 for a malformed head,
-/// 405 for `CONNECT`; `None` when there is no request to serve.
-async fn read_request(mut http: Box<ServerSession>) -> Option<Box<ServerSession>> {
-    match http.read_request().await {
+/// Answers a failed read of a head, or a `CONNECT` the server does not allow.
+async fn read_head(
+    mut http: Box<ServerSession>,
+    read: pingora::Result<bool>,
+    connect_allowed: bool,
+) -> Option<Box<ServerSession>> {
+    match read {
         Ok(true) => {}
         Ok(false) => return None,
         Err(mut e) => {
@@ -168,8 +197,7 @@ async fn read_request(mut http: Box<ServerSession>) -> Option<Box<ServerSession>
             return None;
         }
     }
-    // Pingora's proxy refuses `CONNECT` unless told otherwise; the gateway never tells it.
-    if http.req_header().method == Method::CONNECT {
+    if http.req_header().method == Method::CONNECT && !connect_allowed {
         if let Err(e) = http.respond_error(405).await {
             tracing::debug!("failed to send error response to downstream: {e}");
         }
