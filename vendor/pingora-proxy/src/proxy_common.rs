@@ -175,17 +175,67 @@ impl ConnectionNominations {
     }
 }
 
-fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
-    req.remove_header(KEEP_ALIVE);
-    req.remove_header(PROXY_CONNECTION);
-    req.remove_header(&header::PROXY_AUTHENTICATE);
-    req.remove_header(&header::PROXY_AUTHORIZATION);
-    req.remove_header(&header::TE);
-    req.remove_header(&header::TRAILER);
-    req.remove_header(&header::TRANSFER_ENCODING);
-    req.remove_header(&header::CONNECTION);
-    req.remove_header(&header::UPGRADE);
-    req.remove_header(HTTP2_SETTINGS);
+/// The standard hop-by-hop fields, in the order they are removed.
+const HOP_BY_HOP: [&str; 10] = [
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    HTTP2_SETTINGS,
+];
+const CONNECTION_AT: usize = 7;
+const UPGRADE_AT: usize = 8;
+const HTTP2_SETTINGS_AT: usize = 9;
+
+/// Which standard hop-by-hop fields a request carries (bit `i` for `HOP_BY_HOP[i]`), found in
+/// one pass over its field names: removing a field that is not there still hashes its name
+/// for both of the header's maps, and most requests carry none of them.
+#[derive(Clone, Copy)]
+struct HopByHop(u16);
+
+impl HopByHop {
+    fn of(req: &RequestHeader) -> Self {
+        let mut present = 0;
+        for name in req.headers.keys() {
+            let at = match name.as_str() {
+                KEEP_ALIVE => 0,
+                PROXY_CONNECTION => 1,
+                "proxy-authenticate" => 2,
+                "proxy-authorization" => 3,
+                "te" => 4,
+                "trailer" => 5,
+                "transfer-encoding" => 6,
+                "connection" => CONNECTION_AT,
+                "upgrade" => UPGRADE_AT,
+                HTTP2_SETTINGS => HTTP2_SETTINGS_AT,
+                _ => continue,
+            };
+            present |= 1 << at;
+        }
+        HopByHop(present)
+    }
+
+    fn has(self, at: usize) -> bool {
+        self.0 & (1 << at) != 0
+    }
+
+    /// Removes the fields found present (removals since do not make this stale).
+    fn remove(self, req: &mut RequestHeader, at: usize) {
+        if self.has(at) {
+            req.remove_header(HOP_BY_HOP[at]);
+        }
+    }
+}
+
+fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader, present: HopByHop) {
+    for at in 0..HOP_BY_HOP.len() {
+        present.remove(req, at);
+    }
 }
 
 /// Set H1 `Host` from the URI or absolute-form authority.
@@ -337,41 +387,48 @@ pub(crate) fn sanitize_h1_upstream_request(
         return Ok(());
     }
 
-    let nominations = policy
-        .strip_connection_nominated
+    // Without a hop-by-hop field there is nothing to nominate, upgrade or remove.
+    let present = HopByHop::of(req);
+    if present.0 == 0 {
+        return Ok(());
+    }
+
+    // Without a `Connection` field nothing is nominated.
+    let nominations = (policy.strip_connection_nominated && present.has(CONNECTION_AT))
         .then(|| ConnectionNominations::parse(req, policy.reject_malformed_connection_nominations))
         .transpose()?;
 
-    if policy.h1_upgrade == H1UpgradePolicy::Preserve && req.headers.contains_key(header::UPGRADE) {
+    if policy.h1_upgrade == H1UpgradePolicy::Preserve && present.has(UPGRADE_AT) {
         // An arbitrary upgrade may require any of the connection-nominated fields. Preserve the
         // complete request metadata rather than forwarding a partial handshake.
         return Ok(());
     }
 
     let websocket_upgrade = policy.h1_upgrade == H1UpgradePolicy::WebSocketOnly
+        && present.has(UPGRADE_AT)
         && is_websocket_upgrade_request(req, downstream_is_http11);
     if let Some(nominations) = nominations {
         nominations.remove_from(req);
     }
 
     if policy.strip_hop_by_hop {
-        strip_standard_hop_by_hop_headers(req);
+        strip_standard_hop_by_hop_headers(req, present);
     }
 
     match policy.h1_upgrade {
         H1UpgradePolicy::WebSocketOnly => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            for at in [CONNECTION_AT, UPGRADE_AT, HTTP2_SETTINGS_AT] {
+                present.remove(req, at);
+            }
             if websocket_upgrade {
                 req.insert_header(header::CONNECTION, "Upgrade")?;
                 req.insert_header(header::UPGRADE, "websocket")?;
             }
         }
         H1UpgradePolicy::Deny => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            for at in [CONNECTION_AT, UPGRADE_AT, HTTP2_SETTINGS_AT] {
+                present.remove(req, at);
+            }
         }
         H1UpgradePolicy::Preserve => {}
     }
@@ -398,12 +455,13 @@ pub(crate) fn sanitize_h2_upstream_request(
     req: &mut RequestHeader,
     policy: HttpUpstreamRequestPolicy,
 ) -> Result<()> {
-    if policy.strip_connection_nominated {
+    let present = HopByHop::of(req);
+    if policy.strip_connection_nominated && present.has(CONNECTION_AT) {
         ConnectionNominations::parse(req, policy.reject_malformed_connection_nominations)?
             .remove_from(req);
     }
     if policy.strip_hop_by_hop {
-        strip_standard_hop_by_hop_headers(req);
+        strip_standard_hop_by_hop_headers(req, present);
     }
     Ok(())
 }
@@ -664,6 +722,36 @@ mod tests {
         reconcile_upstream_authority(&mut absolute_deleted).unwrap();
         set_h1_host_from_authority(&mut absolute_deleted).unwrap();
         assert_eq!(absolute_deleted.headers[header::HOST], "client.example");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_found_in_one_pass_and_only_those_removed() {
+        let request = request_with_headers(&[
+            ("Host", "a.example"),
+            ("TE", "trailers"),
+            ("Keep-Alive", "timeout=5"),
+            ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+            ("X-Other", "1"),
+        ]);
+        let present = HopByHop::of(&request);
+        for (at, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(present.has(at), request.headers.contains_key(*name), "{name}");
+        }
+        let mut stripped = request.clone();
+        strip_standard_hop_by_hop_headers(&mut stripped, present);
+        let names: Vec<_> = stripped.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host", "x-other"]);
+
+        // A head without any is left as it is, whatever the policy.
+        let plain = request_with_headers(&[("Host", "a.example"), ("Accept", "*/*")]);
+        assert_eq!(HopByHop::of(&plain).0, 0);
+        for upgrade in [H1UpgradePolicy::Deny, H1UpgradePolicy::WebSocketOnly] {
+            let mut policy = HttpUpstreamRequestPolicy::default();
+            policy.h1_upgrade = upgrade;
+            let mut sanitized = plain.clone();
+            sanitize_h1_upstream_request(&mut sanitized, policy, true).unwrap();
+            assert_eq!(sanitized.headers, plain.headers);
+        }
     }
 
     #[test]
