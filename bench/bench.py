@@ -586,7 +586,7 @@ SCENARIOS = {
                 "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
     "gzip256k": {"title": "gzip (same level) of a 256 KiB JSON answer, gateway vs nginx", "load": "wrk", "path": "/json256k",
                  "gzip": True, "only": ["gateway", "nginx"], "conns": 16},
-    "floor": {"title": "HTTP/1.1, 64 connections, 13-byte body: Pingora's proxy against pingora-core's sessions driven directly",
+    "floor": {"title": "HTTP/1.1, 64 connections, 13-byte body: the gateway and Pingora's proxy against pingora-core's sessions driven directly",
               "load": "wrk", "path": "/", "only": ["gateway", "gateway-plain", "bare-pingora", "lean-gateway", "lean-gateway-plain", "lean-pingora", "nginx"]},
     "upstream-h2": {"title": "HTTP/1.1 clients, the gateway's upstream connections HTTP/1.1 (pooled) vs HTTP/2 (h2c, multiplexed)",
                     "load": "wrk", "path": "/", "only": ["gateway", "gateway-h2up"]},
