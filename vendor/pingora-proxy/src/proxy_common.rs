@@ -193,8 +193,9 @@ const UPGRADE_AT: usize = 8;
 const HTTP2_SETTINGS_AT: usize = 9;
 
 /// Which standard hop-by-hop fields a request carries (bit `i` for `HOP_BY_HOP[i]`), found in
-/// one pass over its field names: removing a field that is not there still hashes its name
-/// for both of the header's maps, and most requests carry none of them.
+/// one pass over its field names: removing a field that is not there still looks its name
+/// up in the header map (a name given as text parsed and hashed), and many requests carry
+/// none of them.
 #[derive(Clone, Copy)]
 struct HopByHop(u16);
 

@@ -2,9 +2,9 @@
 //! Pingora's proxy for the rest.
 //!
 //! A client's HTTP/1 request is read here and goes through the gateway's phases (its
-//! `ProxyHttp` callbacks, in Pingora's order, with Pingora's retry loop and error answers);
-//! a request without a body and without an upgrade, whose route goes to an upstream that
-//! speaks HTTP/1 only, is then exchanged here ([`exchange`]): the upstream head prepared by
+//! `ProxyHttp` callbacks, in Pingora's order, with a retry loop as Pingora's and the same
+//! error answers); a request without a body and without an upgrade, whose route goes to an
+//! upstream that speaks HTTP/1 only, is then exchanged here ([`exchange`]): the upstream head prepared by
 //! Pingora's own rules, Pingora's upstream connections (kept per thread), the response read
 //! and written in turn. Any other request (a body, an upgrade, an HTTP/2 or gRPC upstream,
 //! no route state) is handed to Pingora's proxy after `request_filter`, which carries it on
@@ -93,7 +93,7 @@ impl OwnPath {
         self.proxy.finish(session, &mut ctx, reuse, error).await
     }
 
-    /// Pingora's retry loop: attempts until one succeeds, one fails for good, or the server's
+    /// A retry loop as Pingora's: attempts until one succeeds, one fails for good, or the server's
     /// `max_retries` are spent; then the final error's answer (`fail_to_proxy`). Whether the
     /// client connection may be kept, and the final error.
     async fn attempts(&self, session: &mut Session, ctx: &mut Ctx) -> (bool, Option<Box<Error>>) {
