@@ -29,8 +29,9 @@ impl<SV, C> HttpProxy<SV, C>
 where
     C: custom::Connector,
 {
-    /// A session for a request the application has read from `downstream`, with the proxy's
-    /// downstream modules and shutdown flag, as `process_new_http` makes it.
+    /// A session for a request the application has read from `downstream` (with
+    /// [`HttpProxy::handle_new_request`]), with the proxy's downstream modules and shutdown
+    /// flag, as `process_new_http` makes it.
     pub fn new_session(&self, downstream: Box<HttpSession>) -> Session {
         Session::new(
             downstream,

@@ -100,6 +100,7 @@ pub mod subrequest;
 use subrequest::{BodyMode, Ctx as SubrequestCtx};
 
 pub use app_h1::{finish_h1_upstream_request, h1_upstream_request};
+pub use proxy_h1::bodiless::push_task;
 pub use proxy_cache::range_filter::{range_header_filter, MultiRangeInfo, RangeType};
 pub use proxy_purge::PurgeStatus;
 pub use proxy_trait::{FailToProxy, ProxyHttp, ProxyWarnLogContext};
@@ -325,7 +326,7 @@ where
     /// `shutdown_flag` is checked, so a shutdown firing in between cannot be
     /// missed: either the flag load sees the store, or the registered waiter
     /// receives the notification.
-    pub async fn await_shutdown(&self) {
+    async fn await_shutdown(&self) {
         let notified = self.shutdown.local().notified();
         tokio::pin!(notified);
 
@@ -341,7 +342,10 @@ where
         .await;
     }
 
-    async fn handle_new_request(
+    /// Reads the request head on `downstream_session`, given up when shutdown begins; answers a
+    /// malformed head with 400 and `CONNECT` (unless allowed) with 405: the session, if it has
+    /// a request to serve. An application with its own request path reads its requests here.
+    pub async fn handle_new_request(
         &self,
         mut downstream_session: Box<HttpSession>,
     ) -> Option<Box<HttpSession>>
@@ -449,16 +453,8 @@ where
                         let (server_reused, client_reuse, error) = self
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
-                        if client_reuse && idle_h1 {
-                            h1.respect_keepalive();
-                            if let Some(stream) = h1.reuse().await {
-                                self.idle_h1.put(&*peer, stream);
-                            }
-                        } else if client_reuse {
-                            let session = ClientSession::H1(h1);
-                            self.client_upstream
-                                .release_http_session(session, &*peer, peer.idle_timeout())
-                                .await;
+                        if client_reuse {
+                            self.release_h1_upstream(h1, &peer).await;
                         }
                         (server_reused, error)
                     }

@@ -25,7 +25,7 @@ use pingora_core::protocols::http::{
     v1::common::is_upgrade_req as is_h1_upgrade_req,
 };
 
-mod bodiless;
+pub(crate) mod bodiless;
 
 impl<SV, C> HttpProxy<SV, C>
 where

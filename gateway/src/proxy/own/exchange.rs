@@ -11,7 +11,9 @@ use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::http::HttpTask;
-use pingora::proxy::{finish_h1_upstream_request, h1_upstream_request, ProxyHttp, Session};
+use pingora::proxy::{
+    finish_h1_upstream_request, h1_upstream_request, push_task, ProxyHttp, Session,
+};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
@@ -152,26 +154,6 @@ async fn respond(
         downstream_reusable,
         upstream_reusable,
         error: None,
-    }
-}
-
-/// Adds a part read from the upstream to `tasks`, a read error as a failed part (the earlier
-/// send error first): (the response ended, the read failed).
-fn push_task(
-    read: Result<HttpTask>,
-    tasks: &mut Vec<HttpTask>,
-    send_error: &mut Option<Box<Error>>,
-) -> (bool, bool) {
-    match read {
-        Ok(task) => {
-            let end = task.is_end();
-            tasks.push(task);
-            (end, false)
-        }
-        Err(e) => {
-            tasks.push(HttpTask::Failed(send_error.take().unwrap_or(e).into_up()));
-            (true, true)
-        }
     }
 }
 

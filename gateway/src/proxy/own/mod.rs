@@ -21,19 +21,19 @@
 //!
 //! One deliberate difference: a `101` to a request that asked for no upgrade is refused as an
 //! invalid answer (502, and the replica's failure); Pingora's proxy passes it on.
-//! Log lines come from this module (`gateway::proxy::own`) rather than from `pingora_proxy`,
-//! at the levels Pingora uses, but for a client's hang-up (debug; Pingora: error, which the
-//! gateway's log filter quiets anyway).
+//! The head is read by Pingora's own `handle_new_request`; the log lines of the attempts and
+//! the exchange come from this module (`gateway::proxy::own`) rather than from
+//! `pingora_proxy`, at the levels Pingora uses, but for a client's hang-up (debug; Pingora:
+//! error, which the gateway's log filter quiets anyway).
 
 mod exchange;
 
 use super::Gateway;
 use pingora::apps::ReusedHttpStream;
-use pingora::http::Method;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
-use pingora::{Error, ErrorType};
+use pingora::Error;
 use std::sync::Arc;
 
 type Ctx = <Gateway as ProxyHttp>::CTX;
@@ -61,7 +61,9 @@ impl OwnPath {
         http: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let http = self.read_request(Box::new(http)).await?;
+        // Read as Pingora's proxy reads it: given up when shutdown begins, 400 for a malformed
+        // head, 405 for `CONNECT` unless the server allows it.
+        let http = self.proxy.handle_new_request(Box::new(http)).await?;
         let mut session = self.proxy.new_session(http);
         if *shutdown.borrow() {
             // Stop clients from reusing the connection once shutdown has begun.
@@ -156,55 +158,6 @@ impl OwnPath {
             .map(|e| gw.error_while_proxy(&peer, session, e, ctx, reused));
         (done.downstream_reusable, error)
     }
-
-    /// Reads the request head as Pingora's proxy reads it: dropped when shutdown begins first;
-    /// 400 for a malformed head, 405 for `CONNECT` unless the server allows it; `None` when
-    /// there is no request to serve.
-    async fn read_request(&self, mut http: Box<ServerSession>) -> Option<Box<ServerSession>> {
-        // Biased: a head already read is served (the read is not cancel-safe: a read
-        // dropped half-way loses what it read, so it is never tried on its own first).
-        let read = tokio::select! {
-            biased;
-            read = http.read_request() => read,
-            _ = self.proxy.await_shutdown() => return None,
-        };
-        let connect_allowed =
-            (self.proxy.server_options.as_ref()).is_some_and(|o| o.allow_connect_method_proxying);
-        read_head(http, read, connect_allowed).await
-    }
-}
-
-/// Answers a failed read of a head, or a `CONNECT` the server does not allow.
-async fn read_head(
-    mut http: Box<ServerSession>,
-    read: pingora::Result<bool>,
-    connect_allowed: bool,
-) -> Option<Box<ServerSession>> {
-    match read {
-        Ok(true) => {}
-        Ok(false) => return None,
-        Err(mut e) => {
-            e.as_down();
-            if matches!(e.etype, ErrorType::InvalidHTTPHeader) {
-                tracing::debug!("Fail to proxy: {e}, a malformed request head");
-                if let Err(e) = http.respond_error(400).await {
-                    tracing::debug!("failed to send error response to downstream: {e}");
-                }
-            } else {
-                tracing::debug!("Fail to proxy: {e}, reading the request head");
-            }
-            http.shutdown().await;
-            return None;
-        }
-    }
-    if http.req_header().method == Method::CONNECT && !connect_allowed {
-        if let Err(e) = http.respond_error(405).await {
-            tracing::debug!("failed to send error response to downstream: {e}");
-        }
-        http.shutdown().await;
-        return None;
-    }
-    Some(http)
 }
 
 /// Whether this path exchanges the request (else Pingora's proxy does): no body, no upgrade,

@@ -148,7 +148,7 @@ where
 
 /// Adds a task read from the upstream to `tasks`, a read error as the `Failed` task the duplex
 /// path passes on (the earlier send error first, as there): (response ended, read failed).
-fn push_task(
+pub fn push_task(
     res: Result<HttpTask>,
     tasks: &mut Vec<HttpTask>,
     send_error: &mut Option<Box<Error>>,
