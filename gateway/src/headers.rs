@@ -86,6 +86,69 @@ macro_rules! case_keeping_edits {
 case_keeping_edits!(RequestHeader);
 case_keeping_edits!(ResponseHeader);
 
+/// Fields written after an upstream head's own instead of into its header map: the own path
+/// writes them with the head (pingora-core's `write_request_header_with`), which spares the
+/// map's inserts (`bench/README.md`). Room for every field the gateway adds.
+pub struct FieldLines {
+    fields: [(HeaderName, HeaderValue); ADDED_REQUEST_HEADERS],
+    len: usize,
+}
+
+const NO_FIELD: (HeaderName, HeaderValue) =
+    (HeaderName::from_static("x"), HeaderValue::from_static(""));
+
+impl Default for FieldLines {
+    fn default() -> Self {
+        FieldLines {
+            fields: [NO_FIELD; ADDED_REQUEST_HEADERS],
+            len: 0,
+        }
+    }
+}
+
+impl FieldLines {
+    /// The fields, in the order they were set.
+    pub fn as_slice(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.fields[..self.len]
+    }
+
+    /// Forgets the fields set.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Adds a field after those already set (an error past the room for every added field).
+    pub fn push(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        let Some(field) = self.fields.get_mut(self.len) else {
+            return pingora::Error::e_explain(
+                pingora::ErrorType::InternalError,
+                "more added request fields than the gateway adds",
+            );
+        };
+        *field = (name.clone(), value);
+        self.len += 1;
+        Ok(())
+    }
+}
+
+/// Whether `headers` carries a field the gateway adds to requests (the request id, the trace
+/// context, the forwarding fields): then those go through the map, which replaces or extends
+/// the client's. One pass over the names.
+pub fn carries_added_fields(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        matches!(
+            name.as_str(),
+            "x-request-id"
+                | "traceparent"
+                | "tracestate"
+                | "x-forwarded-for"
+                | "x-real-ip"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+        )
+    })
+}
+
 /// Applies `edit` to the headers of the upstream request; `adds` is how many headers it may
 /// add, so the map grows once.
 pub fn edit_request(
@@ -155,6 +218,38 @@ pub struct Forwarded {
     pub tls: bool,
 }
 
+/// [`set_forwarded_headers`] for a head that carries none of the forwarding fields
+/// ([`carries_added_fields`]): each is a new line, so none is looked up or extended.
+pub fn forwarded_lines(
+    head: &HeaderMap,
+    uri: &http::Uri,
+    from: Forwarded,
+    lines: &mut FieldLines,
+) -> Result<()> {
+    if let Some(ip_value) = from.client_ip.and_then(ip_header_value) {
+        lines.push(&X_FORWARDED_FOR, ip_value.clone())?;
+        lines.push(&X_REAL_IP, ip_value)?;
+    }
+    lines.push(&X_FORWARDED_PROTO, forwarded_proto(from))?;
+    if let Some(host) = forwarded_host(head, uri) {
+        lines.push(&X_FORWARDED_HOST, host)?;
+    }
+    Ok(())
+}
+
+fn forwarded_proto(from: Forwarded) -> HeaderValue {
+    HeaderValue::from_static(if from.tls { "https" } else { "http" })
+}
+
+/// The request's host for `X-Forwarded-Host`: `Host`, else the authority (an HTTP/2 request
+/// may carry its host only as `:authority`).
+fn forwarded_host(head: &HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
+    head.get(&http::header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
 /// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`. From an untrusted
 /// peer, incoming copies are replaced; from a trusted proxy, the chain is extended and its
 /// scheme and host are kept.
@@ -180,11 +275,9 @@ pub fn set_forwarded_headers(
         headers.set(&X_REAL_IP, ip_value)?;
     }
     if !(from.peer_trusted && headers.get(&X_FORWARDED_PROTO).is_some()) {
-        let proto = HeaderValue::from_static(if from.tls { "https" } else { "http" });
-        headers.set(&X_FORWARDED_PROTO, proto)?;
+        headers.set(&X_FORWARDED_PROTO, forwarded_proto(from))?;
     }
     if !(from.peer_trusted && headers.get(&X_FORWARDED_HOST).is_some()) {
-        // An HTTP/2 request may carry its host only as `:authority`.
         let host = headers.get(&http::header::HOST).cloned().or_else(|| {
             uri.authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -214,6 +307,79 @@ mod tests {
         ] {
             let parsed: IpAddr = ip.parse().unwrap();
             assert_eq!(ip_header_value(parsed).unwrap(), ip);
+        }
+    }
+
+    #[test]
+    fn forwarded_lines_are_what_the_map_edit_adds_to_a_head_without_them() {
+        let uris: [http::Uri; 2] = [
+            "/a".parse().unwrap(),
+            "https://api.test:8443/a".parse().unwrap(),
+        ];
+        for (uri, host) in uris.iter().zip([Some("shop.test"), None]) {
+            for (client_ip, peer_trusted, tls) in [
+                (Some("192.0.2.7"), false, false),
+                (Some("2001:db8::1"), true, true),
+                (None, false, true),
+            ] {
+                let from = Forwarded {
+                    client_ip: client_ip.map(|ip| ip.parse().unwrap()),
+                    peer: Some("127.0.0.1".parse().unwrap()),
+                    peer_trusted,
+                    tls,
+                };
+                let mut head = HeaderMap::new();
+                head.insert("user-agent", HeaderValue::from_static("t"));
+                if let Some(host) = host {
+                    head.insert(http::header::HOST, HeaderValue::from_static(host));
+                }
+                let mut edited = head.clone();
+                set_forwarded_headers(&mut edited, uri, from).unwrap();
+                let mut lines = FieldLines::default();
+                forwarded_lines(&head, uri, from, &mut lines).unwrap();
+                for (name, value) in lines.as_slice() {
+                    head.append(name, value.clone());
+                }
+                assert_eq!(head, edited, "{uri} {client_ip:?} {peer_trusted} {tls}");
+            }
+        }
+    }
+
+    #[test]
+    fn field_lines_refuse_more_than_the_gateway_adds() {
+        let mut lines = FieldLines::default();
+        for _ in 0..ADDED_REQUEST_HEADERS {
+            lines
+                .push(&X_REQUEST_ID, HeaderValue::from_static("1"))
+                .unwrap();
+        }
+        assert!(lines
+            .push(&X_REQUEST_ID, HeaderValue::from_static("1"))
+            .is_err());
+        assert_eq!(lines.as_slice().len(), ADDED_REQUEST_HEADERS);
+        lines.clear();
+        assert!(lines.as_slice().is_empty());
+    }
+
+    #[test]
+    fn added_fields_are_found_in_any_case() {
+        for name in [
+            "X-Request-Id",
+            "TRACEPARENT",
+            "tracestate",
+            "X-Forwarded-For",
+            "x-real-ip",
+            "X-Forwarded-Proto",
+            "X-Forwarded-Host",
+        ] {
+            let mut head = HeaderMap::new();
+            head.insert("accept", HeaderValue::from_static("*/*"));
+            assert!(!carries_added_fields(&head));
+            head.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("x"),
+            );
+            assert!(carries_added_fields(&head), "{name}");
         }
     }
 

@@ -223,7 +223,14 @@ async fn a_request_that_finds_its_kept_connection_closed_is_sent_again() {
     }
     // Each request after the first met the connection the one before it left: 1 + 2 × 4 heads.
     assert_eq!(up.accepted.load(Ordering::SeqCst), 5);
-    assert_eq!(up.heads().len(), 9, "{:#?}", up.heads());
+    let heads = up.heads();
+    assert_eq!(heads.len(), 9, "{heads:#?}");
+    // A head sent again carries the added fields once, as the first did.
+    for head in &heads {
+        for name in ADDED {
+            assert_eq!(values(head, name).len(), 1, "{name} in {head}");
+        }
+    }
     let log = gw.log();
     assert!(!log.contains("ERROR"), "{log}");
 }
@@ -245,4 +252,120 @@ async fn requests_with_a_body_go_through_pingoras_proxy_on_the_same_connection()
     assert!(text.contains("HTTP/1.1 200"), "{text}");
     assert_eq!(backend.hits(), 4);
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+}
+
+/// The fields the gateway adds to every request by default.
+const ADDED: [&str; 6] = [
+    "x-request-id",
+    "traceparent",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// The values of every line of `head` named `name` (any case).
+fn values(head: &str, name: &str) -> Vec<String> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
+}
+
+/// The one value of `name` in `head`; fails when there are none or several.
+fn value(head: &str, name: &str) -> String {
+    let all = values(head, name);
+    assert_eq!(all.len(), 1, "{name} in {head}");
+    all[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_fields_go_upstream_once_each_however_the_client_sent_them() {
+    let (addr, heads) = recording_upstream(OK_RESPONSE).await;
+    let gw = Gateway::start(&format!(
+        "policies: {{ tag: {{ headers: {{ request: {{ set: {{ X-Route: \"{{route}}\" }} }} }} }} }}\n\
+         upstreams: {{ b: {{ targets: [\"{addr}\"] }} }}\n\
+         routes:\n  - {{ name: tagged, upstream: b, match: {{ path_prefix: /tagged }}, policies: [tag] }}\n  \
+         - {{ name: plain, upstream: b }}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let ask = |path: &str, fields: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\n{fields}\r\n")
+    };
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    // None of the fields from the client: each added once, after the head's own.
+    let answer = exchange(&mut s, &ask("/plain", ""), "\r\n\r\nok").await;
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert_eq!(value(&head, "x-forwarded-for"), "127.0.0.1");
+    assert_eq!(value(&head, "x-real-ip"), "127.0.0.1");
+    assert_eq!(value(&head, "x-forwarded-proto"), "http");
+    assert_eq!(value(&head, "x-forwarded-host"), "shop.test");
+    let id = value(&head, "x-request-id");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("x-request-id: {id}\r\n")),
+        "the client's answer names the id the upstream saw: {answer}"
+    );
+    let traceparent = value(&head, "traceparent");
+    assert_eq!(traceparent.len(), 55, "{traceparent}");
+    assert!(traceparent.starts_with("00-") && traceparent.ends_with("-00"));
+    assert_eq!(value(&head, "host"), "shop.test");
+
+    // Forged forwarding fields are replaced, a valid id and trace context kept: once each.
+    let forged = format!(
+        "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: evil.test\r\n\
+         X-Request-Id: client-id-1\r\ntraceparent: {parent}\r\ntracestate: v=1\r\n"
+    );
+    exchange(&mut s, &ask("/plain", &forged), "\r\n\r\nok").await;
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert_eq!(value(&head, "x-forwarded-for"), "127.0.0.1");
+    assert_eq!(value(&head, "x-real-ip"), "127.0.0.1");
+    assert_eq!(value(&head, "x-forwarded-proto"), "http");
+    assert_eq!(value(&head, "x-forwarded-host"), "shop.test");
+    assert_eq!(value(&head, "x-request-id"), "client-id-1");
+    assert_eq!(value(&head, "traceparent"), parent);
+    assert_eq!(value(&head, "tracestate"), "v=1");
+
+    // A trace state without a parent is dropped; a new parent goes instead.
+    exchange(&mut s, &ask("/plain", "tracestate: v=1\r\n"), "\r\n\r\nok").await;
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert!(values(&head, "tracestate").is_empty(), "{head}");
+    assert_ne!(value(&head, "traceparent"), parent);
+
+    // A policy's edit goes into the head's fields, the added fields once after them.
+    exchange(&mut s, &ask("/tagged", ""), "\r\n\r\nok").await;
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert_eq!(value(&head, "x-route"), "tagged");
+    for name in ADDED {
+        value(&head, name);
+    }
+    assert_eq!(heads.lock().unwrap().len(), 4);
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_go_out_in_canonical_case_with_nothing_added() {
+    let answer = b"HTTP/1.1 200 OK\r\nX-Upstream-Thing: 1\r\nContent-Length: 2\r\n\r\nok";
+    let (addr, heads) = recording_upstream(answer).await;
+    let gw = Gateway::start(&one_route_to_addr(
+        addr,
+        "forwarding: { x_forwarded: false, request_id: false, traceparent: false }\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let ask = "GET /x HTTP/1.1\r\nHost: a.test\r\nX-Custom-Header: one\r\n\r\n";
+    let text = exchange(&mut s, ask, "\r\n\r\nok").await;
+    // No edit to either head, and still neither keeps the spelling it was read with.
+    assert!(text.contains("\r\nx-upstream-thing: 1\r\n"), "{text}");
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert!(head.contains("\r\nx-custom-header: one"), "{head}");
+    assert!(head.contains("\r\nHost: a.test"), "{head}");
+    for name in ADDED {
+        assert!(values(&head, name).is_empty(), "{name} in {head}");
+    }
 }

@@ -168,6 +168,10 @@ impl Downstream {
                 // Stop clients from reusing the connection once shutdown has begun.
                 session.set_keepalive(None);
             }
+            // Header names go out in canonical case unless told to keep the client's: then
+            // their spelling is not kept as they are read either.
+            let keep_case = self.runtime.load().forwarding.preserve_header_case;
+            session.set_keep_header_case(keep_case);
             let Some(reused) = self.own.serve(session, shutdown).await else {
                 return;
             };

@@ -6,7 +6,7 @@
 //!    gateway writes itself goes through [`answer`].
 //! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
 //! 3. `upstream_request_filter`: rewrite the path, the policies' upstream headers (a token's
-//!    claims), identity headers removed, the forwarding headers.
+//!    claims), identity headers removed, the forwarding headers (`forward.rs`).
 //! 4. `upstream_response_filter` / `response_filter`: note success; the request id and the
 //!    policies' response headers (HSTS, rate-limit state); whether to compress the body, which
 //!    `response_body_filter` then encodes chunk by chunk.
@@ -21,16 +21,14 @@
 pub mod answer;
 pub mod client;
 pub mod context;
+mod forward;
 pub mod grpc;
 pub mod head;
 pub mod own;
 
 use crate::accesslog::AccessRecord;
 use crate::config::HashKey;
-use crate::headers::{
-    edit_request, edit_response, set_forwarded_headers, Forwarded, ADDED_REQUEST_HEADERS,
-    TRACEPARENT, TRACESTATE, X_REQUEST_ID,
-};
+use crate::headers::{edit_response, FieldLines, TRACEPARENT, X_REQUEST_ID};
 use crate::metrics::METRICS;
 use crate::policy::circuit_breaker::Admission;
 use crate::policy::BodyLimit;
@@ -62,10 +60,30 @@ impl Gateway {
     pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Gateway {
         Gateway { runtime }
     }
+
+    /// `upstream_request_filter`, where the added fields may go into `lines` (written after
+    /// the head's own by the own path) rather than into the head's map: when the head carries
+    /// none of them and no mirror copies the request.
+    pub(crate) fn upstream_request(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+        lines: Option<&mut FieldLines>,
+    ) -> Result<()> {
+        let lines = lines.filter(|_| ctx.mirror.is_none());
+        forward::edit_upstream_request(session, up, ctx, lines)?;
+        if let Some(call) = ctx.grpc.as_ref() {
+            call.on_upstream_request(up)?;
+        }
+        if ctx.mirror.is_some() {
+            let body_empty = session.as_downstream_mut().is_body_empty();
+            crate::policy::mirror::Capture::on_upstream_request(ctx, up, body_empty);
+        }
+        Ok(())
+    }
 }
 
-/// Everything `request_filter` decides before the request goes upstream: `Ok` to forward it,
-/// `Err` with the answer to write instead.
 /// The answer to an HTTP-01 validation request, when the token is one the gateway published.
 async fn acme_http01(rt: &Runtime, token: &str) -> Option<Answer> {
     let key_auth = crate::acme::http01_answer(&rt.acme_http01, token).await?;
@@ -75,6 +93,8 @@ async fn acme_http01(rt: &Runtime, token: &str) -> Option<Answer> {
     ))
 }
 
+/// Everything `request_filter` decides before the request goes upstream: `Ok` to forward it,
+/// `Err` with the answer to write instead.
 async fn admit(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<(), Answer> {
     let raw_head = session
         .as_downstream()
@@ -229,84 +249,6 @@ fn edit_response_headers(
     })
 }
 
-/// The request as it goes upstream: the rewritten path, the policies' edits, identity headers
-/// removed, the forwarding headers.
-fn edit_upstream_request(
-    session: &Session,
-    up: &mut RequestHeader,
-    ctx: &mut RequestCtx,
-) -> Result<()> {
-    if ctx.new_path.is_some() || ctx.new_query.is_some() {
-        let path = ctx.new_path.as_deref().unwrap_or(up.uri.path());
-        let uri = match ctx.new_query.as_deref().or(up.uri.query()) {
-            Some(q) if !q.is_empty() => format!("{path}?{q}"),
-            _ => path.to_string(),
-        };
-        up.set_uri(uri.parse().map_err(|_| {
-            Error::explain(
-                ErrorType::HTTPStatus(400),
-                "rewritten path is not a valid URI",
-            )
-        })?);
-    }
-    let Some(rt) = ctx.rt.as_ref() else {
-        return Ok(());
-    };
-    let Some(route) = ctx.route() else {
-        return Ok(());
-    };
-    let listener = ctx.listener.map(|i| &rt.listeners[i as usize].1);
-    let forwarding = rt.forwarding;
-    let request_id = ctx.request_id.as_ref().filter(|_| forwarding.request_id);
-    if !forwarding.x_forwarded
-        && request_id.is_none()
-        && ctx.new_traceparent.is_none()
-        && !route.policies.edits_upstream()
-        && !listener.is_some_and(|l| l.edits_upstream())
-        && rt.identity_headers.is_empty()
-    {
-        return Ok(());
-    }
-    let from = Forwarded {
-        client_ip: ctx.client_ip,
-        peer: session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip()),
-        peer_trusted: ctx.peer_trusted,
-        tls: ctx.tls,
-    };
-    let adds = ADDED_REQUEST_HEADERS + ctx.claims.len();
-    let ctx: &RequestCtx = ctx;
-    edit_request(up, forwarding.preserve_header_case, adds, |headers, uri| {
-        if let Some(listener) = listener {
-            listener.on_upstream_request(headers, ctx, uri)?;
-        }
-        route.policies.on_upstream_request(headers, ctx, uri)?;
-        // Identity headers come from verified tokens only, never from the client: the
-        // headers a token's claims did not set are removed.
-        for name in &rt.identity_headers {
-            if !ctx.claims.iter().any(|(claimed, _)| claimed == name) {
-                headers.unset(name);
-            }
-        }
-        if let Some(id) = request_id {
-            headers.set(&X_REQUEST_ID, id.clone())?;
-        }
-        if let Some(tp) = &ctx.new_traceparent {
-            // A trace state without a valid parent belongs to no trace.
-            if !ctx.keep_tracestate {
-                headers.unset(&TRACESTATE);
-            }
-            headers.set(&TRACEPARENT, tp.clone())?;
-        }
-        if forwarding.x_forwarded {
-            set_forwarded_headers(headers, uri, from)?;
-        }
-        Ok(())
-    })
-}
-
 /// The access-log record of a finished request, borrowed from it.
 fn access_record<'a>(
     session: &'a Session,
@@ -454,15 +396,7 @@ impl ProxyHttp for Gateway {
         up: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        edit_upstream_request(session, up, ctx)?;
-        if let Some(call) = ctx.grpc.as_ref() {
-            call.on_upstream_request(up)?;
-        }
-        if ctx.mirror.is_some() {
-            let body_empty = session.as_downstream_mut().is_body_empty();
-            crate::policy::mirror::Capture::on_upstream_request(ctx, up, body_empty);
-        }
-        Ok(())
+        self.upstream_request(session, up, ctx, None)
     }
 
     async fn upstream_response_filter(

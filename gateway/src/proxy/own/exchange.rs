@@ -1,11 +1,13 @@
 //! One exchange with an HTTP/1 upstream for a request without a body, as Pingora's proxy makes
 //! it for such a request (its `proxy_1to1` and the exchange in turn of the carried patch):
-//! the head prepared by Pingora's rules around `upstream_request_filter`, the empty body
+//! the head prepared by Pingora's rules around `upstream_request_filter` (the fields the
+//! gateway adds written after the head's own, not through its map), the empty body
 //! through `request_body_filter`, then the response's parts as they are read (those already
 //! read written together, so a head and its body go out in one write) through the response
 //! callbacks, while the client connection is watched for a close.
 
 use super::Ctx;
+use crate::headers::FieldLines;
 use crate::proxy::Gateway;
 use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
@@ -48,12 +50,19 @@ pub(super) async fn exchange(
 ) -> Done {
     up.read_timeout = peer.options.read_timeout;
     up.write_timeout = peer.options.write_timeout;
-    let req = match upstream_head(gw, session, peer, ctx).await {
+    let keep_case = ctx
+        .rt
+        .as_ref()
+        .is_some_and(|rt| rt.forwarding.preserve_header_case);
+    up.set_keep_header_case(keep_case);
+    let mut lines = FieldLines::default();
+    let req = match upstream_head(gw, session, peer, ctx, &mut lines) {
         Ok(req) => req,
         // Nothing was written: the connection is as good as it was.
         Err(e) => return Done::failed(true, e),
     };
-    if let Err(e) = up.write_request_header(Box::new(req)).await {
+    let written = up.write_request_header_with(Box::new(req), lines.as_slice());
+    if let Err(e) = written.await {
         return Done::failed(false, e.into_up());
     }
     // The empty body goes through the request body filter, as Pingora passes it on.
@@ -81,15 +90,17 @@ async fn send_body(up: &mut Upstream, body: Option<bytes::Bytes>) -> Result<()> 
     Ok(())
 }
 
-/// The upstream's request head: Pingora's preparation around `upstream_request_filter`.
-async fn upstream_head(
+/// The upstream's request head: Pingora's preparation around `upstream_request_filter`, whose
+/// added fields may go into `lines`, written after the head's own.
+fn upstream_head(
     gw: &Gateway,
     session: &mut Session,
     peer: &HttpPeer,
     ctx: &mut Ctx,
+    lines: &mut FieldLines,
 ) -> Result<pingora::http::RequestHeader> {
     let mut req = h1_upstream_request(session, peer)?;
-    gw.upstream_request_filter(session, &mut req, ctx).await?;
+    gw.upstream_request(session, &mut req, ctx, Some(lines))?;
     finish_h1_upstream_request(session, &mut req, false)?;
     Ok(req)
 }
