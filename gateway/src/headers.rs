@@ -132,8 +132,8 @@ impl FieldLines {
 }
 
 /// Whether `headers` carries a field the gateway adds to requests (the request id, the trace
-/// context, the forwarding fields): then those go through the map, which replaces or extends
-/// the client's. One pass over the names.
+/// context, the forwarding fields: every name `proxy::forward` sets or removes): then those go
+/// through the map, which replaces or extends the client's. One pass over the names.
 pub fn carries_added_fields(headers: &HeaderMap) -> bool {
     headers.keys().any(|name| {
         matches!(
@@ -231,7 +231,7 @@ pub fn forwarded_lines(
         lines.push(&X_REAL_IP, ip_value)?;
     }
     lines.push(&X_FORWARDED_PROTO, forwarded_proto(from))?;
-    if let Some(host) = forwarded_host(head, uri) {
+    if let Some(host) = forwarded_host(head.get(&http::header::HOST), uri) {
         lines.push(&X_FORWARDED_HOST, host)?;
     }
     Ok(())
@@ -243,8 +243,8 @@ fn forwarded_proto(from: Forwarded) -> HeaderValue {
 
 /// The request's host for `X-Forwarded-Host`: `Host`, else the authority (an HTTP/2 request
 /// may carry its host only as `:authority`).
-fn forwarded_host(head: &HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
-    head.get(&http::header::HOST).cloned().or_else(|| {
+fn forwarded_host(host: Option<&HeaderValue>, uri: &http::Uri) -> Option<HeaderValue> {
+    host.cloned().or_else(|| {
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
@@ -278,11 +278,7 @@ pub fn set_forwarded_headers(
         headers.set(&X_FORWARDED_PROTO, forwarded_proto(from))?;
     }
     if !(from.peer_trusted && headers.get(&X_FORWARDED_HOST).is_some()) {
-        let host = headers.get(&http::header::HOST).cloned().or_else(|| {
-            uri.authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        match host {
+        match forwarded_host(headers.get(&http::header::HOST), uri) {
             Some(host) => headers.set(&X_FORWARDED_HOST, host)?,
             None => headers.unset(&X_FORWARDED_HOST),
         }
@@ -363,23 +359,25 @@ mod tests {
 
     #[test]
     fn added_fields_are_found_in_any_case() {
-        for name in [
-            "X-Request-Id",
-            "TRACEPARENT",
-            "tracestate",
-            "X-Forwarded-For",
-            "x-real-ip",
-            "X-Forwarded-Proto",
-            "X-Forwarded-Host",
-        ] {
-            let mut head = HeaderMap::new();
-            head.insert("accept", HeaderValue::from_static("*/*"));
-            assert!(!carries_added_fields(&head));
-            head.insert(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_static("x"),
-            );
-            assert!(carries_added_fields(&head), "{name}");
+        // Every name the upstream edits set or remove, as they name them and in upper case.
+        let names = [
+            &X_REQUEST_ID,
+            &TRACEPARENT,
+            &TRACESTATE,
+            &X_FORWARDED_FOR,
+            &X_REAL_IP,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+        ];
+        for name in names {
+            for spelled in [name.as_str().to_owned(), name.as_str().to_uppercase()] {
+                let mut head = HeaderMap::new();
+                head.insert("accept", HeaderValue::from_static("*/*"));
+                assert!(!carries_added_fields(&head));
+                let name = HeaderName::from_bytes(spelled.as_bytes()).unwrap();
+                head.insert(name, HeaderValue::from_static("x"));
+                assert!(carries_added_fields(&head), "{spelled}");
+            }
         }
     }
 

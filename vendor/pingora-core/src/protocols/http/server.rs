@@ -323,10 +323,14 @@ impl Session {
     }
 
     /// Whether the request's header names keep the spelling the client used (the default).
-    /// Noop for h2 (names are lower case) and subrequest
+    /// Set before the request is read. Noop for h2 (names are lower case), subrequest and
+    /// custom sessions
     pub fn set_keep_header_case(&mut self, keep: bool) {
-        if let Self::H1(s) = self {
-            s.set_keep_header_case(keep);
+        match self {
+            Self::H1(s) => s.set_keep_header_case(keep),
+            Self::H2(_) => {}
+            Self::Subrequest(_) => {}
+            Self::Custom(_) => {}
         }
     }
 

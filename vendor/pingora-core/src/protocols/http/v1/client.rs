@@ -136,6 +136,12 @@ impl HttpSession {
         req: Box<RequestHeader>,
         extra: &[(header::HeaderName, HeaderValue)],
     ) -> Result<usize> {
+        if let Some((name, _)) = extra.iter().find(|(name, _)| frames_request(name)) {
+            return Error::e_explain(
+                InvalidHTTPHeader,
+                format!("extra field {name} would change what the session knows of the request"),
+            );
+        }
         // TODO: make sure this can only be called once
         // init body writer
         self.init_req_body_writer(&req);
@@ -544,7 +550,8 @@ impl HttpSession {
 
     /// Whether response headers read keep the spelling of each name (the default). Without
     /// it, names are kept in the header map only, and written in their canonical form: a
-    /// second map, and an insert into it for every field, spared.
+    /// second map, and an insert into it for every field, spared. Set before the response is
+    /// read.
     pub fn set_keep_header_case(&mut self, keep: bool) {
         self.keep_header_case = keep;
     }
@@ -948,7 +955,22 @@ pub fn http_req_header_to_wire(req: &RequestHeader) -> Option<BytesMut> {
     http_req_header_to_wire_with(req, &[])
 }
 
-/// [`http_req_header_to_wire`], with `extra` fields written after the request's own.
+/// Fields the session reads from the request it keeps as written (its framing, upgrade,
+/// keep-alive and host), which extra fields must not add.
+fn frames_request(name: &header::HeaderName) -> bool {
+    [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::UPGRADE,
+        header::HOST,
+    ]
+    .contains(name)
+}
+
+/// [`http_req_header_to_wire`], with `extra` fields written after the request's own. They
+/// must not frame the request (`Content-Length`, `Transfer-Encoding`, `Connection`,
+/// `Upgrade`, `Host`): [`HttpSession::write_request_header_with`] refuses those.
 #[inline]
 pub fn http_req_header_to_wire_with(
     req: &RequestHeader,
@@ -1045,6 +1067,23 @@ mod tests_stream {
         // The request kept as written is the one given, without the extra fields.
         let written = http_stream.request_written.as_ref().unwrap();
         assert!(written.headers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn extra_fields_may_not_frame_the_request() {
+        init_log();
+        for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING, header::CONNECTION] {
+            // Nothing may be written.
+            let mock_io = Builder::new().build();
+            let mut http_stream = HttpSession::new(Box::new(mock_io));
+            let req = RequestHeader::build("GET", b"/", None).unwrap();
+            let extra = [(name, HeaderValue::from_static("1"))];
+            let res = http_stream
+                .write_request_header_with(Box::new(req), &extra)
+                .await;
+            assert_eq!(res.unwrap_err().etype(), &InvalidHTTPHeader);
+            assert!(http_stream.request_written.is_none());
+        }
     }
 
     #[tokio::test]

@@ -1400,17 +1400,18 @@ impl HttpSession {
         self.ignore_info_resp = ignore;
     }
 
-    /// Sets whether keepalive should be disabled if response is written prior to
-    /// downstream body finishing.
-    ///
-    /// This may be set to avoid draining downstream if the body is no longer necessary.
     /// Whether request headers read keep the spelling of each name (the default). Without
     /// it, names are kept in the header map only, and written in their canonical form: a
-    /// second map, and an insert into it for every field, spared.
+    /// second map, and an insert into it for every field, spared. Set before the request is
+    /// read.
     pub fn set_keep_header_case(&mut self, keep: bool) {
         self.keep_header_case = keep;
     }
 
+    /// Sets whether keepalive should be disabled if response is written prior to
+    /// downstream body finishing.
+    ///
+    /// This may be set to avoid draining downstream if the body is no longer necessary.
     pub fn set_close_on_response_before_downstream_finish(&mut self, close: bool) {
         self.close_on_response_before_downstream_finish = close;
     }
