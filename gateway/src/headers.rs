@@ -8,6 +8,7 @@
 //! §5.1). With `forwarding.preserve_header_case`, the edits go through Pingora's header instead
 //! and every name keeps the spelling the client (or the upstream) used.
 
+use arrayvec::ArrayVec;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
@@ -89,45 +90,28 @@ case_keeping_edits!(ResponseHeader);
 /// Fields written after an upstream head's own instead of into its header map: the own path
 /// writes them with the head (pingora-core's `write_request_header_with`), which spares the
 /// map's inserts (`bench/README.md`). Room for every field the gateway adds.
-pub struct FieldLines {
-    fields: [(HeaderName, HeaderValue); ADDED_REQUEST_HEADERS],
-    len: usize,
-}
-
-const NO_FIELD: (HeaderName, HeaderValue) =
-    (HeaderName::from_static("x"), HeaderValue::from_static(""));
-
-impl Default for FieldLines {
-    fn default() -> Self {
-        FieldLines {
-            fields: [NO_FIELD; ADDED_REQUEST_HEADERS],
-            len: 0,
-        }
-    }
-}
+#[derive(Default)]
+pub struct FieldLines(ArrayVec<(HeaderName, HeaderValue), ADDED_REQUEST_HEADERS>);
 
 impl FieldLines {
     /// The fields, in the order they were set.
     pub fn as_slice(&self) -> &[(HeaderName, HeaderValue)] {
-        &self.fields[..self.len]
+        &self.0
     }
 
     /// Forgets the fields set.
     pub fn clear(&mut self) {
-        self.len = 0;
+        self.0.clear();
     }
 
     /// Adds a field after those already set (an error past the room for every added field).
     pub fn push(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
-        let Some(field) = self.fields.get_mut(self.len) else {
-            return pingora::Error::e_explain(
+        self.0.try_push((name.clone(), value)).or_else(|_| {
+            pingora::Error::e_explain(
                 pingora::ErrorType::InternalError,
                 "more added request fields than the gateway adds",
-            );
-        };
-        *field = (name.clone(), value);
-        self.len += 1;
-        Ok(())
+            )
+        })
     }
 }
 

@@ -164,10 +164,8 @@ impl Downstream {
                 Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
                 None => session.set_keepalive(Some(keepalive)),
             }
-            if *shutdown.borrow() {
-                // Stop clients from reusing the connection once shutdown has begun.
-                session.set_keepalive(None);
-            }
+            // (Once shutdown has begun, `OwnPath::serve` stops the client reusing the
+            // connection, after the head is read, as Pingora's proxy does.)
             // Header names go out in canonical case unless told to keep the client's: then
             // their spelling is not kept as they are read either.
             let keep_case = self.runtime.load().forwarding.preserve_header_case;

@@ -22,13 +22,12 @@ use pingora::{Error, ErrorType, Result};
 pub(super) fn edit_upstream_request(
     session: &Session,
     up: &mut RequestHeader,
-    ctx: &mut RequestCtx,
+    ctx: &RequestCtx,
     lines: Option<&mut FieldLines>,
 ) -> Result<()> {
     if ctx.new_path.is_some() || ctx.new_query.is_some() {
         rewrite_target(up, ctx)?;
     }
-    let ctx: &RequestCtx = ctx;
     let Some(rt) = ctx.rt.as_ref() else {
         return Ok(());
     };
@@ -64,9 +63,9 @@ pub(super) fn edit_upstream_request(
             edits.added(headers, uri)
         });
     };
-    if edits_map || (!preserve_case && up.has_case()) {
-        // The policies' edits; and, unless names keep the client's spelling, the head in
-        // canonical case (`edit_request` drops the spelling).
+    // A head read without its names' spelling (`preserve_header_case` off) needs no edit to
+    // go out in canonical case.
+    if edits_map {
         edit_request(up, preserve_case, ctx.claims.len(), |headers, uri| {
             edits.policies(headers, uri)
         })?;
