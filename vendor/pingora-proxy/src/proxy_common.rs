@@ -727,6 +727,11 @@ mod tests {
 
     #[test]
     fn hop_by_hop_fields_are_found_in_one_pass_and_only_those_removed() {
+        // Each field alone sets its own bit: the match in `HopByHop::of` and `HOP_BY_HOP` agree.
+        for (at, name) in HOP_BY_HOP.iter().enumerate() {
+            let alone = request_with_headers(&[(*name, "1")]);
+            assert_eq!(HopByHop::of(&alone).0, 1 << at, "{name}");
+        }
         let request = request_with_headers(&[
             ("Host", "a.example"),
             ("TE", "trailers"),
