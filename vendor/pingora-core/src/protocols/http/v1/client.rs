@@ -31,6 +31,10 @@ use crate::protocols::http::HttpTask;
 use crate::protocols::{Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
 use crate::utils::{BufRef, KVRef};
 
+/// The fields a response read is given room for beyond its own, so that those added to it as
+/// it is passed on do not grow its map.
+const FIELDS_ADDED_ON_THE_WAY: usize = 4;
+
 /// The HTTP 1.x client session
 pub struct HttpSession {
     buf: Bytes,
@@ -313,9 +317,11 @@ impl HttpSession {
                         } else {
                             ResponseHeader::build_no_case
                         };
+                        // Room for the fields the response gains on its way: the server
+                        // session's `Date` and `Connection`, and a few of the proxy's own.
                         let mut response_header = match build(
                             resp.code.unwrap(),
-                            Some(resp.headers.len()),
+                            Some(resp.headers.len() + FIELDS_ADDED_ON_THE_WAY),
                         ) {
                             Ok(header) => Box::new(header),
                             Err(e) => return self.fail_response_header_read(e),
@@ -466,8 +472,11 @@ impl HttpSession {
     /// Similar to [`Self::read_response()`], read the response header and then return a copy of it.
     pub async fn read_resp_header_parts(&mut self) -> Result<Box<ResponseHeader>> {
         self.read_response().await?;
-        // safe to unwrap because it is just read
-        Ok(Box::new(self.resp_header().unwrap().clone()))
+        // The header read goes to the caller, with its room for more fields (a clone has none);
+        // the session keeps the copy. Safe to unwrap because it is just read.
+        let header = self.response_header.take().unwrap();
+        self.response_header = Some(Box::new((*header).clone()));
+        Ok(header)
     }
 
     /// Return a reference of the [`ResponseHeader`] if the response is read
@@ -1596,6 +1605,20 @@ mod tests_stream {
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         let res = http_stream.read_response().await;
         assert!(res.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_response_read_has_room_for_the_fields_added_on_the_way() {
+        init_log();
+        let input = b"HTTP/1.1 200 OK\r\nServer: test\r\nContent-Length: 0\r\n\r\n";
+        let mock_io = Builder::new().read(&input[..]).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        let header = http_stream.read_resp_header_parts().await.unwrap();
+        assert!(header.headers.capacity() >= 2 + FIELDS_ADDED_ON_THE_WAY);
+        // The session keeps an equal copy.
+        let kept = http_stream.resp_header().unwrap();
+        assert_eq!(kept.status, header.status);
+        assert_eq!(kept.headers, header.headers);
     }
 
     #[tokio::test]
