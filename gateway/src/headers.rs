@@ -134,14 +134,15 @@ pub fn carries_added_fields(headers: &HeaderMap) -> bool {
 }
 
 /// Applies `edit` to the headers of the upstream request; `adds` is how many headers it may
-/// add, so the map grows once.
+/// add, so that a map rebuilt without the client's spellings grows once.
 pub fn edit_request(
     up: &mut RequestHeader,
     preserve_case: bool,
     adds: usize,
     edit: impl FnOnce(&mut dyn HeaderEdits, &http::Uri) -> Result<()>,
 ) -> Result<()> {
-    if preserve_case {
+    // A head that records no spellings is edited in place: it goes out in canonical case.
+    if preserve_case || !up.has_case() {
         let uri = up.uri.clone();
         return edit(up, &uri);
     }
@@ -166,7 +167,7 @@ pub fn edit_response(
     adds: usize,
     edit: impl FnOnce(&mut dyn HeaderEdits) -> Result<()>,
 ) -> Result<()> {
-    if preserve_case {
+    if preserve_case || !resp.has_case() {
         return edit(resp);
     }
     let reason = resp
