@@ -1,11 +1,10 @@
 //! The headers the gateway adds to requests and responses, and how they are written.
 //!
-//! By default the edits go straight to the `http` header map of the request or response.
-//! Pingora's own `insert_header` parses the name again and mirrors every change into a second
-//! map that keeps the spelling of each name (its cost: `bench/README.md`); without that
-//! map, names go out in canonical case (`Host`, `Content-Type`, `Date`, … and the rest in lower
-//! case), as HAProxy and Envoy send them. HTTP field names are case-insensitive (RFC 9110
-//! §5.1). With `forwarding.preserve_header_case`, the edits go through Pingora's header instead
+//! By default heads are read without the second map Pingora keeps of each name's spelling (its
+//! cost: `bench/README.md`) and edited in place; a head that has that map is rebuilt without
+//! it before its edits. Without it, names go out in canonical case (`Host`, `Content-Type`,
+//! `Date`, … and the rest in lower case), as HAProxy and Envoy send them. HTTP field names are
+//! case-insensitive (RFC 9110 §5.1). With `forwarding.preserve_header_case`, the map is kept
 //! and every name keeps the spelling the client (or the upstream) used.
 
 use arrayvec::ArrayVec;

@@ -39,8 +39,9 @@ impl CaseHeaderName {
 pub trait IntoCaseHeaderName {
     fn into_case_header_name(self) -> CaseHeaderName;
 
-    /// The name, and its spelling when `keep_case` (for a header that records it). The default
-    /// parses the spelling; a [`HeaderName`] is taken as it is, without a parse.
+    /// The name, and its spelling when `keep_case` (for a header that records it); the
+    /// spelling must be the name's. The default parses the spelling; a [`HeaderName`] is taken
+    /// as it is, without a parse.
     fn into_header_name(
         self,
         keep_case: bool,

@@ -845,6 +845,13 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
     )
 }
 
+/// The spelling to record for `name`: the one given, else its titled form (an implementation of
+/// `into_header_name` that gives none must not leave the two maps out of step).
+#[inline]
+fn spelling(name: &HeaderName, given: Option<CaseHeaderName>) -> CaseHeaderName {
+    given.unwrap_or_else(|| name.into_case_header_name())
+}
+
 #[inline]
 fn append_header_value<T>(
     name_map: Option<&mut CaseMap>,
@@ -858,7 +865,8 @@ fn append_header_value<T>(
         .into_header_name(name_map.is_some())
         .or_err(InvalidHTTPHeader, "invalid header name")?;
     // store the original case in the map
-    if let (Some(name_map), Some(case_header_name)) = (name_map, case_header_name) {
+    if let Some(name_map) = name_map {
+        let case_header_name = spelling(&header_name, case_header_name);
         // Use the non-panicking `try_append`: the infallible `append` calls
         // `.expect("size overflows MAX_SIZE")` internally, which would abort the
         // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
@@ -884,7 +892,8 @@ fn insert_header_value<T>(
     let (header_name, case_header_name) = name
         .into_header_name(name_map.is_some())
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    if let (Some(name_map), Some(case_header_name)) = (name_map, case_header_name) {
+    if let Some(name_map) = name_map {
+        let case_header_name = spelling(&header_name, case_header_name);
         // store the original case in the map
         name_map.insert(header_name.clone(), case_header_name);
     }
@@ -1107,7 +1116,8 @@ mod tests {
             resp.insert_header(http::header::DATE, "d").unwrap();
             resp.append_header(&x_id, "1").unwrap();
             resp.append_header(x_id.clone(), "2").unwrap();
-            resp.insert_header(&http::header::CONNECTION, "close").unwrap();
+            resp.insert_header(&http::header::CONNECTION, "close")
+                .unwrap();
             resp.insert_header("x-custom", "b").unwrap();
             let mut buf: Vec<u8> = vec![];
             resp.header_to_h1_wire(&mut buf);
@@ -1140,6 +1150,31 @@ mod tests {
         assert_eq!(buf, b"Host: h\r\nx-request-id: 1\r\n");
         assert!(req.case_header_iter().next().is_none());
         assert!(req.insert_header("bad name", "v").is_err());
+    }
+
+    #[test]
+    fn a_name_given_without_its_spelling_keeps_the_maps_in_step() {
+        struct Unspelled;
+        impl IntoCaseHeaderName for Unspelled {
+            fn into_case_header_name(self) -> CaseHeaderName {
+                CaseHeaderName::new("x-a".to_string())
+            }
+            fn into_header_name(
+                self,
+                _keep_case: bool,
+            ) -> std::result::Result<
+                (HeaderName, Option<CaseHeaderName>),
+                http::header::InvalidHeaderName,
+            > {
+                Ok((HeaderName::from_static("x-a"), None))
+            }
+        }
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header(Unspelled, "1").unwrap();
+        resp.append_header(Unspelled, "2").unwrap();
+        let mut buf: Vec<u8> = vec![];
+        resp.header_to_h1_wire(&mut buf);
+        assert_eq!(buf, b"x-a: 1\r\nx-a: 2\r\n");
     }
 
     #[test]

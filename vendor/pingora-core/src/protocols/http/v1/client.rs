@@ -472,8 +472,9 @@ impl HttpSession {
     /// Similar to [`Self::read_response()`], read the response header and then return a copy of it.
     pub async fn read_resp_header_parts(&mut self) -> Result<Box<ResponseHeader>> {
         self.read_response().await?;
-        // The header read goes to the caller, with its room for more fields (a clone has none);
-        // the session keeps the copy. Safe to unwrap because it is just read.
+        // The header read goes to the caller with its room for more fields (a clone's list of
+        // fields is full: its first insert reallocates it); the session keeps the copy. Safe to
+        // unwrap because it is just read.
         let header = self.response_header.take().unwrap();
         self.response_header = Some(Box::new((*header).clone()));
         Ok(header)
