@@ -166,6 +166,7 @@ pub fn edit_response(
     adds: usize,
     edit: impl FnOnce(&mut dyn HeaderEdits) -> Result<()>,
 ) -> Result<()> {
+    // As for a request: a head that records no spellings is edited in place.
     if preserve_case || !resp.has_case() {
         return edit(resp);
     }

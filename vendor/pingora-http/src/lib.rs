@@ -1123,33 +1123,29 @@ mod tests {
             resp.header_to_h1_wire(&mut buf);
             buf
         };
+        let wire: &[u8] =
+            b"x-custom: b\r\nDate: d\r\nx-request-id: 1\r\nx-request-id: 2\r\nConnection: close\r\n";
         let mut with_case = ResponseHeader::build(200, None).unwrap();
-        assert_eq!(
-            edit(&mut with_case),
-            b"x-custom: b\r\nDate: d\r\nx-request-id: 1\r\nx-request-id: 2\r\nConnection: close\r\n"
-        );
+        assert_eq!(edit(&mut with_case), wire);
         let mut no_case = ResponseHeader::build_no_case(200, None).unwrap();
-        assert_eq!(
-            edit(&mut no_case),
-            b"x-custom: b\r\nDate: d\r\nx-request-id: 1\r\nx-request-id: 2\r\nConnection: close\r\n"
-        );
+        assert_eq!(edit(&mut no_case), wire);
         assert!(no_case.case_header_iter().next().is_none());
         assert_eq!(no_case.headers.get_all(&x_id).iter().count(), 2);
 
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header(http::header::HOST, "h").unwrap();
-        req.append_header(&x_id, "1").unwrap();
-        let mut buf: Vec<u8> = vec![];
-        req.header_to_h1_wire(&mut buf);
-        assert_eq!(buf, b"Host: h\r\nx-request-id: 1\r\n");
-        let mut req = RequestHeader::build_no_case("GET", b"/", None).unwrap();
-        req.insert_header(http::header::HOST, "h").unwrap();
-        req.append_header(&x_id, "1").unwrap();
-        let mut buf: Vec<u8> = vec![];
-        req.header_to_h1_wire(&mut buf);
-        assert_eq!(buf, b"Host: h\r\nx-request-id: 1\r\n");
-        assert!(req.case_header_iter().next().is_none());
-        assert!(req.insert_header("bad name", "v").is_err());
+        let edit = |req: &mut RequestHeader| {
+            req.insert_header(http::header::HOST, "h").unwrap();
+            req.append_header(&x_id, "1").unwrap();
+            let mut buf: Vec<u8> = vec![];
+            req.header_to_h1_wire(&mut buf);
+            buf
+        };
+        let wire: &[u8] = b"Host: h\r\nx-request-id: 1\r\n";
+        let mut with_case = RequestHeader::build("GET", b"/", None).unwrap();
+        assert_eq!(edit(&mut with_case), wire);
+        let mut no_case = RequestHeader::build_no_case("GET", b"/", None).unwrap();
+        assert_eq!(edit(&mut no_case), wire);
+        assert!(no_case.case_header_iter().next().is_none());
+        assert!(no_case.insert_header("bad name", "v").is_err());
     }
 
     #[test]
