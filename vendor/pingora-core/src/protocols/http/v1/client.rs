@@ -76,6 +76,14 @@ pub struct HttpSession {
 }
 
 /// HTTP 1.x client session
+/// A response's framing as `read_response` found it.
+#[derive(Clone, Copy)]
+struct ReadFraming {
+    fields: FramingFields,
+    /// The `Content-Length` that frames the body, if one does.
+    content_length: Option<usize>,
+}
+
 impl HttpSession {
     /// Create a new http client session from an established (TCP or TLS) [`Stream`].
     pub fn new(stream: Stream) -> Self {
@@ -229,9 +237,10 @@ impl HttpSession {
         Ok(res)
     }
 
-    // Validate the response header read. This function must be called after the response header
-    // read.
-    fn validate_response(&self) -> Result<()> {
+    // Validate the response header read, whose framing fields the reader found: the length
+    // that frames its body, if one does. This function must be called after the response
+    // header read.
+    fn validate_response(&self, fields: FramingFields) -> Result<Option<usize>> {
         let resp_header = self
             .response_header
             .as_ref()
@@ -243,20 +252,20 @@ impl HttpSession {
         // unrecoverable framing error. A peer may opt to tolerate a single,
         // otherwise-invalid value and treat the response as close-delimited.
         // Note: Content-Length is already removed if Transfer-Encoding is present.
-        if let Err(e) = super::common::validate_content_length(&resp_header.headers) {
-            if self.allow_h1_response_invalid_content_length
-                && super::common::content_length_is_single_token(&resp_header.headers)
+        match super::common::validate_content_length(&resp_header.headers, fields) {
+            Ok(length) => Ok(length),
+            Err(e)
+                if self.allow_h1_response_invalid_content_length
+                    && super::common::content_length_is_single_token(&resp_header.headers) =>
             {
                 debug!(
                     "tolerating invalid Content-Length ({e}); \
                      treating response as close-delimited"
                 );
-            } else {
-                return Err(e);
+                Ok(None)
             }
+            Err(e) => Err(e),
         }
-
-        Ok(())
     }
 
     fn clear_response_header_read_state(&mut self) {
@@ -372,9 +381,14 @@ impl HttpSession {
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
                         self.response_header = Some(response_header);
-                        if let Err(e) = self.validate_response() {
-                            return self.fail_response_header_read(e);
-                        }
+                        let fields = FramingFields {
+                            transfer_encoding: contains_transfer_encoding,
+                            content_length: contains_content_length && !contains_transfer_encoding,
+                        };
+                        let content_length = match self.validate_response(fields) {
+                            Ok(length) => length,
+                            Err(e) => return self.fail_response_header_read(e),
+                        };
                         // convert to upgrade body type
                         // https://datatracker.ietf.org/doc/html/rfc9110#status.101
                         // as an "informational" header, this cannot have a body
@@ -384,7 +398,10 @@ impl HttpSession {
                         // init body reader if upgrade status has changed body mode
                         // (read_response_task will immediately try to init body afterwards anyways)
                         // informational headers will automatically avoid initializing body reader
-                        self.init_body_reader();
+                        self.init_body_reader_with(Some(ReadFraming {
+                            fields,
+                            content_length,
+                        }));
                         // note that the (request) body writer is converted to close delimit
                         // when the upgraded body tasks are received
                         return Ok(s);
@@ -722,6 +739,11 @@ impl HttpSession {
     }
 
     fn init_body_reader(&mut self) {
+        self.init_body_reader_with(None)
+    }
+
+    /// Inits the body reader; with the framing `read_response` found, it is not looked up again.
+    fn init_body_reader_with(&mut self, read: Option<ReadFraming>) {
         if self.body_reader.need_init() {
             // follow https://datatracker.ietf.org/doc/html/rfc9112#section-6.3
             let preread_body = self.preread_body.as_ref().unwrap().get(&self.buf[..]);
@@ -754,10 +776,14 @@ impl HttpSession {
             if upgraded {
                 self.body_reader.init_close_delimited(preread_body);
                 self.close_delimited_resp = true;
-            } else if self.is_chunked_encoding() {
+            } else if read.is_none_or(|r| r.fields.transfer_encoding) && self.is_chunked_encoding()
+            {
                 // if chunked encoding, content-length should be ignored
                 self.body_reader.init_chunked(preread_body);
-            } else if let Some(cl) = self.get_content_length().unwrap_or(None) {
+            } else if let Some(cl) = match read {
+                Some(r) => r.content_length,
+                None => self.get_content_length().unwrap_or(None),
+            } {
                 self.body_reader.init_content_length(cl, preread_body);
             } else {
                 self.body_reader.init_close_delimited(preread_body);
@@ -1606,6 +1632,42 @@ mod tests_stream {
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         let res = http_stream.read_response().await;
         assert!(res.is_ok());
+    }
+
+    #[rstest]
+    #[case::content_length("Content-Length: 3\r\n", ParseState::Partial(0, 3))]
+    #[case::identical_lengths(
+        "Content-Length: 3, 3\r\nContent-Length: 3\r\n",
+        ParseState::Partial(0, 3)
+    )]
+    #[case::chunked("Transfer-Encoding: chunked\r\n", ParseState::Chunked(0, 0, 0, 0))]
+    #[case::chunked_over_length(
+        "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        ParseState::Chunked(0, 0, 0, 0)
+    )]
+    #[case::other_coding_over_length(
+        "Content-Length: 3\r\nTransfer-Encoding: gzip\r\n",
+        ParseState::UntilClose(0)
+    )]
+    #[case::no_framing("", ParseState::UntilClose(0))]
+    #[tokio::test]
+    async fn a_response_is_framed_as_its_fields_say(
+        #[case] fields: &str,
+        #[case] framing: ParseState,
+    ) {
+        // The framing read_response finds is the one the body reader is set up with.
+        init_log();
+        let input = format!("HTTP/1.1 200 OK\r\nServer: test\r\n{fields}\r\n");
+        let mock_io = Builder::new().read(input.as_bytes()).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_response().await.unwrap();
+        assert_eq!(http_stream.body_reader.body_state, framing);
+        let te_with_length = fields.contains("Transfer-Encoding") && fields.contains("Length");
+        let resp = http_stream.resp_header().unwrap();
+        assert_eq!(
+            resp.headers.contains_key(header::CONTENT_LENGTH),
+            fields.contains("Content-Length") && !te_with_length
+        );
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 
 //! Common functions and constants
 
+use http::header::GetAll;
 use http::{header, HeaderValue};
 use log::{debug, warn};
 use pingora_error::{Error, ErrorType::*, Result};
@@ -330,17 +331,19 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
 /// 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6) this lets identical
 /// duplicates (e.g. `Content-Length: 42, 42`) be collapsed to a single value
 /// while genuinely conflicting framing is rejected.
-pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+fn content_length_parse_values(values: GetAll<'_, HeaderValue>) -> Option<u64> {
     // If multiple Content-Length headers were sent, everything can still be
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
     let mut content_length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    for value in values {
         // A non-visible-ASCII value can't be a valid Content-Length, so the
         // framing is ambiguous.
         let line = value.to_str().ok()?;
-        for v in line.split(',') {
-            let n = from_digits(v.trim().as_bytes())?;
+        // Split and trimmed as bytes: a visible-ASCII line has no other whitespace than
+        // spaces and tabs, which `trim_ascii` removes as `trim` would.
+        for v in line.as_bytes().split(|&b| b == b',') {
+            let n = from_digits(v.trim_ascii())?;
             match content_length {
                 None => content_length = Some(n),
                 Some(prev) if prev != n => return None,
@@ -357,7 +360,10 @@ pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
 /// present but cannot be resolved to a single value (conflicting duplicates or
 /// an unparseable value), or `None` when the header is absent.
 pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>> {
-    match content_length_parse_all(headers) {
+    // One look-up: the values found tell an absent field from an unusable one.
+    let values = headers.get_all(header::CONTENT_LENGTH);
+    let present = values.iter().next().is_some();
+    match content_length_parse_values(values) {
         Some(cl) => {
             // Content-Length frames the body, so a value that does not fit in
             // `usize` cannot be represented and must not be silently truncated
@@ -373,7 +379,7 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
                 )
             })
         }
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
+        None if present => {
             // debug, not warn: per-message, client-influenced; avoids log floods
             // under adversarial load. The error is returned to the caller.
             debug!("invalid Content-Length header");
@@ -383,24 +389,46 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
     }
 }
 
-/// Validate that a message's `Content-Length` framing is unambiguous.
+/// Validate that a message's `Content-Length` framing is unambiguous, given which framing
+/// fields it has (as its reader found them, so that they are not looked up again): the
+/// length it frames the body with, `None` when `Transfer-Encoding` does or it has none.
 ///
 /// Per [RFC 9110 section 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6),
 /// a message received without `Transfer-Encoding` and with multiple
 /// `Content-Length` fields having differing values (or a single invalid value)
 /// has invalid framing and the recipient MUST treat it as an unrecoverable
 /// error. Identical duplicates and comma-combined identical values are
-/// reconciled to a single value via [`content_length_parse_all`].
+/// reconciled to a single value via [`content_length_parse_values`].
 ///
 /// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
 /// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
 /// ambiguous values before they cross a proxy boundary.
-pub(crate) fn validate_content_length(headers: &HMap) -> Result<()> {
-    if headers.get(header::TRANSFER_ENCODING).is_some() {
+pub(crate) fn validate_content_length(
+    headers: &HMap,
+    fields: FramingFields,
+) -> Result<Option<usize>> {
+    if fields.transfer_encoding || !fields.content_length {
         // HTTP/1: Transfer-Encoding takes precedence over Content-Length.
-        return Ok(());
+        return Ok(None);
     }
-    content_length_for_framing(headers).map(|_| ())
+    content_length_for_framing(headers)
+}
+
+/// Which framing fields a message has.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FramingFields {
+    pub transfer_encoding: bool,
+    pub content_length: bool,
+}
+
+impl FramingFields {
+    /// The framing fields `headers` has, looked up.
+    pub(crate) fn of(headers: &HMap) -> Self {
+        FramingFields {
+            transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
+            content_length: headers.contains_key(header::CONTENT_LENGTH),
+        }
+    }
 }
 
 /// Validate `Content-Length` for transports where `Transfer-Encoding` is not
@@ -446,30 +474,30 @@ mod test {
         let mut headers = HMap::new();
 
         // no CL header is fine
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, FramingFields::of(&headers)).is_ok());
 
         // a single valid CL is fine
         headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, FramingFields::of(&headers)).is_ok());
 
         // an identical duplicate is reconciled to a single value (RFC 9110 8.6)
         headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, FramingFields::of(&headers)).is_ok());
 
         // a differing duplicate is an unrecoverable framing error
         headers.append(CONTENT_LENGTH, "2".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        assert!(validate_content_length(&headers, FramingFields::of(&headers)).is_err());
 
         // Transfer-Encoding overrides Content-Length, so CL is ignored
         headers.append(TRANSFER_ENCODING, "chunked".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, FramingFields::of(&headers)).is_ok());
     }
 
     #[test]
     fn test_validate_content_length_invalid_value() {
         let mut headers = HMap::new();
         headers.insert(CONTENT_LENGTH, "not-a-number".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        assert!(validate_content_length(&headers, FramingFields::of(&headers)).is_err());
     }
 
     #[test]
@@ -501,7 +529,10 @@ mod test {
     ) {
         let mut headers = HMap::new();
         headers.insert(CONTENT_LENGTH, value.try_into().unwrap());
-        assert_eq!(content_length_parse_all(&headers), expected);
+        assert_eq!(
+            content_length_parse_values(headers.get_all(CONTENT_LENGTH)),
+            expected
+        );
     }
 
     #[rstest]
@@ -519,7 +550,10 @@ mod test {
         for value in values {
             headers.append(CONTENT_LENGTH, (*value).try_into().unwrap());
         }
-        assert_eq!(content_length_parse_all(&headers), expected);
+        assert_eq!(
+            content_length_parse_values(headers.get_all(CONTENT_LENGTH)),
+            expected
+        );
     }
 
     #[test]

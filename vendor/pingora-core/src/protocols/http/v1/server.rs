@@ -434,7 +434,10 @@ impl HttpSession {
                         if has_both_te_and_cl {
                             self.set_keepalive(None);
                         }
-                        self.validate_request()?;
+                        self.validate_request_with(FramingFields {
+                            transfer_encoding: contains_transfer_encoding,
+                            content_length: contains_content_length && !has_both_te_and_cl,
+                        })?;
 
                         return Ok(Some(s));
                     }
@@ -490,6 +493,11 @@ impl HttpSession {
     /// # Panics
     /// this function and most other functions will panic if called before [`Self::read_request()`]
     pub fn validate_request(&self) -> Result<()> {
+        self.validate_request_with(FramingFields::of(&self.req_header().headers))
+    }
+
+    /// [`Self::validate_request`] with the framing fields the reader already looked up.
+    fn validate_request_with(&self, fields: FramingFields) -> Result<()> {
         let req_header = self.req_header();
 
         // Reject an ambiguous authority before anything routes on it.
@@ -499,9 +507,9 @@ impl HttpSession {
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed; differing or unparseable values are rejected.
         // This is a no-op when Transfer-Encoding is present (TE overrides CL).
-        super::common::validate_content_length(&req_header.headers)?;
+        super::common::validate_content_length(&req_header.headers, fields)?;
 
-        if req_header.headers.contains_key(TRANSFER_ENCODING) {
+        if fields.transfer_encoding {
             // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
             // HTTP/1.0 requests with Transfer-Encoding MUST be treated as having faulty framing.
             // We reject with 400 Bad Request and close the connection.
