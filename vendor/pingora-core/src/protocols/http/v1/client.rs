@@ -75,7 +75,6 @@ pub struct HttpSession {
     keep_header_case: bool,
 }
 
-/// HTTP 1.x client session
 /// A response's framing as `read_response` found it.
 #[derive(Clone, Copy)]
 struct ReadFraming {
@@ -84,6 +83,7 @@ struct ReadFraming {
     content_length: Option<usize>,
 }
 
+/// HTTP 1.x client session
 impl HttpSession {
     /// Create a new http client session from an established (TCP or TLS) [`Stream`].
     pub fn new(stream: Stream) -> Self {
