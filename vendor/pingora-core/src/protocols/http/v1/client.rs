@@ -381,10 +381,10 @@ impl HttpSession {
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
                         self.response_header = Some(response_header);
-                        let fields = FramingFields {
-                            transfer_encoding: contains_transfer_encoding,
-                            content_length: contains_content_length && !contains_transfer_encoding,
-                        };
+                        let fields = FramingFields::found(
+                            contains_transfer_encoding,
+                            contains_content_length,
+                        );
                         let content_length = match self.validate_response(fields) {
                             Ok(length) => length,
                             Err(e) => return self.fail_response_header_read(e),

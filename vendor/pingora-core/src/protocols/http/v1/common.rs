@@ -422,6 +422,15 @@ pub(crate) struct FramingFields {
 }
 
 impl FramingFields {
+    /// The fields a reader found, once a `Content-Length` that `Transfer-Encoding` overrides
+    /// is dropped (RFC 9112 section 6.3).
+    pub(crate) fn found(transfer_encoding: bool, content_length: bool) -> Self {
+        FramingFields {
+            transfer_encoding,
+            content_length: content_length && !transfer_encoding,
+        }
+    }
+
     /// The framing fields `headers` has, looked up.
     pub(crate) fn of(headers: &HMap) -> Self {
         FramingFields {

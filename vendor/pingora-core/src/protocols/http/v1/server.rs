@@ -434,10 +434,10 @@ impl HttpSession {
                         if has_both_te_and_cl {
                             self.set_keepalive(None);
                         }
-                        self.validate_request_with(FramingFields {
-                            transfer_encoding: contains_transfer_encoding,
-                            content_length: contains_content_length && !has_both_te_and_cl,
-                        })?;
+                        self.validate_request_with(FramingFields::found(
+                            contains_transfer_encoding,
+                            contains_content_length,
+                        ))?;
 
                         return Ok(Some(s));
                     }
