@@ -72,16 +72,22 @@ def tree(pid):
     return out
 
 
-def cpu_seconds(pid):
-    total = 0
+def cpu_times(pid):
+    """User and kernel CPU seconds of `pid` and its children."""
+    user = system = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
         except (OSError, IndexError):
             pass
-    return total / TICK
+    return user / TICK, system / TICK
+
+
+def cpu_seconds(pid):
+    return sum(cpu_times(pid))
 
 
 def memory_kb(pid, key):
@@ -500,7 +506,7 @@ def measure(proxy, scenario, seconds, workdir):
     pid = proxy.pid()
     kind = scenario["load"]
     conns0 = backend_connections(proxy.backends)
-    cpu0 = cpu_seconds(pid)
+    user0, system0 = cpu_times(pid)
     t0 = time.perf_counter()
     if kind == "wrk":
         load = lambda: wrk(port, scenario["path"], seconds, scenario.get("conns", 64), scenario)
@@ -523,9 +529,11 @@ def measure(proxy, scenario, seconds, workdir):
     runner.join()
     r = done["r"]
     elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(pid) - cpu0
+    user1, system1 = cpu_times(pid)
+    user, cpu = user1 - user0, user1 + system1 - user0 - system0
     r["rps"] = r["requests"] / elapsed
     r["cpu_us"] = cpu / r["requests"] * 1e6 if r["requests"] else float("nan")
+    r["user_us"] = user / r["requests"] * 1e6 if r["requests"] else float("nan")
     r["rss_mb"] = memory_kb(pid, "VmHWM") / 1024
     # Less the three queries' own connections.
     opened = backend_connections(proxy.backends) - conns0 - 3
@@ -755,7 +763,7 @@ def main():
                                 print(f"  WARNING: {p.name} had {r['errors']} failed requests", flush=True)
                             print(
                                 f"  round {rnd + 1} {p.name:13} {r['rps']:10,.0f} req/s  p50 {fmt(r['p50'], 2)} ms  p99 {fmt(r['p99'], 2)} ms  "
-                                f"{r['cpu_us']:6.1f} µs CPU/req  {r['rss_mb']:6.1f} MB  upstream conns/1k {r['steady_conns_per_1k']:.3f} steady, {r['upstream_conns_per_1k']:.2f} whole",
+                                f"{r['cpu_us']:6.1f} µs CPU/req ({r['user_us']:4.1f} user)  {r['rss_mb']:6.1f} MB  upstream conns/1k {r['steady_conns_per_1k']:.3f} steady, {r['upstream_conns_per_1k']:.2f} whole",
                                 flush=True,
                             )
                             if sname == "routes1000" and type(p) is Gateway:
