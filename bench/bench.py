@@ -636,6 +636,7 @@ def start_backend(kind, backends, workdir):
             ["taskset", "-c", LOAD_CPU, os.path.join(RELEASE, "bench-backend")] + backends,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
     d = os.path.join(workdir, "nginx-backend")
     os.makedirs(os.path.join(d, "www"), exist_ok=True)
@@ -675,6 +676,8 @@ http {{
         ["taskset", "-c", LOAD_CPU, "nginx", "-c", path, "-p", d],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # Its own process group, so that stopping it stops nginx's worker too.
+        start_new_session=True,
     )
 
 
@@ -772,7 +775,8 @@ def main():
                     finally:
                         p.stop()
     finally:
-        backend.kill()
+        os.killpg(backend.pid, 9)
+        backend.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
     report = render(results, extra, proxies, args)
