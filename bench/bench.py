@@ -15,6 +15,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -145,9 +146,16 @@ class Proxy:
         time.sleep(0.2)
 
     def stop(self):
+        """SIGINT (each proxy's fast shutdown, which lets an instrumented build write its
+        profile), then SIGKILL for whatever is left of its process group."""
         if self.proc:
             try:
-                os.killpg(self.proc.pid, 9)
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(timeout=3)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
