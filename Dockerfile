@@ -33,7 +33,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cp target/release/gateway target/release/services /out/
 
 FROM scratch AS prebuilt
-# `.prebuilt/` holds `gateway`, `services` and an empty `certs/`.
+# `.prebuilt/` holds `gateway`, `services`, and empty `certs/` and `acme/`.
 COPY .prebuilt/ /out/
 
 FROM ${BINARIES} AS binaries

@@ -146,18 +146,19 @@ class Proxy:
         time.sleep(0.2)
 
     def stop(self):
-        """SIGINT (each proxy's fast shutdown, which lets an instrumented build write its
-        profile), then SIGKILL for whatever is left of its process group."""
+        """SIGINT (what each proxy does on it: the gateway's quick stop lets an instrumented
+        build write its profile), then SIGKILL for whatever is left of its group after 3 s."""
         if self.proc:
             try:
                 os.killpg(self.proc.pid, signal.SIGINT)
                 self.proc.wait(timeout=3)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            finally:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait()
             self.proc = None
         if self.log:
@@ -783,7 +784,7 @@ def main():
                     finally:
                         p.stop()
     finally:
-        os.killpg(backend.pid, 9)
+        os.killpg(backend.pid, signal.SIGKILL)
         backend.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
