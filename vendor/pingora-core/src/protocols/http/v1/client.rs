@@ -78,7 +78,7 @@ pub struct HttpSession {
 /// A response's framing as `read_response` found it.
 #[derive(Clone, Copy)]
 struct ReadFraming {
-    fields: FramingFields,
+    transfer_encoding: bool,
     /// The `Content-Length` that frames the body, if one does.
     content_length: Option<usize>,
 }
@@ -399,7 +399,7 @@ impl HttpSession {
                         // (read_response_task will immediately try to init body afterwards anyways)
                         // informational headers will automatically avoid initializing body reader
                         self.init_body_reader_with(Some(ReadFraming {
-                            fields,
+                            transfer_encoding: fields.transfer_encoding,
                             content_length,
                         }));
                         // note that the (request) body writer is converted to close delimit
@@ -776,8 +776,7 @@ impl HttpSession {
             if upgraded {
                 self.body_reader.init_close_delimited(preread_body);
                 self.close_delimited_resp = true;
-            } else if read.is_none_or(|r| r.fields.transfer_encoding) && self.is_chunked_encoding()
-            {
+            } else if read.is_none_or(|r| r.transfer_encoding) && self.is_chunked_encoding() {
                 // if chunked encoding, content-length should be ignored
                 self.body_reader.init_chunked(preread_body);
             } else if let Some(cl) = match read {

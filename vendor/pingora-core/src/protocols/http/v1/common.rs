@@ -407,8 +407,8 @@ pub(crate) fn validate_content_length(
     headers: &HMap,
     fields: FramingFields,
 ) -> Result<Option<usize>> {
-    if fields.transfer_encoding || !fields.content_length {
-        // HTTP/1: Transfer-Encoding takes precedence over Content-Length.
+    if !fields.content_length {
+        // None, or one that Transfer-Encoding overrides (HTTP/1).
         return Ok(None);
     }
     content_length_for_framing(headers)
@@ -418,6 +418,7 @@ pub(crate) fn validate_content_length(
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FramingFields {
     pub transfer_encoding: bool,
+    /// A `Content-Length` that frames the body: one `Transfer-Encoding` does not override.
     pub content_length: bool,
 }
 
@@ -433,10 +434,10 @@ impl FramingFields {
 
     /// The framing fields `headers` has, looked up.
     pub(crate) fn of(headers: &HMap) -> Self {
-        FramingFields {
-            transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
-            content_length: headers.contains_key(header::CONTENT_LENGTH),
-        }
+        Self::found(
+            headers.contains_key(header::TRANSFER_ENCODING),
+            headers.contains_key(header::CONTENT_LENGTH),
+        )
     }
 }
 
