@@ -61,6 +61,10 @@ fn server_conf(loaded: &LoadedConfig) -> ServerConf {
         // Retries are decided per route in the proxy; this is only Pingora's outer fail-safe.
         max_retries: 16,
         upstream_keepalive_pool_size: c.upstream_keepalive_pool,
+        // Tokio's timer for every timeout of a second or more. The upstream read timeout is armed
+        // on each request and nearly always cancelled; Pingora's fast timer keeps a cancelled
+        // one until its deadline, and Tokio's removes it.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     }
 }
