@@ -10,12 +10,12 @@ CPU time, each divided by the requests served. Uses bench.py's proxies, backend 
 Run after bench/run has built the binaries and installed the tools.
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench as B  # noqa: E402
@@ -72,8 +72,9 @@ def main():
                     r = B.measure(proxy, scenario, seconds, workdir)
                     t1, n1, b1 = threads(proxy.pid()), counters(), sum(B.cpu_times(backend.pid))
                     n = r["requests"]
-                    vol = sum(v[1] - t0.get(k, v)[1] for k, v in t1.items() if k in t0) / n
-                    inv = sum(v[2] - t0.get(k, v)[2] for k, v in t1.items() if k in t0) / n
+                    # A thread started during the run counts from zero.
+                    vol = sum(v[1] - t0.get(k, (v[0], 0, 0))[1] for k, v in t1.items()) / n
+                    inv = sum(v[2] - t0.get(k, (v[0], 0, 0))[2] for k, v in t1.items()) / n
                     segs = ", ".join(f"{k} {(n1[k] - n0[k]) / n:.3f}" for k in SEGMENTS if k in n1)
                     print(f"round {rnd + 1} {name:13} {r['rps']:8,.0f} req/s  p99 {r['p99']:.2f} ms  "
                           f"CPU {r['cpu_us']:.1f} µs ({r['user_us']:.1f} user)  context switches "
