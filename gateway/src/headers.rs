@@ -114,6 +114,24 @@ impl FieldLines {
     }
 }
 
+/// The first value of each of `names` in `headers`. A head of a few fields, the usual request,
+/// is read in one pass: cheaper than a hashed look-up for each name.
+pub fn first_values<'a, const N: usize>(
+    headers: &'a HeaderMap,
+    names: [&HeaderName; N],
+) -> [Option<&'a HeaderValue>; N] {
+    if headers.len() > 12 {
+        return names.map(|name| headers.get(name));
+    }
+    let mut found = [None; N];
+    for (name, value) in headers {
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            found[i] = found[i].or(Some(value));
+        }
+    }
+    found
+}
+
 /// Whether `headers` carries a field the gateway adds to requests (the request id, the trace
 /// context, the forwarding fields: every name `proxy::forward` sets or removes): then those go
 /// through the map, which replaces or extends the client's. One pass over the names.
@@ -274,6 +292,32 @@ pub fn set_forwarded_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_values_are_what_get_finds() {
+        let mut head = HeaderMap::new();
+        head.append("host", HeaderValue::from_static("a.test"));
+        head.append("traceparent", HeaderValue::from_static("one"));
+        head.append("Accept", HeaderValue::from_static("*/*"));
+        head.append("traceparent", HeaderValue::from_static("two"));
+        let names = [&TRACEPARENT, &X_REQUEST_ID, &http::header::ACCEPT];
+        let found = first_values(&head, names);
+        for (name, value) in names.into_iter().zip(found) {
+            assert_eq!(value, head.get(name), "{name}");
+        }
+        assert_eq!(found[0].map(|v| v.as_bytes()), Some(&b"one"[..]));
+        assert_eq!(first_values(&HeaderMap::new(), [&X_REQUEST_ID]), [None]);
+        // A larger head is looked up name by name, to the same result.
+        for i in 0..20 {
+            head.append(
+                format!("x-{i}").parse::<HeaderName>().unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        for (name, value) in names.into_iter().zip(first_values(&head, names)) {
+            assert_eq!(value, head.get(name), "{name}");
+        }
+    }
 
     #[test]
     fn ip_header_values() {

@@ -1,6 +1,8 @@
 //! Small text writers for the request path and the access-log thread: addresses written into
-//! stack buffers without `core::fmt`, which costs more through `Display` (`bench/README.md`).
+//! stack buffers without `core::fmt`, which costs more through `Display` (`bench/README.md`),
+//! and the hex ids the gateway makes, as header values.
 
+use http::HeaderValue;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
@@ -45,6 +47,56 @@ pub fn socket(addr: SocketAddr, buf: &mut [u8; SOCKET_LEN]) -> &[u8] {
     &buf[..n]
 }
 
+/// The text of an id the gateway makes (a request id, a `traceparent`): `N` bytes of dashes,
+/// over which numbers are written in lower-case hex, most significant digit first. Nothing
+/// else can be written, so the text is always a valid header value.
+pub struct HexText<const N: usize>([u8; N]);
+
+impl<const N: usize> Default for HexText<N> {
+    fn default() -> Self {
+        HexText([b'-'; N])
+    }
+}
+
+impl<const N: usize> HexText<N> {
+    /// `v` as 32 digits from `at` (within the text: the offsets are the caller's constants).
+    pub fn put_u128(&mut self, at: usize, v: u128) {
+        self.put_u64(at, (v >> 64) as u64);
+        self.put_u64(at + 16, v as u64);
+    }
+
+    /// `v` as 16 digits from `at`.
+    pub fn put_u64(&mut self, at: usize, v: u64) {
+        self.0[at..at + 8].copy_from_slice(&hex_u32((v >> 32) as u32));
+        self.0[at + 8..at + 16].copy_from_slice(&hex_u32(v as u32));
+    }
+
+    /// `v` as 2 digits from `at`.
+    pub fn put_u8(&mut self, at: usize, v: u8) {
+        self.0[at..at + 2].copy_from_slice(&hex_u32(u32::from(v))[6..]);
+    }
+
+    /// The text as a header value.
+    pub fn value(&self) -> HeaderValue {
+        let text = bytes::Bytes::copy_from_slice(&self.0);
+        // SAFETY: only dashes and hex digits are ever written, all visible ASCII, which is
+        // what a header value may hold; `from_bytes` would check each byte again.
+        unsafe { HeaderValue::from_maybe_shared_unchecked(text) }
+    }
+}
+
+/// `v` as 8 lower-case hex digits, most significant first, worked out eight at a time in one
+/// word: each nibble spread to a byte of its own, then `0`-`9` or `a`-`f` added.
+fn hex_u32(v: u32) -> [u8; 8] {
+    let mut x = u64::from(v);
+    x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // 1 in each byte whose nibble is 10 or more, which then goes to 'a' (0x61) not ':' (0x3a).
+    let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (x + 0x3030_3030_3030_3030 + letters * 0x27).to_be_bytes()
+}
+
 fn write_v4(octets: [u8; 4], buf: &mut [u8]) -> usize {
     let mut n = 0;
     for (i, octet) in octets.into_iter().enumerate() {
@@ -87,6 +139,26 @@ fn write_u16(value: u16, buf: &mut [u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_text_is_what_format_writes() {
+        for v in [0u32, 9, 10, 0xabcd_ef01, 0x1234_5678, u32::MAX] {
+            assert_eq!(hex_u32(v), format!("{v:08x}").as_bytes(), "{v:#x}");
+        }
+        let mut text = HexText::<55>::default();
+        let (a, b) = (
+            0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128,
+            0xb7ad_6b71_6920_3331_u64,
+        );
+        text.put_u8(0, 0);
+        text.put_u128(3, a);
+        text.put_u64(36, b);
+        text.put_u8(53, 0xf1);
+        let v = text.value();
+        assert_eq!(v.as_bytes(), format!("00-{a:032x}-{b:016x}-f1").as_bytes());
+        assert!(http::HeaderValue::from_bytes(v.as_bytes()).is_ok());
+        assert_eq!(HexText::<3>::default().value().as_bytes(), b"---");
+    }
 
     #[test]
     fn addresses_read_as_display_writes_them() {

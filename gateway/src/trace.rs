@@ -72,23 +72,12 @@ pub fn valid_traceparent(v: &[u8]) -> bool {
 
 /// `00-TRACEID-SPANID-FLAGS`.
 pub fn format_traceparent(trace_id: u128, span_id: u64, flags: u8) -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [0u8; 55];
-    text[..3].copy_from_slice(b"00-");
-    text[35] = b'-';
-    text[52] = b'-';
-    for i in 0..32 {
-        text[3 + i] = HEX[((trace_id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    for i in 0..16 {
-        text[36 + i] = HEX[((span_id >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    text[53] = HEX[usize::from(flags >> 4)];
-    text[54] = HEX[usize::from(flags & 0xf)];
-    // Hex digits and dashes are always a valid header value.
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(
-        "00-00000000000000000000000000000001-0000000000000001-00",
-    ))
+    let mut text = crate::text::HexText::<55>::default();
+    text.put_u8(0, 0);
+    text.put_u128(3, trace_id);
+    text.put_u64(36, span_id);
+    text.put_u8(53, flags);
+    text.value()
 }
 
 /// A new trace: random trace and span ids.

@@ -16,7 +16,9 @@ pub(crate) fn identify(
     peer: Option<IpAddr>,
     ctx: &mut RequestCtx,
 ) {
-    ctx.request_id = match req.headers.get(&X_REQUEST_ID) {
+    let [id, traceparent] =
+        crate::headers::first_values(&req.headers, [&X_REQUEST_ID, &TRACEPARENT]);
+    ctx.request_id = match id {
         Some(v) if valid_request_id(v.as_bytes()) => Some(v.clone()),
         // Ids are made here only when they are forwarded; errors make their own.
         _ if rt.forwarding.request_id => Some(new_request_id()),
@@ -24,17 +26,14 @@ pub(crate) fn identify(
     };
     (ctx.client_ip, ctx.peer_trusted) = client_ip(rt, req, peer);
     if rt.forwarding.traceparent {
-        trace_context(req, ctx);
+        trace_context(traceparent, ctx);
     }
 }
 
-/// The trace context: the client's `traceparent` passed on, or a new one, or the gateway's own
-/// span when spans are exported.
-fn trace_context(req: &RequestHeader, ctx: &mut RequestCtx) {
-    let incoming = req
-        .headers
-        .get(&TRACEPARENT)
-        .and_then(|v| crate::trace::parse_traceparent(v.as_bytes()));
+/// The trace context: the client's `traceparent` (`incoming`) passed on, or a new one, or the
+/// gateway's own span when spans are exported.
+fn trace_context(incoming: Option<&HeaderValue>, ctx: &mut RequestCtx) {
+    let incoming = incoming.and_then(|v| crate::trace::parse_traceparent(v.as_bytes()));
     match (incoming, crate::trace::export()) {
         // Passed on unchanged.
         (Some(_), None) => {}
@@ -80,14 +79,11 @@ pub fn valid_request_id(v: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
 }
 
+/// A new request id: 32 random hex digits.
 pub(crate) fn new_request_id() -> HeaderValue {
-    let mut buf = [0u8; 32];
-    let n = fastrand::u128(..);
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize];
-    }
-    // 32 lowercase hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let mut text = crate::text::HexText::<32>::default();
+    text.put_u128(0, fastrand::u128(..));
+    text.value()
 }
 
 /// `value` marked never to be added to HPACK's table (no effect on HTTP/1).

@@ -7,7 +7,7 @@
 //! callbacks, while the client connection is watched for a close.
 
 use super::Ctx;
-use crate::headers::FieldLines;
+use crate::headers::{first_values, FieldLines};
 use crate::proxy::Gateway;
 use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
@@ -219,15 +219,14 @@ async fn response_head(
     gw.upstream_response_filter(session, header, ctx).await?;
     let no_body = session.req_header().method == pingora::http::Method::HEAD
         || matches!(header.status.as_u16(), 204 | 304);
-    if !no_body
-        && !header.status.is_informational()
-        && !end
-        && header
-            .headers
-            .get(http::header::TRANSFER_ENCODING)
-            .is_none()
-        && header.headers.get(http::header::CONTENT_LENGTH).is_none()
-    {
+    let framed = || {
+        let names = [
+            &http::header::TRANSFER_ENCODING,
+            &http::header::CONTENT_LENGTH,
+        ];
+        first_values(&header.headers, names) != [None, None]
+    };
+    if !no_body && !header.status.is_informational() && !end && !framed() {
         header.set_version(http::Version::HTTP_11);
         header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
     }
