@@ -34,7 +34,7 @@ use crate::policy::circuit_breaker::Admission;
 use crate::policy::BodyLimit;
 use crate::runtime::Runtime;
 use crate::trace::FinishedRequest;
-use crate::upstream::{ms_at, Upstream};
+use crate::upstream::{ms_at, Replica, Upstream};
 use answer::Answer;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -64,6 +64,67 @@ impl Gateway {
     /// `upstream_request_filter`, where the added fields may go into `lines` (written after
     /// the head's own by the own path) rather than into the head's map: when the head carries
     /// none of them and no mirror copies the request.
+    /// The replica this attempt goes to, picked and counted on `ctx`, and its peer with the
+    /// route's timeouts.
+    pub(crate) fn route_peer(&self, session: &Session, ctx: &mut RequestCtx) -> Result<RoutePeer> {
+        ctx.release_replica();
+        let (Some(route), Some(up)) = (ctx.route(), ctx.upstream()) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no route state");
+        };
+        let req = session.req_header();
+        let mut ip_buf = [0u8; 16];
+        let hash: Option<&[u8]> = match up.hash_key() {
+            None => None,
+            Some(HashKey::Path) => Some(req.uri.path().as_bytes()),
+            Some(HashKey::Header(name)) => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
+            Some(HashKey::Cookie(name)) => cookie_value(req, name),
+            Some(HashKey::ClientIp) => ctx.client_ip.map(|ip| match ip {
+                IpAddr::V4(v4) => {
+                    ip_buf[..4].copy_from_slice(&v4.octets());
+                    &ip_buf[..4]
+                }
+                IpAddr::V6(v6) => {
+                    ip_buf = v6.octets();
+                    &ip_buf[..]
+                }
+            }),
+        };
+        let now = std::time::Instant::now();
+        let Some((replica, probe)) = up.pick(hash, ctx.tried(), ms_at(now)) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy replica");
+        };
+        let t = &route.timeouts;
+        let peer =
+            if t.connect.is_none() && t.read.is_none() && t.write.is_none() && ctx.grpc.is_none() {
+                RoutePeer::Replica(replica.clone())
+            } else {
+                let mut peer = Box::new(replica.peer.clone());
+                if let Some(d) = t.connect {
+                    peer.options.connection_timeout = Some(d.0);
+                }
+                if let Some(d) = t.read {
+                    peer.options.read_timeout = Some(d.0);
+                }
+                if let Some(d) = t.write {
+                    peer.options.write_timeout = Some(d.0);
+                }
+                if let Some(call) = &ctx.grpc {
+                    grpc_timeouts(&mut peer, call, up.stream_idle())?;
+                }
+                RoutePeer::Own(peer)
+            };
+        replica.begin_request();
+        if ctx.tried_len < TRIED_CAP {
+            ctx.tried[ctx.tried_len] = replica.id;
+            ctx.tried_len += 1;
+        }
+        ctx.attempts += 1;
+        ctx.probe = probe;
+        ctx.upstream_started = Some(now);
+        ctx.replica = Some(replica);
+        Ok(peer)
+    }
+
     pub(crate) fn upstream_request(
         &self,
         session: &mut Session,
@@ -175,6 +236,34 @@ async fn upstream_guards(up: &Upstream, ctx: &mut RequestCtx) -> Result<(), Answ
         }
     }
     Ok(())
+}
+
+/// A replica's peer as an attempt goes to it: the replica's own when the route changes none of
+/// its settings (no copy), else a copy with the route's.
+pub(crate) enum RoutePeer {
+    Replica(Arc<Replica>),
+    Own(Box<HttpPeer>),
+}
+
+impl RoutePeer {
+    /// The peer in a box of its own, as Pingora's proxy takes it.
+    fn into_box(self) -> Box<HttpPeer> {
+        match self {
+            RoutePeer::Replica(replica) => Box::new(replica.peer.clone()),
+            RoutePeer::Own(peer) => peer,
+        }
+    }
+}
+
+impl std::ops::Deref for RoutePeer {
+    type Target = HttpPeer;
+
+    fn deref(&self) -> &HttpPeer {
+        match self {
+            RoutePeer::Replica(replica) => &replica.peer,
+            RoutePeer::Own(peer) => peer,
+        }
+    }
 }
 
 /// A gRPC call's attempt: `timeouts.stream_idle` in place of the read and write timeouts, and
@@ -338,56 +427,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        ctx.release_replica();
-        let (Some(route), Some(up)) = (ctx.route(), ctx.upstream()) else {
-            return Error::e_explain(ErrorType::HTTPStatus(503), "no route state");
-        };
-        let req = session.req_header();
-        let mut ip_buf = [0u8; 16];
-        let hash: Option<&[u8]> = match up.hash_key() {
-            None => None,
-            Some(HashKey::Path) => Some(req.uri.path().as_bytes()),
-            Some(HashKey::Header(name)) => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
-            Some(HashKey::Cookie(name)) => cookie_value(req, name),
-            Some(HashKey::ClientIp) => ctx.client_ip.map(|ip| match ip {
-                IpAddr::V4(v4) => {
-                    ip_buf[..4].copy_from_slice(&v4.octets());
-                    &ip_buf[..4]
-                }
-                IpAddr::V6(v6) => {
-                    ip_buf = v6.octets();
-                    &ip_buf[..]
-                }
-            }),
-        };
-        let now = std::time::Instant::now();
-        let Some((replica, probe)) = up.pick(hash, ctx.tried(), ms_at(now)) else {
-            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy replica");
-        };
-        let mut peer = Box::new(replica.peer.clone());
-        let t = &route.timeouts;
-        if let Some(d) = t.connect {
-            peer.options.connection_timeout = Some(d.0);
-        }
-        if let Some(d) = t.read {
-            peer.options.read_timeout = Some(d.0);
-        }
-        if let Some(d) = t.write {
-            peer.options.write_timeout = Some(d.0);
-        }
-        if let Some(call) = &ctx.grpc {
-            grpc_timeouts(&mut peer, call, up.stream_idle())?;
-        }
-        replica.begin_request();
-        if ctx.tried_len < TRIED_CAP {
-            ctx.tried[ctx.tried_len] = replica.id;
-            ctx.tried_len += 1;
-        }
-        ctx.attempts += 1;
-        ctx.probe = probe;
-        ctx.upstream_started = Some(now);
-        ctx.replica = Some(replica);
-        Ok(peer)
+        self.route_peer(session, ctx).map(RoutePeer::into_box)
     }
 
     async fn upstream_request_filter(

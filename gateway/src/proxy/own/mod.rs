@@ -137,7 +137,7 @@ impl OwnPath {
     /// (`fail_to_connect` when none), the exchange (`error_while_proxy` when it fails).
     async fn attempt(&self, session: &mut Session, ctx: &mut Ctx) -> (bool, Option<Box<Error>>) {
         let gw = self.proxy.app();
-        let peer = match gw.upstream_peer(session, ctx).await {
+        let peer = match gw.route_peer(session, ctx) {
             Ok(peer) => peer,
             Err(e) => return (false, Some(e)),
         };
