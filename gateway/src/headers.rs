@@ -203,9 +203,11 @@ pub fn edit_response(
     result
 }
 
-/// An IP address as a header value (formatted on the stack; one allocation for the value).
+/// An IP address as a header value (formatted on the stack; one allocation for the value and
+/// its clones).
 pub fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
-    HeaderValue::from_bytes(crate::text::ip(ip, &mut [0; crate::text::IP_LEN])).ok()
+    let text = crate::text::StackText::ip(ip);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
 }
 
 /// Who sent a request, for the forwarding headers.

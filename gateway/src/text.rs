@@ -11,6 +11,28 @@ pub const IP_LEN: usize = 45;
 /// Room for any socket address (`[v6]:65535`).
 pub const SOCKET_LEN: usize = IP_LEN + 8;
 
+/// Text written on the stack, moved whole into the one allocation of a `Bytes` that its clones
+/// share (`Bytes::from_owner`; a copied slice allocates again when first cloned).
+pub struct StackText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> AsRef<[u8]> for StackText<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len.min(N)]
+    }
+}
+
+impl StackText<IP_LEN> {
+    /// `ip` as text.
+    pub fn ip(addr: IpAddr) -> Self {
+        let mut buf = [0; IP_LEN];
+        let len = ip(addr, &mut buf).len();
+        StackText { buf, len }
+    }
+}
+
 /// Writes `ip` into `buf` and returns the text: digits, dots, colons and hex letters, as bytes
 /// (no UTF-8 check needed by any caller). IPv4 digit by digit; IPv6 through `Display`.
 pub fn ip(ip: IpAddr, buf: &mut [u8; IP_LEN]) -> &[u8] {
@@ -76,9 +98,9 @@ impl<const N: usize> HexText<N> {
         self.0[at..at + 2].copy_from_slice(&hex_u32(u32::from(v))[6..]);
     }
 
-    /// The text as a header value.
-    pub fn value(&self) -> HeaderValue {
-        let text = bytes::Bytes::copy_from_slice(&self.0);
+    /// The text as a header value, in one allocation that its clones share.
+    pub fn value(self) -> HeaderValue {
+        let text = bytes::Bytes::from_owner(self.0);
         // SAFETY: only dashes and hex digits are ever written, all visible ASCII, which is
         // what a header value may hold; `from_bytes` would check each byte again.
         unsafe { HeaderValue::from_maybe_shared_unchecked(text) }
@@ -173,6 +195,7 @@ mod tests {
         ] {
             let addr: IpAddr = text.parse().unwrap();
             assert_eq!(ip(addr, &mut [0; IP_LEN]), addr.to_string().as_bytes());
+            assert_eq!(StackText::ip(addr).as_ref(), addr.to_string().as_bytes());
             for port in [0, 1, 80, 8080, 65535] {
                 let sa = SocketAddr::new(addr, port);
                 assert_eq!(socket(sa, &mut [0; SOCKET_LEN]), sa.to_string().as_bytes());
