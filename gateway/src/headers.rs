@@ -114,13 +114,17 @@ impl FieldLines {
     }
 }
 
-/// The first value of each of `names` in `headers`. A head of a few fields, the usual request,
-/// is read in one pass: cheaper than a hashed look-up for each name.
+/// The most fields a head may have to be read in one pass for the few fields wanted from it,
+/// rather than with a hashed look-up for each.
+pub const FEW_FIELDS: usize = 12;
+
+/// The first value of each of `names` (distinct names) in `headers`. A head of a few fields
+/// ([`FEW_FIELDS`]), the usual request, is read in one pass.
 pub fn first_values<'a, const N: usize>(
     headers: &'a HeaderMap,
     names: [&HeaderName; N],
 ) -> [Option<&'a HeaderValue>; N] {
-    if headers.len() > 12 {
+    if headers.len() > FEW_FIELDS {
         return names.map(|name| headers.get(name));
     }
     let mut found = [None; N];

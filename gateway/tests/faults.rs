@@ -306,6 +306,33 @@ async fn a_client_that_leaves_frees_its_upstream_connection_at_once() {
     assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 }
 
+/// A route's own read timeout is the one its requests wait for, and a route without one keeps
+/// its upstream's, on the same upstream (the peer copied with the route's settings, and the
+/// replica's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_own_timeout_is_used_and_its_neighbours_keep_the_upstreams() {
+    let slow = Backend::start("127.0.0.1", "slow").await;
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams:
+  slow: {{ targets: ["{}"], timeouts: {{ read: 5s }} }}
+routes:
+  - {{ name: short, upstream: slow, match: {{ path_prefix: /short }}, timeouts: {{ read: 300ms }} }}
+  - {{ name: plain, upstream: slow }}
+"#,
+        slow.addr
+    ))
+    .await;
+    let c = client();
+    // Answers after 1 s: past the route's 300 ms, within the upstream's 5 s.
+    for _ in 0..2 {
+        let r = c.get(gw.url("/short/a?sleep=1000")).send().await.unwrap();
+        assert_eq!(r.status(), 504);
+        let r = c.get(gw.url("/plain/a?sleep=1000")).send().await.unwrap();
+        assert_eq!(backend_of(r).await, (200, "slow".to_string()));
+    }
+}
+
 /// A raw upstream that answers every request with keep-alive and notes, per connection, when the
 /// gateway closed it. With `half_close_after`, it shuts its own side of a connection once it has
 /// been idle that long and keeps reading, so the gateway's close of an idle connection the

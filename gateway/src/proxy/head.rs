@@ -148,15 +148,15 @@ struct HeadFields<'a> {
     host: CountedField<'a>,
 }
 
-/// The fields of a head the checks read. A head of a few fields, the usual request, is read in
-/// one pass: cheaper than three hashed lookups.
+/// The fields of a head the checks read. A head of a few fields
+/// ([`crate::headers::FEW_FIELDS`]), the usual request, is read in one pass.
 fn head_fields(headers: &http::HeaderMap) -> HeadFields<'_> {
     let mut fields = HeadFields {
         length: (None, 0),
         coding: (None, 0),
         host: (None, 0),
     };
-    if headers.len() <= 12 {
+    if headers.len() <= crate::headers::FEW_FIELDS {
         for (name, value) in headers {
             let field = if name == http::header::CONTENT_LENGTH {
                 &mut fields.length

@@ -4,7 +4,8 @@
 //!    the listener's policies (HTTPS redirect), find the route (404 when none), run the
 //!    route's policies ([`crate::policy`]: body limit, token, rate limit). Every answer the
 //!    gateway writes itself goes through [`answer`].
-//! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
+//! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it);
+//!    the own path calls its body, `route_peer`, directly.
 //! 3. `upstream_request_filter`: rewrite the path, the policies' upstream headers (a token's
 //!    claims), identity headers removed, the forwarding headers (`forward.rs`).
 //! 4. `upstream_response_filter` / `response_filter`: note success; the request id and the
@@ -27,12 +28,12 @@ pub mod head;
 pub mod own;
 
 use crate::accesslog::AccessRecord;
-use crate::config::HashKey;
+use crate::config::{HashKey, RouteTimeouts};
 use crate::headers::{edit_response, FieldLines, TRACEPARENT, X_REQUEST_ID};
 use crate::metrics::METRICS;
 use crate::policy::circuit_breaker::Admission;
 use crate::policy::BodyLimit;
-use crate::runtime::Runtime;
+use crate::runtime::{Route, Runtime};
 use crate::trace::FinishedRequest;
 use crate::upstream::{ms_at, Replica, Upstream};
 use answer::Answer;
@@ -61,58 +62,20 @@ impl Gateway {
         Gateway { runtime }
     }
 
-    /// `upstream_request_filter`, where the added fields may go into `lines` (written after
-    /// the head's own by the own path) rather than into the head's map: when the head carries
-    /// none of them and no mirror copies the request.
-    /// The replica this attempt goes to, picked and counted on `ctx`, and its peer with the
-    /// route's timeouts.
+    /// `upstream_peer`: the replica this attempt goes to, picked and counted on `ctx`, and its
+    /// peer as the route sends to it. The own path calls it directly.
     pub(crate) fn route_peer(&self, session: &Session, ctx: &mut RequestCtx) -> Result<RoutePeer> {
         ctx.release_replica();
         let (Some(route), Some(up)) = (ctx.route(), ctx.upstream()) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no route state");
         };
-        let req = session.req_header();
         let mut ip_buf = [0u8; 16];
-        let hash: Option<&[u8]> = match up.hash_key() {
-            None => None,
-            Some(HashKey::Path) => Some(req.uri.path().as_bytes()),
-            Some(HashKey::Header(name)) => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
-            Some(HashKey::Cookie(name)) => cookie_value(req, name),
-            Some(HashKey::ClientIp) => ctx.client_ip.map(|ip| match ip {
-                IpAddr::V4(v4) => {
-                    ip_buf[..4].copy_from_slice(&v4.octets());
-                    &ip_buf[..4]
-                }
-                IpAddr::V6(v6) => {
-                    ip_buf = v6.octets();
-                    &ip_buf[..]
-                }
-            }),
-        };
+        let hash = balance_key(up, session.req_header(), ctx, &mut ip_buf);
         let now = std::time::Instant::now();
         let Some((replica, probe)) = up.pick(hash, ctx.tried(), ms_at(now)) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy replica");
         };
-        let t = &route.timeouts;
-        let peer =
-            if t.connect.is_none() && t.read.is_none() && t.write.is_none() && ctx.grpc.is_none() {
-                RoutePeer::Replica(replica.clone())
-            } else {
-                let mut peer = Box::new(replica.peer.clone());
-                if let Some(d) = t.connect {
-                    peer.options.connection_timeout = Some(d.0);
-                }
-                if let Some(d) = t.read {
-                    peer.options.read_timeout = Some(d.0);
-                }
-                if let Some(d) = t.write {
-                    peer.options.write_timeout = Some(d.0);
-                }
-                if let Some(call) = &ctx.grpc {
-                    grpc_timeouts(&mut peer, call, up.stream_idle())?;
-                }
-                RoutePeer::Own(peer)
-            };
+        let peer = RoutePeer::new(&replica, route, ctx.grpc.as_deref(), up.stream_idle())?;
         replica.begin_request();
         if ctx.tried_len < TRIED_CAP {
             ctx.tried[ctx.tried_len] = replica.id;
@@ -125,6 +88,9 @@ impl Gateway {
         Ok(peer)
     }
 
+    /// `upstream_request_filter`, where the added fields may go into `lines` (written after
+    /// the head's own by the own path) rather than into the head's map: when the head carries
+    /// none of them and no mirror copies the request.
     pub(crate) fn upstream_request(
         &self,
         session: &mut Session,
@@ -246,6 +212,33 @@ pub(crate) enum RoutePeer {
 }
 
 impl RoutePeer {
+    /// `replica`'s peer with what `route` and a gRPC `call` change: its timeouts.
+    fn new(
+        replica: &Arc<Replica>,
+        route: &Route,
+        call: Option<&grpc::Call>,
+        stream_idle: std::time::Duration,
+    ) -> Result<RoutePeer> {
+        let t = &route.timeouts;
+        if *t == RouteTimeouts::default() && call.is_none() {
+            return Ok(RoutePeer::Replica(replica.clone()));
+        }
+        let mut peer = Box::new(replica.peer.clone());
+        if let Some(d) = t.connect {
+            peer.options.connection_timeout = Some(d.0);
+        }
+        if let Some(d) = t.read {
+            peer.options.read_timeout = Some(d.0);
+        }
+        if let Some(d) = t.write {
+            peer.options.write_timeout = Some(d.0);
+        }
+        if let Some(call) = call {
+            grpc_timeouts(&mut peer, call, stream_idle)?;
+        }
+        Ok(RoutePeer::Own(peer))
+    }
+
     /// The peer in a box of its own, as Pingora's proxy takes it.
     fn into_box(self) -> Box<HttpPeer> {
         match self {
@@ -263,6 +256,31 @@ impl std::ops::Deref for RoutePeer {
             RoutePeer::Replica(replica) => &replica.peer,
             RoutePeer::Own(peer) => peer,
         }
+    }
+}
+
+/// The bytes `up`'s balancer hashes for `req` (`consistent_hash`), if it hashes; an IP address
+/// is written into `ip_buf`.
+fn balance_key<'a>(
+    up: &Upstream,
+    req: &'a RequestHeader,
+    ctx: &RequestCtx,
+    ip_buf: &'a mut [u8; 16],
+) -> Option<&'a [u8]> {
+    match up.hash_key()? {
+        HashKey::Path => Some(req.uri.path().as_bytes()),
+        HashKey::Header(name) => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
+        HashKey::Cookie(name) => cookie_value(req, name),
+        HashKey::ClientIp => match ctx.client_ip? {
+            IpAddr::V4(v4) => {
+                ip_buf[..4].copy_from_slice(&v4.octets());
+                Some(&ip_buf[..4])
+            }
+            IpAddr::V6(v6) => {
+                *ip_buf = v6.octets();
+                Some(&ip_buf[..])
+            }
+        },
     }
 }
 
