@@ -210,7 +210,7 @@ pub fn edit_response(
 /// An IP address as a header value (formatted on the stack; one allocation for the value and
 /// its clones).
 pub fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
-    let text = crate::text::StackText::ip(ip);
+    let text = crate::text::IpText::new(ip);
     HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
 }
 

@@ -11,25 +11,25 @@ pub const IP_LEN: usize = 45;
 /// Room for any socket address (`[v6]:65535`).
 pub const SOCKET_LEN: usize = IP_LEN + 8;
 
-/// Text written on the stack, moved whole into the one allocation of a `Bytes` that its clones
-/// share (`Bytes::from_owner`; a copied slice allocates again when first cloned).
-pub struct StackText<const N: usize> {
-    buf: [u8; N],
+/// An IP address written on the stack, to be moved whole into the one allocation of a `Bytes`
+/// that its clones share (`Bytes::from_owner`; a copied slice allocates again when first cloned).
+pub struct IpText {
+    buf: [u8; IP_LEN],
     len: usize,
 }
 
-impl<const N: usize> AsRef<[u8]> for StackText<N> {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len.min(N)]
+impl IpText {
+    /// `addr` as text.
+    pub fn new(addr: IpAddr) -> Self {
+        let mut buf = [0; IP_LEN];
+        let len = ip(addr, &mut buf).len();
+        IpText { buf, len }
     }
 }
 
-impl StackText<IP_LEN> {
-    /// `addr` as text.
-    pub fn ip(addr: IpAddr) -> Self {
-        let mut buf = [0; IP_LEN];
-        let len = ip(addr, &mut buf).len();
-        StackText { buf, len }
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -196,7 +196,7 @@ mod tests {
         ] {
             let addr: IpAddr = text.parse().unwrap();
             assert_eq!(ip(addr, &mut [0; IP_LEN]), addr.to_string().as_bytes());
-            assert_eq!(StackText::ip(addr).as_ref(), addr.to_string().as_bytes());
+            assert_eq!(IpText::new(addr).as_ref(), addr.to_string().as_bytes());
             for port in [0, 1, 80, 8080, 65535] {
                 let sa = SocketAddr::new(addr, port);
                 assert_eq!(socket(sa, &mut [0; SOCKET_LEN]), sa.to_string().as_bytes());
