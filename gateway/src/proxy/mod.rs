@@ -109,6 +109,69 @@ impl Gateway {
         }
         Ok(())
     }
+
+    /// `upstream_response_filter`, which never waits: the own path calls it as it is, without
+    /// the box `async_trait` makes for each call.
+    pub(crate) fn on_upstream_response(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) {
+        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        // A gRPC call is judged by its status, which may come only in the trailers.
+        let judged = match ctx.grpc.as_mut() {
+            Some(call) => call.on_upstream_response(resp),
+            None => Some(resp.status.as_u16()),
+        };
+        match (judged, ctx.grpc.as_mut()) {
+            (Some(status), _) => ctx.judge_breaker(status),
+            // A trial is judged by its head: a long stream must not hold a trial's place.
+            (None, _) if ctx.breaker == Some(Admission::Trial) => ctx.judge_breaker(200),
+            (None, Some(call)) => call.verdict_pending = ctx.breaker.is_some(),
+            (None, None) => {}
+        }
+        if let Some(up) = ctx.upstream() {
+            let m = &up.metrics;
+            m.response(resp.status.as_u16());
+            if let Some(took) = ctx.upstream_elapsed {
+                m.duration.observe(took.as_secs_f64());
+            }
+        }
+        if let Some(r) = &ctx.replica {
+            r.report_success();
+            ctx.verdict = true;
+        }
+    }
+
+    /// `request_body_filter`, which never waits (called as `on_upstream_response` is).
+    pub(crate) fn on_request_body(
+        &self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
+            call.bridge_request_body(body, end_of_stream)?;
+        }
+        if ctx.mirror.is_some() {
+            crate::policy::mirror::Capture::on_body(ctx, body.as_ref(), end_of_stream);
+        }
+        BodyLimit::on_body(ctx, body.as_ref())
+    }
+
+    /// `response_filter`, which never waits (called as `on_upstream_response` is).
+    pub(crate) fn on_response(
+        &self,
+        session: &Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        edit_response_headers(session, resp, ctx)?;
+        if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
+            call.bridge_response(resp)?;
+        }
+        if let Some(compression) = ctx.compression.as_mut() {
+            let req = session.req_header();
+            compression.on_response(resp, &req.method, req.version)?;
+        }
+        Ok(())
+    }
 }
 
 /// The answer to an HTTP-01 validation request, when the token is one the gateway published.
@@ -463,30 +526,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-        // A gRPC call is judged by its status, which may come only in the trailers.
-        let judged = match ctx.grpc.as_mut() {
-            Some(call) => call.on_upstream_response(resp),
-            None => Some(resp.status.as_u16()),
-        };
-        match (judged, ctx.grpc.as_mut()) {
-            (Some(status), _) => ctx.judge_breaker(status),
-            // A trial is judged by its head: a long stream must not hold a trial's place.
-            (None, _) if ctx.breaker == Some(Admission::Trial) => ctx.judge_breaker(200),
-            (None, Some(call)) => call.verdict_pending = ctx.breaker.is_some(),
-            (None, None) => {}
-        }
-        if let Some(up) = ctx.upstream() {
-            let m = &up.metrics;
-            m.response(resp.status.as_u16());
-            if let Some(took) = ctx.upstream_elapsed {
-                m.duration.observe(took.as_secs_f64());
-            }
-        }
-        if let Some(r) = &ctx.replica {
-            r.report_success();
-            ctx.verdict = true;
-        }
+        self.on_upstream_response(resp, ctx);
         Ok(())
     }
 
@@ -497,13 +537,7 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
-            call.bridge_request_body(body, end_of_stream)?;
-        }
-        if ctx.mirror.is_some() {
-            crate::policy::mirror::Capture::on_body(ctx, body.as_ref(), end_of_stream);
-        }
-        BodyLimit::on_body(ctx, body.as_ref())
+        self.on_request_body(body, end_of_stream, ctx)
     }
 
     async fn response_filter(
@@ -512,15 +546,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        edit_response_headers(session, resp, ctx)?;
-        if let Some(call) = ctx.grpc.as_mut().filter(|c| c.bridged) {
-            call.bridge_response(resp)?;
-        }
-        if let Some(compression) = ctx.compression.as_mut() {
-            let req = session.req_header();
-            compression.on_response(resp, &req.method, req.version)?;
-        }
-        Ok(())
+        self.on_response(session, resp, ctx)
     }
 
     fn response_body_filter(

@@ -67,7 +67,7 @@ pub(super) async fn exchange(
     }
     // The empty body goes through the request body filter, as Pingora passes it on.
     let mut body = None;
-    if let Err(e) = gw.request_body_filter(session, &mut body, true, ctx).await {
+    if let Err(e) = gw.on_request_body(&mut body, true, ctx) {
         return Done::failed(false, e);
     }
     if let Err(e) = send_body(up, body).await {
@@ -178,7 +178,7 @@ async fn write_tasks(
 ) -> Result<bool> {
     for task in tasks.iter_mut() {
         match task {
-            HttpTask::Header(header, end) => response_head(gw, session, header, *end, ctx).await?,
+            HttpTask::Header(header, end) => response_head(gw, session, header, *end, ctx)?,
             HttpTask::Body(data, end) => {
                 if let Some(pause) = gw.upstream_response_body_filter(session, data, *end, ctx)? {
                     tokio::time::sleep(pause).await;
@@ -202,7 +202,7 @@ async fn write_tasks(
 /// proxy passes it, but for a `101`, refused before the callbacks as an invalid answer (the
 /// request asked for no upgrade; Pingora passes it on). A body without framing (an HTTP/1.0
 /// upstream's, ended by the close) is sent chunked so the client connection stays.
-async fn response_head(
+fn response_head(
     gw: &Gateway,
     session: &mut Session,
     header: &mut Box<ResponseHeader>,
@@ -216,7 +216,7 @@ async fn response_head(
         )
         .map_err(|e| e.into_up());
     }
-    gw.upstream_response_filter(session, header, ctx).await?;
+    gw.on_upstream_response(header, ctx);
     let no_body = session.req_header().method == pingora::http::Method::HEAD
         || matches!(header.status.as_u16(), 204 | 304);
     let framed = || {
@@ -230,7 +230,7 @@ async fn response_head(
         header.set_version(http::Version::HTTP_11);
         header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
     }
-    gw.response_filter(session, header, ctx).await?;
+    gw.on_response(session, header, ctx)?;
     if header.status == 101 {
         return Error::e_explain(
             ErrorType::InvalidHTTPHeader,
