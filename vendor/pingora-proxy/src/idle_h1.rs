@@ -17,8 +17,8 @@
 //! With a runtime per thread (no work stealing), a connection handed back after a request is
 //! kept in a list of its thread's own, in front of the connector's pool: taking and returning
 //! one is a look-up in a short list, with no lock, channel or spawned task per request. A
-//! connection is checked when it is returned and when it is taken (closed, written to, or past
-//! its idle timeout: closed, not used), as the connector's pool checks it. One task per thread
+//! connection is checked when it is taken (closed, written to, or past its idle timeout:
+//! closed, not used), as the connector's pool checks it. One task per thread
 //! that holds idle connections sweeps the lists every [`SWEEP_EVERY`]: it closes those past
 //! their idle timeout and those the upstream closed or wrote to. With work stealing, a pool
 //! callback or a pool size of 0, the connector's pool is used as before.
@@ -134,12 +134,10 @@ impl IdleH1 {
         }
     }
 
-    /// Keeps `stream` for the next request to `peer` if it is still usable; the oldest idle
-    /// connection of this proxy on this thread is closed when `cap` are kept.
-    pub(crate) fn put<P: Peer>(&self, peer: &P, mut stream: Stream) {
-        if !still_open(&mut stream, &self.unexpected) {
-            return;
-        }
+    /// Keeps `stream` for the next request to `peer`; the oldest idle connection of this proxy
+    /// on this thread is closed when `cap` are kept. It is checked when it is taken (and by the
+    /// sweep), not here: the response it carried was just read to its end.
+    pub(crate) fn put<P: Peer>(&self, peer: &P, stream: Stream) {
         let idle = Idle {
             key: peer.reuse_hash(),
             stream,
