@@ -88,6 +88,43 @@ impl Gateway {
         Ok(peer)
     }
 
+    /// `request_filter`. The own path awaits it in place: through the trait, `async_trait`
+    /// would box its future (the largest of the callbacks') on every request.
+    pub(crate) async fn filter_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        ctx.started = Some(std::time::Instant::now());
+        METRICS.in_flight.inc();
+        let rt = self.runtime.load_full();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.grpc = grpc::Call::detect(session.req_header());
+        if ctx.grpc.is_some() {
+            METRICS.grpc_in_flight.inc();
+        }
+        client::identify(&rt, session.req_header(), peer, ctx);
+        let admitted = admit(&rt, session, ctx).await;
+        ctx.rt = Some(rt);
+        match admitted {
+            Ok(()) => Ok(false),
+            Err(refused) => {
+                // Bodiless answers (redirects) carry no request id.
+                let id = refused.message.as_ref().map(|_| ctx.request_id().clone());
+                if let Some(call) = ctx.grpc.as_mut() {
+                    call.status = Some(call.status_for(refused.status));
+                }
+                let dressing = dressing(ctx, refused.status);
+                answer::write(session, &refused, id.as_ref(), dressing).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// `upstream_request_filter`, where the added fields may go into `lines` (written after
     /// the head's own by the own path) rather than into the head's map: when the head carries
     /// none of them and no mirror copies the request.
@@ -473,34 +510,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        ctx.started = Some(std::time::Instant::now());
-        METRICS.in_flight.inc();
-        let rt = self.runtime.load_full();
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        ctx.grpc = grpc::Call::detect(session.req_header());
-        if ctx.grpc.is_some() {
-            METRICS.grpc_in_flight.inc();
-        }
-        client::identify(&rt, session.req_header(), peer, ctx);
-        let admitted = admit(&rt, session, ctx).await;
-        ctx.rt = Some(rt);
-        match admitted {
-            Ok(()) => Ok(false),
-            Err(refused) => {
-                // Bodiless answers (redirects) carry no request id.
-                let id = refused.message.as_ref().map(|_| ctx.request_id().clone());
-                if let Some(call) = ctx.grpc.as_mut() {
-                    call.status = Some(call.status_for(refused.status));
-                }
-                let dressing = dressing(ctx, refused.status);
-                answer::write(session, &refused, id.as_ref(), dressing).await?;
-                Ok(true)
-            }
-        }
+        self.filter_request(session, ctx).await
     }
 
     async fn upstream_peer(

@@ -12,9 +12,10 @@
 //! for caching, subrequests, body channels and task pipes (`bench/README.md` has the figures).
 //!
 //! It calls the callbacks the gateway implements (`proxy/mod.rs`) and the defaults it reads
-//! (`request_summary`, `upstream_response_body_filter`); those that never wait
-//! (`request_body_filter`, `upstream_response_filter`, `response_filter`) through the
-//! functions they delegate to (`Gateway::on_*`), without the box `async_trait` makes a call. Those the gateway leaves at Pingora's
+//! (`request_summary`, `upstream_response_body_filter`); `request_filter` and those that never
+//! wait (`request_body_filter`, `upstream_response_filter`, `response_filter`) through the
+//! functions they delegate to (`Gateway::filter_request`, `Gateway::on_*`), without the box
+//! `async_trait` makes a call. Those the gateway leaves at Pingora's
 //! defaults, which do nothing, are not called, on this path nor for a request it hands on:
 //! `early_request_filter`, `on_connection_reuse`, `proxy_upstream_filter`,
 //! `connected_to_upstream`, `suppress_proxy_warn_log`; nor are the session's upstream byte
@@ -82,7 +83,7 @@ impl OwnPath {
             let context = "Failed in downstream modules request filter:";
             return self.proxy.handle_error(session, &mut ctx, e, context).await;
         }
-        match gw.request_filter(&mut session, &mut ctx).await {
+        match gw.filter_request(&mut session, &mut ctx).await {
             Ok(true) => return self.proxy.finish(session, &mut ctx, true, None).await,
             Ok(false) => {}
             Err(e) => {
