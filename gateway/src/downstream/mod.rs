@@ -159,7 +159,8 @@ impl Downstream {
         .await;
         let mut settings = None;
         while let Some(stream) = next {
-            let mut session = ServerSession::new_http1(stream);
+            // Made in its box: the proxy reads the head of a boxed session.
+            let mut session = Box::new(ServerSession::new_http1(stream));
             match settings {
                 Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
                 None => session.set_keepalive(Some(keepalive)),

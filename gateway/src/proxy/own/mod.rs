@@ -61,12 +61,12 @@ impl OwnPath {
     /// connection back when the client may send another request on it.
     pub async fn serve(
         &self,
-        http: ServerSession,
+        http: Box<ServerSession>,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // Read as Pingora's proxy reads it: given up when shutdown begins, 400 for a malformed
         // head, 405 for `CONNECT` unless the server allows it.
-        let http = self.proxy.handle_new_request(Box::new(http)).await?;
+        let http = self.proxy.handle_new_request(http).await?;
         let mut session = self.proxy.new_session(http);
         if *shutdown.borrow() {
             // Stop clients from reusing the connection once shutdown has begun.
