@@ -159,7 +159,7 @@ impl Downstream {
         .await;
         let mut settings = None;
         while let Some(stream) = next {
-            // Made in its box: the proxy reads the head of a boxed session.
+            // Boxed where it is made: the proxy reads the head of a boxed session.
             let mut session = Box::new(ServerSession::new_http1(stream));
             match settings {
                 Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),

@@ -18,9 +18,10 @@
 //! kept in a list of its thread's own, in front of the connector's pool: taking and returning
 //! one is a look-up in a short list, with no lock, channel or spawned task per request. A
 //! connection is checked when it is taken (closed, written to, or past its idle timeout:
-//! closed, not used), as the connector's pool checks it. One task per thread
-//! that holds idle connections sweeps the lists every [`SWEEP_EVERY`]: it closes those past
-//! their idle timeout and those the upstream closed or wrote to. With work stealing, a pool
+//! closed, not used); the connector's pool also checks one when it is returned, which a take
+//! would repeat. One task per thread that holds idle connections sweeps the lists every
+//! [`SWEEP_EVERY`]: it closes those past their idle timeout and those the upstream closed or
+//! wrote to. With work stealing, a pool
 //! callback or a pool size of 0, the connector's pool is used as before.
 
 use futures::FutureExt;
@@ -135,8 +136,9 @@ impl IdleH1 {
     }
 
     /// Keeps `stream` for the next request to `peer`; the oldest idle connection of this proxy
-    /// on this thread is closed when `cap` are kept. It is checked when it is taken (and by the
-    /// sweep), not here: the response it carried was just read to its end.
+    /// on this thread is closed when `cap` are kept. It is not checked here: every take checks
+    /// the connection it takes, and the sweep closes one the upstream ended (so one ended just
+    /// now is kept until then, and may push out the oldest while it is).
     pub(crate) fn put<P: Peer>(&self, peer: &P, stream: Stream) {
         let idle = Idle {
             key: peer.reuse_hash(),

@@ -15,8 +15,8 @@
 //! (`request_summary`, `upstream_response_body_filter`); `request_filter` and those that never
 //! wait (`request_body_filter`, `upstream_response_filter`, `response_filter`) through the
 //! functions they delegate to (`Gateway::filter_request`, `Gateway::on_*`), without the box
-//! `async_trait` makes a call. Those the gateway leaves at Pingora's
-//! defaults, which do nothing, are not called, on this path nor for a request it hands on:
+//! `async_trait` makes for each call. Those the gateway leaves at Pingora's defaults, which do
+//! nothing, are not called, on this path nor for a request it hands on:
 //! `early_request_filter`, `on_connection_reuse`, `proxy_upstream_filter`,
 //! `connected_to_upstream`, `suppress_proxy_warn_log`; nor are the session's upstream byte
 //! counts and write-pending time recorded (the gateway does not read them). A callback the
