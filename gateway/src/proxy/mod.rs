@@ -4,8 +4,7 @@
 //!    the listener's policies (HTTPS redirect), find the route (404 when none), run the
 //!    route's policies ([`crate::policy`]: body limit, token, rate limit). Every answer the
 //!    gateway writes itself goes through [`answer`].
-//! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it);
-//!    the own path calls its body, `route_peer`, directly.
+//! 2. `upstream_peer`: pick a replica of the route's upstream (503 when none can take it).
 //! 3. `upstream_request_filter`: rewrite the path, the policies' upstream headers (a token's
 //!    claims), identity headers removed, the forwarding headers (`forward.rs`).
 //! 4. `upstream_response_filter` / `response_filter`: note success; the request id and the
@@ -17,7 +16,10 @@
 //!
 //! Two paths call these phases: the gateway's own HTTP/1 path ([`own`]), for requests without
 //! a body to HTTP/1 upstreams, and Pingora's proxy for the rest. A callback added here must be
-//! called in [`own`] too.
+//! called in [`own`] too. The bodies of phases 1-4 are `Gateway`'s own functions (`on_request`,
+//! `route_peer`, `on_upstream_request`, `on_request_body`, `on_upstream_response`,
+//! `on_response`), which the trait's methods call and [`own`] calls directly, without the box
+//! `async_trait` makes for each call.
 
 pub mod answer;
 pub mod client;
@@ -63,7 +65,7 @@ impl Gateway {
     }
 
     /// `upstream_peer`: the replica this attempt goes to, picked and counted on `ctx`, and its
-    /// peer as the route sends to it. The own path calls it directly.
+    /// peer as the route sends to it.
     pub(crate) fn route_peer(&self, session: &Session, ctx: &mut RequestCtx) -> Result<RoutePeer> {
         ctx.release_replica();
         let (Some(route), Some(up)) = (ctx.route(), ctx.upstream()) else {
@@ -88,9 +90,8 @@ impl Gateway {
         Ok(peer)
     }
 
-    /// `request_filter`. The own path awaits it in place: through the trait, `async_trait`
-    /// would box its future (the largest of the callbacks') on every request.
-    pub(crate) async fn filter_request(
+    /// `request_filter`.
+    pub(crate) async fn on_request(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -128,7 +129,7 @@ impl Gateway {
     /// `upstream_request_filter`, where the added fields may go into `lines` (written after
     /// the head's own by the own path) rather than into the head's map: when the head carries
     /// none of them and no mirror copies the request.
-    pub(crate) fn upstream_request(
+    pub(crate) fn on_upstream_request(
         &self,
         session: &mut Session,
         up: &mut RequestHeader,
@@ -147,8 +148,7 @@ impl Gateway {
         Ok(())
     }
 
-    /// `upstream_response_filter`, which never waits: the own path calls it as it is, without
-    /// the box `async_trait` makes for each call.
+    /// `upstream_response_filter`.
     pub(crate) fn on_upstream_response(&self, resp: &mut ResponseHeader, ctx: &mut RequestCtx) {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         // A gRPC call is judged by its status, which may come only in the trailers.
@@ -176,7 +176,7 @@ impl Gateway {
         }
     }
 
-    /// `request_body_filter`, which never waits (called as `on_upstream_response` is).
+    /// `request_body_filter`.
     pub(crate) fn on_request_body(
         &self,
         body: &mut Option<Bytes>,
@@ -192,7 +192,7 @@ impl Gateway {
         BodyLimit::on_body(ctx, body.as_ref())
     }
 
-    /// `response_filter`, which never waits (called as `on_upstream_response` is).
+    /// `response_filter`.
     pub(crate) fn on_response(
         &self,
         session: &Session,
@@ -510,7 +510,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        self.filter_request(session, ctx).await
+        self.on_request(session, ctx).await
     }
 
     async fn upstream_peer(
@@ -527,7 +527,7 @@ impl ProxyHttp for Gateway {
         up: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        self.upstream_request(session, up, ctx, None)
+        self.on_upstream_request(session, up, ctx, None)
     }
 
     async fn upstream_response_filter(

@@ -100,7 +100,7 @@ fn upstream_head(
     lines: &mut FieldLines,
 ) -> Result<pingora::http::RequestHeader> {
     let mut req = h1_upstream_request(session, peer)?;
-    gw.upstream_request(session, &mut req, ctx, Some(lines))?;
+    gw.on_upstream_request(session, &mut req, ctx, Some(lines))?;
     finish_h1_upstream_request(session, &mut req, false)?;
     Ok(req)
 }

@@ -11,11 +11,10 @@
 //! from there. The same request costs less here: none of the proxy's per-request machinery
 //! for caching, subrequests, body channels and task pipes (`bench/README.md` has the figures).
 //!
-//! It calls the callbacks the gateway implements (`proxy/mod.rs`) and the defaults it reads
-//! (`request_summary`, `upstream_response_body_filter`); `request_filter` and those that never
-//! wait (`request_body_filter`, `upstream_response_filter`, `response_filter`) through the
-//! functions they delegate to (`Gateway::filter_request`, `Gateway::on_*`), without the box
-//! `async_trait` makes for each call. Those the gateway leaves at Pingora's defaults, which do
+//! It calls the callbacks the gateway implements (`proxy/mod.rs`), those of the phases up to
+//! the response head through the `Gateway` functions their trait methods delegate to
+//! (`on_request`, `route_peer`, ...), and the defaults it reads (`request_summary`,
+//! `upstream_response_body_filter`). Those the gateway leaves at Pingora's defaults, which do
 //! nothing, are not called, on this path nor for a request it hands on:
 //! `early_request_filter`, `on_connection_reuse`, `proxy_upstream_filter`,
 //! `connected_to_upstream`, `suppress_proxy_warn_log`; nor are the session's upstream byte
@@ -83,7 +82,7 @@ impl OwnPath {
             let context = "Failed in downstream modules request filter:";
             return self.proxy.handle_error(session, &mut ctx, e, context).await;
         }
-        match gw.filter_request(&mut session, &mut ctx).await {
+        match gw.on_request(&mut session, &mut ctx).await {
             Ok(true) => return self.proxy.finish(session, &mut ctx, true, None).await,
             Ok(false) => {}
             Err(e) => {
